@@ -1,0 +1,99 @@
+"""Shared helpers for the benchmark scripts (synthetic 320 x 320 batches, timing, memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import fastmri
+import torch
+
+
+def synthetic_batch(
+    batch: int, height: int = 320, width: int = 320, coils: int = 1, device: str = "cpu"
+):
+    """Masked k-space ``(B, coils, H, W, 2)``, mask, sens maps (or None) and a target."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, height, width, 2, generator=g)
+    sens = None
+    coil_images = image.unsqueeze(1)
+    if coils > 1:
+        s = torch.randn(batch, coils, height, width, 2, generator=g)
+        sens = s / fastmri.rss_complex(s, dim=1).unsqueeze(1).unsqueeze(-1)
+        coil_images = fastmri.complex_mul(image.unsqueeze(1), sens)
+    kspace = fastmri.fft2c(coil_images)
+    mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
+    mask[..., ::4, :] = True
+    mask[..., width // 2 - 13 : width // 2 + 13, :] = True
+    target = fastmri.complex_abs(image)
+    out = [kspace * mask, mask, sens, target]
+    return [t.to(device) if t is not None else None for t in out]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], None], device: str, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: List[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def interleaved_times(
+    fns: Dict[str, Callable[[], None]], device: str, warmup: int = 2, rounds: int = 5
+) -> Dict[str, float]:
+    """Median seconds per call of each function, measured round-robin in one run so that a
+    noisy shared machine disturbs all of them alike (ratios are what the scripts report)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_isolated(module: str, args: List[str]) -> Dict:
+    """Run ``python -m module args`` in a fresh process and parse its last JSON line, so
+    peak-memory figures of one configuration are not inflated by another."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=root
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def default_device(requested: Optional[str]) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,21 @@
+"""Data path: fastMRI transforms, mask functions, checked dataset reader, demo data."""
+
+from .datasets import CheckedSliceDataset, check_volume, split_dir
+from .masks import MASK_TYPES, FixedMaskFunc, create_mask_func, num_low_frequencies_of
+from .sensitivity import estimate_sensitivity_maps
+from .transforms import DataError, DCCNNDataTransform, DCCNNSample, crop_readout
+
+__all__ = [
+    "MASK_TYPES",
+    "CheckedSliceDataset",
+    "DCCNNDataTransform",
+    "DCCNNSample",
+    "DataError",
+    "FixedMaskFunc",
+    "check_volume",
+    "create_mask_func",
+    "crop_readout",
+    "estimate_sensitivity_maps",
+    "num_low_frequencies_of",
+    "split_dir",
+]

@@ -1,0 +1,103 @@
+"""fastMRI's :class:`~fastmri.data.SliceDataset` with input checks that name file and key.
+
+fastMRI's reader iterates every entry of a split folder; a stray non-HDF5 file or a volume
+without ``kspace`` fails deep inside h5py or lxml. :class:`CheckedSliceDataset` is the same
+reader (subclass, no copy) that checks each file first and reports what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import h5py
+from fastmri.data import SliceDataset
+
+from .transforms import DataError
+
+__all__ = ["CheckedSliceDataset", "check_volume", "split_dir", "TARGET_KEYS"]
+
+TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
+
+
+def split_dir(root: Union[str, os.PathLike], challenge: str, split: str) -> Path:
+    """``root/{challenge}_{split}``, fastMRI's folder convention."""
+    if challenge not in TARGET_KEYS:
+        raise ValueError(f"challenge must be 'singlecoil' or 'multicoil', got {challenge!r}")
+    return Path(root) / f"{challenge}_{split}"
+
+
+def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
+    """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume."""
+    if not h5py.is_hdf5(fname):
+        raise DataError(
+            f"{fname}: not an HDF5 file; every entry of a fastMRI split folder must be a "
+            ".h5 volume (move other files elsewhere)"
+        )
+    with h5py.File(fname, "r") as hf:
+        for key in ("kspace", "ismrmrd_header"):
+            if key not in hf:
+                raise DataError(f"{fname}: missing dataset '{key}'")
+        ndim = 3 if challenge == "singlecoil" else 4
+        if hf["kspace"].ndim != ndim:
+            layout = "(slices, H, W)" if ndim == 3 else "(slices, coils, H, W)"
+            raise DataError(
+                f"{fname}: 'kspace' has shape {hf['kspace'].shape}; {challenge} data must be "
+                f"{layout}"
+            )
+        target_key = TARGET_KEYS[challenge]
+        if require_target:
+            if target_key not in hf:
+                raise DataError(f"{fname}: missing target dataset '{target_key}'")
+            if hf[target_key].shape[0] != hf["kspace"].shape[0]:
+                raise DataError(
+                    f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
+                    f"has {hf['kspace'].shape[0]}"
+                )
+            if "max" not in hf.attrs:
+                raise DataError(f"{fname}: missing attribute 'max' (the target volume maximum)")
+        elif target_key not in hf and "mask" not in hf:
+            raise DataError(
+                f"{fname}: has neither a target '{target_key}' nor a 'mask' dataset; cannot "
+                "evaluate it"
+            )
+
+
+class CheckedSliceDataset(SliceDataset):
+    """:class:`fastmri.data.SliceDataset` that checks every volume before reading it.
+
+    Args:
+        root: split folder, e.g. ``knee/singlecoil_train``.
+        challenge: ``"singlecoil"`` or ``"multicoil"``.
+        transform: fastMRI-style transform (e.g. :class:`DCCNNDataTransform`).
+        require_target: every volume must hold a target (training and validation).
+        **kwargs: passed to :class:`fastmri.data.SliceDataset` (``sample_rate``, ...).
+    """
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        challenge: str,
+        transform: Optional[Callable] = None,
+        require_target: bool = True,
+        **kwargs,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist")
+        self._challenge = challenge
+        self._require_target = require_target
+        super().__init__(root, challenge, transform=transform, **kwargs)
+        if len(self.raw_samples) == 0:
+            raise DataError(f"data folder {root} holds no slices")
+
+    def _retrieve_metadata(self, fname):
+        check_volume(Path(fname), self._challenge, self._require_target)
+        try:
+            return super()._retrieve_metadata(fname)
+        except Exception as err:
+            raise DataError(
+                f"{fname}: cannot parse 'ismrmrd_header' (fastMRI needs encoding/encodedSpace, "
+                f"reconSpace and encodingLimits/kspace_encoding_step_1): {err}"
+            ) from err

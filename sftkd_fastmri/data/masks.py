@@ -1,0 +1,147 @@
+"""Mask functions: fastMRI's, plus a fixed mask shared by every slice (the paper's protocol).
+
+SFT-KD-Recon (Matcha et al., MIDL 2023) and KD-MRI undersample every slice with the same 1-D
+Cartesian variable-density mask. :class:`FixedMaskFunc` provides that on top of fastMRI's
+:class:`fastmri.data.subsample.MaskFunc` interface, so it plugs into
+:func:`fastmri.data.transforms.apply_mask` and any fastMRI transform.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from fastmri.data.subsample import MaskFunc, create_mask_for_mask_type
+
+__all__ = ["FixedMaskFunc", "create_mask_func", "num_low_frequencies_of", "MASK_TYPES"]
+
+MASK_TYPES = ("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction")
+
+
+def num_low_frequencies_of(mask_1d: np.ndarray) -> int:
+    """Length of the contiguous run of sampled columns through the centre column ``W // 2``."""
+    mask_1d = np.asarray(mask_1d).astype(bool).reshape(-1)
+    centre = mask_1d.shape[0] // 2
+    if not mask_1d[centre]:
+        return 0
+    left = centre
+    while left > 0 and mask_1d[left - 1]:
+        left -= 1
+    right = centre
+    while right < mask_1d.shape[0] - 1 and mask_1d[right + 1]:
+        right += 1
+    return right - left + 1
+
+
+def create_mask_func(
+    mask_type: str,
+    center_fractions: Sequence[float],
+    accelerations: Sequence[int],
+    *,
+    fixed: bool = False,
+    seed: int = 0,
+    mask_path: Optional[Union[str, os.PathLike]] = None,
+) -> MaskFunc:
+    """Build a mask function by name.
+
+    Args:
+        mask_type: one of :data:`MASK_TYPES` (fastMRI's names).
+        center_fractions, accelerations: as fastMRI's mask functions.
+        fixed: one mask for every slice (drawn once from ``seed`` for each k-space width).
+        seed: seed of the fixed mask.
+        mask_path: a ``.npy`` file holding a fixed 1-D mask (overrides the other arguments).
+    """
+    if mask_path is not None:
+        return FixedMaskFunc.from_file(mask_path)
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"unknown mask type {mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
+    if len(center_fractions) != len(accelerations):
+        raise ValueError(
+            f"center_fractions {list(center_fractions)} and accelerations {list(accelerations)} "
+            "must have the same length"
+        )
+    base = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
+    return FixedMaskFunc(base_mask_func=base, seed=seed) if fixed else base
+
+
+class FixedMaskFunc(MaskFunc):
+    """One 1-D Cartesian mask for every slice, as in SFT-KD-Recon and KD-MRI.
+
+    The mask is either given (array or ``.npy`` file of shape ``(W,)``) or drawn once from a
+    seed with a fastMRI mask function, separately for each k-space width met (fastMRI knee
+    volumes vary in width), and then reused. The ``seed`` argument of :meth:`__call__` is
+    ignored on purpose: the mask is the same whatever the slice.
+
+    Args:
+        mask: a 1-D mask ``(W,)`` (non-zero = sampled).
+        base_mask_func: a fastMRI mask function to draw the mask from.
+        seed: seed for drawing from ``base_mask_func``.
+    """
+
+    def __init__(
+        self,
+        mask: Optional[np.ndarray] = None,
+        *,
+        base_mask_func: Optional[MaskFunc] = None,
+        seed: int = 0,
+        source: str = "array",
+    ):
+        if (mask is None) == (base_mask_func is None):
+            raise ValueError("give exactly one of mask= or base_mask_func=")
+        self.base_mask_func = base_mask_func
+        self.seed = seed
+        self.source = source
+        self._masks: Dict[int, Tuple[np.ndarray, int]] = {}
+        accelerations, center_fractions = [1], [0.0]
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.ndim != 1 or mask.size == 0:
+                raise ValueError(f"{source}: a fixed mask must be 1-D (W,), got {mask.shape}")
+            if not np.isfinite(mask.astype(np.float64)).all():
+                raise ValueError(f"{source}: mask holds non-finite values")
+            mask = mask.astype(bool)
+            if not mask.any():
+                raise ValueError(f"{source}: mask samples no column")
+            self._masks[mask.shape[0]] = (mask, num_low_frequencies_of(mask))
+            accelerations = [round(mask.size / mask.sum())]
+        else:
+            accelerations = list(base_mask_func.accelerations)
+            center_fractions = list(base_mask_func.center_fractions)
+        super().__init__(center_fractions, accelerations, seed=seed)
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> FixedMaskFunc:
+        """Load a 1-D mask saved with ``numpy.save``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"mask file {path} does not exist")
+        try:
+            mask = np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise ValueError(f"{path}: not a .npy array ({err})") from err
+        return cls(mask, source=str(path))
+
+    def mask_for_width(self, num_cols: int) -> Tuple[np.ndarray, int]:
+        """The fixed ``(W,)`` boolean mask for width ``num_cols`` and its centre-run length."""
+        if num_cols not in self._masks:
+            if self.base_mask_func is None:
+                widths = ", ".join(map(str, self._masks))
+                raise ValueError(
+                    f"{self.source}: fixed mask has width {widths}, k-space has {num_cols} columns"
+                )
+            mask, num_low = self.base_mask_func((1, num_cols, 1), seed=(self.seed, num_cols))
+            self._masks[num_cols] = (mask.reshape(-1).numpy().astype(bool), int(num_low))
+        return self._masks[num_cols]
+
+    def __call__(self, shape, offset=None, seed=None) -> Tuple[torch.Tensor, int]:
+        if len(shape) < 3:
+            raise ValueError("Shape should have 3 or more dimensions")
+        mask, num_low = self.mask_for_width(shape[-2])
+        return self.reshape_mask(mask.astype(np.float32), shape), num_low
+
+    def save(self, path: Union[str, os.PathLike], num_cols: int) -> None:
+        """Save the mask for width ``num_cols`` as ``.npy`` (loadable by :meth:`from_file`)."""
+        np.save(path, self.mask_for_width(num_cols)[0])

@@ -1,0 +1,251 @@
+"""Data transform for :class:`fastmri.data.SliceDataset` feeding DC-CNN style models.
+
+Built on fastMRI's own pieces (:func:`fastmri.data.transforms.apply_mask`, its mask functions,
+:func:`fastmri.fft2c` / :func:`fastmri.ifft2c`, :func:`fastmri.data.transforms.center_crop`).
+
+What it does, per slice:
+
+1. removes readout oversampling: the readout axis (H) is fully sampled, so
+   ``fft2c(crop_H(ifft2c(k)))`` is exact and every unsampled phase-encode column stays exactly
+   zero; a 640 x W knee slice runs at 320 x W;
+2. undersamples with a mask function (training: a fresh mask per call, reproducible from
+   ``seed`` and different per DataLoader worker and per DDP rank; validation: fixed per
+   volume, seeded from the file name exactly as fastMRI's transforms do), or uses the
+   ``mask`` stored in fastMRI test files;
+3. estimates coil sensitivities from the fully sampled k-space centre (ACS) for multi-coil
+   data, with no learned parameters;
+4. normalises k-space, zero-filled image and target by one scale (the zero-filled image's
+   maximum), so the network sees inputs of unit range and data consistency stays exact.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import fastmri
+import numpy as np
+import torch
+from fastmri.data.subsample import MaskFunc
+from fastmri.data.transforms import apply_mask, center_crop, to_tensor
+from torch import Tensor
+
+from ..models.data_consistency import sens_reduce
+from .masks import num_low_frequencies_of
+from .sensitivity import estimate_sensitivity_maps
+
+__all__ = ["DCCNNSample", "DCCNNDataTransform", "DataError", "crop_readout"]
+
+
+class DataError(ValueError):
+    """Input data that does not meet the expected layout; the message names file and key."""
+
+
+class DCCNNSample(NamedTuple):
+    """One slice, ready for a DC-CNN (collated by the default DataLoader collate).
+
+    Attributes:
+        masked_kspace: ``(coils, H, W, 2)`` normalised acquired k-space (coils = 1 for
+            single-coil), readout oversampling removed.
+        mask: ``(1, 1, W, 1)`` bool sampling mask.
+        sens_maps: ``(coils, H, W, 2)`` coil sensitivities, or an empty tensor for single-coil.
+        zero_filled: ``(h, w)`` normalised zero-filled magnitude, cropped to the target size.
+        target: ``(h, w)`` normalised target, or an empty tensor when the file has none.
+        scale: the normalisation scale (multiply to get back to the file's units).
+        max_value: the volume's ``max`` attribute (0.0 without a target).
+        fname: file base name.
+        slice_num: slice index.
+        num_low_frequencies: fully sampled centre columns.
+        crop_size: ``(h, w)`` reconstruction size.
+    """
+
+    masked_kspace: Tensor
+    mask: Tensor
+    sens_maps: Tensor
+    zero_filled: Tensor
+    target: Tensor
+    scale: Tensor
+    max_value: float
+    fname: str
+    slice_num: int
+    num_low_frequencies: int
+    crop_size: Tuple[int, int]
+
+
+def crop_readout(kspace: Tensor, height: int) -> Tensor:
+    """Remove readout oversampling exactly: crop the image along H to ``height``.
+
+    Args:
+        kspace: ``(..., H, W, 2)`` k-space, H = readout (fully sampled).
+        height: target image height.
+
+    Returns:
+        ``(..., height, W, 2)`` k-space of the cropped image (unchanged when H <= height).
+    """
+    full_height = kspace.shape[-3]
+    if full_height <= height:
+        return kspace
+    image = fastmri.ifft2c(kspace)
+    top = (full_height - height) // 2
+    return fastmri.fft2c(image[..., top : top + height, :, :].contiguous())
+
+
+def _global_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+class DCCNNDataTransform:
+    """fastMRI ``SliceDataset`` transform producing :class:`DCCNNSample`.
+
+    Args:
+        mask_func: fastMRI mask function (or :class:`~sftkd_fastmri.data.FixedMaskFunc`).
+            ``None`` uses the ``mask`` stored in the file (fastMRI test files).
+        training: draw a new mask every call (training) or one fixed per volume (evaluation).
+        seed: base seed of the training masks. The mask of a call is seeded with
+            ``(seed, rank, worker seed, call counter)``: reproducible after
+            ``lightning.seed_everything``, different per worker, per DDP rank and per epoch.
+        kspace_from_target: build single-coil k-space from the target magnitude image (the
+            paper's retrospective protocol on magnitude images) instead of the file's k-space.
+        crop_readout: remove readout oversampling (crop H to the reconstruction height).
+        check_finite: raise :class:`DataError` on NaN/Inf input.
+    """
+
+    def __init__(
+        self,
+        mask_func: Optional[MaskFunc] = None,
+        *,
+        training: bool = False,
+        seed: int = 0,
+        kspace_from_target: bool = False,
+        crop_readout: bool = True,
+        check_finite: bool = True,
+    ):
+        self.mask_func = mask_func
+        self.training = training
+        self.seed = int(seed)
+        self.kspace_from_target = kspace_from_target
+        self.crop_readout = crop_readout
+        self.check_finite = check_finite
+        self._calls = 0
+
+    # -- masks --------------------------------------------------------------------------------
+    def _mask_seed(self, fname: str) -> Tuple[int, ...]:
+        if not self.training:
+            return tuple(map(ord, fname))  # fastMRI's convention: one mask per volume
+        info = torch.utils.data.get_worker_info()
+        worker_seed = info.seed if info is not None else torch.initial_seed()
+        self._calls += 1
+        return tuple(
+            v % 2**32 for v in (self.seed, _global_rank(), worker_seed, self._calls)
+        )
+
+    # -- main ---------------------------------------------------------------------------------
+    def __call__(
+        self,
+        kspace: np.ndarray,
+        mask: Optional[np.ndarray],
+        target: Optional[np.ndarray],
+        attrs: Dict,
+        fname: str,
+        slice_num: int,
+    ) -> DCCNNSample:
+        where = f"{fname} slice {slice_num}"
+        if kspace.ndim not in (2, 3):
+            raise DataError(
+                f"{where}: 'kspace' slice must be (H, W) single-coil or (coils, H, W) "
+                f"multi-coil, got shape {kspace.shape}"
+            )
+        if self.check_finite and not np.isfinite(kspace).all():
+            raise DataError(f"{where}: 'kspace' holds NaN or Inf values")
+        if target is not None and self.check_finite and not np.isfinite(target).all():
+            raise DataError(f"{where}: target holds NaN or Inf values")
+
+        recon_size = attrs.get("recon_size")
+        if target is not None:
+            crop_size = (int(target.shape[-2]), int(target.shape[-1]))
+        elif recon_size is not None:
+            crop_size = (int(recon_size[0]), int(recon_size[1]))
+        else:
+            crop_size = (int(kspace.shape[-2]), int(kspace.shape[-1]))
+
+        if self.kspace_from_target:
+            if target is None:
+                raise DataError(f"{where}: kspace_from_target needs a target in the file")
+            image = torch.stack((to_tensor(target), torch.zeros(target.shape)), dim=-1)
+            kspace_t = fastmri.fft2c(image.float()).unsqueeze(0)
+        else:
+            kspace_t = to_tensor(kspace).float()
+            if kspace.ndim == 2:
+                kspace_t = kspace_t.unsqueeze(0)
+        if self.crop_readout:
+            kspace_t = crop_readout(kspace_t, crop_size[0])
+        num_cols = kspace_t.shape[-2]
+
+        if self.mask_func is not None:
+            padding = None
+            if not self.kspace_from_target and "padding_left" in attrs:
+                padding = (attrs["padding_left"], attrs["padding_right"])
+            masked, mask_t, num_low = apply_mask(
+                kspace_t, self.mask_func, seed=self._mask_seed(fname), padding=padding
+            )
+        else:
+            if mask is None:
+                raise DataError(
+                    f"{where}: no mask function was given and the file has no 'mask' dataset"
+                )
+            mask_np = np.asarray(mask).reshape(-1)
+            if mask_np.shape[0] != num_cols:
+                raise DataError(
+                    f"{where}: 'mask' has {mask_np.shape[0]} entries, k-space has {num_cols} "
+                    "columns (last axis)"
+                )
+            mask_t = torch.from_numpy(mask_np.astype(np.float32)).reshape(1, 1, num_cols, 1)
+            masked = kspace_t * mask_t + 0.0
+            num_low = num_low_frequencies_of(mask_np)
+        mask_t = mask_t.reshape(1, 1, num_cols, 1).to(torch.bool)
+
+        coils = masked.shape[0]
+        if coils > 1:
+            sens_maps = estimate_sensitivity_maps(masked, mask_t, num_low)
+        else:
+            sens_maps = torch.zeros(0)
+        zero_filled_c = sens_reduce(
+            fastmri.ifft2c(masked).unsqueeze(0), sens_maps.unsqueeze(0) if coils > 1 else None
+        )[0]
+        zero_filled = center_crop(fastmri.complex_abs(zero_filled_c), _fit(crop_size, masked))
+        scale = zero_filled.max()
+        if not torch.isfinite(scale) or scale <= 0:
+            scale = torch.tensor(1.0)
+
+        if target is not None:
+            target_t = to_tensor(target).float() / scale
+            max_value = float(attrs.get("max", float(np.max(target))))
+        else:
+            target_t = torch.zeros(0)
+            max_value = 0.0
+
+        return DCCNNSample(
+            masked_kspace=masked / scale,
+            mask=mask_t,
+            sens_maps=sens_maps,
+            zero_filled=zero_filled / scale,
+            target=target_t,
+            scale=scale.float(),
+            max_value=max_value,
+            fname=fname,
+            slice_num=int(slice_num),
+            num_low_frequencies=int(num_low),
+            crop_size=crop_size,
+        )
+
+
+def _fit(crop_size: Tuple[int, int], kspace: Tensor) -> Tuple[int, int]:
+    return (min(crop_size[0], kspace.shape[-3]), min(crop_size[1], kspace.shape[-2]))
+
+
+def volume_seed(fname: str) -> int:
+    """A stable 32-bit integer from a file name (for per-volume randomness)."""
+    return zlib.crc32(fname.encode())

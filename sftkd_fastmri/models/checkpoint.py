@@ -1,0 +1,187 @@
+"""Safe checkpoint reading and strict, name-based state-dict loading.
+
+Every user-supplied checkpoint is read with ``torch.load(..., weights_only=True)`` (no pickled
+code runs) and matched to a module by parameter name, strictly: missing keys, unexpected keys
+and shape mismatches are all reported together, with the file they came from.
+
+Three checkpoint kinds are understood:
+
+* model checkpoints written by :func:`save_model_checkpoint` (``{"sftkd_fastmri": meta,
+  "state_dict": ...}``; the meta names the preset and its constructor config);
+* Lightning checkpoints of this package's modules (``state_dict`` keys prefixed, e.g.
+  ``model.``, ``teacher.``, ``student.``; ``hyper_parameters`` record the presets);
+* plain state dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "load_model",
+    "load_state_dict_strict",
+    "read_checkpoint",
+    "save_model_checkpoint",
+    "strip_prefix",
+]
+
+PathLike = Union[str, os.PathLike]
+FORMAT_KEY = "sftkd_fastmri"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the module it is loaded into."""
+
+
+def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) and return its top-level dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint with weights_only=True: {err}"
+        ) from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """The entries of ``state_dict`` under ``prefix`` (e.g. ``"model."``), prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, Tensor], source: str = "state dict"
+) -> None:
+    """Load ``state_dict`` into ``module`` by name, failing on any mismatch.
+
+    Raises:
+        CheckpointError: naming ``source`` and listing missing keys, unexpected keys and
+            shape mismatches (expected vs found).
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: expected {tuple(own[k].shape)}, found {tuple(state_dict[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match {type(module).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): {_short(shapes)}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _short(items: list, limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model_checkpoint(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    preset: Optional[str] = None,
+    role: str = "model",
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model`` alone as a model checkpoint that :func:`load_model` rebuilds.
+
+    Args:
+        model: a :class:`~sftkd_fastmri.models.DCCNN` (anything with a ``config`` dict).
+        path: output file (written atomically).
+        preset: preset name (defaults to ``model.preset`` when set).
+        role: free-form tag, e.g. ``"teacher"`` or ``"student"``.
+        extra: additional JSON-like metadata.
+    """
+    meta = {
+        "kind": "model",
+        "role": role,
+        "preset": preset or getattr(model, "preset", None),
+        "config": dict(getattr(model, "config", {})),
+        "extra": dict(extra or {}),
+    }
+    atomic_torch_save({FORMAT_KEY: meta, "state_dict": model.state_dict()}, path)
+    return Path(path)
+
+
+def load_model(
+    path: PathLike,
+    *,
+    expected_preset: Optional[str] = None,
+    prefix: Optional[str] = None,
+    map_location: Any = "cpu",
+) -> nn.Module:
+    """Rebuild a DC-CNN from a model checkpoint or a Lightning checkpoint of this package.
+
+    Args:
+        path: checkpoint file.
+        expected_preset: when given, the checkpoint must hold this preset.
+        prefix: for Lightning checkpoints, the submodule to take (``"model"``, ``"teacher"``,
+            ``"student"``); default: ``"model"``.
+        map_location: passed to ``torch.load``.
+
+    Raises:
+        CheckpointError: unreadable file, unknown layout, another preset, or mismatching keys.
+    """
+    from .dccnn import DCCNN  # local: registry imports this module's siblings
+
+    ckpt = read_checkpoint(path, map_location)
+    if FORMAT_KEY in ckpt:
+        meta = ckpt[FORMAT_KEY]
+        preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
+    elif "state_dict" in ckpt and "hyper_parameters" in ckpt:
+        which = prefix or "model"
+        hp = ckpt["hyper_parameters"]
+        preset = hp.get(f"{which}_preset", hp.get("preset"))
+        config = hp.get(f"{which}_config")
+        state = strip_prefix(ckpt["state_dict"], f"{which}.")
+        if not state:
+            raise CheckpointError(f"{path}: Lightning checkpoint has no '{which}.*' weights")
+    else:
+        raise CheckpointError(
+            f"{path}: not a sftkd_fastmri checkpoint (expected a '{FORMAT_KEY}' entry or a "
+            "Lightning checkpoint with 'state_dict' and 'hyper_parameters')"
+        )
+    if expected_preset is not None and preset != expected_preset:
+        raise CheckpointError(
+            f"{path} holds preset {preset!r}, expected {expected_preset!r}"
+        )
+    if not config:
+        raise CheckpointError(f"{path}: checkpoint records no model config")
+    model = DCCNN(**config)
+    model.preset = preset
+    load_state_dict_strict(model, state, source=str(path))
+    return model

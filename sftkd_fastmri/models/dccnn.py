@@ -1,0 +1,232 @@
+"""DC-CNN: a deep cascade of CNN blocks interleaved with data-consistency layers.
+
+Schlemper et al., "A Deep Cascade of Convolutional Neural Networks for Dynamic MR Image
+Reconstruction", IEEE TMI 2018. The notation DxCy (x convolutions per block, y cascades) and
+the paper presets follow Matcha et al., "SFT-KD-Recon: Learning a Student-friendly Teacher for
+Knowledge Distillation in Magnetic Resonance Image Reconstruction", MIDL 2023.
+
+Every intermediate tensor that knowledge distillation may want is the output of a named
+submodule, so forward hooks can read it without a second copy of the network:
+
+* ``cascades.{i}.cnn.conv{j}`` - the j-th convolution of cascade i (pre-activation);
+* ``cascades.{i}.cnn.relu{j}`` - its ReLU activation (all but the last convolution);
+* ``cascades.{i}.cnn`` - the block output (before the residual and DC);
+* ``cascades.{i}`` - the cascade output (after DC), ``(B, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastmri
+
+from .data_consistency import DataConsistency, complex_to_channels, sens_reduce
+
+__all__ = ["ConvBlock", "DCCNN", "DCCNNCascade"]
+
+
+class ConvBlock(nn.Module):
+    """``depth`` 3x3 convolutions with bias, ReLU after all but the last, no normalisation.
+
+    Channels: ``in_chans -> chans -> ... -> chans -> in_chans``. Submodules are named
+    ``conv0 .. conv{depth-1}`` and ``relu0 .. relu{depth-2}`` (separate, not in-place, so each
+    activation can be hooked).
+    """
+
+    def __init__(self, in_chans: int, chans: int, depth: int):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"a block needs at least 2 convolutions, got depth={depth}")
+        self.depth = depth
+        widths = [in_chans] + [chans] * (depth - 1) + [in_chans]
+        for j in range(depth):
+            self.add_module(f"conv{j}", nn.Conv2d(widths[j], widths[j + 1], 3, padding=1))
+            if j < depth - 1:
+                self.add_module(f"relu{j}", nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_chans, H, W) -> (B, in_chans, H, W)``."""
+        for j in range(self.depth):
+            x = getattr(self, f"conv{j}")(x)
+            if j < self.depth - 1:
+                x = getattr(self, f"relu{j}")(x)
+        return x
+
+
+class DCCNNCascade(nn.Module):
+    """One cascade: CNN block (optionally residual, optionally zero-padded) followed by DC.
+
+    Args:
+        chans_in: image channels, 1 or 2.
+        chans: hidden channels of the block.
+        depth: convolutions per block.
+        residual: add the block output to its input (Schlemper) or replace it (the
+            SFT-KD-Recon authors' code).
+        dc_mode: ``"hard"`` or ``"soft"``.
+        pad: zero-padding in pixels around the image before the block, cropped back after it
+            (the authors' code pads by 5).
+    """
+
+    def __init__(
+        self,
+        chans_in: int,
+        chans: int,
+        depth: int,
+        residual: bool = True,
+        dc_mode: str = "hard",
+        pad: int = 0,
+        init_lambda: float = 1.0,
+    ):
+        super().__init__()
+        self.residual = residual
+        self.pad = pad
+        self.cnn = ConvBlock(chans_in, chans, depth)
+        self.dc = DataConsistency(chans_in, dc_mode, init_lambda)
+
+    def forward(
+        self, image: Tensor, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]
+    ) -> Tensor:
+        """``(B, C, H, W)`` image -> ``(B, C, H, W)`` data-consistent image."""
+        x = F.pad(image, [self.pad] * 4) if self.pad else image
+        x = self.cnn(x)
+        if self.pad:
+            x = x[..., self.pad : -self.pad, self.pad : -self.pad]
+        if self.residual:
+            x = image + x
+        return self.dc(x, masked_kspace, mask, sens_maps)
+
+
+class DCCNN(nn.Module):
+    """Deep cascade of CNNs with data consistency (DC-CNN, Schlemper et al., IEEE TMI 2018).
+
+    Works on fastMRI k-space, single-coil or multi-coil (SENSE data consistency with given
+    coil sensitivities). The forward pass returns the magnitude image, like fastMRI's VarNet.
+
+    It also implements the cascade protocol used by :mod:`sftkd_fastmri.sft`:
+    :meth:`initial_state`, :attr:`cascades`, :meth:`cascade_step`, :meth:`final_image`.
+
+    Args:
+        num_cascades: number of cascades (the "C" of DxCy).
+        depth: convolutions per cascade block (the "D" of DxCy).
+        chans: hidden channels.
+        in_chans: 2 = complex image as (real, imag) channels; 1 = real image (the imaginary
+            part is dropped after every DC, as in the SFT-KD-Recon authors' code).
+        residual: residual blocks (Schlemper) or plain replacement (authors' code).
+        dc_mode: ``"hard"`` or ``"soft"`` data consistency.
+        pad: zero padding around the image before each block.
+        init_lambda: initial soft-DC weight.
+    """
+
+    def __init__(
+        self,
+        num_cascades: int = 5,
+        depth: int = 5,
+        chans: int = 32,
+        in_chans: int = 2,
+        residual: bool = True,
+        dc_mode: str = "hard",
+        pad: int = 0,
+        init_lambda: float = 1.0,
+    ):
+        super().__init__()
+        if num_cascades < 1:
+            raise ValueError(f"num_cascades must be >= 1, got {num_cascades}")
+        if in_chans not in (1, 2):
+            raise ValueError(f"in_chans must be 1 or 2, got {in_chans}")
+        self.config: Dict[str, Any] = dict(
+            num_cascades=num_cascades,
+            depth=depth,
+            chans=chans,
+            in_chans=in_chans,
+            residual=residual,
+            dc_mode=dc_mode,
+            pad=pad,
+            init_lambda=init_lambda,
+        )
+        self.in_chans = in_chans
+        self.cascades = nn.ModuleList(
+            DCCNNCascade(in_chans, chans, depth, residual, dc_mode, pad, init_lambda)
+            for _ in range(num_cascades)
+        )
+
+    # -- cascade protocol -------------------------------------------------------------------
+    def initial_state(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
+        """Zero-filled (SENSE-combined) image ``(B, C, H, W)``."""
+        del mask  # the acquired k-space is already zero where unsampled
+        return complex_to_channels(
+            sens_reduce(fastmri.ifft2c(masked_kspace), sens_maps), self.in_chans
+        )
+
+    def cascade_step(
+        self,
+        index: int,
+        state: Tensor,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Advance the image ``state`` through cascade ``index`` (block + DC)."""
+        return self.cascades[index](state, masked_kspace, mask, sens_maps)
+
+    def final_image(self, state: Tensor) -> Tensor:
+        """Magnitude image ``(B, H, W)`` of a state ``(B, C, H, W)``."""
+        if state.shape[1] == 1:
+            return state[:, 0].abs()
+        return fastmri.complex_abs(state.permute(0, 2, 3, 1))
+
+    # -- forward --------------------------------------------------------------------------
+    def forward_state(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
+        """Run every cascade and return the final state ``(B, C, H, W)``."""
+        _check_inputs(masked_kspace, mask, sens_maps)
+        state = self.initial_state(masked_kspace, mask, sens_maps)
+        for i in range(len(self.cascades)):
+            state = self.cascade_step(i, state, masked_kspace, mask, sens_maps)
+        return state
+
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
+        """Args:
+            masked_kspace: ``(B, coils, H, W, 2)`` acquired k-space (coils = 1: single-coil).
+            mask: broadcastable to the k-space (e.g. ``(B, 1, 1, W, 1)``).
+            sens_maps: ``(B, coils, H, W, 2)``; required when coils > 1.
+
+        Returns:
+            ``(B, H, W)`` magnitude image.
+        """
+        return self.final_image(self.forward_state(masked_kspace, mask, sens_maps))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"D{c['depth']}C{c['num_cascades']}, chans={c['chans']}, in_chans={c['in_chans']}"
+
+
+def _check_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
+    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+        raise ValueError(
+            "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "
+            f"got {tuple(masked_kspace.shape)}"
+        )
+    try:
+        torch.broadcast_shapes(mask.shape, masked_kspace.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to k-space "
+            f"{tuple(masked_kspace.shape)}; expected e.g. (B, 1, 1, W, 1)"
+        ) from err
+    if sens_maps is not None and sens_maps.shape != masked_kspace.shape:
+        raise ValueError(
+            f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"
+        )
+    if sens_maps is None and masked_kspace.shape[1] != 1:
+        raise ValueError(
+            f"k-space has {masked_kspace.shape[1]} coils: multi-coil data need sens_maps"
+        )

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from sftkd_fastmri.models import (
+    CheckpointError,
+    create_model,
+    load_model,
+    load_state_dict_strict,
+    save_model_checkpoint,
+)
+
+
+def test_round_trip(tmp_path):
+    model = create_model("dccnn_d3c5", chans=4)
+    path = save_model_checkpoint(model, tmp_path / "m.pt", role="student")
+    loaded = load_model(path, expected_preset="dccnn_d3c5")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary file
+
+
+def test_other_preset_is_refused(tmp_path):
+    path = save_model_checkpoint(create_model("dccnn_d5c5", chans=4), tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match="dccnn_d5c5.*expected 'dccnn_d3c5'"):
+        load_model(path, expected_preset="dccnn_d3c5")
+
+
+def test_strict_loading_reports_missing_unexpected_and_shapes():
+    student = create_model("dccnn_d3c5", chans=4)
+    teacher = create_model("dccnn_d5c5", chans=4)
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(student, teacher.state_dict(), source="teacher.pt")
+    text = str(err.value)
+    assert "teacher.pt" in text and "unexpected keys" in text and "cascades.0.cnn.conv4" in text
+    wide = create_model("dccnn_d3c5", chans=8)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_state_dict_strict(student, wide.state_dict())
+    partial = dict(student.state_dict())
+    partial.pop("cascades.1.cnn.conv0.bias")
+    with pytest.raises(CheckpointError, match="missing keys.*cascades.1.cnn.conv0.bias"):
+        load_state_dict_strict(student, partial)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_model(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a sftkd_fastmri checkpoint"):
+        load_model(other)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from sftkd_fastmri.models import DCCNN, create_model, list_models, model_config
+
+from .helpers import random_batch
+
+PAPER_COUNTS = {"dccnn_d5c5_paper": 141_765, "dccnn_d3c5_paper": 49_285}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,count", sorted(PAPER_COUNTS.items()))
+def test_paper_parameter_counts(name, count):
+    assert n_params(create_model(name)) == count
+
+
+def test_complex_preset_counts_follow_the_block_formula():
+    # 2 -> 32, (depth-2) x 32 -> 32, 32 -> 2, 3x3 convs with bias, x5 cascades
+    def block(depth):
+        return (2 * 9 + 1) * 32 + (depth - 2) * (32 * 9 + 1) * 32 + (32 * 9 + 1) * 2
+
+    assert n_params(create_model("dccnn_d5c5")) == 5 * block(5)
+    assert n_params(create_model("dccnn_d3c5")) == 5 * block(3)
+
+
+def test_registry():
+    assert {"dccnn_d5c5", "dccnn_d3c5", "dccnn_d5c5_paper", "dccnn_d3c5_paper"} <= set(list_models())
+    model = create_model("dccnn_d3c5", chans=8, num_cascades=2)
+    assert len(model.cascades) == 2 and model.preset == "dccnn_d3c5"
+    assert model.config["chans"] == 8
+    with pytest.raises(KeyError, match="available"):
+        create_model("unet_tiny")
+    with pytest.raises(TypeError, match="colour"):
+        model_config("dccnn_d3c5", colour="red")
+
+
+def test_paper_mode_settings():
+    cfg = model_config("dccnn_d5c5_paper")
+    assert cfg["residual"] is False and cfg["pad"] == 5 and cfg["in_chans"] == 1
+
+
+@pytest.mark.parametrize("name", ["dccnn_d3c5", "dccnn_d3c5_paper"])
+@pytest.mark.parametrize("coils", [1, 4])
+def test_shapes_odd_non_square(name, coils):
+    masked, mask, sens, _ = random_batch(batch=2, coils=coils, height=13, width=10)
+    model = create_model(name, chans=4)
+    out = model(masked, mask, sens)
+    assert out.shape == (2, 13, 10)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_output_is_data_consistent_single_coil():
+    import fastmri
+
+    masked, mask, _, _ = random_batch(coils=1, seed=3)
+    model = create_model("dccnn_d3c5", chans=4)
+    state = model.forward_state(masked, mask)
+    k = fastmri.fft2c(state.permute(0, 2, 3, 1)).unsqueeze(1)
+    torch.testing.assert_close(k * mask, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_off_changes_the_output():
+    masked, mask, _, _ = random_batch(seed=4)
+    torch.manual_seed(0)
+    a = DCCNN(num_cascades=2, depth=3, chans=4, residual=True)
+    b = DCCNN(num_cascades=2, depth=3, chans=4, residual=False)
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(masked, mask), b(masked, mask))
+
+
+def test_named_activations_and_cascade_outputs_are_hookable():
+    masked, mask, _, _ = random_batch()
+    model = create_model("dccnn_d5c5", chans=4)
+    names = dict(model.named_modules())
+    for i in range(5):
+        for j in range(4):
+            assert f"cascades.{i}.cnn.relu{j}" in names
+        assert f"cascades.{i}.cnn.conv4" in names and f"cascades.{i}" in names
+    seen = {}
+    for name in ("cascades.0.cnn.relu2", "cascades.4"):
+        names[name].register_forward_hook(lambda m, i, o, n=name: seen.__setitem__(n, o))
+    model(masked, mask)
+    assert seen["cascades.0.cnn.relu2"].shape == (2, 4, 13, 10)
+    assert seen["cascades.4"].shape == (2, 2, 13, 10)
+    assert (seen["cascades.0.cnn.relu2"] >= 0).all()
+
+
+def test_input_errors_are_clear():
+    masked, mask, sens, _ = random_batch(coils=3)
+    model = create_model("dccnn_d3c5", chans=4)
+    with pytest.raises(ValueError, match="sens_maps"):
+        model(masked, mask)
+    with pytest.raises(ValueError, match=r"\(B, coils, H, W, 2\)"):
+        model(masked[:, 0], mask, sens)
+    with pytest.raises(ValueError, match="mask"):
+        model(masked, mask[..., :3, :], sens)
