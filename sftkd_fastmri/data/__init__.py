@@ -3,7 +3,7 @@
 from .datasets import CheckedSliceDataset, check_volume, split_dir
 from .masks import MASK_TYPES, FixedMaskFunc, create_mask_func, num_low_frequencies_of
 from .sensitivity import estimate_sensitivity_maps
-from .transforms import DataError, DCCNNDataTransform, DCCNNSample, crop_readout
+from .transforms import DataError, DCCNNDataTransform, DCCNNSample, crop_readout, model_inputs
 
 __all__ = [
     "MASK_TYPES",
@@ -16,6 +16,7 @@ __all__ = [
     "create_mask_func",
     "crop_readout",
     "estimate_sensitivity_maps",
+    "model_inputs",
     "num_low_frequencies_of",
     "split_dir",
 ]

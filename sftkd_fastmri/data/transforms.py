@@ -35,7 +35,7 @@ from ..models.data_consistency import sens_reduce
 from .masks import num_low_frequencies_of
 from .sensitivity import estimate_sensitivity_maps
 
-__all__ = ["DCCNNSample", "DCCNNDataTransform", "DataError", "crop_readout"]
+__all__ = ["DCCNNSample", "DCCNNDataTransform", "DataError", "crop_readout", "model_inputs"]
 
 
 class DataError(ValueError):
@@ -73,8 +73,24 @@ class DCCNNSample(NamedTuple):
     crop_size: Tuple[int, int]
 
 
+def model_inputs(batch) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(masked_kspace, mask, sens_maps or None)`` of a collated :class:`DCCNNSample` batch.
+
+    Single-coil samples carry an empty ``sens_maps`` tensor (the default collate cannot batch
+    ``None``); models expect ``None`` there.
+    """
+    sens_maps = batch.sens_maps
+    if sens_maps is not None and sens_maps.numel() == 0:
+        sens_maps = None
+    return batch.masked_kspace, batch.mask, sens_maps
+
+
 def crop_readout(kspace: Tensor, height: int) -> Tensor:
     """Remove readout oversampling exactly: crop the image along H to ``height``.
+
+    Only the readout axis is transformed (centred orthonormal 1-D FFT along H, the same
+    convention as :func:`fastmri.fft2c`), so phase-encode columns never mix: a column that was
+    not acquired is still exactly zero afterwards.
 
     Args:
         kspace: ``(..., H, W, 2)`` k-space, H = readout (fully sampled).
@@ -86,9 +102,17 @@ def crop_readout(kspace: Tensor, height: int) -> Tensor:
     full_height = kspace.shape[-3]
     if full_height <= height:
         return kspace
-    image = fastmri.ifft2c(kspace)
+    k = torch.view_as_complex(kspace.contiguous())
+    dim = k.ndim - 2
+    image = torch.fft.fftshift(
+        torch.fft.ifft(torch.fft.ifftshift(k, dim=dim), dim=dim, norm="ortho"), dim=dim
+    )
     top = (full_height - height) // 2
-    return fastmri.fft2c(image[..., top : top + height, :, :].contiguous())
+    image = image.narrow(dim, top, height)
+    k = torch.fft.fftshift(
+        torch.fft.fft(torch.fft.ifftshift(image, dim=dim), dim=dim, norm="ortho"), dim=dim
+    )
+    return torch.view_as_real(k)
 
 
 def _global_rank() -> int:

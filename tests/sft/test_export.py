@@ -1,0 +1,164 @@
+"""export_sft: teacher and student initialisation as plain DC-CNN model checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftkd_fastmri.models import (
+    CheckpointError,
+    create_model,
+    load_model,
+    load_state_dict_strict,
+    read_checkpoint,
+)
+from sftkd_fastmri.sft import StudentFriendlyTeacher, export_sft, load_sft_models
+
+from .test_wrapper import PAIRS, make_batch, make_sft
+
+
+def trained_a_bit(kind: str = "complex", branch0: bool = False) -> StudentFriendlyTeacher:
+    """An SFT whose weights moved away from any seeded initialisation."""
+    sft = make_sft(kind, seed=5, train_first_student_cascade=branch0)
+    with torch.no_grad():
+        for i, p in enumerate(sft.parameters()):
+            p.add_(0.01 * (i % 7))
+    return sft
+
+
+def lightning_checkpoint(sft: StudentFriendlyTeacher, path, kind="complex", prefix="sft.", **hp):
+    """What a Lightning module holding ``self.sft`` writes (the documented contract)."""
+    teacher_preset, student_preset = PAIRS[kind]
+    hparams = dict(
+        teacher_preset=teacher_preset,
+        teacher_config=dict(sft.teacher.config),
+        student_preset=student_preset,
+        student_config=dict(sft.student.config),
+        train_first_student_cascade=sft.train_first_student_cascade,
+        lr=1e-3,
+    )
+    hparams.update(hp)
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    state = {f"{prefix}{k}": v.clone() for k, v in sft.state_dict().items()}
+    torch.save(
+        {"epoch": 3, "global_step": 12, "state_dict": state, "hyper_parameters": hparams}, path
+    )
+    return path
+
+
+def assert_round_trip(sft, teacher_path, student_path, kind, coils=1, branch0="from sft"):
+    teacher_preset, student_preset = PAIRS[kind]
+    masked_kspace, mask, sens, _ = make_batch(coils=coils)
+    sft.eval()
+    teacher = load_model(teacher_path, expected_preset=teacher_preset).eval()
+    assert torch.equal(teacher(masked_kspace, mask, sens), sft(masked_kspace, mask, sens))
+
+    student = create_model(student_preset, chans=4)
+    load_state_dict_strict(student, read_checkpoint(student_path)["state_dict"])
+    for name, value in sft.student.state_dict().items():
+        assert torch.equal(student.state_dict()[name], value), name
+    assert load_model(student_path, expected_preset=student_preset).config == student.config
+
+    t_meta = read_checkpoint(teacher_path)["sftkd_fastmri"]
+    s_meta = read_checkpoint(student_path)["sftkd_fastmri"]
+    assert (t_meta["role"], t_meta["preset"]) == ("teacher", teacher_preset)
+    assert (s_meta["role"], s_meta["preset"]) == ("student", student_preset)
+    if branch0 == "from sft":
+        branch0 = sft.train_first_student_cascade
+    assert s_meta["extra"]["train_first_student_cascade"] == branch0
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+@pytest.mark.parametrize("branch0", [False, True])
+def test_export_from_wrapper(tmp_path, kind, branch0):
+    sft = trained_a_bit(kind, branch0)
+    teacher_path, student_path = export_sft(sft, tmp_path / "out")
+    assert teacher_path.parent == student_path.parent == tmp_path / "out"
+    assert_round_trip(sft, teacher_path, student_path, kind, coils=3)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_export_from_lightning_checkpoint(tmp_path, kind):
+    sft = trained_a_bit(kind)
+    ckpt = lightning_checkpoint(sft, tmp_path / "last.ckpt", kind)
+    teacher_path, student_path = export_sft(ckpt, tmp_path, teacher_filename="t.ckpt")
+    assert teacher_path.name == "t.ckpt"
+    assert_round_trip(sft, teacher_path, student_path, kind)
+
+
+def test_export_with_another_prefix_and_from_a_state_dict(tmp_path):
+    sft = trained_a_bit()
+    ckpt = lightning_checkpoint(sft, tmp_path / "a.ckpt", prefix="model.sft.")
+    paths = export_sft(ckpt, tmp_path / "a", prefix="model.sft.")
+    assert_round_trip(sft, *paths, "complex")
+
+    paths = export_sft(
+        sft.state_dict(),
+        tmp_path / "b",
+        prefix="",
+        teacher_preset="dccnn_d5c5",
+        teacher_config=sft.teacher.config,
+        student_preset="dccnn_d3c5",
+        student_config=sft.student.config,
+    )
+    assert_round_trip(sft, *paths, "complex", branch0=None)  # a bare state dict does not say
+
+
+def test_load_sft_models_rebuilds_both_networks(tmp_path):
+    sft = trained_a_bit("paper")
+    ckpt = lightning_checkpoint(sft, tmp_path / "last.ckpt", "paper")
+    teacher, student, info = load_sft_models(ckpt)
+    assert (teacher.preset, student.preset) == PAIRS["paper"]
+    assert not teacher.training and info["train_first_student_cascade"] is False
+    rebuilt = StudentFriendlyTeacher(teacher, student).eval()
+    masked_kspace, mask, sens, _ = make_batch()
+    assert torch.equal(rebuilt(masked_kspace, mask, sens), sft.eval()(masked_kspace, mask, sens))
+
+
+def test_missing_key_raises_and_names_it(tmp_path):
+    sft = trained_a_bit()
+    ckpt_path = lightning_checkpoint(sft, tmp_path / "last.ckpt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["state_dict"]["sft.student.cascades.4.cnn.conv1.weight"]
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(CheckpointError, match=r"cascades\.4\.cnn\.conv1\.weight") as err:
+        export_sft(ckpt_path, tmp_path / "out")
+    assert "'sft.student.*'" in str(err.value) and str(ckpt_path) in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_missing_hyperparameters_raise(tmp_path):
+    sft = trained_a_bit()
+    ckpt = tmp_path / "last.ckpt"
+    lightning_checkpoint(sft, ckpt, student_config=None)
+    with pytest.raises(CheckpointError, match="no 'student_config'"):
+        export_sft(ckpt, tmp_path / "out")
+    # ... unless given explicitly
+    export_sft(ckpt, tmp_path / "out", student_config=sft.student.config)
+
+    lightning_checkpoint(sft, ckpt, teacher_preset=None)
+    with pytest.raises(CheckpointError, match="no 'teacher_preset'"):
+        export_sft(ckpt, tmp_path / "out")
+
+
+def test_other_checkpoint_errors(tmp_path):
+    sft = trained_a_bit()
+    ckpt = lightning_checkpoint(sft, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match="no weights under the prefix 'model.'"):
+        export_sft(ckpt, tmp_path / "out", prefix="model.")
+    with pytest.raises(CheckpointError, match="conflicts"):
+        export_sft(ckpt, tmp_path / "out", student_preset="dccnn_d3c5_paper")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_sft(tmp_path / "missing.ckpt", tmp_path / "out")
+
+    wide = dict(sft.student.config, chans=8)  # config that does not fit the weights
+    lightning_checkpoint(sft, ckpt, student_config=wide)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        export_sft(ckpt, tmp_path / "out")
+
+    state = dict(sft.state_dict())
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="neither the teacher nor the student"):
+        export_sft(state, tmp_path / "out", prefix="", teacher_preset="dccnn_d5c5")
+    with pytest.raises(CheckpointError, match="no config for the teacher"):
+        export_sft(sft.state_dict(), tmp_path / "out", prefix="")
