@@ -1,6 +1,7 @@
 """Data path: fastMRI transforms, mask functions, checked dataset reader, demo data."""
 
 from .datasets import CheckedSliceDataset, check_volume, split_dir
+from .demo import DemoDataInfo, write_demo_data
 from .masks import MASK_TYPES, FixedMaskFunc, create_mask_func, num_low_frequencies_of
 from .sensitivity import estimate_sensitivity_maps
 from .transforms import DataError, DCCNNDataTransform, DCCNNSample, crop_readout, model_inputs
@@ -12,6 +13,7 @@ __all__ = [
     "DCCNNSample",
     "DataError",
     "FixedMaskFunc",
+    "DemoDataInfo",
     "check_volume",
     "create_mask_func",
     "crop_readout",
@@ -19,4 +21,5 @@ __all__ = [
     "model_inputs",
     "num_low_frequencies_of",
     "split_dir",
+    "write_demo_data",
 ]

@@ -162,9 +162,7 @@ class DCCNNDataTransform:
         info = torch.utils.data.get_worker_info()
         worker_seed = info.seed if info is not None else torch.initial_seed()
         self._calls += 1
-        return tuple(
-            v % 2**32 for v in (self.seed, _global_rank(), worker_seed, self._calls)
-        )
+        return tuple(v % 2**32 for v in (self.seed, _global_rank(), worker_seed, self._calls))
 
     # -- main ---------------------------------------------------------------------------------
     def __call__(

@@ -1,0 +1,883 @@
+"""Offline demo data: fastMRI-layout HDF5 splits built from real brain anatomy.
+
+:func:`write_demo_data` writes small single- and multi-coil datasets that fastMRI's
+:class:`~fastmri.data.SliceDataset` reads unchanged, so the whole pipeline runs with no data
+download and no network (CI included).
+
+Anatomy (``backend``):
+
+* ``"nilearn"``: axial slices of the MNI152 T1 template and its grey/white-matter
+  probability maps, shipped inside the nilearn package (the ``demo`` extra) and read from
+  local files; nothing is downloaded.
+* ``"phantom"``: a procedural 3-D ellipsoid phantom (Shepp-Logan-like, with tissue classes),
+  randomly perturbed per volume; needs nothing beyond numpy.
+* ``"auto"``: nilearn when importable, else the phantom with a warning.
+
+Every volume is a contiguous stack of axial slices; train, val and test volumes come from
+disjoint, interleaved ranges of the axial index (stored as the ``source_slices`` attribute).
+Each volume gets a contrast (T1-, T2-, FLAIR- or PD-like, synthesised from the tissue maps
+with random weights), a smooth random phase per slice and, for multi-coil data, smooth coil
+sensitivities normalised to ``sum_c |S_c|^2 = 1``. k-space is the centred orthonormal FFT
+(``fastmri.fft2c``) of the image zero padded to ``readout_oversampling x H`` along the readout,
+plus complex Gaussian noise; targets are computed from the stored k-space.
+
+Folder layout under ``out_dir`` (``{challenge}_{split}``, as fastMRI)::
+
+    singlecoil_train/  singlecoil_val/  singlecoil_test/  singlecoil_test_full/
+    multicoil_train/   multicoil_val/   multicoil_test/   multicoil_test_full/
+    demo_info.json     (manifest: configuration, backend, file lists)
+
+* ``*_train``, ``*_val``: fully sampled k-space ``(slices, H_k, W)`` (single-coil) or
+  ``(slices, coils, H_k, W)`` (multi-coil), complex64, with targets ``reconstruction_esc`` /
+  ``reconstruction_rss`` ``(slices, H, W)`` float32 and attributes ``max``, ``norm``,
+  ``acquisition``, ``patient_id``.
+* ``*_test`` mimics fastMRI's public test/challenge files: no target, k-space already
+  undersampled along W (zeros on unsampled columns), a ``mask`` dataset ``(W,)`` and attributes
+  ``acceleration`` and ``num_low_frequency``.
+* ``*_test_full`` holds the SAME test volumes (same file names) fully sampled and with targets:
+  the held-out split for reporting metrics on demo data. fastMRI has no such folder.
+
+Size: the defaults (80 x 64 images, 160-sample readout, 4 coils; train 4 x 10, val 2 x 6,
+test 2 x 6 slices) write 20 files, about 7 MB single-coil and 26 MB multi-coil (k-space is
+complex64 and noisy, so compression would save little; it is stored uncompressed, as fastMRI).
+
+Re-running: files are written atomically (temporary file + ``os.replace``), so an
+interrupted run never leaves a partial ``.h5``. With ``overwrite=False``, a folder written
+with the same configuration is completed (existing files are kept, missing ones written);
+a different configuration, or ``.h5`` files this writer did not make, raise
+:class:`FileExistsError`. ``overwrite=True`` rewrites every demo file and removes demo files
+of an earlier configuration; files this writer did not make are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastmri.data.subsample import EquispacedMaskFractionFunc
+from tqdm.auto import tqdm
+
+from .datasets import TARGET_KEYS
+from .ismrmrd import build_ismrmrd_header
+
+__all__ = [
+    "BACKENDS",
+    "CHALLENGES",
+    "FOLDER_SPLITS",
+    "CONTRASTS",
+    "MANIFEST_NAME",
+    "SPLITS",
+    "TARGET_KEYS",
+    "TEST_FULL_SPLIT",
+    "DemoDataInfo",
+    "write_demo_data",
+]
+
+logger = logging.getLogger(__name__)
+
+CHALLENGES = ("singlecoil", "multicoil")
+SPLITS = ("train", "val", "test")
+TEST_FULL_SPLIT = "test_full"
+FOLDER_SPLITS = (*SPLITS, TEST_FULL_SPLIT)
+MANIFEST_NAME = "demo_info.json"
+BACKENDS = ("auto", "nilearn", "phantom")
+# Contrast name -> fastMRI-style ``acquisition`` attribute (fastMRI brain uses AXT1, AXT2,
+# AXFLAIR; AXPD follows the same pattern).
+CONTRASTS = {"T1": "AXT1", "T2": "AXT2", "FLAIR": "AXFLAIR", "PD": "AXPD"}
+DEFAULT_VOLUMES_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
+DEFAULT_SLICES_PER_VOLUME = {"train": 10, "val": 6, "test": 6}
+
+_FORMAT_VERSION = 1
+_FILE_PREFIX = "file_demo_"
+_TMP_SUFFIX = ".tmp"
+# (csf, gm, wm) weight ranges of the synthetic contrasts; T1 uses the template itself.
+_TISSUE_WEIGHTS = {
+    "T2": ((0.85, 1.00), (0.50, 0.62), (0.30, 0.40)),
+    "FLAIR": ((0.03, 0.10), (0.60, 0.72), (0.40, 0.50)),
+    "PD": ((0.75, 0.90), (0.80, 0.92), (0.58, 0.68)),
+}
+# Independent random streams per volume, so e.g. changing num_coils leaves the phase alone.
+_ANATOMY, _CONTRAST, _PHASE, _COILS, _MASK = range(5)
+_NOISE = {"singlecoil": 5, "multicoil": 6}
+
+
+@dataclass(frozen=True)
+class DemoDataInfo:
+    """What :func:`write_demo_data` wrote.
+
+    Attributes:
+        root: the output folder.
+        backend: anatomy actually used, ``"nilearn"`` or ``"phantom"``.
+        split_dirs: folder name (e.g. ``"singlecoil_train"``) -> path, for every folder.
+        num_volumes: split (``"train"``, ``"val"``, ``"test"``, ``"test_full"``) -> volumes.
+        num_slices: split -> total slices.
+        image_size: ``(H, W)`` of targets and reconstructions.
+        kspace_size: ``(H_k, W)`` of k-space, ``H_k = readout_oversampling * H``.
+        num_coils: coils of the multi-coil data.
+        seed: the seed.
+        files_written: ``.h5`` files written by this call.
+        files_kept: complete ``.h5`` files found and kept (not rewritten).
+        manifest: path of ``demo_info.json``.
+    """
+
+    root: Path
+    backend: str
+    split_dirs: Dict[str, Path]
+    num_volumes: Dict[str, int]
+    num_slices: Dict[str, int]
+    image_size: Tuple[int, int]
+    kspace_size: Tuple[int, int]
+    num_coils: int
+    seed: int
+    files_written: int
+    files_kept: int
+    manifest: Path
+
+    def split_dir(self, challenge: str, split: str) -> Path:
+        """Folder of ``challenge`` (``"singlecoil"``/``"multicoil"``) and ``split``."""
+        return self.split_dirs[f"{challenge}_{split}"]
+
+
+@dataclass(frozen=True)
+class _Volume:
+    split: str
+    index: int  # global index, unique across splits (names files like fastMRI's file ids)
+    contrast: str
+    source_slices: np.ndarray  # (slices,) axial indices into the anatomy source
+
+    def file_name(self, anatomy: str) -> str:
+        return f"{_FILE_PREFIX}{anatomy}_{CONTRASTS[self.contrast]}_{self.index:03d}.h5"
+
+
+@dataclass
+class _Tissues:
+    """Tissue fractions on the target grid, each ``(slices, H, W)`` in [0, 1]."""
+
+    t1: np.ndarray
+    csf: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+
+
+# ----------------------------------------------------------------------------- anatomy
+
+
+def _nilearn_available() -> bool:
+    try:
+        import nilearn.datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _MNIBrain:
+    """MNI152 template (nilearn's packaged copy), cropped to the brain and resampled."""
+
+    name = "brain"
+
+    def __init__(self, image_size: Tuple[int, int]):
+        from nilearn import datasets
+
+        # Files inside the nilearn package: these loaders never touch the network.
+        images = (
+            datasets.load_mni152_template(resolution=1),
+            datasets.load_mni152_gm_template(resolution=1),
+            datasets.load_mni152_wm_template(resolution=1),
+        )
+        # RAS voxel grid (x, y, z) -> axial stack (z, y, x) with anterior in the top row.
+        t1, gm, wm = (
+            np.flip(img.get_fdata(dtype=np.float32).transpose(2, 1, 0), 1) for img in images
+        )
+        mask = t1 > 0  # the template is skull-stripped: exactly zero outside the brain
+        csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * mask
+        gm, wm = gm * mask, wm * mask
+
+        # Axial range with a sizeable brain section (drops the vertex and the lowest
+        # cerebellum/brainstem slices, which are mostly background).
+        area = mask.sum(axis=(1, 2))
+        usable = np.flatnonzero(area >= 0.4 * area.max())
+        self.axial_range = (int(usable[0]), int(usable[-1]) + 1)
+        z0, z1 = self.axial_range
+
+        # One in-plane box for all slices (a fixed field of view, as in a real exam), grown
+        # by a margin and to the aspect ratio of the target grid.
+        rows = np.flatnonzero(mask[z0:z1].any(axis=(0, 2)))
+        cols = np.flatnonzero(mask[z0:z1].any(axis=(0, 1)))
+        centre = ((rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2)
+        half = [1.08 * (rows[-1] - rows[0] + 1) / 2, 1.08 * (cols[-1] - cols[0] + 1) / 2]
+        aspect = image_size[0] / image_size[1]
+        half = [max(half[0], aspect * half[1]), max(half[1], half[0] / aspect)]
+        box = [(round(c - h), round(c + h)) for c, h in zip(centre, half)]
+        stack = np.stack([t1, csf, gm, wm], axis=1)[z0:z1]  # (Z, 4, Y, X)
+        pad = [(0, 0), (0, 0)] + [
+            (max(0, -a), max(0, b - n)) for (a, b), n in zip(box, stack.shape[2:])
+        ]
+        stack = np.pad(stack, pad)
+        (r0, r1), (c0, c1) = [(a + p[0], b + p[0]) for (a, b), p in zip(box, pad[2:])]
+        crop = torch.from_numpy(np.ascontiguousarray(stack[:, :, r0:r1, c0:c1]))
+        # Antialiased area-like downsampling (1 mm voxels -> ~2-3 mm pixels at demo sizes).
+        resampled = F.interpolate(crop, size=tuple(image_size), mode="bilinear", antialias=True)
+        self._maps = resampled.clamp_(0.0, 1.0).numpy().astype(np.float64)
+        self.pixel_mm = (r1 - r0) / image_size[0]
+
+    def tissues(self, slices: np.ndarray, rng: np.random.Generator) -> _Tissues:
+        maps = self._maps[slices - self.axial_range[0]]
+        return _Tissues(t1=maps[:, 0], csf=maps[:, 1], gm=maps[:, 2], wm=maps[:, 3])
+
+
+# Ellipsoids of the phantom, painted in order (later ones replace earlier ones where they
+# overlap): tissue, centre (y, x, z), semi-axes (y, x, z), in-plane angle in degrees.
+# Coordinates are normalised to [-1, 1] over the target grid and the axial extent; loosely
+# after the 3-D Shepp-Logan head (outer CSF shell, cortex, white matter, ventricles, nuclei).
+_PHANTOM_ELLIPSOIDS = (
+    ("csf", (0.00, 0.00, 0.00), (0.90, 0.86, 1.00), 0.0),
+    ("gm", (0.01, 0.00, -0.02), (0.85, 0.81, 0.95), 0.0),
+    ("wm", (0.02, 0.00, -0.02), (0.70, 0.66, 0.80), 0.0),
+    ("csf", (-0.05, 0.00, 0.45), (0.80, 0.025, 0.45), 0.0),
+    ("gm", (0.10, -0.32, -0.05), (0.16, 0.08, 0.18), -10.0),
+    ("gm", (0.10, 0.32, -0.05), (0.16, 0.08, 0.18), 10.0),
+    ("csf", (0.00, -0.15, 0.15), (0.32, 0.09, 0.25), -18.0),
+    ("csf", (0.00, 0.15, 0.15), (0.32, 0.09, 0.25), 18.0),
+)
+
+
+class _Phantom:
+    """Procedural head phantom; every volume gets its own random perturbation."""
+
+    name = "phantom"
+    axial_range = (0, 128)
+
+    def __init__(self, image_size: Tuple[int, int]):
+        self.image_size = image_size
+        self.pixel_mm = 200.0 / image_size[0]
+
+    def tissues(self, slices: np.ndarray, rng: np.random.Generator) -> _Tissues:
+        height, width = self.image_size
+        num = self.axial_range[1]
+        # Axial positions from below the ventricles to high convexity slices (the poles of the
+        # head hold small, mostly empty sections, as the range kept for the MNI brain).
+        z = (-0.7 + 1.45 * (slices + 0.5) / num)[:, None, None]
+        y = ((np.arange(height) + 0.5) / height * 2 - 1)[None, :, None]
+        x = ((np.arange(width) + 0.5) / width * 2 - 1)[None, None, :]
+        edge = 1.0 / max(height, width)  # half a pixel in normalised units
+
+        ellipsoids = list(_PHANTOM_ELLIPSOIDS)
+        for _ in range(3):  # small random "lesions" inside the white matter
+            centre = (rng.uniform(-0.45, 0.45), rng.uniform(-0.45, 0.45), rng.uniform(-0.5, 0.5))
+            radius = rng.uniform(0.04, 0.09)
+            tissue = str(rng.choice(["gm", "csf"]))
+            ellipsoids.append((tissue, centre, (radius, radius, 1.5 * radius), 0.0))
+
+        scale = rng.uniform(0.93, 1.0)  # head size
+        tilt = np.deg2rad(rng.normal(0.0, 3.0))  # head rotation in the axial plane
+        shape = (len(slices), height, width)
+        fractions = {"csf": np.zeros(shape), "gm": np.zeros(shape), "wm": np.zeros(shape)}
+        head = None
+        for tissue, centre, axes, angle in ellipsoids:
+            cy, cx, cz = np.asarray(centre) * scale + rng.normal(0.0, 0.015, 3)
+            ay, ax, az = np.asarray(axes) * scale * rng.uniform(0.93, 1.07, 3)
+            theta = np.deg2rad(angle + rng.normal(0.0, 4.0)) + tilt
+            u = np.cos(theta) * (y - cy) - np.sin(theta) * (x - cx)
+            v = np.sin(theta) * (y - cy) + np.cos(theta) * (x - cx)
+            # Each slice cuts an ellipse scaled by sqrt(1 - dz^2) (negative past the poles:
+            # empty). Its edge is smoothed over about a pixel of in-plane distance (partial
+            # volume) in every slice, so sections near the poles stay as sharp as the others.
+            section = 1.0 - ((z - cz) / az) ** 2
+            section = np.sign(section) * np.sqrt(np.abs(section))
+            distance = (section - np.sqrt((u / ay) ** 2 + (v / ax) ** 2)) * min(ay, ax)
+            occupancy = 1.0 / (1.0 + np.exp(np.clip(-distance / edge, -50.0, 50.0)))
+            # Inner structures stay inside the head (the first, outermost ellipsoid).
+            head = occupancy if head is None else head
+            occupancy = np.minimum(occupancy, head)
+            for key in fractions:
+                fractions[key] *= 1.0 - occupancy
+            fractions[tissue] += occupancy
+        csf, gm, wm = fractions["csf"], fractions["gm"], fractions["wm"]
+        return _Tissues(t1=0.12 * csf + 0.62 * gm + 0.95 * wm, csf=csf, gm=gm, wm=wm)
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Validated options of :func:`write_demo_data` (the manifest stores them)."""
+
+    seed: int
+    image_size: Tuple[int, int]
+    readout_oversampling: int
+    num_coils: int
+    volumes: Dict[str, int]
+    slices: Dict[str, int]
+    contrasts: Tuple[str, ...]
+    noise_std: float
+    test_acceleration: int
+    test_center_fraction: float
+    challenges: Tuple[str, ...]
+    backend: str  # resolved: "nilearn" or "phantom"
+
+    @property
+    def kspace_height(self) -> int:
+        return self.readout_oversampling * self.image_size[0]
+
+    def kspace_shape(self, volume: _Volume, challenge: str) -> Tuple[int, ...]:
+        coils = (self.num_coils,) if challenge == "multicoil" else ()
+        return (len(volume.source_slices), *coils, self.kspace_height, self.image_size[1])
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": _FORMAT_VERSION,
+            "seed": self.seed,
+            "backend": self.backend,
+            "image_size": list(self.image_size),
+            "kspace_size": [self.kspace_height, self.image_size[1]],
+            "readout_oversampling": self.readout_oversampling,
+            "num_coils": self.num_coils,
+            "volumes_per_split": dict(self.volumes),
+            "slices_per_volume": dict(self.slices),
+            "contrasts": list(self.contrasts),
+            "noise_std": self.noise_std,
+            "test_acceleration": self.test_acceleration,
+            "test_center_fraction": self.test_center_fraction,
+            "challenges": list(self.challenges),
+        }
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum
+
+
+def _per_split(value: Union[int, Mapping[str, int], None], default: Mapping[str, int], name: str):
+    if value is None:
+        value = default
+    if _is_int(value, 1):
+        value = {split: int(value) for split in SPLITS}
+    if (
+        not isinstance(value, Mapping)
+        or set(value) != set(SPLITS)
+        or not all(_is_int(v, 1) for v in value.values())
+    ):
+        raise ValueError(
+            f"{name} must be a positive int or a mapping of {SPLITS} to positive ints, "
+            f"got {value!r}"
+        )
+    return {split: int(value[split]) for split in SPLITS}
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "phantom":
+        return backend
+    if _nilearn_available():
+        return "nilearn"
+    if backend == "nilearn":
+        raise ImportError(
+            "backend='nilearn' needs nilearn (the `demo` extra): pip install 'sftkd_fastmri[demo]'"
+        )
+    warnings.warn(
+        "nilearn (the `demo` extra: pip install 'sftkd_fastmri[demo]') is not installed: the "
+        "demo data uses the procedural phantom fallback instead of MNI152 brain anatomy",
+        UserWarning,
+        stacklevel=3,
+    )
+    return "phantom"
+
+
+def _validated_config(options: dict) -> _Config:
+    size = tuple(options["image_size"])
+    if len(size) != 2 or not all(_is_int(s, 8) for s in size):
+        raise ValueError(f"image_size must be (H, W), ints >= 8, got {options['image_size']!r}")
+    for name, minimum in (("seed", 0), ("readout_oversampling", 1), ("num_coils", 1)):
+        if not _is_int(options[name], minimum):
+            raise ValueError(f"{name} must be an int >= {minimum}, got {options[name]!r}")
+    contrasts = tuple(options["contrasts"])
+    if not contrasts or any(c not in CONTRASTS for c in contrasts):
+        raise ValueError(
+            f"contrasts must be a non-empty subset of {tuple(CONTRASTS)}, got {contrasts}"
+        )
+    challenges = tuple(dict.fromkeys(options["challenges"]))
+    if not challenges or any(c not in CHALLENGES for c in challenges):
+        raise ValueError(f"challenges must be a non-empty subset of {CHALLENGES}, got {challenges}")
+    if not options["noise_std"] >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {options['noise_std']!r}")
+    if not _is_int(options["test_acceleration"], 1) or not 0 < options["test_center_fraction"] < 1:
+        raise ValueError(
+            "test_acceleration must be an int >= 1 and test_center_fraction in (0, 1), got "
+            f"{options['test_acceleration']!r}, {options['test_center_fraction']!r}"
+        )
+    return _Config(
+        seed=int(options["seed"]),
+        image_size=(int(size[0]), int(size[1])),
+        readout_oversampling=int(options["readout_oversampling"]),
+        num_coils=int(options["num_coils"]),
+        volumes=_per_split(
+            options["volumes_per_split"], DEFAULT_VOLUMES_PER_SPLIT, "volumes_per_split"
+        ),
+        slices=_per_split(
+            options["slices_per_volume"], DEFAULT_SLICES_PER_VOLUME, "slices_per_volume"
+        ),
+        contrasts=contrasts,
+        noise_std=float(options["noise_std"]),
+        test_acceleration=int(options["test_acceleration"]),
+        test_center_fraction=float(options["test_center_fraction"]),
+        challenges=challenges,
+        backend=_resolve_backend(options["backend"]),
+    )
+
+
+def _plan(cfg: _Config, axial_range: Tuple[int, int], anatomy: str) -> List[_Volume]:
+    """Assign disjoint contiguous slice stacks to every volume.
+
+    Volumes of all splits are interleaved along the axial axis (each split spread evenly over
+    it, so every split sees the whole brain) and separated by gaps of at least one slice.
+    Contrasts cycle over the volumes of each split.
+    """
+    specs = [(split, i) for split in SPLITS for i in range(cfg.volumes[split])]
+    order = sorted(specs, key=lambda s: ((s[1] + 0.5) / cfg.volumes[s[0]], SPLITS.index(s[0])))
+    length = axial_range[1] - axial_range[0]
+    total = sum(cfg.volumes[s] * cfg.slices[s] for s in SPLITS)
+    spacing = length // (total + len(specs))
+    if spacing < 1:
+        raise ValueError(
+            f"{total} slices in {len(specs)} volumes need {total + len(specs)} axial positions "
+            f"(slices plus one gap per volume), but the {anatomy} anatomy has {length}; "
+            "use fewer volumes or slices per volume"
+        )
+    gap = (length - total * spacing) / len(specs)
+    position = axial_range[0] + gap / 2
+    stacks = {}
+    for split, i in order:
+        stacks[(split, i)] = int(round(position)) + spacing * np.arange(cfg.slices[split])
+        position += cfg.slices[split] * spacing + gap
+    return [
+        _Volume(split, index, cfg.contrasts[i % len(cfg.contrasts)], stacks[(split, i)])
+        for index, (split, i) in enumerate(specs)
+    ]
+
+
+# ---------------------------------------------------------------------- simulation
+
+
+def _fft2c(image: np.ndarray) -> np.ndarray:
+    """Centred orthonormal 2-D FFT over the last two axes (= ``fastmri.fft2c``)."""
+    axes = (-2, -1)
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image, axes), norm="ortho"), axes)
+
+
+def _ifft2c(kspace: np.ndarray) -> np.ndarray:
+    """Centred orthonormal 2-D inverse FFT over the last two axes (= ``fastmri.ifft2c``)."""
+    axes = (-2, -1)
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes), norm="ortho"), axes)
+
+
+def _rng(cfg: _Config, volume: _Volume, stream: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, volume.index, stream])
+
+
+def _contrast(tissues: _Tissues, contrast: str, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude image ``(slices, H, W)`` of one contrast, scaled to a maximum of 1."""
+    if contrast == "T1":
+        image = tissues.t1 ** rng.uniform(0.85, 1.15)
+    else:
+        w_csf, w_gm, w_wm = (rng.uniform(*bounds) for bounds in _TISSUE_WEIGHTS[contrast])
+        image = w_csf * tissues.csf + w_gm * tissues.gm + w_wm * tissues.wm
+    return image / max(float(image.max()), 1e-12)
+
+
+def _grid(cfg: _Config) -> Tuple[np.ndarray, np.ndarray]:
+    """Coordinates ``(H_k, W)`` of the k-space field of view, centred on the object, in
+    units of half the larger image side (pixels are square)."""
+    height, width = cfg.image_size
+    unit = max(height, width) / 2
+    y = (np.arange(cfg.kspace_height) - (cfg.kspace_height - 1) / 2) / unit
+    x = (np.arange(width) - (width - 1) / 2) / unit
+    return np.meshgrid(y, x, indexing="ij")
+
+
+def _smooth_phase(num_slices: int, cfg: _Config, rng: np.random.Generator) -> np.ndarray:
+    """Random quadratic phase per slice, ``(slices, H_k, W)`` radians: what B0 offsets and
+    coil phases leave in real images, so the reconstruction problem is genuinely complex."""
+    yy, xx = _grid(cfg)
+    basis = np.stack([np.ones_like(yy), yy, xx, yy * yy, yy * xx, xx * xx])  # (6, H_k, W)
+    coeffs = np.concatenate(
+        [
+            rng.uniform(-np.pi, np.pi, (num_slices, 1)),
+            rng.normal(0.0, 0.5, (num_slices, 2)),
+            rng.normal(0.0, 0.3, (num_slices, 3)),
+        ],
+        axis=1,
+    )
+    return np.einsum("sk,khw->shw", coeffs, basis)
+
+
+def _coil_sensitivities(cfg: _Config, rng: np.random.Generator) -> np.ndarray:
+    """Smooth complex coil sensitivities ``(coils, H_k, W)`` with ``sum_c |S_c|^2 = 1``.
+
+    Loops on an ellipse around the head; magnitude falls off like the on-axis field of a
+    current loop, ``(1 + (d / rho)^2)^(-3/2)``; phase = offset + linear twist along the loop.
+    """
+    yy, xx = _grid(cfg)
+    height, width = cfg.image_size
+    unit = max(height, width) / 2
+    semi_y = rng.uniform(1.1, 1.3) * height / 2 / unit
+    semi_x = rng.uniform(1.1, 1.3) * width / 2 / unit
+    angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(cfg.num_coils) / cfg.num_coils
+    angles = angles + rng.normal(0.0, 0.1, cfg.num_coils)
+    sens = []
+    for angle in angles:
+        py, px = semi_y * np.sin(angle), semi_x * np.cos(angle)
+        distance2 = (yy - py) ** 2 + (xx - px) ** 2
+        magnitude = (1.0 + distance2 / rng.uniform(0.5, 0.8) ** 2) ** -1.5
+        tangent = -np.sin(angle) * (yy - py) + np.cos(angle) * (xx - px)
+        phase = rng.uniform(-np.pi, np.pi) + rng.uniform(-1.5, 1.5) * tangent
+        sens.append(magnitude * np.exp(1j * phase))
+    sens = np.stack(sens)
+    return sens / np.sqrt((np.abs(sens) ** 2).sum(axis=0, keepdims=True))
+
+
+def _volume_image(anatomy, volume: _Volume, cfg: _Config) -> np.ndarray:
+    """Complex image ``(slices, H_k, W)``: contrast times smooth phase, the object centred
+    along the readout with background above and below it (the oversampled field of view)."""
+    height, width = cfg.image_size
+    tissues = anatomy.tissues(volume.source_slices, _rng(cfg, volume, _ANATOMY))
+    magnitude = _contrast(tissues, volume.contrast, _rng(cfg, volume, _CONTRAST))
+    # Same offset as fastMRI's centre crop, so cropping H_k -> H returns exactly the object.
+    top = (cfg.kspace_height - height) // 2
+    padded = np.zeros((len(magnitude), cfg.kspace_height, width))
+    padded[:, top : top + height] = magnitude
+    return padded * np.exp(1j * _smooth_phase(len(magnitude), cfg, _rng(cfg, volume, _PHASE)))
+
+
+def _simulate_kspace(image: np.ndarray, volume: _Volume, challenge: str, cfg: _Config):
+    """Noisy complex64 k-space ``(slices, H_k, W)`` (single-coil: fastMRI emulates it too) or
+    ``(slices, coils, H_k, W)`` (multi-coil); complex Gaussian noise of std
+    ``noise_std * rms(k-space)`` per sample."""
+    if challenge == "multicoil":
+        image = image[:, None] * _coil_sensitivities(cfg, _rng(cfg, volume, _COILS))[None]
+    kspace = _fft2c(image)
+    sigma = cfg.noise_std * np.sqrt(np.mean(np.abs(kspace) ** 2))
+    rng = _rng(cfg, volume, _NOISE[challenge])
+    noise = rng.standard_normal(kspace.shape) + 1j * rng.standard_normal(kspace.shape)
+    return (kspace + sigma / np.sqrt(2) * noise).astype(np.complex64)
+
+
+def _target(kspace: np.ndarray, challenge: str, height: int) -> np.ndarray:
+    """fastMRI target of stored k-space: ``|ifft2c|`` (single-coil) or RSS over coils
+    (multi-coil), centre-cropped along the readout to ``height``; float32 ``(slices, H, W)``."""
+    image = _ifft2c(kspace.astype(np.complex128))
+    top = (image.shape[-2] - height) // 2
+    image = image[..., top : top + height, :]
+    if challenge == "multicoil":
+        return np.sqrt((np.abs(image) ** 2).sum(axis=1)).astype(np.float32)
+    return np.abs(image).astype(np.float32)
+
+
+def _test_mask(cfg: _Config, volume: _Volume) -> Tuple[np.ndarray, int]:
+    """fastMRI's equispaced test mask ``(W,)`` bool and its number of low frequencies."""
+    width = cfg.image_size[1]
+    mask_func = EquispacedMaskFractionFunc([cfg.test_center_fraction], [cfg.test_acceleration])
+    seed = int(_rng(cfg, volume, _MASK).integers(2**31))
+    mask, num_low = mask_func((1, width, 1), seed=seed)
+    return mask.numpy().reshape(width).astype(bool), int(num_low)
+
+
+def _file_contents(
+    kspace: np.ndarray, header: bytes, volume: _Volume, challenge: str, split: str, cfg: _Config
+) -> Tuple[Dict[str, np.ndarray], Dict[str, object]]:
+    """Datasets and attributes of one file; ``split == "test"`` gives fastMRI's test layout."""
+    attrs = {
+        "acquisition": CONTRASTS[volume.contrast],
+        "patient_id": f"demo_s{cfg.seed}_{volume.index:03d}",
+        "contrast": volume.contrast,
+        "source_slices": volume.source_slices,
+        "demo_backend": cfg.backend,
+        "demo_seed": cfg.seed,
+    }
+    if split == "test":
+        mask, num_low = _test_mask(cfg, volume)
+        datasets = {"kspace": kspace * mask, "mask": mask, "ismrmrd_header": header}
+        attrs.update(acceleration=cfg.test_acceleration, num_low_frequency=num_low)
+    else:
+        target = _target(kspace, challenge, cfg.image_size[0])
+        datasets = {"kspace": kspace, TARGET_KEYS[challenge]: target, "ismrmrd_header": header}
+        attrs.update(max=float(target.max()), norm=float(np.linalg.norm(target)))
+    return datasets, attrs
+
+
+def _header(cfg: _Config, volume: _Volume, pixel_mm: float) -> bytes:
+    (height, width), kspace_height = cfg.image_size, cfg.kspace_height
+    return build_ismrmrd_header(
+        (kspace_height, width, 1),
+        (height, width, 1),
+        encoded_fov_mm=(kspace_height * pixel_mm, width * pixel_mm, 1.0),
+        recon_fov_mm=(height * pixel_mm, width * pixel_mm, 1.0),
+        num_slices=len(volume.source_slices),
+    ).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_h5_atomic(path: Path, datasets: Mapping[str, np.ndarray], attrs: Mapping) -> None:
+    """Write to a hidden temporary file in the same folder, then rename: a crash leaves either
+    the old file or the new one, never a partial ``.h5`` that looks valid."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    try:
+        with h5py.File(tmp, "w-") as hf:
+            for key, value in datasets.items():
+                hf.create_dataset(key, data=value)
+            hf.attrs.update(dict(attrs))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _is_complete(path: Path, keys: Sequence[str], kspace_shape: Tuple[int, ...]) -> bool:
+    try:
+        with h5py.File(path, "r") as hf:
+            return all(k in hf for k in keys) and hf["kspace"].shape == kspace_shape
+    except (OSError, KeyError):
+        return False
+
+
+def _write_volume(root: Path, volume: _Volume, anatomy, cfg: _Config, overwrite: bool):
+    """Write one volume's files (every challenge; test volumes to ``*_test_full`` and
+    ``*_test``), keeping complete ones unless ``overwrite``. Returns (written, kept)."""
+    splits = (TEST_FULL_SPLIT, "test") if volume.split == "test" else (volume.split,)
+    image, written, kept = None, 0, 0
+    for challenge in cfg.challenges:
+        todo = []
+        for split in splits:
+            path = root / f"{challenge}_{split}" / volume.file_name(anatomy.name)
+            keys = (
+                "kspace",
+                "ismrmrd_header",
+                "mask" if split == "test" else TARGET_KEYS[challenge],
+            )
+            if overwrite or not _is_complete(path, keys, cfg.kspace_shape(volume, challenge)):
+                todo.append((split, path))
+        kept += len(splits) - len(todo)
+        if not todo:
+            continue
+        if image is None:  # shared by both challenges: same anatomy, contrast and phase
+            image = _volume_image(anatomy, volume, cfg)
+        kspace = _simulate_kspace(image, volume, challenge, cfg)
+        for split, path in todo:
+            header = _header(cfg, volume, anatomy.pixel_mm)
+            _write_h5_atomic(path, *_file_contents(kspace, header, volume, challenge, split, cfg))
+            written += 1
+    return written, kept
+
+
+def _read_manifest(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FileExistsError(
+            f"{path}: unreadable demo manifest ({err}); pass overwrite=True or use another folder"
+        ) from err
+
+
+def _write_json_atomic(path: Path, content: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_previous(root: Path, config: dict, overwrite: bool) -> None:
+    """Refuse to mix configurations (a manifest that differs, or demo files without one)."""
+    if overwrite or not root.is_dir():
+        return
+    previous = _read_manifest(root / MANIFEST_NAME)
+    if previous is None:
+        strays = sorted(root.glob(f"*_*/{_FILE_PREFIX}*.h5"))
+        if strays:
+            raise FileExistsError(
+                f"{root} holds demo files but no {MANIFEST_NAME} (e.g. {strays[0]}), so they "
+                "cannot be checked against this configuration; pass overwrite=True or choose "
+                "another out_dir"
+            )
+    elif previous.get("config") != config:
+        raise FileExistsError(
+            f"{root} holds demo data of another configuration ({root / MANIFEST_NAME}); pass "
+            "overwrite=True to replace it or choose another out_dir"
+        )
+
+
+def _is_ours(name: str) -> Tuple[bool, bool]:
+    """(temporary file of this writer, demo volume of this writer) for an entry name."""
+    temporary = name.startswith(f".{_FILE_PREFIX}") and name.endswith(_TMP_SUFFIX)
+    return temporary, name.startswith(_FILE_PREFIX) and name.endswith(".h5")
+
+
+def _check_folder(folder: Path, expected: Sequence[str], overwrite: bool) -> None:
+    """Refuse entries of a split folder that this configuration would not write: fastMRI's
+    SliceDataset reads every entry, so demo data never shares a folder with other files."""
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        temporary, volume = _is_ours(entry.name)
+        if not (temporary or entry.name in expected or (overwrite and volume)):
+            raise FileExistsError(
+                f"{entry}: not a file of this demo configuration; SliceDataset reads every "
+                f"entry of {folder}, so move it or use another out_dir"
+                + ("" if overwrite or not volume else " (or pass overwrite=True)")
+            )
+
+
+def _clean_folder(folder: Path, expected: Sequence[str], overwrite: bool, keep: bool) -> None:
+    """Remove our stale temporary files and, with ``overwrite``, demo volumes not in
+    ``expected``; remove the folder if it ends up empty and is not ``keep``."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        temporary, volume = _is_ours(entry.name)
+        if temporary or (overwrite and volume and entry.name not in expected):
+            entry.unlink()
+    if not keep and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def write_demo_data(
+    out_dir: Union[str, os.PathLike],
+    *,
+    seed: int = 0,
+    image_size: Tuple[int, int] = (80, 64),
+    readout_oversampling: int = 2,
+    num_coils: int = 4,
+    volumes_per_split: Union[int, Mapping[str, int], None] = None,
+    slices_per_volume: Union[int, Mapping[str, int], None] = None,
+    contrasts: Sequence[str] = tuple(CONTRASTS),
+    noise_std: float = 0.01,
+    test_acceleration: int = 4,
+    test_center_fraction: float = 0.08,
+    challenges: Sequence[str] = CHALLENGES,
+    backend: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DemoDataInfo:
+    """Write fastMRI-layout demo splits (layout in the module docstring).
+
+    Args:
+        out_dir: output folder; split folders ``{challenge}_{split}`` are created inside.
+        seed: every random choice derives from it: the same seed gives identical arrays, a
+            different seed different data (the anatomical slices of each split stay the same).
+        image_size: target ``(H, W)``; non-square on purpose by default.
+        readout_oversampling: k-space height ``H_k = readout_oversampling * H``; the extra
+            field of view is background, so cropping the image back to ``H`` is exact
+            (as fastMRI's 640-sample readouts for 320-pixel images).
+        num_coils: coils of the multi-coil data.
+        volumes_per_split: volumes per split, an int for all or a mapping with keys
+            ``"train"``, ``"val"``, ``"test"``; default ``{"train": 4, "val": 2, "test": 2}``.
+        slices_per_volume: slices per volume, likewise; default ``{"train": 10, "val": 6,
+            "test": 6}``.
+        contrasts: contrasts cycled over the volumes of each split, keys of ``CONTRASTS``
+            (``"T1"``, ``"T2"``, ``"FLAIR"``, ``"PD"``).
+        noise_std: std of the complex k-space noise relative to the RMS of the volume's
+            noiseless k-space (``0`` for none).
+        test_acceleration: acceleration of the ``*_test`` masks (fastMRI's
+            :class:`~fastmri.data.subsample.EquispacedMaskFractionFunc`).
+        test_center_fraction: fully sampled centre fraction of the ``*_test`` masks.
+        challenges: ``"singlecoil"`` and/or ``"multicoil"``.
+        backend: ``"nilearn"`` (MNI152 anatomy shipped with nilearn), ``"phantom"``
+            (procedural), or ``"auto"`` (nilearn if importable, else phantom with a warning).
+        overwrite: rewrite every demo file, accepting a different configuration; demo files
+            of the earlier configuration are removed.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A :class:`DemoDataInfo` with folders, backend and counts.
+
+    Raises:
+        ValueError: invalid options, or more slices than the anatomy has axial positions.
+        ImportError: ``backend="nilearn"`` without nilearn installed.
+        FileExistsError: without ``overwrite``, ``out_dir`` holds demo data of another
+            configuration; with or without it, a split folder holds files this writer did
+            not make.
+    """
+    cfg = _validated_config(
+        dict(
+            seed=seed,
+            image_size=image_size,
+            readout_oversampling=readout_oversampling,
+            num_coils=num_coils,
+            volumes_per_split=volumes_per_split,
+            slices_per_volume=slices_per_volume,
+            contrasts=contrasts,
+            noise_std=noise_std,
+            test_acceleration=test_acceleration,
+            test_center_fraction=test_center_fraction,
+            challenges=challenges,
+            backend=backend,
+        )
+    )
+    root = Path(out_dir)
+    _check_previous(root, cfg.to_json(), overwrite)
+    anatomy = (_MNIBrain if cfg.backend == "nilearn" else _Phantom)(cfg.image_size)
+    plan = _plan(cfg, anatomy.axial_range, anatomy.name)
+
+    folders = {}
+    for challenge in cfg.challenges:
+        for split in FOLDER_SPLITS:
+            source = "test" if split == TEST_FULL_SPLIT else split
+            folders[f"{challenge}_{split}"] = [
+                v.file_name(anatomy.name) for v in plan if v.split == source
+            ]
+    # Check every folder before touching any, so a refusal leaves everything as it was.
+    for name, members in folders.items():
+        _check_folder(root / name, members, overwrite)
+    for challenge in CHALLENGES:
+        for split in FOLDER_SPLITS:
+            name = f"{challenge}_{split}"
+            # Folders of a challenge not asked for lose only earlier demo volumes (overwrite).
+            _clean_folder(root / name, folders.get(name, ()), overwrite, keep=name in folders)
+            if name in folders:
+                (root / name).mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "generator": f"{__name__}.write_demo_data",
+        "complete": False,  # set once every file exists: a killed run is resumed, not trusted
+        "config": cfg.to_json(),
+        "source_slices": {v.file_name(anatomy.name): v.source_slices.tolist() for v in plan},
+        "folders": folders,
+    }
+    _write_json_atomic(root / MANIFEST_NAME, manifest)
+
+    written = kept = 0
+    with tqdm(plan, desc="demo volumes", unit="volume", disable=not progress) as bar:
+        for volume in bar:
+            counts = _write_volume(root, volume, anatomy, cfg, overwrite)
+            written, kept = written + counts[0], kept + counts[1]
+    manifest["complete"] = True
+    _write_json_atomic(root / MANIFEST_NAME, manifest)
+    logger.info("demo data (%s) in %s: %d files written, %d kept", cfg.backend, root, written, kept)
+
+    volumes = {**cfg.volumes, TEST_FULL_SPLIT: cfg.volumes["test"]}
+    slices = {**cfg.slices, TEST_FULL_SPLIT: cfg.slices["test"]}
+    return DemoDataInfo(
+        root=root,
+        backend=cfg.backend,
+        split_dirs={name: root / name for name in folders},
+        num_volumes=volumes,
+        num_slices={split: volumes[split] * slices[split] for split in volumes},
+        image_size=cfg.image_size,
+        kspace_size=(cfg.kspace_height, cfg.image_size[1]),
+        num_coils=cfg.num_coils,
+        seed=cfg.seed,
+        files_written=written,
+        files_kept=kept,
+        manifest=root / MANIFEST_NAME,
+    )

@@ -1,0 +1,193 @@
+import fastmri
+import h5py
+import numpy as np
+import pytest
+import torch
+from fastmri.data.subsample import RandomMaskFunc
+
+from sftkd_fastmri.data import (
+    CheckedSliceDataset,
+    DataError,
+    DCCNNDataTransform,
+    FixedMaskFunc,
+    create_mask_func,
+    crop_readout,
+    estimate_sensitivity_maps,
+    num_low_frequencies_of,
+)
+
+
+def _complex_image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h, w, 2, generator=g)
+
+
+def test_crop_readout_is_exact_and_keeps_unsampled_columns_zero():
+    image = torch.zeros(1, 22, 9, 2)
+    image[:, 6:16] = _complex_image(10, 9)  # object inside the central 10 rows
+    kspace = fastmri.fft2c(image)
+    mask = torch.zeros(1, 1, 9, 1)
+    mask[..., ::3, :] = 1
+    cropped = crop_readout(kspace * mask, 10)
+    assert cropped.shape == (1, 10, 9, 2)
+    # unsampled columns stay exactly zero: the readout transform of a zero column is zero
+    assert torch.count_nonzero(cropped * (1 - mask)) == 0
+    expected = fastmri.fft2c(image[:, 6:16]) * mask
+    torch.testing.assert_close(cropped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sensitivity_maps_are_normalised():
+    coils, h, w = 4, 16, 12
+    g = torch.Generator().manual_seed(0)
+    kspace = torch.randn(coils, h, w, 2, generator=g)
+    mask = torch.ones(1, 1, w, 1)
+    sens = estimate_sensitivity_maps(kspace, mask, num_low_frequencies=4)
+    power = fastmri.complex_abs_sq(sens).sum(0)
+    torch.testing.assert_close(power, torch.ones(h, w), atol=1e-4, rtol=1e-4)
+
+
+def test_fixed_mask_is_the_same_for_every_slice_and_seeded(tmp_path):
+    func = create_mask_func("random", [0.08], [4], fixed=True, seed=3)
+    a, n_a = func((1, 30, 64, 2), seed=1)
+    b, _ = func((1, 30, 64, 2), seed=2)
+    assert torch.equal(a, b) and n_a == 5
+    other = create_mask_func("random", [0.08], [4], fixed=True, seed=4)
+    assert not torch.equal(a, other((1, 30, 64, 2))[0])
+    path = tmp_path / "mask.npy"
+    func.save(path, 64)
+    loaded = FixedMaskFunc.from_file(path)
+    assert torch.equal(loaded((1, 30, 64, 2))[0], a)
+    with pytest.raises(ValueError, match="width 64.*63 columns"):
+        loaded((1, 30, 63, 2))
+
+
+def test_num_low_frequencies_of():
+    mask = np.zeros(20, bool)
+    mask[8:13] = True
+    mask[::4] = True
+    assert num_low_frequencies_of(mask) == 5
+
+
+def _slice(fake_target=True, coils=None, h=24, w=10, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if coils is None else (coils, h, w)
+    kspace = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    target = np.abs(rng.standard_normal((h // 2, w))).astype(np.float32) if fake_target else None
+    attrs = {"max": 3.0, "padding_left": 0, "padding_right": w, "recon_size": (h // 2, w, 1)}
+    return kspace, target, attrs
+
+
+@pytest.mark.parametrize("coils", [None, 3])
+def test_sample_layout(coils):
+    kspace, target, attrs = _slice(coils=coils)
+    transform = DCCNNDataTransform(RandomMaskFunc([0.2], [4]), training=False)
+    s = transform(kspace, None, target, attrs, "file_a.h5", 2)
+    c = 1 if coils is None else coils
+    assert s.masked_kspace.shape == (c, 12, 10, 2)
+    assert s.mask.shape == (1, 1, 10, 1) and s.mask.dtype == torch.bool
+    assert s.sens_maps.shape == ((c, 12, 10, 2) if coils else (0,))
+    assert s.target.shape == s.zero_filled.shape == (12, 10)
+    assert s.zero_filled.max() == pytest.approx(1.0)  # normalised by the zero-filled maximum
+    torch.testing.assert_close(s.target * s.scale, torch.from_numpy(target))
+    assert s.max_value == 3.0 and s.fname == "file_a.h5" and s.slice_num == 2
+    assert torch.count_nonzero(s.masked_kspace * ~s.mask) == 0
+
+
+def test_validation_masks_fixed_per_volume_training_masks_vary():
+    kspace, target, attrs = _slice(w=64)
+    val = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=False)
+    m1 = val(kspace, None, target, attrs, "vol1.h5", 0).mask
+    m2 = val(kspace, None, target, attrs, "vol1.h5", 5).mask
+    m3 = val(kspace, None, target, attrs, "vol2_other.h5", 0).mask
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    masks = []
+    for seed in (0, 0, 1):
+        train = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=True, seed=seed)
+        masks.append([train(kspace, None, target, attrs, "vol1.h5", 0).mask for _ in range(4)])
+    # reproducible from the seed, different from call to call, different for another seed
+    assert all(torch.equal(a, b) for a, b in zip(masks[0], masks[1]))
+    assert len({tuple(m.flatten().tolist()) for m in masks[0]}) > 1
+    assert any(not torch.equal(a, b) for a, b in zip(masks[0], masks[2]))
+
+
+def test_training_masks_differ_per_worker_and_rank(monkeypatch):
+    kspace, target, attrs = _slice(w=64)
+
+    class Info:
+        def __init__(self, seed):
+            self.seed = seed
+
+    def first_mask(worker_seed, rank):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Info(worker_seed))
+        monkeypatch.setenv("RANK", str(rank))
+        t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=True, seed=0)
+        return t(kspace, None, target, attrs, "v.h5", 0).mask
+
+    base = first_mask(100, 0)
+    assert torch.equal(base, first_mask(100, 0))
+    assert not torch.equal(base, first_mask(101, 0))
+    assert not torch.equal(base, first_mask(100, 1))
+
+
+def test_bad_slices_raise_clear_errors():
+    kspace, target, attrs = _slice()
+    t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))
+    bad = kspace.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(DataError, match="f.h5 slice 0.*NaN"):
+        t(bad, None, target, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match="'mask' has 7 entries, k-space has 10"):
+        DCCNNDataTransform(None)(kspace, np.ones(7), None, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match="no 'mask' dataset"):
+        DCCNNDataTransform(None)(kspace, None, None, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match=r"must be \(H, W\)"):
+        t(kspace[None, None], None, target, attrs, "f.h5", 0)
+
+
+def test_kspace_from_target_matches_target():
+    kspace, target, attrs = _slice()
+    t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), kspace_from_target=True)
+    s = t(kspace, None, target, attrs, "f.h5", 0)
+    full = fastmri.ifft2c(s.masked_kspace[0] / s.mask[0].float().clamp_min(1))  # masked
+    assert s.masked_kspace.shape == (1, 12, 10, 2) and full.shape == (12, 10, 2)
+
+
+@pytest.mark.parametrize("challenge", ["singlecoil", "multicoil"])
+def test_demo_data_through_checked_dataset(demo_root, challenge):
+    t = DCCNNDataTransform(RandomMaskFunc([0.08], [4]))
+    ds = CheckedSliceDataset(demo_root / f"{challenge}_val", challenge, transform=t)
+    s = ds[0]
+    assert s.target.shape == s.zero_filled.shape
+    assert s.masked_kspace.shape[-3] == s.target.shape[0]  # readout oversampling removed
+    test = CheckedSliceDataset(
+        demo_root / f"{challenge}_test",
+        challenge,
+        transform=DCCNNDataTransform(None),
+        require_target=False,
+    )
+    assert test[0].target.numel() == 0
+
+
+def test_checked_dataset_names_bad_files(demo_root, tmp_path):
+    src = sorted((demo_root / "singlecoil_val").glob("*.h5"))[0]
+    folder = tmp_path / "singlecoil_val"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a volume")
+    with pytest.raises(DataError, match="notes.txt: not an HDF5 file"):
+        CheckedSliceDataset(folder, "singlecoil")
+    (folder / "notes.txt").unlink()
+    broken = folder / "broken.h5"
+    with h5py.File(src, "r") as hin, h5py.File(broken, "w") as hout:
+        hout.create_dataset("kspace", data=hin["kspace"][()])
+        hout.create_dataset("ismrmrd_header", data=hin["ismrmrd_header"][()])
+        hout.attrs.update(dict(hin.attrs))
+    with pytest.raises(DataError, match="broken.h5: missing target dataset 'reconstruction_esc'"):
+        CheckedSliceDataset(folder, "singlecoil")
+    with h5py.File(broken, "a") as h:
+        del h["kspace"]
+    with pytest.raises(DataError, match="broken.h5: missing dataset 'kspace'"):
+        CheckedSliceDataset(folder, "singlecoil", require_target=False)
+    with pytest.raises(DataError, match="does not exist"):
+        CheckedSliceDataset(tmp_path / "nowhere", "singlecoil")
+    with pytest.raises(DataError, match=r"multicoil data must be \(slices, coils, H, W\)"):
+        CheckedSliceDataset(demo_root / "singlecoil_val", "multicoil")
