@@ -1,0 +1,119 @@
+"""Evaluate a reconstruction model on a fastMRI split: per-volume metrics and reconstructions.
+
+Plain torch (no Lightning), so it serves the CLI, the pipeline and users' own scripts alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from fastmri import save_reconstructions
+from fastmri.data.transforms import center_crop
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.transforms import model_inputs
+from .metrics import VolumeMetrics, volume_metrics
+
+__all__ = ["EvaluationResult", "evaluate_model", "model_inputs", "reconstruct_batch"]
+
+
+def reconstruct_batch(model: nn.Module, batch, device: Union[str, torch.device]) -> Tensor:
+    """Normalised magnitude reconstructions ``(B, h, w)`` cropped to the batch's crop size."""
+    kspace, mask, sens = model_inputs(batch)
+    out = model(kspace.to(device), mask.to(device), None if sens is None else sens.to(device))
+    h, w = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
+    return center_crop(out, (min(h, out.shape[-2]), min(w, out.shape[-1])))
+
+
+class EvaluationResult:
+    """Per-volume metrics and reconstructions (in the files' units)."""
+
+    def __init__(self, metrics: List[VolumeMetrics], reconstructions: Dict[str, np.ndarray]):
+        self.metrics = metrics
+        self.reconstructions = reconstructions
+
+    def table(self) -> str:
+        """A plain-text table, one row per volume plus the mean."""
+        head = f"{'volume':<32}{'slices':>7}{'NMSE':>10}{'PSNR':>9}{'SSIM':>8}{'HFEN':>8}"
+        lines = [head, "-" * len(head)]
+        for m in self.metrics:
+            lines.append(
+                f"{m.fname:<32}{m.num_slices:>7}{m.nmse:>10.5f}{m.psnr:>9.2f}{m.ssim:>8.4f}"
+                f"{m.hfen:>8.4f}"
+            )
+        if self.metrics:
+            mean = {
+                k: float(np.mean([getattr(m, k) for m in self.metrics]))
+                for k in ("nmse", "psnr", "ssim", "hfen")
+            }
+            lines.append("-" * len(head))
+            lines.append(
+                f"{'mean':<32}{sum(m.num_slices for m in self.metrics):>7}{mean['nmse']:>10.5f}"
+                f"{mean['psnr']:>9.2f}{mean['ssim']:>8.4f}{mean['hfen']:>8.4f}"
+            )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Optional[nn.Module],
+    loader: DataLoader,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    out_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = True,
+    reconstruct: Optional[Callable] = None,
+) -> EvaluationResult:
+    """Run ``model`` over ``loader`` (batches of :class:`DCCNNSample`) and score each volume.
+
+    Args:
+        model: the network (``None`` evaluates the zero-filled baseline).
+        loader: a DataLoader over a split with targets (volumes without targets are only
+            reconstructed).
+        device: where to run.
+        out_dir: when given, reconstructions are written to ``out_dir/reconstructions``
+            with :func:`fastmri.save_reconstructions`.
+        progress: show a progress bar.
+        reconstruct: custom ``(model, batch, device) -> (B, h, w)`` function.
+
+    Returns:
+        :class:`EvaluationResult` with metrics for every volume that has a target.
+    """
+    if model is not None:
+        was_training = model.training
+        model.eval().to(device)
+    slices: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
+    targets: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
+    max_values: Dict[str, float] = {}
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        if model is None:
+            recon = batch.zero_filled
+        else:
+            recon = (reconstruct or reconstruct_batch)(model, batch, device).cpu()
+        scale = batch.scale.reshape(-1, 1, 1)
+        recon = (recon.float() * scale).numpy()
+        has_target = batch.target.numel() > 0
+        target = (batch.target * scale).numpy() if has_target else None
+        for i, (fname, slice_num) in enumerate(zip(batch.fname, batch.slice_num.tolist())):
+            slices[fname][slice_num] = recon[i]
+            if target is not None:
+                targets[fname][slice_num] = target[i]
+                max_values[fname] = float(batch.max_value[i])
+    if model is not None and was_training:
+        model.train()
+
+    reconstructions = {f: np.stack([s[k] for k in sorted(s)]) for f, s in slices.items()}
+    metrics = []
+    for fname in sorted(targets):
+        gt = np.stack([targets[fname][k] for k in sorted(targets[fname])])
+        metrics.append(volume_metrics(fname, gt, reconstructions[fname], max_values[fname]))
+    if out_dir is not None:
+        save_reconstructions(reconstructions, Path(out_dir) / "reconstructions")
+    return EvaluationResult(metrics, reconstructions)

@@ -1,0 +1,91 @@
+"""Volume metrics with fastMRI's conventions, plus HFEN.
+
+NMSE, PSNR and SSIM come from :mod:`fastmri.evaluate` (volume-wise, data range = the volume's
+``max`` attribute, SSIM with a 7 x 7 window averaged over slices) - the convention of the
+fastMRI leaderboard (Zbontar et al., arXiv 1811.08839) and of the SFT-KD-Recon paper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastmri import evaluate as fm_eval
+
+__all__ = ["VolumeMetrics", "hfen", "log_kernel", "summarize", "volume_metrics"]
+
+
+def log_kernel(size: int = 15, sigma: float = 1.5) -> np.ndarray:
+    """Zero-mean Laplacian-of-Gaussian kernel ``(size, size)``."""
+    half = size // 2
+    y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    r2 = (x**2 + y**2) / (2 * sigma**2)
+    kernel = -(1.0 / (math.pi * sigma**4)) * (1 - r2) * np.exp(-r2)
+    return kernel - kernel.mean()
+
+
+def hfen(gt: np.ndarray, pred: np.ndarray, size: int = 15, sigma: float = 1.5) -> float:
+    """High-frequency error norm of Ravishankar & Bresler, "MR Image Reconstruction From Highly
+    Undersampled k-Space Data by Dictionary Learning", IEEE TMI 2011:
+    ``||LoG(pred) - LoG(gt)||_2 / ||LoG(gt)||_2`` with a 15 x 15 LoG filter, sigma 1.5, applied
+    slice by slice to a volume ``(slices, H, W)`` (zero padding at the borders).
+    """
+    kernel = torch.from_numpy(log_kernel(size, sigma))[None, None]
+    g = torch.from_numpy(np.asarray(gt, dtype=np.float64))[:, None]
+    p = torch.from_numpy(np.asarray(pred, dtype=np.float64))[:, None]
+    log_g = F.conv2d(g, kernel, padding=size // 2)
+    log_p = F.conv2d(p, kernel, padding=size // 2)
+    return float(torch.linalg.vector_norm(log_p - log_g) / torch.linalg.vector_norm(log_g))
+
+
+@dataclass
+class VolumeMetrics:
+    """Metrics of one volume."""
+
+    fname: str
+    num_slices: int
+    nmse: float
+    psnr: float
+    ssim: float
+    hfen: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def volume_metrics(
+    fname: str, gt: np.ndarray, pred: np.ndarray, max_value: Optional[float] = None
+) -> VolumeMetrics:
+    """fastMRI metrics of a volume ``(slices, H, W)``; ``max_value`` defaults to ``gt.max()``."""
+    gt = np.asarray(gt, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)
+    if gt.shape != pred.shape:
+        raise ValueError(f"{fname}: target {gt.shape} and reconstruction {pred.shape} differ")
+    maxval = float(gt.max() if max_value is None or max_value <= 0 else max_value)
+    return VolumeMetrics(
+        fname=fname,
+        num_slices=int(gt.shape[0]),
+        nmse=_scalar(fm_eval.nmse(gt, pred)),
+        psnr=_scalar(fm_eval.psnr(gt, pred, maxval)),
+        ssim=_scalar(fm_eval.ssim(gt, pred, maxval)),  # fastMRI returns a (1,) array
+        hfen=hfen(gt, pred),
+    )
+
+
+def _scalar(value) -> float:
+    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+
+
+def summarize(rows: Iterable[VolumeMetrics]) -> Dict[str, float]:
+    """Mean and (population) standard deviation over volumes of every metric."""
+    rows = list(rows)
+    out: Dict[str, float] = {"volumes": float(len(rows))}
+    for key in ("nmse", "psnr", "ssim", "hfen"):
+        values: List[float] = [getattr(r, key) for r in rows]
+        out[f"{key}_mean"] = float(np.mean(values)) if values else float("nan")
+        out[f"{key}_std"] = float(np.std(values)) if values else float("nan")
+    return out

@@ -1,0 +1,825 @@
+"""The comparison report of the end-to-end study: quality, cost and the KD gap per model.
+
+Input: one :class:`ModelEntry` per trained model (and per seed, when seeds are repeated) with
+its per-volume :class:`~sftkd_fastmri.evaluation.metrics.VolumeMetrics` and, for networks, the
+profile of :func:`~sftkd_fastmri.evaluation.profile.profile_model`. Output: a :class:`Report`
+with per-model means and spreads, the teacher-student gap, the fraction of it that each KD
+variant closes and the paper-style Std-KD vs SFT-KD table of Matcha et al., "SFT-KD-Recon:
+Learning a Student-friendly Teacher for Knowledge Distillation in Magnetic Resonance Image
+Reconstruction", MIDL 2023, as Markdown, CSV, JSON and plain text.
+
+Roles are read from ``kind`` and ``variant``:
+
+* ``kind="baseline"``: zero-filled (or any non-learned reference);
+* ``kind="teacher"``: ``variant="std"`` (or ``None``) is the standard teacher that defines the
+  gap, ``variant="sft"`` the student-friendly teacher;
+* ``kind="student"``: ``variant="std"`` (or ``None``) is the student trained without KD;
+  ``variant="sft"`` is control (a) of the fair comparison, the student initialised from the
+  SFT branches and fine-tuned without KD;
+* ``kind="kd"``: a distilled student, ``method`` names the KD loss, ``variant`` is ``"std"``
+  (KD from the standard teacher) or ``"sft"`` (KD from the SFT teacher).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .metrics import VolumeMetrics, summarize
+
+__all__ = [
+    "KDComparison",
+    "ModelEntry",
+    "ModelSummary",
+    "Report",
+    "build_report",
+    "write_report",
+]
+
+KINDS = ("baseline", "teacher", "student", "kd")
+VARIANTS = ("std", "sft", None)
+METRICS = ("psnr", "ssim", "nmse", "hfen")
+
+# Display names of the KD losses registered in sftkd_fastmri.kd (paper spelling).
+METHOD_NAMES = {
+    "at": "AT",
+    "fitnet": "FitNets",
+    "fitnets": "FitNets",
+    "fsp": "FSP",
+    "sp": "SP",
+    "cc": "CC",
+    "imitation": "Imitation",
+}
+
+MIN_SEEDS = 3  # method.md section 6: fewer seeds cannot separate 0.1-0.3 dB from seed noise
+
+
+def method_name(method: Optional[str]) -> str:
+    """Paper spelling of a KD method key (``"fitnet"`` -> ``"FitNets"``)."""
+    if method is None:
+        return "-"
+    return METHOD_NAMES.get(method.lower(), method)
+
+
+# -- input ---------------------------------------------------------------------------------
+@dataclass
+class ModelEntry:
+    """One trained (or baseline) model of the study, one seed.
+
+    Args:
+        key: unique id of the model within the study, e.g. ``"teacher"``, ``"kd_sft/at"``
+            (entries that share a key are seeds of the same model).
+        name: display name.
+        kind: ``"baseline"``, ``"teacher"``, ``"student"`` or ``"kd"``.
+        metrics: per-volume metrics on the report split.
+        method: KD method key (``"at"``, ``"fitnet"``, ...) for ``kind="kd"``.
+        variant: ``"std"``, ``"sft"`` or ``None`` (see the module docstring).
+        profile: :func:`~sftkd_fastmri.evaluation.profile.profile_model` output (``None`` for
+            the zero-filled baseline).
+        seed: training seed, when several are reported.
+    """
+
+    key: str
+    name: str
+    kind: str
+    metrics: List[VolumeMetrics]
+    method: Optional[str] = None
+    variant: Optional[str] = None
+    profile: Optional[Dict[str, Any]] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model {self.key!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"model {self.key!r}: variant must be 'std', 'sft' or None, got {self.variant!r}"
+            )
+        if self.kind == "kd" and not self.method:
+            raise ValueError(f"model {self.key!r}: a KD entry needs its method (e.g. 'at')")
+        self.metrics = [
+            m if isinstance(m, VolumeMetrics) else VolumeMetrics(**m) for m in self.metrics
+        ]
+        if not self.metrics:
+            raise ValueError(f"model {self.key!r}: no volume metrics")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelEntry:
+        """Build from a mapping (metrics as :class:`VolumeMetrics` or their dicts)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"model entry {data.get('key')!r}: unknown field(s) {sorted(unknown)}; "
+                f"expected {sorted(known)}"
+            )
+        return cls(**dict(data))
+
+
+# -- output --------------------------------------------------------------------------------
+@dataclass
+class ModelSummary:
+    """Per-model numbers of the report (means and population std over volumes)."""
+
+    key: str
+    name: str
+    kind: str
+    method: Optional[str]
+    variant: Optional[str]
+    num_volumes: int
+    seeds: List[Optional[int]]
+    metrics: Dict[str, float]
+    params: Optional[int] = None
+    flops_total: Optional[float] = None
+    flops_conv_matmul: Optional[float] = None
+    flops_fft: Optional[float] = None
+    latency_median_s: Optional[float] = None
+    latency_mean_s: Optional[float] = None
+    latency_std_s: Optional[float] = None
+    latency_device: Optional[str] = None
+    peak_memory_mib: Optional[float] = None
+    gap_closed: Optional[float] = None
+    delta_psnr_teacher: Optional[float] = None
+
+    def mean(self, metric: str) -> float:
+        return self.metrics[f"{metric}_mean"]
+
+    def std(self, metric: str) -> float:
+        return self.metrics[f"{metric}_std"]
+
+    def row(self) -> Dict[str, Any]:
+        """Flat dict, one CSV row."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("metrics", "seeds")}
+        out["seeds"] = ";".join("" if s is None else str(s) for s in self.seeds)
+        for metric in METRICS:
+            out[f"{metric}_mean"] = self.metrics[f"{metric}_mean"]
+            out[f"{metric}_std"] = self.metrics[f"{metric}_std"]
+            out[f"{metric}_seed_std"] = self.metrics.get(f"{metric}_seed_std")
+        return out
+
+
+@dataclass
+class KDComparison:
+    """One row of the paper-style table: a KD method with Std-KD and SFT-KD side by side."""
+
+    method: str
+    name: str
+    std_key: Optional[str] = None
+    sft_key: Optional[str] = None
+    std_psnr: Optional[float] = None
+    std_psnr_std: Optional[float] = None
+    std_ssim: Optional[float] = None
+    std_ssim_std: Optional[float] = None
+    sft_psnr: Optional[float] = None
+    sft_psnr_std: Optional[float] = None
+    sft_ssim: Optional[float] = None
+    sft_ssim_std: Optional[float] = None
+    std_gap_closed: Optional[float] = None
+    sft_gap_closed: Optional[float] = None
+    diff_psnr: Optional[float] = None
+    diff_ssim: Optional[float] = None
+    sft_minus_control_psnr: Optional[float] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    """The study report; build it with :func:`build_report`."""
+
+    models: List[ModelSummary]
+    kd_table: List[KDComparison]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    teacher_key: Optional[str] = None
+    student_key: Optional[str] = None
+    sft_teacher_key: Optional[str] = None
+    control_key: Optional[str] = None
+    gap_psnr: Optional[float] = None
+    gap_ssim: Optional[float] = None
+    num_seeds: int = 1
+    caveats: List[str] = field(default_factory=list)
+
+    def model(self, key: str) -> ModelSummary:
+        """The summary of model ``key``."""
+        for m in self.models:
+            if m.key == key:
+                return m
+        raise KeyError(f"no model {key!r} in the report; have {[m.key for m in self.models]}")
+
+    def get(self, key: Optional[str]) -> Optional[ModelSummary]:
+        return None if key is None else next((m for m in self.models if m.key == key), None)
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (NaN becomes ``None``)."""
+        return _clean(
+            {
+                "meta": self.meta,
+                "teacher_key": self.teacher_key,
+                "student_key": self.student_key,
+                "sft_teacher_key": self.sft_teacher_key,
+                "control_key": self.control_key,
+                "gap_psnr": self.gap_psnr,
+                "gap_ssim": self.gap_ssim,
+                "num_seeds": self.num_seeds,
+                "models": [asdict(m) for m in self.models],
+                "kd_table": [r.as_dict() for r in self.kd_table],
+                "caveats": self.caveats,
+                "conventions": MEASUREMENT_NOTES,
+            }
+        )
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """The report as JSON text, also written (atomically) to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        if path is not None:
+            _atomic_write_text(path, text)
+        return text
+
+    def to_csv(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
+        """One row per model with every number; also written to ``path`` when given."""
+        rows = [m.row() for m in self.models]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
+        text = buf.getvalue()
+        if path is not None:
+            _atomic_write_text(path, text)
+        return text
+
+    def to_markdown(self) -> str:
+        """The report as Markdown: results, gap, paper-style table, methods, caveats."""
+        return _render(self, markdown=True)
+
+    def __str__(self) -> str:
+        return _render(self, markdown=False)
+
+    def print(self) -> None:
+        """Print the plain-text tables (for the terminal)."""
+        print(str(self))
+
+
+CSV_COLUMNS = [
+    "key",
+    "name",
+    "kind",
+    "method",
+    "variant",
+    "num_volumes",
+    "seeds",
+    *[f"{m}_{s}" for m in METRICS for s in ("mean", "std", "seed_std")],
+    "params",
+    "flops_total",
+    "flops_conv_matmul",
+    "flops_fft",
+    "latency_median_s",
+    "latency_mean_s",
+    "latency_std_s",
+    "latency_device",
+    "peak_memory_mib",
+    "gap_closed",
+    "delta_psnr_teacher",
+]
+
+MEASUREMENT_NOTES = {
+    "metrics": (
+        "per-volume fastMRI metrics (fastmri.evaluate): NMSE, PSNR and SSIM (7x7 window) with "
+        "data range = the volume's max, HFEN (Ravishankar & Bresler, IEEE TMI 2011: LoG 15x15, "
+        "sigma 1.5); mean and population std over volumes"
+    ),
+    "flops": (
+        "per slice, one forward; convolutions/matmuls by torch.utils.flop_counter "
+        "(multiply-add = 2 FLOPs), FFTs as 5 N log2 N per complex transform of N points; "
+        "element-wise operations not counted"
+    ),
+    "latency": "wall-clock seconds per slice, median over repeats, torch.inference_mode",
+    "peak_memory": (
+        "MiB of tensor memory allocated during one forward above the pre-forward allocation "
+        "(CUDA allocator statistics, or live ATen storages on CPU); not RSS"
+    ),
+    "gap_closed": "(PSNR_kd - PSNR_student) / (PSNR_teacher - PSNR_student), standard teacher",
+}
+
+
+# -- building ------------------------------------------------------------------------------
+def build_report(
+    entries: Iterable[Union[ModelEntry, Mapping[str, Any]]],
+    meta: Optional[Mapping[str, Any]] = None,
+) -> Report:
+    """Summarise the models of a study into a :class:`Report`.
+
+    Args:
+        entries: :class:`ModelEntry` objects or mappings with their fields. Entries sharing a
+            ``key`` are seeds of one model: their volumes are pooled for mean and std, and the
+            std of the per-seed means is reported as ``*_seed_std``.
+        meta: free-form facts about the study, rendered at the top of the Markdown. Keys the
+            report itself reads: ``title``; ``seeds`` (a list or a count; by default the fewest
+            seeds of any learned model); ``split`` (the split the metrics come from);
+            ``epochs`` (mapping stage -> epochs, for control (b) of method.md section 6).
+
+    Returns:
+        The :class:`Report`. Models missing from the study (no SFT teacher, only Std-KD, no
+        student) leave the corresponding numbers ``None``; nothing raises for them.
+    """
+    meta = dict(meta or {})
+    groups: Dict[str, List[ModelEntry]] = {}
+    for e in entries:
+        entry = e if isinstance(e, ModelEntry) else ModelEntry.from_dict(e)
+        first = groups.setdefault(entry.key, [entry])[0]
+        if first is not entry:
+            role, other = (
+                (first.kind, first.method, first.variant),
+                (entry.kind, entry.method, entry.variant),
+            )
+            if role != other:
+                raise ValueError(
+                    f"entries with key {entry.key!r} disagree on kind/method/variant: "
+                    f"{role} vs {other}"
+                )
+            groups[entry.key].append(entry)
+    if not groups:
+        raise ValueError("build_report needs at least one model entry")
+
+    models = [_summarise(runs) for runs in groups.values()]
+    teacher = _find(models, "teacher", ("std", None))
+    student = _find(models, "student", ("std", None))
+    report = Report(
+        models=models,
+        kd_table=[],
+        meta=meta,
+        teacher_key=_key(teacher),
+        student_key=_key(student),
+        sft_teacher_key=_key(_find(models, "teacher", ("sft",))),
+        control_key=_key(_find(models, "student", ("sft",))),
+        num_seeds=_num_seeds(meta.get("seeds"), models),
+    )
+    if teacher is not None and student is not None:
+        report.gap_psnr = teacher.mean("psnr") - student.mean("psnr")
+        report.gap_ssim = teacher.mean("ssim") - student.mean("ssim")
+    for m in models:
+        if teacher is not None:
+            m.delta_psnr_teacher = m.mean("psnr") - teacher.mean("psnr")
+        if m.kind in ("kd", "student") and m is not student:
+            m.gap_closed = _gap_closed(m, teacher, student)
+    report.kd_table = _kd_table(models, report.get(report.control_key))
+    report.caveats = _caveats(report)
+    return report
+
+
+def _summarise(runs: Sequence[ModelEntry]) -> ModelSummary:
+    first = runs[0]
+    pooled = [v for r in runs for v in r.metrics]
+    metrics = summarize(pooled)
+    del metrics["volumes"]
+    if len(runs) > 1:
+        for metric in METRICS:
+            per_seed = [np.mean([getattr(v, metric) for v in r.metrics]) for r in runs]
+            metrics[f"{metric}_seed_std"] = float(np.std(per_seed, ddof=1))
+    summary = ModelSummary(
+        key=first.key,
+        name=first.name,
+        kind=first.kind,
+        method=first.method,
+        variant=first.variant,
+        num_volumes=len({v.fname for v in pooled}),
+        seeds=[r.seed for r in runs],
+        metrics=metrics,
+    )
+    profile = next((r.profile for r in runs if r.profile), None)
+    if profile:
+        _apply_profile(summary, profile)
+    return summary
+
+
+def _apply_profile(summary: ModelSummary, profile: Mapping[str, Any]) -> None:
+    """Copy the numbers of a profile_model dict (nested) or of a flat dict with the same names."""
+    flops = profile.get("flops") or {}
+    latency = profile.get("latency") or {}
+    if not isinstance(flops, Mapping):  # a bare number: total FLOPs per slice
+        flops = {"total": flops}
+    summary.params = _opt_int(profile.get("params"))
+    summary.flops_total = _opt_float(flops.get("total", profile.get("flops_total")))
+    summary.flops_conv_matmul = _opt_float(
+        flops.get("conv_matmul", profile.get("flops_conv_matmul"))
+    )
+    summary.flops_fft = _opt_float(flops.get("fft", profile.get("flops_fft")))
+    summary.latency_median_s = _opt_float(latency.get("median_s", profile.get("latency_median_s")))
+    summary.latency_mean_s = _opt_float(latency.get("mean_s", profile.get("latency_mean_s")))
+    summary.latency_std_s = _opt_float(latency.get("std_s", profile.get("latency_std_s")))
+    device = latency.get("device", profile.get("latency_device"))
+    if device is not None and latency.get("device_name"):
+        device = f"{device} ({latency['device_name']}, {latency.get('num_threads', '?')} threads)"
+    summary.latency_device = device
+    summary.peak_memory_mib = _opt_float(profile.get("peak_memory_mib"))
+
+
+def _num_seeds(declared: Any, models: Sequence[ModelSummary]) -> int:
+    """Seeds declared in ``meta`` (a count or a list), else the fewest any learned model has.
+
+    The fewest, because a comparison is only as repeated as its least repeated side.
+    """
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    if isinstance(declared, (list, tuple)) and declared:
+        return len(declared)
+    learned = [m for m in models if m.kind != "baseline"] or list(models)
+    return min(len(m.seeds) for m in learned)
+
+
+def _find(models: Sequence[ModelSummary], kind: str, variants: Sequence) -> Optional[ModelSummary]:
+    found = [m for m in models if m.kind == kind and m.variant in variants]
+    if len(found) > 1:
+        raise ValueError(
+            f"more than one {kind} with variant in {list(variants)}: {[m.key for m in found]}; "
+            "give seeds of one model the same key"
+        )
+    return found[0] if found else None
+
+
+def _key(model: Optional[ModelSummary]) -> Optional[str]:
+    return None if model is None else model.key
+
+
+def _gap_closed(
+    model: ModelSummary, teacher: Optional[ModelSummary], student: Optional[ModelSummary]
+) -> Optional[float]:
+    if teacher is None or student is None:
+        return None
+    gap = teacher.mean("psnr") - student.mean("psnr")
+    if not gap > 0:  # no gap (or a student better than its teacher): the fraction means nothing
+        return None
+    return (model.mean("psnr") - student.mean("psnr")) / gap
+
+
+def _kd_table(
+    models: Sequence[ModelSummary], control: Optional[ModelSummary]
+) -> List[KDComparison]:
+    rows: Dict[str, KDComparison] = {}
+    for m in models:
+        if m.kind != "kd":
+            continue
+        row = rows.setdefault(m.method, KDComparison(method=m.method, name=method_name(m.method)))
+        prefix = "sft" if m.variant == "sft" else "std"
+        if getattr(row, f"{prefix}_key") is not None:
+            raise ValueError(
+                f"two {prefix.upper()}-KD models for method {m.method!r}: "
+                f"{getattr(row, f'{prefix}_key')!r} and {m.key!r}"
+            )
+        setattr(row, f"{prefix}_key", m.key)
+        setattr(row, f"{prefix}_psnr", m.mean("psnr"))
+        setattr(row, f"{prefix}_psnr_std", m.std("psnr"))
+        setattr(row, f"{prefix}_ssim", m.mean("ssim"))
+        setattr(row, f"{prefix}_ssim_std", m.std("ssim"))
+        setattr(row, f"{prefix}_gap_closed", m.gap_closed)
+    for row in rows.values():
+        if row.std_key is not None and row.sft_key is not None:
+            row.diff_psnr = row.sft_psnr - row.std_psnr
+            row.diff_ssim = row.sft_ssim - row.std_ssim
+        if row.sft_key is not None and control is not None:
+            row.sft_minus_control_psnr = row.sft_psnr - control.mean("psnr")
+    return list(rows.values())
+
+
+def _caveats(report: Report) -> List[str]:
+    """The fair-comparison caveats of method.md section 6 that apply to this study."""
+    out: List[str] = []
+    if report.num_seeds < MIN_SEEDS:
+        out.append(
+            f"Only {report.num_seeds} seed(s): single runs differ by a few tenths of a dB between "
+            "seeds at demo scale, so PSNR differences of 0.1-0.3 dB (SFT-KD vs Std-KD, KD vs "
+            f"teacher) are not distinguishable from seed noise. Repeat with >= {MIN_SEEDS} "
+            "seeds and compare the spread (`*_seed_std`) before calling them real."
+        )
+    has_sft_kd = any(r.sft_key is not None for r in report.kd_table)
+    if has_sft_kd and report.control_key is None:
+        out.append(
+            "Control (a) missing: the SFT-KD students start from weights trained during the SFT "
+            "stage, so they have seen more epochs than Std-KD students trained from scratch. "
+            "Without a student initialised from the SFT branches and fine-tuned without KD, "
+            "the SFT-KD advantage cannot be separated from that head start."
+        )
+    elif has_sft_kd:
+        out.append(
+            "Control (a) present: compare SFT-KD against the SFT-initialised student without KD "
+            "(column 'SFT - ctrl(a)'); only the margin over it is attributable to distillation "
+            "from the SFT teacher."
+        )
+    epochs = report.meta.get("epochs")
+    if has_sft_kd:
+        if isinstance(epochs, Mapping) and epochs:
+            listed = ", ".join(f"{k}: {v}" for k, v in epochs.items())
+            out.append(
+                f"Control (b), epoch budgets ({listed}): Std-KD should get the same total epochs "
+                "as SFT stage + SFT-KD for the comparison to be fair."
+            )
+        else:
+            out.append(
+                "Control (b) unknown: epoch budgets not given; Std-KD should get the same total "
+                "number of epochs as the SFT stage plus SFT-KD."
+            )
+    split = report.meta.get("split")
+    if split is not None and str(split).lower() in ("val", "validation"):
+        out.append(
+            "Metrics are on the validation split, which also chose the checkpoints; report the "
+            "test split for unbiased numbers."
+        )
+    if report.gap_psnr is not None and not report.gap_psnr > 0:
+        out.append(
+            f"The student without KD is not below the teacher (gap {report.gap_psnr:+.3f} dB): "
+            "'gap closed' is undefined."
+        )
+    return out
+
+
+# -- rendering -----------------------------------------------------------------------------
+_NA = "-"
+
+
+def _pm(mean: Optional[float], std: Optional[float], digits: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return _NA
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return _NA if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _pct(x: Optional[float]) -> str:
+    return _NA if x is None else f"{100 * x:.0f}%"
+
+
+def _gflops(m: ModelSummary) -> str:
+    if m.flops_total is None:
+        return _NA
+    if m.flops_fft is None or m.flops_conv_matmul is None:
+        return f"{m.flops_total / 1e9:.3f}"
+    return f"{m.flops_total / 1e9:.3f} ({m.flops_conv_matmul / 1e9:.3f} + {m.flops_fft / 1e9:.3f})"
+
+
+def _model_table(report: Report) -> Tuple[List[str], List[List[str]]]:
+    seeds = report.num_seeds > 1
+    head = [
+        "Model",
+        "Kind",
+        "PSNR (dB)",
+        "SSIM",
+        "NMSE",
+        "HFEN",
+        "Params",
+        "GFLOPs/slice (conv + FFT)",
+        "Latency (ms/slice)",
+        "Peak mem (MiB)",
+        "Gap closed",
+    ]
+    if seeds:
+        head.insert(3, "PSNR seed std")
+    rows = []
+    for m in report.models:
+        kind = m.kind if m.variant is None else f"{m.kind} ({m.variant})"
+        row = [
+            m.name,
+            kind,
+            _pm(m.mean("psnr"), m.std("psnr"), 2),
+            _pm(m.mean("ssim"), m.std("ssim"), 4),
+            _pm(m.mean("nmse"), m.std("nmse"), 5),
+            _pm(m.mean("hfen"), m.std("hfen"), 4),
+            _num(m.params, ","),
+            _gflops(m),
+            _num(None if m.latency_median_s is None else 1e3 * m.latency_median_s, ".1f"),
+            _num(m.peak_memory_mib, ".1f"),
+            _pct(m.gap_closed),
+        ]
+        if seeds:
+            row.insert(3, _num(m.metrics.get("psnr_seed_std"), ".3f"))
+        rows.append(row)
+    return head, rows
+
+
+def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
+    control = report.control_key is not None
+    head = [
+        "Method",
+        "Std-KD PSNR",
+        "Std-KD SSIM",
+        "SFT-KD PSNR",
+        "SFT-KD SSIM",
+        "Gap closed Std",
+        "Gap closed SFT",
+        "PSNR SFT - Std",
+        "SSIM SFT - Std",
+    ]
+    if control:
+        head.append("PSNR SFT - ctrl(a)")
+    rows = []
+    for r in report.kd_table:
+        row = [
+            r.name,
+            _pm(r.std_psnr, r.std_psnr_std, 2),
+            _pm(r.std_ssim, r.std_ssim_std, 4),
+            _pm(r.sft_psnr, r.sft_psnr_std, 2),
+            _pm(r.sft_ssim, r.sft_ssim_std, 4),
+            _pct(r.std_gap_closed),
+            _pct(r.sft_gap_closed),
+            _num(r.diff_psnr, "+.3f"),
+            _num(r.diff_ssim, "+.4f"),
+        ]
+        if control:
+            row.append(_num(r.sft_minus_control_psnr, "+.3f"))
+        rows.append(row)
+    return head, rows
+
+
+def _table(head: List[str], rows: List[List[str]], markdown: bool) -> List[str]:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return [fmt.format(*head), rule] + [fmt.format(*r) for r in rows]
+
+
+def _gap_lines(report: Report) -> List[str]:
+    teacher, student = report.get(report.teacher_key), report.get(report.student_key)
+    lines = []
+    if teacher is None or student is None:
+        missing = " and ".join(
+            w
+            for w, m in (("standard teacher", teacher), ("student without KD", student))
+            if m is None
+        )
+        lines.append(f"No {missing} in the study: the teacher-student gap is not defined.")
+    else:
+        lines.append(
+            f"Standard teacher ({teacher.name}) {teacher.mean('psnr'):.2f} dB vs student "
+            f"without KD ({student.name}) {student.mean('psnr'):.2f} dB: gap "
+            f"{report.gap_psnr:.3f} dB PSNR, {report.gap_ssim:.4f} SSIM. "
+            "'Gap closed' = (PSNR_model - PSNR_student) / gap: 0% = no gain over the student, "
+            "100% = as good as the standard teacher."
+        )
+    sft = report.get(report.sft_teacher_key)
+    if sft is not None:
+        delta = (
+            ""
+            if teacher is None
+            else f" ({sft.mean('psnr') - teacher.mean('psnr'):+.3f} dB vs standard)"
+        )
+        lines.append(f"SFT teacher ({sft.name}): {sft.mean('psnr'):.2f} dB{delta}.")
+    control = report.get(report.control_key)
+    if control is not None:
+        lines.append(
+            f"Control (a), {control.name} (SFT-initialised, no KD): {control.mean('psnr'):.2f} dB, "
+            f"gap closed {_pct(control.gap_closed)}."
+        )
+    both = [r for r in report.kd_table if r.diff_psnr is not None]
+    if both:
+        wins = sum(r.diff_psnr > 0 for r in both)
+        lines.append(
+            f"SFT-KD beats Std-KD in PSNR for {wins} of {len(both)} method(s) with both variants "
+            f"(mean difference {np.mean([r.diff_psnr for r in both]):+.3f} dB)."
+        )
+    return lines
+
+
+def _measurement_lines(report: Report) -> List[str]:
+    devices = sorted({m.latency_device for m in report.models if m.latency_device})
+    lines = [
+        f"Quality: {MEASUREMENT_NOTES['metrics']}.",
+        f"FLOPs: {MEASUREMENT_NOTES['flops']}.",
+        f"Latency: {MEASUREMENT_NOTES['latency']}; device: {', '.join(devices) or 'not given'}.",
+        f"Peak memory: {MEASUREMENT_NOTES['peak_memory']}.",
+        f"Gap closed: {MEASUREMENT_NOTES['gap_closed']}.",
+    ]
+    if report.num_seeds > 1:
+        lines.append(
+            "Seeds: volumes of all seeds are pooled for mean ± std; 'seed std' is the sample std "
+            "of the per-seed means."
+        )
+    return lines
+
+
+def _meta_lines(report: Report) -> List[str]:
+    out = []
+    for k, v in report.meta.items():
+        if k == "title":
+            continue
+        if isinstance(v, Mapping):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v)
+        out.append(f"{k}: {v}")
+    out.append(f"seeds: {report.num_seeds}")
+    return out
+
+
+def _render(report: Report, markdown: bool) -> str:
+    title = str(report.meta.get("title", "SFT-KD-Recon study report"))
+    lines: List[str] = []
+
+    def section(name: str) -> None:
+        if markdown:
+            lines.extend(["", f"## {name}", ""])
+        else:
+            lines.extend(["", name, "=" * len(name)])
+
+    def bullets(items: List[str]) -> None:
+        lines.extend(f"- {x}" for x in items)
+
+    lines.append(f"# {title}" if markdown else title)
+    if not markdown:
+        lines.append("=" * len(title))
+    lines.append("")
+    bullets(_meta_lines(report))
+    section("Models (mean ± std over volumes)")
+    lines.extend(_table(*_model_table(report), markdown))
+    section("Teacher-student gap")
+    bullets(_gap_lines(report))
+    if report.kd_table:
+        section("Std-KD vs SFT-KD per method (paper-style table, Matcha et al. 2023)")
+        lines.extend(_table(*_kd_rows(report), markdown))
+    if markdown:
+        section("How the numbers were measured")
+        bullets(_measurement_lines(report))
+    if report.caveats:
+        section("Fair-comparison caveats (method.md section 6)")
+        bullets(report.caveats)
+    return "\n".join(lines) + "\n"
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _opt_float(x: Any) -> Optional[float]:
+    return None if x is None else float(x)
+
+
+def _opt_int(x: Any) -> Optional[int]:
+    return None if x is None else int(x)
+
+
+def _clean(obj: Any) -> Any:
+    """Replace NaN/inf by ``None`` and numpy scalars by Python ones, for strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _csv_value(x: Any) -> Any:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if isinstance(x, float):
+        return repr(x)  # full precision
+    return x
+
+
+def _atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    """Write to a temporary file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: Report, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
+    """Write ``report.md``, ``report.csv`` and ``report.json`` to ``out_dir`` (atomically).
+
+    Returns:
+        ``{"markdown": path, "csv": path, "json": path}``.
+    """
+    out_dir = Path(out_dir)
+    paths = {
+        "markdown": out_dir / "report.md",
+        "csv": out_dir / "report.csv",
+        "json": out_dir / "report.json",
+    }
+    _atomic_write_text(paths["markdown"], report.to_markdown())
+    report.to_csv(paths["csv"])
+    report.to_json(paths["json"])
+    return paths

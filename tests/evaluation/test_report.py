@@ -1,0 +1,195 @@
+"""The study report against hand-computed numbers on fabricated volume metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from sftkd_fastmri.evaluation.metrics import VolumeMetrics
+from sftkd_fastmri.evaluation.report import ModelEntry, build_report, write_report
+
+PROFILE = {
+    "params": 49_285,
+    "flops": {"total": 7.5e9, "conv_matmul": 7.4e9, "fft": 1e8},
+    "latency": {"median_s": 0.02, "mean_s": 0.021, "std_s": 0.001, "device": "cpu"},
+    "peak_memory_mib": 12.5,
+}
+
+
+def volumes(*psnrs: float, ssim: float = 0.95) -> list:
+    """One VolumeMetrics per PSNR value (two volumes unless told otherwise)."""
+    return [
+        VolumeMetrics(f"vol{i}.h5", 8, nmse=0.01 * (i + 1), psnr=p, ssim=ssim + 0.001 * i, hfen=0.3)
+        for i, p in enumerate(psnrs)
+    ]
+
+
+def entry(key, kind, psnrs, method=None, variant=None, seed=None, ssim=0.95, profile=PROFILE):
+    return dict(
+        key=key,
+        name=key.replace("_", " "),
+        kind=kind,
+        method=method,
+        variant=variant,
+        metrics=volumes(*psnrs, ssim=ssim),
+        profile=None if kind == "baseline" else profile,
+        seed=seed,
+    )
+
+
+def study(seed=None):
+    # teacher 40.1, student 39.5 -> gap 0.6 dB; Std-KD AT 39.7 closes 1/3, SFT-KD AT 40.1 all.
+    return [
+        entry("zero_filled", "baseline", (31.0, 32.0), ssim=0.7),
+        entry("teacher", "teacher", (40.0, 40.2), variant="std", seed=seed, ssim=0.97),
+        entry("sft_teacher", "teacher", (40.2, 40.4), variant="sft", seed=seed, ssim=0.975),
+        entry("student", "student", (39.4, 39.6), variant="std", seed=seed, ssim=0.96),
+        entry("kd_std/at", "kd", (39.6, 39.8), "at", "std", seed=seed, ssim=0.962),
+        entry("kd_sft/at", "kd", (40.0, 40.2), "at", "sft", seed=seed, ssim=0.968),
+        entry("kd_std/fitnet", "kd", (39.5, 39.5), "fitnet", "std", seed=seed),
+    ]
+
+
+def test_gap_and_gap_closed_match_hand_computation():
+    report = build_report(study(), {"title": "t"})
+    assert report.gap_psnr == pytest.approx(0.6)
+    assert report.gap_ssim == pytest.approx(0.97 - 0.96)
+    assert report.model("kd_std/at").gap_closed == pytest.approx(0.2 / 0.6)
+    assert report.model("kd_sft/at").gap_closed == pytest.approx(1.0)
+    assert report.model("kd_std/fitnet").gap_closed == pytest.approx(0.0)
+    assert report.model("teacher").gap_closed is None
+    assert report.model("kd_sft/at").delta_psnr_teacher == pytest.approx(0.0)
+    assert report.model("student").metrics["psnr_std"] == pytest.approx(0.1)  # population std
+
+    at, fitnet = report.kd_table
+    assert (at.name, fitnet.name) == ("AT", "FitNets")
+    assert at.std_psnr == pytest.approx(39.7) and at.sft_psnr == pytest.approx(40.1)
+    assert at.diff_psnr == pytest.approx(0.4)
+    assert at.diff_ssim == pytest.approx(0.006)
+    assert at.std_gap_closed == pytest.approx(1 / 3) and at.sft_gap_closed == pytest.approx(1.0)
+    # Only Std-KD for FitNets: the SFT side and the difference stay empty.
+    assert fitnet.sft_key is None and fitnet.diff_psnr is None
+    assert report.sft_teacher_key == "sft_teacher" and report.control_key is None
+
+
+def test_profile_numbers_are_carried():
+    m = build_report(study()).model("student")
+    assert m.params == 49_285 and m.flops_fft == 1e8 and m.flops_total == 7.5e9
+    assert m.latency_median_s == 0.02 and m.peak_memory_mib == 12.5
+    assert build_report(study()).model("zero_filled").params is None
+
+
+def test_seeds_are_pooled_and_their_spread_reported():
+    entries = []
+    for seed, shift in ((0, 0.0), (1, 0.2), (2, 0.4)):
+        for e in study(seed=seed if seed else None):
+            if e["kind"] == "baseline" and seed:
+                continue  # the zero-filled baseline does not depend on the seed
+            if e["key"] == "student":
+                e = entry("student", "student", (39.4 + shift, 39.6 + shift), variant="std")
+            entries.append({**e, "seed": seed})
+    report = build_report(entries)
+    student = report.model("student")
+    assert student.seeds == [0, 1, 2]
+    assert student.mean("psnr") == pytest.approx(39.7)  # per-seed means 39.5, 39.7, 39.9
+    assert student.metrics["psnr_seed_std"] == pytest.approx(0.2)  # sample std of seed means
+    assert report.model("teacher").metrics["psnr_seed_std"] == pytest.approx(0.0)
+    assert report.num_seeds == 3
+    assert not any("seed(s)" in c for c in report.caveats)
+    assert "PSNR seed std" in report.to_markdown()
+    # A comparison is only as repeated as its least repeated model.
+    assert build_report(entries[:-1]).num_seeds == 2
+    assert build_report(entries[:-1], {"seeds": [0, 1, 2, 3]}).num_seeds == 4
+
+
+def test_missing_models_do_not_break_the_report():
+    only_std = [e for e in study() if e["key"] not in ("teacher", "kd_sft/at", "sft_teacher")]
+    report = build_report(only_std)
+    assert report.gap_psnr is None
+    assert all(m.gap_closed is None for m in report.models)
+    assert all(r.sft_key is None for r in report.kd_table)
+    text = report.to_markdown()
+    assert "teacher-student gap is not defined" in text
+    assert "Control (a)" not in text  # no SFT-KD, so no SFT caveats
+    str(report)
+
+
+def test_control_a_and_caveats():
+    entries = study() + [entry("student_sft_init", "student", (39.8, 40.0), variant="sft")]
+    report = build_report(entries, {"epochs": {"std_kd": 30, "sft": 20, "sft_kd": 10}})
+    assert report.control_key == "student_sft_init"
+    assert report.model("student_sft_init").gap_closed == pytest.approx(0.4 / 0.6)
+    assert report.kd_table[0].sft_minus_control_psnr == pytest.approx(0.2)
+    caveats = " ".join(report.caveats)
+    assert "Only 1 seed(s)" in caveats and "Control (a) present" in caveats
+    assert "std_kd: 30" in caveats
+    assert "SFT - ctrl(a)" in report.to_markdown()
+
+
+def test_no_gap_when_student_beats_teacher():
+    entries = [
+        entry("teacher", "teacher", (39.0, 39.0)),
+        entry("student", "student", (39.5, 39.5)),
+        entry("kd_std/at", "kd", (39.6, 39.6), "at", "std"),
+    ]
+    report = build_report(entries)
+    assert report.model("kd_std/at").gap_closed is None
+    assert any("undefined" in c for c in report.caveats)
+
+
+def test_invalid_entries_raise():
+    with pytest.raises(ValueError, match="kind"):
+        ModelEntry("x", "x", "teacherz", volumes(1.0))
+    with pytest.raises(ValueError, match="method"):
+        ModelEntry("x", "x", "kd", volumes(1.0), variant="std")
+    with pytest.raises(ValueError, match="unknown field"):
+        ModelEntry.from_dict({**entry("t", "teacher", (1.0,)), "colour": "red"})
+    with pytest.raises(ValueError, match="more than one teacher"):
+        build_report([entry("t1", "teacher", (1.0,)), entry("t2", "teacher", (1.0,))])
+    with pytest.raises(ValueError, match="disagree"):
+        build_report([entry("a", "kd", (1.0,), "at", "std"), entry("a", "kd", (1.0,), "at", "sft")])
+    with pytest.raises(ValueError, match="two STD-KD"):
+        build_report([entry("a", "kd", (1.0,), "at", "std"), entry("b", "kd", (1.0,), "at", "std")])
+
+
+def test_write_report_files(tmp_path):
+    report = build_report(
+        study(), {"title": "Demo study", "dataset": "demo brain", "split": "test"}
+    )
+    paths = write_report(report, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "report.csv",
+        "report.json",
+        "report.md",
+    ]  # no temporary files left behind
+
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["key"] for r in rows] == [m.key for m in report.models]
+    kd = next(r for r in rows if r["key"] == "kd_std/at")
+    assert float(kd["gap_closed"]) == pytest.approx(1 / 3)
+    assert float(kd["psnr_mean"]) == pytest.approx(39.7)
+    assert rows[0]["params"] == ""  # zero-filled has no profile
+
+    data = json.loads(paths["json"].read_text())
+    assert data["gap_psnr"] == pytest.approx(0.6)
+    assert [m["key"] for m in data["models"]] == [m.key for m in report.models]
+    assert data["kd_table"][1]["sft_psnr"] is None
+
+    md = paths["markdown"].read_text()
+    assert md.startswith("# Demo study")
+    for needle in (
+        "| AT |",
+        "| FitNets |",
+        "Std-KD PSNR",
+        "data range = the volume's max",
+        "5 N log2 N",
+        "Only 1 seed(s)",
+        "Control (a) missing",
+        "33%",
+    ):
+        assert needle in md, needle
+    text = str(report)
+    assert "Demo study" in text and "kd_std/at".replace("_", " ") in text
