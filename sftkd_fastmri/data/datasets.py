@@ -64,6 +64,12 @@ def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
             )
 
 
+def keep_every_slice(raw_sample) -> bool:
+    """Default slice filter (a module-level function, so datasets pickle for DDP spawn and
+    spawn-started DataLoader workers; fastMRI's default is a lambda)."""
+    return True
+
+
 class CheckedSliceDataset(SliceDataset):
     """:class:`fastmri.data.SliceDataset` that checks every volume before reading it.
 
@@ -88,6 +94,7 @@ class CheckedSliceDataset(SliceDataset):
             raise DataError(f"data folder {root} does not exist")
         self._challenge = challenge
         self._require_target = require_target
+        kwargs.setdefault("raw_sample_filter", keep_every_slice)
         super().__init__(root, challenge, transform=transform, **kwargs)
         if len(self.raw_samples) == 0:
             raise DataError(f"data folder {root} holds no slices")

@@ -4,13 +4,16 @@ Every user-supplied checkpoint is read with ``torch.load(..., weights_only=True)
 code runs) and matched to a module by parameter name, strictly: missing keys, unexpected keys
 and shape mismatches are all reported together, with the file they came from.
 
-Three checkpoint kinds are understood:
+Two checkpoint kinds are understood by :func:`load_model` (SFT checkpoints: see
+:func:`sftkd_fastmri.export.load_reconstruction_model`):
 
 * model checkpoints written by :func:`save_model_checkpoint` (``{"sftkd_fastmri": meta,
   "state_dict": ...}``; the meta names the preset and its constructor config);
 * Lightning checkpoints of this package's modules (``state_dict`` keys prefixed, e.g.
-  ``model.``, ``teacher.``, ``student.``; ``hyper_parameters`` record the presets);
-* plain state dicts.
+  ``model.``; ``hyper_parameters`` record the preset and its config).
+
+Plain state dicts carry no architecture: load them with :func:`load_state_dict_strict` into a
+model built with :func:`~sftkd_fastmri.models.create_model`.
 """
 
 from __future__ import annotations
@@ -176,9 +179,7 @@ def load_model(
             "Lightning checkpoint with 'state_dict' and 'hyper_parameters')"
         )
     if expected_preset is not None and preset != expected_preset:
-        raise CheckpointError(
-            f"{path} holds preset {preset!r}, expected {expected_preset!r}"
-        )
+        raise CheckpointError(f"{path} holds preset {preset!r}, expected {expected_preset!r}")
     if not config:
         raise CheckpointError(f"{path}: checkpoint records no model config")
     model = DCCNN(**config)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import fastmri
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-import fastmri
 
 from .data_consistency import DataConsistency, complex_to_channels, sens_reduce
 

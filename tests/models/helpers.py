@@ -19,7 +19,9 @@ def random_batch(batch=2, coils=1, height=13, width=10, accel=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(batch, height, width, 2, generator=g)
     sens = random_sens(batch, coils, height, width, seed) if coils > 1 else None
-    coil_images = image.unsqueeze(1) if sens is None else fastmri.complex_mul(image.unsqueeze(1), sens)
+    coil_images = (
+        image.unsqueeze(1) if sens is None else fastmri.complex_mul(image.unsqueeze(1), sens)
+    )
     kspace = fastmri.fft2c(coil_images)
     mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
     mask[..., ::accel, :] = True

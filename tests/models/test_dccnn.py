@@ -27,7 +27,9 @@ def test_complex_preset_counts_follow_the_block_formula():
 
 
 def test_registry():
-    assert {"dccnn_d5c5", "dccnn_d3c5", "dccnn_d5c5_paper", "dccnn_d3c5_paper"} <= set(list_models())
+    assert {"dccnn_d5c5", "dccnn_d3c5", "dccnn_d5c5_paper", "dccnn_d3c5_paper"} <= set(
+        list_models()
+    )
     model = create_model("dccnn_d3c5", chans=8, num_cascades=2)
     assert len(model.cascades) == 2 and model.preset == "dccnn_d3c5"
     assert model.config["chans"] == 8

@@ -1,0 +1,19 @@
+"""Experiment runners: build data, module, callbacks and trainer from one flat config dict.
+
+The CLI, the example scripts and the end-to-end pipeline all call these functions; none of
+them holds training logic of its own.
+"""
+
+from .builders import build_datamodule, build_trainer, resolve_data_path
+from .runs import StageResult, run_distill, run_evaluate, run_sft, run_train
+
+__all__ = [
+    "StageResult",
+    "build_datamodule",
+    "build_trainer",
+    "resolve_data_path",
+    "run_distill",
+    "run_evaluate",
+    "run_sft",
+    "run_train",
+]

@@ -1,0 +1,109 @@
+"""Builders from a flat config dict (the option names of :mod:`sftkd_fastmri.cli.options`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from ..pl_modules import FastMRIDataModule
+
+__all__ = ["build_datamodule", "build_trainer", "resolve_data_path", "CKPT_DIR"]
+
+CKPT_DIR = "checkpoints"
+
+
+def resolve_data_path(cfg: Dict[str, Any]) -> Path:
+    """``data_path``, or ``{dataset}_path`` from fastMRI's ``fastmri_dirs.yaml`` convention."""
+    if cfg.get("data_path"):
+        path = Path(cfg["data_path"])
+    elif cfg.get("data_config") or cfg.get("dataset"):
+        from fastmri.data.mri_data import fetch_dir
+
+        if not cfg.get("dataset"):
+            raise ValueError("--data-config needs --dataset knee|brain to pick the folder")
+        config_file = cfg.get("data_config") or "fastmri_dirs.yaml"
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(
+                f"{config_file} does not exist; it holds knee_path/brain_path/log_path "
+                "(fastMRI's convention), or pass --data-path"
+            )
+        path = Path(fetch_dir(f"{cfg['dataset']}_path", config_file))
+    else:
+        raise ValueError("no data: pass --data-path (or --data-config with --dataset)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {path} does not exist")
+    return path
+
+
+def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule:
+    """A :class:`FastMRIDataModule` from the data options of ``cfg``."""
+    kwargs = dict(
+        data_path=resolve_data_path(cfg),
+        challenge=cfg["challenge"],
+        mask_type=cfg["mask_type"],
+        center_fractions=list(cfg["center_fractions"]),
+        accelerations=list(cfg["accelerations"]),
+        fixed_mask=cfg["fixed_mask"],
+        mask_path=cfg.get("mask_path"),
+        seed=cfg["seed"],
+        batch_size=cfg["batch_size"],
+        num_workers=cfg["num_workers"],
+        sample_rate=cfg["sample_rate"],
+        kspace_from_target=cfg["kspace_from_target"],
+        train_split=cfg["train_split"],
+        val_split=cfg["val_split"],
+        test_split=cfg["test_split"],
+    )
+    kwargs.update(overrides)
+    return FastMRIDataModule(**kwargs)
+
+
+def _limit(value: Any):
+    # Lightning: a float is a fraction, an int a number of batches
+    value = float(value)
+    return int(value) if value > 1 or (value == int(value) and value != 1.0) else value
+
+
+def build_trainer(
+    cfg: Dict[str, Any],
+    out_dir: os.PathLike,
+    callbacks: Optional[List[Callback]] = None,
+    monitor: str = "validation_loss",
+) -> pl.Trainer:
+    """A Lightning 2 trainer writing checkpoints (best by ``monitor``, and last) to
+    ``out_dir/checkpoints`` and logs to ``out_dir``."""
+    out_dir = Path(out_dir)
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / CKPT_DIR,
+        filename="best",
+        monitor=monitor,
+        mode="min",
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    logger: Any = False
+    if cfg.get("logger", "csv") == "csv":
+        logger = pl.loggers.CSVLogger(out_dir, name="logs", version="")
+    elif cfg.get("logger") == "tensorboard":
+        logger = pl.loggers.TensorBoardLogger(out_dir, name="logs", version="")
+    return pl.Trainer(
+        default_root_dir=out_dir,
+        max_epochs=cfg["max_epochs"],
+        accelerator=cfg["accelerator"],
+        devices=cfg["devices"],
+        precision=cfg["precision"],
+        limit_train_batches=_limit(cfg["limit_train_batches"]),
+        limit_val_batches=_limit(cfg["limit_val_batches"]),
+        accumulate_grad_batches=cfg["accumulate_grad_batches"],
+        callbacks=[checkpoint, *(callbacks or [])],
+        logger=logger,
+        enable_progress_bar=cfg["progress"],
+        enable_model_summary=cfg["progress"],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )

@@ -1,0 +1,186 @@
+"""Stage runners: train, SFT, distill, evaluate - each one function of a flat config dict.
+
+Every stage writes into its own ``out_dir``: Lightning checkpoints (``checkpoints/best.ckpt``
+chosen on the validation split, ``checkpoints/last.ckpt`` for resuming), plain model exports
+(``model.pt``; for SFT ``teacher.pt`` and ``student_init.pt``) and, last, ``done.json``. A
+stage whose ``done.json`` exists is complete; an interrupted one resumes from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytorch_lightning as pl
+import torch
+
+from ..export.loading import load_reconstruction_model
+from ..models import save_model_checkpoint
+from .builders import CKPT_DIR, build_datamodule, build_trainer
+
+__all__ = ["StageResult", "run_distill", "run_evaluate", "run_sft", "run_train", "DONE_FILE"]
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class StageResult:
+    """Where a finished stage left its outputs."""
+
+    name: str
+    out_dir: str
+    best_checkpoint: str
+    exports: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out_dir: os.PathLike) -> Optional[StageResult]:
+        path = Path(out_dir) / DONE_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def save(self) -> None:
+        _atomic_write_text(Path(self.out_dir) / DONE_FILE, json.dumps(asdict(self), indent=2))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
+    return Path(cfg.get("out_dir") or default)
+
+
+def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbacks=()) -> str:
+    """Fit with resume from ``last.ckpt``; return the best checkpoint's path."""
+    pl.seed_everything(cfg["seed"], workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
+    last = out_dir / CKPT_DIR / "last.ckpt"
+    resume = str(last) if cfg.get("resume", True) and last.is_file() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    best = trainer.checkpoint_callback.best_model_path
+    if not best or not Path(best).is_file():
+        best = str(last)
+    if not Path(best).is_file():
+        raise RuntimeError(f"training in {out_dir} produced no checkpoint")
+    return best
+
+
+def run_train(cfg: Dict[str, Any]) -> StageResult:
+    """Train a DC-CNN preset (``cfg["model"]``) with its reconstruction loss."""
+    from ..pl_modules import DCCNNModule
+
+    out_dir = _out_dir(cfg, "runs/train")
+    module = DCCNNModule(
+        model_preset=cfg["model"],
+        model_overrides=dict(cfg.get("model_overrides") or {}),
+        lr=cfg["lr"],
+        lr_step_size=cfg["lr_step_size"],
+        lr_gamma=cfg["lr_gamma"],
+        weight_decay=cfg["weight_decay"],
+        loss=cfg["loss"],
+        init_checkpoint=cfg.get("init_checkpoint"),
+    )
+    best = _fit(cfg, module, out_dir)
+    model = load_reconstruction_model(best)
+    model_path = save_model_checkpoint(model, out_dir / "model.pt", role="model")
+    result = StageResult("train", str(out_dir), best, {"model": str(model_path)})
+    result.save()
+    return result
+
+
+def run_sft(cfg: Dict[str, Any]) -> StageResult:
+    """Student-friendly teacher training; exports ``teacher.pt`` and ``student_init.pt``."""
+    from ..pl_modules.sft_module import SFTModule
+    from ..sft import export_sft
+
+    out_dir = _out_dir(cfg, "runs/sft")
+    module = SFTModule(
+        teacher_preset=cfg["teacher"],
+        student_preset=cfg["student"],
+        teacher_overrides=dict(cfg.get("teacher_overrides") or {}),
+        student_overrides=dict(cfg.get("student_overrides") or {}),
+        train_first_student_cascade=cfg["train_first_student_cascade"],
+        teacher_weight=cfg["teacher_weight"],
+        branch_weight=cfg["branch_weight"],
+        imitation_weight=cfg["imitation_weight"],
+        lr=cfg["lr"],
+        lr_step_size=cfg["lr_step_size"],
+        lr_gamma=cfg["lr_gamma"],
+        weight_decay=cfg["weight_decay"],
+        loss=cfg["loss"],
+    )
+    best = _fit(cfg, module, out_dir)
+    teacher_path, student_path = export_sft(best, out_dir)
+    exports = {"teacher": str(teacher_path), "student_init": str(student_path)}
+    result = StageResult("sft", str(out_dir), best, exports)
+    result.save()
+    return result
+
+
+def run_distill(cfg: Dict[str, Any]) -> StageResult:
+    """Distil ``cfg["teacher_checkpoint"]`` into a ``cfg["model"]`` student."""
+    from ..callbacks import DistillationCallback
+    from ..pl_modules import DCCNNModule
+
+    if not cfg.get("teacher_checkpoint"):
+        raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
+    out_dir = _out_dir(cfg, "runs/distill")
+    teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
+    callback = DistillationCallback(
+        teacher,
+        losses=dict(cfg["methods"]),
+        layers=cfg.get("layers"),
+        loss_options=cfg.get("loss_options"),
+        schedule=cfg["kd_schedule"],
+        kd_epochs=cfg.get("kd_epochs"),
+    )
+    module = DCCNNModule(
+        model_preset=cfg["model"],
+        model_overrides=dict(cfg.get("model_overrides") or {}),
+        lr=cfg["lr"],
+        lr_step_size=cfg["lr_step_size"],
+        lr_gamma=cfg["lr_gamma"],
+        weight_decay=cfg["weight_decay"],
+        loss=cfg["loss"],
+        init_checkpoint=cfg.get("init_checkpoint"),
+    )
+    best = _fit(cfg, module, out_dir, callbacks=[callback])
+    model = load_reconstruction_model(best)
+    model_path = save_model_checkpoint(model, out_dir / "model.pt", role="student")
+    result = StageResult("distill", str(out_dir), best, {"model": str(model_path)})
+    result.save()
+    return result
+
+
+def run_evaluate(
+    cfg: Dict[str, Any],
+    checkpoint: Optional[os.PathLike],
+    *,
+    split: Optional[str] = None,
+    role: str = "auto",
+    out_dir: Optional[os.PathLike] = None,
+):
+    """Evaluate a checkpoint (or the zero-filled baseline when ``checkpoint`` is None) on a
+    split with targets; returns an :class:`~sftkd_fastmri.evaluation.EvaluationResult`."""
+    from ..evaluation import evaluate_model
+
+    split = split or cfg["test_split"]
+    datamodule = build_datamodule(cfg, test_split=split)
+    loader = datamodule.test_dataloader()
+    model = None
+    if checkpoint is not None:
+        model = load_reconstruction_model(checkpoint, role=role)
+    device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
+    return evaluate_model(
+        model, loader, device=device, out_dir=out_dir, progress=cfg.get("progress", True)
+    )

@@ -1,0 +1,241 @@
+"""Lightning 2 data module over fastMRI split folders, feeding :class:`DCCNNSample` batches.
+
+The datasets are :class:`~sftkd_fastmri.data.CheckedSliceDataset` (fastMRI's ``SliceDataset``
+with input checks) and the transform is :class:`~sftkd_fastmri.data.DCCNNDataTransform`.
+No ``worker_init_fn`` is needed: the training transform seeds every mask from
+``(seed, rank, worker seed, call counter)`` itself, and evaluation masks are fixed per volume
+(seeded from the file name), so masks are reproducible with any number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import h5py
+import pytorch_lightning as pl
+import torch
+from fastmri.data import VolumeSampler
+from fastmri.data.mri_data import fetch_dir as _fastmri_fetch_dir
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data import CheckedSliceDataset, DCCNNDataTransform, create_mask_func, split_dir
+from ..data.datasets import TARGET_KEYS
+
+__all__ = ["FastMRIDataModule", "fetch_dir", "split_has_targets"]
+
+PathLike = Union[str, os.PathLike]
+FASTMRI_DIR_KEYS = ("knee_path", "brain_path", "log_path")
+
+
+def fetch_dir(key: str, data_config_file: PathLike = "fastmri_dirs.yaml") -> Path:
+    """A folder from fastMRI's ``fastmri_dirs.yaml`` (keys ``knee_path``, ``brain_path``,
+    ``log_path``), read with :func:`fastmri.data.mri_data.fetch_dir`.
+
+    Unlike fastMRI's function, a missing file is an error: fastMRI writes a template with
+    placeholder paths (``/path/to/knee``) and returns the placeholder.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        KeyError: the file has no entry ``key``.
+    """
+    config = Path(data_config_file)
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{config}: no fastMRI path config; write a YAML file with "
+            f"{', '.join(FASTMRI_DIR_KEYS)} (fastMRI's fastmri_dirs.yaml convention)"
+        )
+    try:
+        return _fastmri_fetch_dir(key, config)
+    except (KeyError, TypeError) as err:  # TypeError: an empty YAML file loads as None
+        raise KeyError(f"{config}: no entry {key!r} (expected one of {FASTMRI_DIR_KEYS})") from err
+
+
+def split_has_targets(folder: PathLike, challenge: str) -> bool:
+    """Whether every ``.h5`` volume of ``folder`` holds the challenge's target dataset."""
+    key = TARGET_KEYS[challenge]
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False  # CheckedSliceDataset reports the missing folder
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not files:
+        return False
+    for path in files:
+        if not h5py.is_hdf5(path):
+            return False  # CheckedSliceDataset reports the stray file with its name
+        with h5py.File(path, "r") as hf:
+            if key not in hf:
+                return False
+    return True
+
+
+class FastMRIDataModule(pl.LightningDataModule):
+    """Train/val/test/predict loaders of fastMRI-layout data (``{challenge}_{split}`` folders).
+
+    Training masks are drawn anew for every call (training transform); validation and test
+    masks are fixed per volume. A test split without targets (fastMRI's test/challenge files)
+    uses the ``mask`` stored in its files; a test split with targets (e.g. the demo data's
+    ``test_full``) is undersampled like the validation split and yields test metrics.
+
+    Args:
+        data_path: root holding ``{challenge}_{split}`` folders.
+        challenge: ``"singlecoil"`` or ``"multicoil"``.
+        mask_type: fastMRI mask type (see :data:`~sftkd_fastmri.data.MASK_TYPES`).
+        center_fractions: fully sampled centre fractions (one per acceleration).
+        accelerations: acceleration factors.
+        fixed_mask: one mask for every slice (the SFT-KD-Recon protocol).
+        mask_path: ``.npy`` 1-D fixed mask (overrides the mask arguments).
+        seed: seed of the training masks and of the fixed mask.
+        batch_size: batch size of every loader.
+        num_workers: DataLoader workers.
+        sample_rate: fraction of training slices to use (``None``: all).
+        kspace_from_target: build single-coil k-space from the target magnitude (the paper's
+            retrospective protocol) instead of the stored k-space.
+        crop_readout: remove readout oversampling (exact; halves the work).
+        train_split, val_split, test_split: split names (folder suffixes).
+        predict_split: split of the predict loader (default: ``test_split``).
+        test_uses_stored_mask: use the files' ``mask`` in the test split; ``None``: when the
+            test files have no targets.
+        distributed_sampler: under DDP, shard training with ``DistributedSampler`` and keep
+            each evaluation volume on one rank (fastMRI's ``VolumeSampler``). Pair with
+            ``Trainer(use_distributed_sampler=False)``. Not needed for correct metrics:
+            :class:`~sftkd_fastmri.pl_modules.ReconModule` merges slices across ranks.
+    """
+
+    def __init__(
+        self,
+        data_path: PathLike,
+        challenge: str = "singlecoil",
+        mask_type: str = "random",
+        center_fractions: Sequence[float] = (0.08,),
+        accelerations: Sequence[int] = (4,),
+        fixed_mask: bool = False,
+        mask_path: Optional[PathLike] = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        sample_rate: Optional[float] = None,
+        kspace_from_target: bool = False,
+        crop_readout: bool = True,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        predict_split: Optional[str] = None,
+        test_uses_stored_mask: Optional[bool] = None,
+        distributed_sampler: bool = False,
+    ):
+        super().__init__()
+        if challenge not in TARGET_KEYS:
+            raise ValueError(f"challenge must be 'singlecoil' or 'multicoil', got {challenge!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if sample_rate is not None and not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.data_path = Path(data_path)
+        self.challenge = challenge
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.sample_rate = sample_rate
+        self.kspace_from_target = kspace_from_target
+        self.crop_readout = crop_readout
+        self.splits = {
+            "train": train_split,
+            "val": val_split,
+            "test": test_split,
+            "predict": predict_split or test_split,
+        }
+        self.test_uses_stored_mask = test_uses_stored_mask
+        self.distributed_sampler = distributed_sampler
+        # built eagerly: a wrong mask argument fails here, not in a worker
+        self.mask_func = create_mask_func(
+            mask_type,
+            center_fractions,
+            accelerations,
+            fixed=fixed_mask,
+            seed=seed,
+            mask_path=mask_path,
+        )
+        self.datasets: Dict[str, CheckedSliceDataset] = {}
+
+    # -- datasets ---------------------------------------------------------------------------
+    def split_folder(self, stage: str) -> Path:
+        """Folder of ``stage`` (``"train"``, ``"val"``, ``"test"``, ``"predict"``)."""
+        return split_dir(self.data_path, self.challenge, self.splits[stage])
+
+    def transform(self, stage: str) -> DCCNNDataTransform:
+        """The transform of ``stage``: a fresh mask per call in training, fixed otherwise."""
+        training = stage == "train"
+        mask_func = self.mask_func
+        if stage in ("test", "predict"):
+            stored = self.test_uses_stored_mask
+            if stored is None:
+                stored = not split_has_targets(self.split_folder(stage), self.challenge)
+            if stored:
+                mask_func = None  # the files carry the mask they were acquired with
+        return DCCNNDataTransform(
+            mask_func,
+            training=training,
+            seed=self.seed,
+            kspace_from_target=self.kspace_from_target,
+            crop_readout=self.crop_readout,
+        )
+
+    def dataset(self, stage: str) -> CheckedSliceDataset:
+        """The dataset of ``stage``, built on first use."""
+        if stage not in self.datasets:
+            folder = self.split_folder(stage)
+            require_target = stage in ("train", "val") or split_has_targets(folder, self.challenge)
+            self.datasets[stage] = CheckedSliceDataset(
+                folder,
+                self.challenge,
+                transform=self.transform(stage),
+                require_target=require_target,
+                sample_rate=self.sample_rate if stage == "train" else None,
+            )
+        return self.datasets[stage]
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
+        for name in wanted.get(stage, ()) if stage else ("train", "val"):
+            self.dataset(name)
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, stage: str) -> DataLoader:
+        dataset = self.dataset(stage)
+        training = stage == "train"
+        sampler = None
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.distributed_sampler and distributed:
+            sampler = (
+                DistributedSampler(dataset, shuffle=True, seed=self.seed)
+                if training
+                else VolumeSampler(dataset, shuffle=False)
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=training and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

@@ -1,0 +1,115 @@
+"""Lightning module training one DC-CNN preset with fastMRI's metric contract."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+from torch import Tensor
+
+from ..models import DCCNN, CheckpointError, create_model, load_model, load_state_dict_strict
+from .recon_module import ReconModule, crop_to_target, model_inputs
+
+__all__ = ["DCCNNModule"]
+
+PathLike = Union[str, os.PathLike]
+# Settings that do not change what the weights mean (soft-DC lambda is itself a weight).
+_CONFIG_KEYS_IGNORED_ON_INIT = ("init_lambda",)
+
+
+class DCCNNModule(ReconModule):
+    """Train a DC-CNN (Schlemper et al., IEEE TMI 2018) built by preset name.
+
+    Defaults follow SFT-KD-Recon (Matcha et al., MIDL 2023): Adam, lr 1e-3, StepLR(40, 0.1),
+    no weight decay, L1 loss.
+
+    The hyperparameters record ``model_preset`` and ``model_config`` (the full constructor
+    dict), so :func:`sftkd_fastmri.models.load_model` rebuilds the network from a Lightning
+    checkpoint of this module (weights under ``model.``), and
+    ``DCCNNModule.load_from_checkpoint`` rebuilds the module.
+
+    Args:
+        model_preset: preset name (see :func:`sftkd_fastmri.models.list_models`).
+        model_overrides: constructor arguments replacing the preset's (e.g. ``{"chans": 8}``).
+        model_config: the full constructor dict; when given (as when reloading a checkpoint)
+            it is used as is, and preset and overrides are only recorded.
+        init_checkpoint: start from the weights of a model checkpoint or of a Lightning
+            checkpoint of this package; the preset and configuration must match (loaded
+            strictly). Not recorded in the hyperparameters: a checkpoint of this module holds
+            the weights itself.
+        init_checkpoint_prefix: submodule of a Lightning ``init_checkpoint`` to take
+            (``"model"``, ``"teacher"``, ``"student"``); default ``"model"``.
+        loss, lr, lr_step_size, lr_gamma, weight_decay, num_log_images, output_dir: see
+            :class:`~sftkd_fastmri.pl_modules.ReconModule`.
+
+    Raises:
+        CheckpointError: ``init_checkpoint`` is unreadable, holds another preset or another
+            configuration, or its weights do not fit.
+    """
+
+    def __init__(
+        self,
+        model_preset: str = "dccnn_d5c5",
+        model_overrides: Optional[Dict[str, Any]] = None,
+        model_config: Optional[Dict[str, Any]] = None,
+        init_checkpoint: Optional[PathLike] = None,
+        init_checkpoint_prefix: Optional[str] = None,
+        loss: str = "l1",
+        lr: float = 1e-3,
+        lr_step_size: int = 40,
+        lr_gamma: float = 0.1,
+        weight_decay: float = 0.0,
+        num_log_images: int = 4,
+        output_dir: Optional[PathLike] = None,
+    ):
+        super().__init__(
+            loss=loss,
+            lr=lr,
+            lr_step_size=lr_step_size,
+            lr_gamma=lr_gamma,
+            weight_decay=weight_decay,
+            num_log_images=num_log_images,
+            output_dir=output_dir,
+        )
+        if model_config is not None:
+            self.model = DCCNN(**model_config)
+            self.model.preset = model_preset
+        else:
+            self.model = create_model(model_preset, **dict(model_overrides or {}))
+        self.save_hyperparameters(
+            ignore=["init_checkpoint", "init_checkpoint_prefix", "output_dir", "model_config"]
+        )
+        self.hparams["model_config"] = dict(self.model.config)
+        if init_checkpoint is not None:
+            self.load_init_checkpoint(init_checkpoint, prefix=init_checkpoint_prefix)
+
+    def load_init_checkpoint(self, path: PathLike, prefix: Optional[str] = None) -> None:
+        """Load the weights of ``path`` into :attr:`model`, strictly (see class docstring)."""
+        preset = self.hparams["model_preset"]
+        source = load_model(path, expected_preset=preset, prefix=prefix)
+        ours, theirs = self.model.config, getattr(source, "config", {})
+        differing = [
+            f"{k}: expected {ours.get(k)!r}, found {theirs.get(k)!r}"
+            for k in sorted(set(ours) | set(theirs))
+            if k not in _CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
+        ]
+        if differing:
+            raise CheckpointError(
+                f"{path}: preset {preset!r} with another configuration: " + "; ".join(differing)
+            )
+        load_state_dict_strict(self.model, source.state_dict(), source=str(path))
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> Tensor:
+        """Args:
+            masked_kspace: ``(B, coils, H, W, 2)`` normalised acquired k-space.
+            mask: ``(B, 1, 1, W, 1)`` sampling mask.
+            sens_maps: ``(B, coils, H, W, 2)``, or ``None`` for single-coil data.
+
+        Returns:
+            ``(B, H, W)`` magnitude image (uncropped).
+        """
+        return self.model(masked_kspace, mask, sens_maps)
+
+    def reconstruct(self, batch: Any) -> Tensor:
+        """``(B, h, w)`` normalised magnitude, cropped to the target size."""
+        return crop_to_target(self(*model_inputs(batch)), batch)

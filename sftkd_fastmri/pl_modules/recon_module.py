@@ -1,0 +1,544 @@
+"""Lightning 2 base module keeping fastMRI's ``MriModule`` metric contract.
+
+fastMRI's :class:`fastmri.pl_modules.MriModule` (Zbontar et al., "fastMRI: An Open Dataset and
+Benchmarks for Accelerated MRI", arXiv 1811.08839, 2018) defines what users of the ecosystem
+compare: per slice the squared error, the target energy and SSIM (data range = the volume's
+``max`` attribute) on UNNORMALISED images; per volume NMSE = mean(mse) / mean(|target|^2),
+PSNR = 20 log10(max) - 10 log10(mean mse) and the slice-mean SSIM; then the mean over volumes.
+It logs ``validation_loss`` and ``val_metrics/{nmse,ssim,psnr}`` and writes test
+reconstructions to ``reconstructions/<fname>.h5``. Its hooks do not run on Lightning 2
+(``validation_epoch_end``, ``validation_step_end``); this module keeps the contract with
+Lightning 2 hooks.
+
+Deviations from ``MriModule`` (all towards exactness):
+
+* across DDP ranks the per-slice values are gathered and merged before the per-volume
+  aggregation, so a volume split over ranks (Lightning's default ``DistributedSampler``) or a
+  slice duplicated by sampler padding still counts once, exactly as in one process;
+* ``validation_loss`` is weighted by batch size (``MriModule`` averages batch means); like
+  ``MriModule``'s, it counts a slice duplicated by sampler padding twice;
+* images are logged for evenly spaced, fixed validation batches (not random ones) and only
+  when a TensorBoard logger is attached.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import fastmri
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from fastmri import evaluate
+from fastmri.data.transforms import center_crop
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+
+from ..data import model_inputs  # one definition, re-exported for subclasses
+from .losses import create_loss
+
+__all__ = [
+    "FastMRIMetricsMixin",
+    "ReconModule",
+    "ReconstructionStore",
+    "VolumeMetricAccumulator",
+    "crop_to_target",
+    "model_inputs",
+    "target_size",
+]
+
+METRIC_NAMES = ("nmse", "ssim", "psnr")
+
+
+# -- batch helpers --------------------------------------------------------------------------
+def has_target(batch: Any) -> bool:
+    """Whether a collated batch carries targets (fastMRI test files have none)."""
+    return batch.target.numel() > 0
+
+
+def target_size(batch: Any) -> Tuple[int, int]:
+    """The reconstruction size ``(h, w)``: the target's, or the batch's ``crop_size``."""
+    if has_target(batch):
+        return int(batch.target.shape[-2]), int(batch.target.shape[-1])
+    # default_collate turns the (h, w) tuple into two (B,) tensors
+    h, w = (int(v.reshape(-1)[0]) if isinstance(v, Tensor) else int(v) for v in batch.crop_size)
+    return h, w
+
+
+def crop_to_target(image: Tensor, batch: Any) -> Tensor:
+    """Centre-crop ``(B, H, W)`` to the batch's reconstruction size (never beyond ``H, W``)."""
+    h, w = target_size(batch)
+    return center_crop(image, (min(h, image.shape[-2]), min(w, image.shape[-1])))
+
+
+# -- distributed helpers --------------------------------------------------------------------
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_gather_object(obj: Any) -> List[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in a single process."""
+    if not _is_distributed():
+        return [obj]
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _gather_object_to_zero(obj: Any) -> Optional[List[Any]]:
+    """Objects of every rank on rank 0 (``None`` elsewhere); ``[obj]`` in a single process."""
+    if not _is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _to_numpy(x: Tensor) -> np.ndarray:
+    # float64: per-slice sums over 320 x 320 pixels lose digits in float32
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+# -- metric accumulation ----------------------------------------------------------------------
+class VolumeMetricAccumulator:
+    """Per-slice fastMRI metrics, aggregated per volume and then averaged over volumes.
+
+    Slices are keyed by ``(fname, slice_num)``, so a slice seen twice (sampler padding, or
+    merged from two ranks) counts once.
+    """
+
+    def __init__(self) -> None:
+        # fname -> slice_num -> (mse, mean |target|^2, ssim)
+        self.slices: Dict[str, Dict[int, Tuple[float, float, float]]] = {}
+        self.max_values: Dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def update(
+        self,
+        fnames: Sequence[str],
+        slice_nums: Union[Tensor, Sequence[int]],
+        output: Tensor,
+        target: Tensor,
+        max_values: Union[Tensor, Sequence[float]],
+    ) -> None:
+        """Add a batch of UNNORMALISED slices.
+
+        Args:
+            fnames: ``B`` file names.
+            slice_nums: ``(B,)`` slice indices.
+            output: ``(B, h, w)`` reconstructions (or ``(h, w)`` for one slice).
+            target: ``(B, h, w)`` targets, same shape.
+            max_values: ``(B,)`` volume maxima (the SSIM/PSNR data range).
+        """
+        if output.ndim == 2:
+            output, target = output.unsqueeze(0), target.unsqueeze(0)
+        if output.ndim != 3 or output.shape != target.shape:
+            raise ValueError(
+                f"metrics need output and target of the same shape (B, h, w), got "
+                f"{tuple(output.shape)} and {tuple(target.shape)}"
+            )
+        if len(fnames) != output.shape[0]:
+            raise ValueError(f"{len(fnames)} file names for a batch of {output.shape[0]}")
+        outputs, targets = _to_numpy(output), _to_numpy(target)
+        for i, fname in enumerate(fnames):
+            max_value = float(max_values[i])
+            gt, pred = targets[i], outputs[i]
+            self.slices.setdefault(fname, {})[int(slice_nums[i])] = (
+                float(evaluate.mse(gt, pred)),
+                float(evaluate.mse(gt, np.zeros_like(gt))),
+                float(evaluate.ssim(gt[None], pred[None], maxval=max_value)[0]),
+            )
+            self.max_values[fname] = max_value
+
+    def merge(self, others: Sequence[VolumeMetricAccumulator]) -> VolumeMetricAccumulator:
+        """A new accumulator holding this one's slices and those of ``others``."""
+        merged = VolumeMetricAccumulator()
+        for part in (self, *others):
+            for fname, slices in part.slices.items():
+                merged.slices.setdefault(fname, {}).update(slices)
+            merged.max_values.update(part.max_values)
+        return merged
+
+    def per_volume(self) -> List[Dict[str, Any]]:
+        """One row per volume: ``fname, nmse, psnr, ssim, num_slices``, sorted by name."""
+        rows = []
+        for fname in sorted(self.slices):
+            values = np.array(list(self.slices[fname].values()), dtype=np.float64)
+            mse, norm, ssim = values.mean(axis=0)
+            with np.errstate(divide="ignore"):  # a perfect reconstruction has infinite PSNR
+                psnr = 20 * np.log10(self.max_values[fname]) - 10 * np.log10(mse)
+            rows.append(
+                dict(
+                    fname=fname,
+                    nmse=float(mse / norm),
+                    psnr=float(psnr),
+                    ssim=float(ssim),
+                    num_slices=len(values),
+                )
+            )
+        return rows
+
+    def compute(self) -> Dict[str, float]:
+        """``{"nmse", "ssim", "psnr"}`` averaged over volumes (empty without slices)."""
+        rows = self.per_volume()
+        if not rows:
+            return {}
+        return {name: float(np.mean([row[name] for row in rows])) for name in METRIC_NAMES}
+
+
+# Earlier name, kept for callers already using it; evaluation.VolumeMetrics is another thing
+# (one volume's results), hence the rename.
+VolumeMetrics = VolumeMetricAccumulator
+
+
+class ReconstructionStore:
+    """Test-time reconstructions, per volume, ordered by slice; written as fastMRI does."""
+
+    def __init__(self) -> None:
+        self.volumes: Dict[str, Dict[int, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def add(
+        self,
+        fnames: Sequence[str],
+        slice_nums: Union[Tensor, Sequence[int]],
+        images: Union[Tensor, np.ndarray],
+    ) -> None:
+        """Add ``(B, h, w)`` reconstructions in the file's units."""
+        if isinstance(images, Tensor):
+            images = images.detach().to("cpu", torch.float32).numpy()
+        for i, fname in enumerate(fnames):
+            self.volumes.setdefault(fname, {})[int(slice_nums[i])] = images[i]
+
+    def stacked(self) -> Dict[str, np.ndarray]:
+        """``fname -> (slices, h, w)`` in slice order."""
+        return {
+            fname: np.stack([img for _, img in sorted(slices.items())])
+            for fname, slices in self.volumes.items()
+        }
+
+    def save(self, out_dir: Union[str, os.PathLike]) -> Optional[Path]:
+        """Write ``out_dir/<fname>`` (dataset ``reconstruction``) with
+        :func:`fastmri.save_reconstructions`; under DDP, rank 0 writes every rank's slices.
+
+        Returns:
+            ``out_dir`` on the writing rank, ``None`` on the others.
+        """
+        parts = _gather_object_to_zero(self.volumes)
+        if parts is None:
+            return None
+        merged = ReconstructionStore()
+        for volumes in parts:
+            for fname, slices in volumes.items():
+                merged.volumes.setdefault(fname, {}).update(slices)
+        out_dir = Path(out_dir)
+        fastmri.save_reconstructions(merged.stacked(), out_dir)
+        return out_dir
+
+
+# -- the Lightning side -----------------------------------------------------------------------
+class FastMRIMetricsMixin:
+    """Validation/test bookkeeping of the fastMRI metric contract, for any LightningModule.
+
+    Shared by :class:`ReconModule` and the adapters of fastMRI's own modules
+    (:mod:`~sftkd_fastmri.pl_modules.fastmri_compat`). Steps feed it through
+    :meth:`accumulate_metrics`, :meth:`accumulate_loss`, :meth:`log_val_images` and
+    :meth:`add_reconstructions`; its epoch hooks aggregate, log and write.
+
+    Metric keys: ``""`` is the main output (``val_metrics/psnr``); any other key ``k`` logs
+    ``val_metrics/k/psnr`` etc. (e.g. the student branches of SFT training).
+
+    After an epoch: :attr:`val_metrics` / :attr:`test_metrics` (``{"psnr": ..., "branch1/psnr":
+    ...}``), :attr:`val_volume_metrics` / :attr:`test_volume_metrics` (lists of per-volume rows
+    ``fname, nmse, psnr, ssim, num_slices``, main output only) and :attr:`reconstruction_dir`.
+    """
+
+    val_metrics: Dict[str, float]
+    test_metrics: Dict[str, float]
+    val_volume_metrics: List[Dict[str, Any]]
+    test_volume_metrics: List[Dict[str, Any]]
+    reconstruction_dir: Optional[Path]
+
+    # -- state ------------------------------------------------------------------------------
+    def _fm_state(self) -> Dict[str, Any]:
+        # created lazily: the mixin adds no __init__, so it composes with any module's
+        state = self.__dict__.get("_fastmri_metric_state")
+        if state is None:
+            state = self.__dict__["_fastmri_metric_state"] = {}
+            self._reset_stage("val")
+            self._reset_stage("test")
+        return state
+
+    def _reset_stage(self, stage: str) -> None:
+        state = self._fm_state()
+        state[stage] = {"metrics": {}, "loss_sum": 0.0, "loss_count": 0}
+        if stage == "test":
+            state["recons"] = ReconstructionStore()
+
+    def _current_stage(self) -> str:
+        trainer = getattr(self, "_trainer", None)
+        return "test" if trainer is not None and trainer.testing else "val"
+
+    # -- feeding ----------------------------------------------------------------------------
+    def accumulate_metrics(
+        self,
+        key: str,
+        fnames: Sequence[str],
+        slice_nums: Union[Tensor, Sequence[int]],
+        output: Tensor,
+        target: Tensor,
+        max_values: Union[Tensor, Sequence[float]],
+        stage: Optional[str] = None,
+    ) -> None:
+        """Add UNNORMALISED ``(B, h, w)`` outputs and targets under metric ``key``.
+
+        Args:
+            stage: ``"val"`` or ``"test"``; default: from the trainer state.
+        """
+        stage = stage or self._current_stage()
+        metrics = self._fm_state()[stage]["metrics"]
+        metrics.setdefault(key, VolumeMetricAccumulator()).update(
+            fnames, slice_nums, output, target, max_values
+        )
+
+    def accumulate_loss(self, loss: Tensor, batch_size: int) -> None:
+        """Add a batch's mean validation loss (weighted by its size)."""
+        state = self._fm_state()["val"]
+        state["loss_sum"] += float(loss.detach()) * batch_size
+        state["loss_count"] += batch_size
+
+    def add_reconstructions(
+        self,
+        fnames: Sequence[str],
+        slice_nums: Union[Tensor, Sequence[int]],
+        images: Union[Tensor, np.ndarray],
+    ) -> None:
+        """Keep ``(B, h, w)`` test reconstructions (file units) for writing at epoch end."""
+        self._fm_state()["recons"].add(fnames, slice_nums, images)
+
+    # -- images -----------------------------------------------------------------------------
+    def _tensorboard_loggers(self) -> List[TensorBoardLogger]:
+        return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _val_log_indices(self) -> List[int]:
+        num_images = int(getattr(self, "num_log_images", 0) or 0)
+        counts = self.trainer.num_val_batches if self._trainer is not None else []
+        total = counts[0] if counts else 0
+        if num_images <= 0 or total == 0:
+            return []
+        if not np.isfinite(total):
+            return list(range(num_images))
+        # evenly spaced batches: the same slices every epoch, so images are comparable
+        return sorted({int(i) for i in np.linspace(0, total - 1, num_images).round()})
+
+    def log_val_images(self, batch_idx: int, output: Tensor, target: Tensor, key: str = "") -> None:
+        """Log target, reconstruction and error of the first slice of a few fixed validation
+        batches to every TensorBoard logger (nothing without one).
+
+        Args:
+            batch_idx: the validation batch index.
+            output: ``(B, h, w)`` reconstruction.
+            target: ``(B, h, w)`` target.
+            key: metric key; non-empty keys go under ``.../<key>/``.
+        """
+        loggers = self._tensorboard_loggers()
+        if not loggers or self.trainer.sanity_checking:
+            return
+        state = self._fm_state()["val"]
+        if "log_indices" not in state:
+            state["log_indices"] = set(self._val_log_indices())
+        if batch_idx not in state["log_indices"]:
+            return
+        out = output.reshape(-1, *output.shape[-2:])[0].detach().float().cpu()
+        tgt = target.reshape(-1, *target.shape[-2:])[0].detach().float().cpu()
+        prefix = f"val_images_idx_{batch_idx}/" + (f"{key}/" if key else "")
+        images = {"target": tgt, "reconstruction": out, "error": (tgt - out).abs()}
+        for name, image in images.items():
+            image = image / image.max().clamp_min(torch.finfo(image.dtype).tiny)
+            for logger in loggers:
+                logger.experiment.add_image(
+                    prefix + name, image.unsqueeze(0), global_step=self.global_step
+                )
+
+    # -- epoch ends -------------------------------------------------------------------------
+    def _log_metric_dict(self, prefix: str, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            # values are identical on every rank already; sync_dist only silences the
+            # "epoch-level logging without sync" warning under DDP (mean of equal values)
+            self.log(f"{prefix}/{name}", value, sync_dist=True)
+
+    def _finish_stage(self, stage: str) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
+        state = self._fm_state()[stage]
+        # one collective per epoch: every rank must call it, whatever keys it has seen
+        parts = _all_gather_object((state["metrics"], state["loss_sum"], state["loss_count"]))
+        keys = sorted({k for metrics, _, _ in parts for k in metrics})
+        values: Dict[str, float] = {}
+        table: List[Dict[str, Any]] = []
+        for key in keys:
+            pieces = [m[key] for m, _, _ in parts if key in m]
+            merged = pieces[0].merge(pieces[1:])
+            for name, value in merged.compute().items():
+                values[f"{key}/{name}" if key else name] = value
+            if key == "":
+                table = merged.per_volume()
+        state["loss_sum"] = sum(p[1] for p in parts)
+        state["loss_count"] = sum(p[2] for p in parts)
+        return values, table
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_stage("val")
+
+    def on_validation_epoch_end(self) -> None:
+        values, table = self._finish_stage("val")
+        state = self._fm_state()["val"]
+        if state["loss_count"]:
+            self.log(
+                "validation_loss",
+                state["loss_sum"] / state["loss_count"],
+                prog_bar=True,
+                sync_dist=True,
+            )
+        self._log_metric_dict("val_metrics", values)
+        self.val_metrics, self.val_volume_metrics = values, table
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_stage("test")
+
+    def on_test_epoch_end(self) -> None:
+        values, table = self._finish_stage("test")
+        self._log_metric_dict("test_metrics", values)
+        self.test_metrics, self.test_volume_metrics = values, table
+        recons: ReconstructionStore = self._fm_state()["recons"]
+        self.reconstruction_dir = None
+        if recons.volumes or _is_distributed():
+            out_dir = Path(self.reconstruction_root()) / "reconstructions"
+            written = recons.save(out_dir)
+            if written is not None:
+                rank_zero_info(f"Saved {len(recons)} reconstructed volume(s) to {written}")
+            self.reconstruction_dir = out_dir
+
+    def reconstruction_root(self) -> Path:
+        """Where ``reconstructions/`` goes: ``output_dir`` if set, else the trainer's
+        ``default_root_dir`` (fastMRI's choice), else the working directory."""
+        output_dir = getattr(self, "output_dir", None)
+        if output_dir:
+            return Path(output_dir)
+        if self._trainer is not None:
+            return Path(self.trainer.default_root_dir)
+        return Path.cwd()
+
+
+class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
+    """Lightning 2 base for reconstruction networks on :class:`DCCNNSample` batches, with
+    fastMRI's metric contract (Zbontar et al., arXiv 1811.08839, 2018; see module docstring).
+
+    Subclasses implement :meth:`reconstruct` (and call ``self.save_hyperparameters()``); the
+    default :meth:`training_step` minimises
+    ``loss(reconstruct(batch), batch.target)`` in normalised units. Validation logs
+    ``validation_loss`` and ``val_metrics/{nmse,ssim,psnr}``; testing writes
+    ``<output_dir or default_root_dir>/reconstructions/<fname>.h5`` and, where the files carry
+    targets, logs ``test_metrics/{nmse,ssim,psnr}`` and fills :attr:`test_volume_metrics`.
+
+    Args:
+        loss: reconstruction loss name (see :func:`~sftkd_fastmri.pl_modules.create_loss`).
+        lr: Adam learning rate.
+        lr_step_size: StepLR period in epochs.
+        lr_gamma: StepLR decay factor.
+        weight_decay: Adam weight decay.
+        num_log_images: validation slices logged as images (TensorBoard only).
+        output_dir: folder for test reconstructions (default: the trainer's
+            ``default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        loss: str = "l1",
+        lr: float = 1e-3,
+        lr_step_size: int = 40,
+        lr_gamma: float = 0.1,
+        weight_decay: float = 0.0,
+        num_log_images: int = 4,
+        output_dir: Optional[Union[str, os.PathLike]] = None,
+    ):
+        super().__init__()
+        self.loss_fn = create_loss(loss)
+        self.lr = lr
+        self.lr_step_size = lr_step_size
+        self.lr_gamma = lr_gamma
+        self.weight_decay = weight_decay
+        self.num_log_images = num_log_images
+        self.output_dir = output_dir
+        self.val_metrics, self.test_metrics = {}, {}
+        self.val_volume_metrics, self.test_volume_metrics = [], []
+        self.reconstruction_dir = None
+
+    # -- to implement -----------------------------------------------------------------------
+    def reconstruct(self, batch: Any) -> Tensor:
+        """Normalised magnitude reconstruction ``(B, h, w)``, centre-cropped to the target
+        size (see :func:`crop_to_target`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reconstruct(batch)")
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def data_range(batch: Any) -> Tensor:
+        """``(B,)`` volume maxima in normalised units (the SSIM loss's data range)."""
+        max_value = torch.as_tensor(batch.max_value, device=batch.scale.device)
+        return max_value.to(batch.scale.dtype) / batch.scale
+
+    @staticmethod
+    def unnormalise(image: Tensor, batch: Any) -> Tensor:
+        """``(B, h, w)`` normalised image -> the file's units."""
+        return image * batch.scale.reshape(-1, 1, 1)
+
+    def update_metrics(self, key: str, output: Tensor, batch: Any) -> None:
+        """Accumulate metrics of a NORMALISED output ``(B, h, w)`` under ``key`` (``""`` =
+        main output); unnormalised with ``batch.scale`` first, as the contract requires."""
+        self.accumulate_metrics(
+            key,
+            batch.fname,
+            batch.slice_num,
+            self.unnormalise(output, batch),
+            self.unnormalise(batch.target, batch),
+            batch.max_value,
+        )
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        output = self.reconstruct(batch)
+        loss = self.loss_fn(output, batch.target, self.data_range(batch))
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=output.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        output = self.reconstruct(batch)
+        loss = self.loss_fn(output, batch.target, self.data_range(batch))
+        self.accumulate_loss(loss, output.shape[0])
+        self.update_metrics("", output, batch)
+        self.log_val_images(
+            batch_idx, self.unnormalise(output, batch), self.unnormalise(batch.target, batch)
+        )
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        output = self.reconstruct(batch)
+        self.add_reconstructions(batch.fname, batch.slice_num, self.unnormalise(output, batch))
+        if has_target(batch):
+            self.update_metrics("", output, batch)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        """``{"fname", "slice_num", "reconstruction" (B, h, w) in the file's units}``."""
+        output = self.unnormalise(self.reconstruct(batch), batch)
+        return {"fname": batch.fname, "slice_num": batch.slice_num, "reconstruction": output}
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.lr_step_size, self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}

@@ -1,0 +1,165 @@
+"""fastMRI's own UnetModule / VarNetModule fitted, validated and tested on Lightning 2."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import h5py
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from fastmri import evaluate
+from fastmri.data import SliceDataset
+from fastmri.data.subsample import RandomMaskFunc
+from fastmri.data.transforms import UnetDataTransform, VarNetDataTransform
+from fastmri.pl_modules import MriModule, UnetModule, VarNetModule
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from sftkd_fastmri.pl_modules import (
+    Lightning2MriMixin,
+    UnetModule2,
+    VarNetModule2,
+    lightning2_compatible,
+)
+
+# Demo images are 80 x 64: two poolings keep both sides even (80/4, 64/4); VarNet's NormUnet
+# pads to multiples of 16 itself.
+TINY_UNET = dict(chans=8, num_pool_layers=2)
+TINY_VARNET = dict(num_cascades=2, chans=4, sens_chans=4, pools=2, sens_pools=2)
+METRICS = {"validation_loss", "val_metrics/nmse", "val_metrics/ssim", "val_metrics/psnr"}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Tiny tensors: a second intra-op thread buys nothing, and when other processes share
+    # the two cores its spin-waits slowed a 5 s fit to over 2 minutes.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _mask():
+    return RandomMaskFunc([0.08], [4])
+
+
+def _loader(root, challenge, split, transform, batch_size, shuffle=False):
+    dataset = SliceDataset(root / f"{challenge}_{split}", challenge, transform=transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def _trainer(tmp_path, logger, **kwargs):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def test_plain_fastmri_module_is_refused_by_lightning2(demo_root, tmp_path):
+    # the reason for the adapter: fastMRI's MriModule defines validation_epoch_end
+    val = _loader(demo_root, "singlecoil", "val", UnetDataTransform("singlecoil", _mask()), 4)
+    with pytest.raises(NotImplementedError, match="validation_epoch_end"):
+        _trainer(tmp_path, False).validate(UnetModule(**TINY_UNET), val)
+
+
+def test_unet_fit_validate_test_with_tensorboard(demo_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0)
+    train_tf = UnetDataTransform("singlecoil", _mask(), use_seed=False)
+    val_tf = UnetDataTransform("singlecoil", _mask())
+    train = _loader(demo_root, "singlecoil", "train", train_tf, 4, shuffle=True)
+    val = _loader(demo_root, "singlecoil", "val", val_tf, 4)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    module = UnetModule2(num_log_images=2, **TINY_UNET)
+    trainer = _trainer(tmp_path, logger, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, train, val)
+    assert METRICS <= set(trainer.callback_metrics)
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "val_images_idx_0/reconstruction" in events.Tags()["images"]
+
+    # the adapter's aggregation = fastMRI's contract, recomputed with fastmri.evaluate from
+    # the outputs of fastMRI's own validation_step
+    (logged,) = trainer.validate(module, val, verbose=False)
+    outputs, targets, maxima = defaultdict(dict), defaultdict(dict), {}
+    module.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(val):
+            logs = UnetModule.validation_step(module, batch, i)
+            for j, fname in enumerate(logs["fname"]):
+                s = int(logs["slice_num"][j])
+                outputs[fname][s] = logs["output"][j].numpy()
+                targets[fname][s] = logs["target"][j].numpy()
+                maxima[fname] = float(logs["max_value"][j])
+    rows = []
+    for fname in outputs:
+        gt = np.stack([targets[fname][s] for s in sorted(targets[fname])])
+        pred = np.stack([outputs[fname][s] for s in sorted(outputs[fname])])
+        rows.append(
+            (
+                evaluate.nmse(gt, pred),
+                evaluate.psnr(gt, pred, maxval=maxima[fname]),
+                evaluate.ssim(gt, pred, maxval=maxima[fname])[0],
+            )
+        )
+    nmse, psnr, ssim = np.mean(rows, axis=0)
+    assert logged["val_metrics/nmse"] == pytest.approx(nmse, rel=1e-4)
+    assert logged["val_metrics/psnr"] == pytest.approx(psnr, rel=1e-4)
+    assert logged["val_metrics/ssim"] == pytest.approx(ssim, rel=1e-4)
+
+    test = _loader(demo_root, "singlecoil", "test", UnetDataTransform("singlecoil"), 4)
+    trainer.test(module, test, verbose=False)
+    files = sorted((tmp_path / "reconstructions").glob("*.h5"))
+    assert len(files) == 2
+    with h5py.File(files[0], "r") as hf:
+        assert hf["reconstruction"].shape == (6, 80, 64)
+
+
+def test_varnet_fit_validate_test_with_csv_logger(demo_root, tmp_path):
+    pl.seed_everything(0)
+    # fastMRI's VarNet takes batch size 1 (num_low_frequencies must be a single number)
+    train = _loader(
+        demo_root, "multicoil", "train", VarNetDataTransform(_mask(), use_seed=False), 1, True
+    )
+    val = _loader(demo_root, "multicoil", "val", VarNetDataTransform(_mask()), 1)
+    module = VarNetModule2(**TINY_VARNET)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = _trainer(tmp_path, logger, max_epochs=1, limit_train_batches=2)
+    trainer.fit(module, train, val)
+    assert METRICS <= set(trainer.callback_metrics)
+    assert all(np.isfinite(module.val_metrics[k]) for k in ("nmse", "ssim", "psnr"))
+
+    test = _loader(demo_root, "multicoil", "test", VarNetDataTransform(), 1)
+    trainer.test(module, test, verbose=False)
+    for path in sorted((demo_root / "multicoil_test").glob("*.h5")):
+        with h5py.File(tmp_path / "reconstructions" / path.name, "r") as hf:
+            assert hf["reconstruction"].shape == (6, 80, 64)
+
+
+def test_lightning2_compatible_builds_adapters():
+    adapted = lightning2_compatible(VarNetModule)
+    assert issubclass(adapted, VarNetModule) and issubclass(adapted, Lightning2MriMixin)
+    assert adapted.__name__ == "VarNetModule2" and adapted.validation_epoch_end is None
+    assert lightning2_compatible(UnetModule2) is UnetModule2
+
+    class MyNet(MriModule):
+        pass
+
+    assert issubclass(lightning2_compatible(MyNet, name="MyNetL2"), MyNet)
+    with pytest.raises(TypeError, match="MriModule"):
+        lightning2_compatible(pl.LightningModule)
+
+
+def test_log_image_without_tensorboard_is_a_no_op():
+    module = UnetModule2(**TINY_UNET)
+    module.log_image("x", torch.zeros(1, 4, 4))  # fastMRI's version crashes without a logger
