@@ -86,11 +86,12 @@ def build_trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
+    # logs/version_<n>: a resumed run gets a new version and keeps the earlier logs
     logger: Any = False
     if cfg.get("logger", "csv") == "csv":
-        logger = pl.loggers.CSVLogger(out_dir, name="logs", version="")
+        logger = pl.loggers.CSVLogger(out_dir, name="logs")
     elif cfg.get("logger") == "tensorboard":
-        logger = pl.loggers.TensorBoardLogger(out_dir, name="logs", version="")
+        logger = pl.loggers.TensorBoardLogger(out_dir, name="logs")
     return pl.Trainer(
         default_root_dir=out_dir,
         max_epochs=cfg["max_epochs"],

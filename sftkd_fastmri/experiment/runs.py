@@ -100,7 +100,7 @@ def run_train(cfg: Dict[str, Any]) -> StageResult:
 
 def run_sft(cfg: Dict[str, Any]) -> StageResult:
     """Student-friendly teacher training; exports ``teacher.pt`` and ``student_init.pt``."""
-    from ..pl_modules.sft_module import SFTModule
+    from ..pl_modules import SFTModule
     from ..sft import export_sft
 
     out_dir = _out_dir(cfg, "runs/sft")

@@ -19,6 +19,7 @@ from .recon_module import (
     model_inputs,
     target_size,
 )
+from .sft_module import SFTModule
 
 __all__ = [
     "LOSSES",
@@ -32,6 +33,7 @@ __all__ = [
     "ReconLoss",
     "ReconModule",
     "ReconstructionStore",
+    "SFTModule",
     "SSIMLoss",
     "UnetModule2",
     "VarNetModule2",

@@ -1,0 +1,149 @@
+"""Cost of an SFT training step relative to a plain teacher training step.
+
+Usage::
+
+    python -m benchmarks.bench_sft                      # D5C5 / D3C5, 320 x 320, batch 4
+    python -m benchmarks.bench_sft --device cuda --rounds 10
+    python -m benchmarks.bench_sft --size 160 --batch 2 --rounds 3
+
+One SFT step (Matcha et al., "SFT-KD-Recon", MIDL 2023, Algorithm 1) =
+:class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` forward in training mode (teacher once,
+then every student branch) + :class:`~sftkd_fastmri.sft.SFTLoss` (L1) + backward + Adam step.
+One teacher step = teacher forward + L1 + backward + Adam step. The ratio SFT / teacher is what
+the SFT stage costs per epoch relative to training the teacher alone.
+
+Expected ratio: the ``N - 1`` branches run ``N(N-1)/2`` student cascades (10 for ``N = 5``);
+a D3 block costs about a third of a D5 block and the DC layers are cheap on one coil, so the
+branches add about 0.7 of a teacher step: target ratio <= 1.8. With ``--batch-branches`` the
+active branches of each student cascade run as one batch (fewer, larger calls; helps on GPUs).
+
+All variants are measured round-robin in one process (``interleaved_times``), so a noisy
+machine disturbs them alike; each variant has its own copies of the networks (same seed) and
+its own optimiser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import default_device, interleaved_times, synthetic_batch
+
+TARGET_RATIO = 1.8
+
+
+def _teacher_step(preset: str, inputs, target, device: str) -> Callable[[], None]:
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(preset).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.l1_loss(model(*inputs), target).backward()
+        opt.step()
+
+    return step
+
+
+def _sft_step(
+    teacher: str, student: str, inputs, target, device: str, batch_branches: bool
+) -> Callable[[], None]:
+    from sftkd_fastmri.models import create_model
+    from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
+
+    torch.manual_seed(0)
+    sft = StudentFriendlyTeacher(
+        create_model(teacher), create_model(student), batch_branches=batch_branches
+    )
+    sft = sft.to(device).train()
+    loss_fn = SFTLoss("l1")
+    # S_1 gets no gradient without branch 0 (paper); Adam skips parameters whose grad is None.
+    opt = torch.optim.Adam(sft.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(sft(*inputs), target).total.backward()
+        opt.step()
+
+    return step
+
+
+def measure(args: argparse.Namespace, device: str) -> Dict:
+    masked, mask, sens, target = synthetic_batch(
+        args.batch, args.size, args.size, args.coils, device
+    )
+    inputs = (masked, mask, sens)
+    fns = {
+        "teacher": _teacher_step(args.teacher, inputs, target, device),
+        "sft": _sft_step(args.teacher, args.student, inputs, target, device, False),
+    }
+    if not args.no_batch_branches:
+        fns["sft_batch_branches"] = _sft_step(
+            args.teacher, args.student, inputs, target, device, True
+        )
+    times = interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
+    result = {
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch": args.batch,
+        "size": args.size,
+        "coils": args.coils,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "step_s": times,
+        "ratio": {k: v / times["teacher"] for k, v in times.items() if k != "teacher"},
+        "target_ratio": TARGET_RATIO,
+    }
+    if device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--teacher", default="dccnn_d5c5", help="teacher preset")
+    parser.add_argument("--student", default="dccnn_d3c5", help="student preset")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=320, help="image height and width")
+    parser.add_argument("--coils", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--no-batch-branches", action="store_true", help="skip the batch_branches=True variant"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = default_device(args.device)
+    result = measure(args, device)
+    if args.json:
+        print(json.dumps(result))
+        return
+    where = result.get("gpu", f"cpu, {result['threads']} threads")
+    print(
+        f"SFT step vs teacher step: {args.teacher} teacher, {args.student} student, "
+        f"batch {args.batch}, {args.size}x{args.size}, {args.coils} coil(s), {device} "
+        f"({where}), median of {args.rounds} interleaved rounds"
+    )
+    times = result["step_s"]
+    print(f"  teacher step          {times['teacher'] * 1e3:9.1f} ms")
+    for name, ratio in result["ratio"].items():
+        verdict = "ok" if ratio <= TARGET_RATIO else f"above target {TARGET_RATIO}"
+        print(f"  {name:<21} {times[name] * 1e3:9.1f} ms   ratio {ratio:5.2f}  ({verdict})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+r"""Drop-in knowledge distillation for any reconstruction LightningModule.
+
+The KD stage of SFT-KD-Recon (Matcha et al., "SFT-KD-Recon: Learning a Student-friendly
+Teacher for Knowledge Distillation in Magnetic Resonance Image Reconstruction", MIDL 2023,
+Algorithm 1): the student minimises its own reconstruction loss plus weighted distillation
+losses from a frozen teacher. Added to ``Trainer(callbacks=[...])``, :class:`DistillationCallback`
+does this for an unchanged module - :class:`~sftkd_fastmri.pl_modules.DCCNNModule`, fastMRI's
+``VarNetModule`` through :class:`~sftkd_fastmri.pl_modules.VarNetModule2`, or a user's own::
+
+    student = DCCNNModule("dccnn_d3c5", init_checkpoint="sft_student.pt")  # or from scratch
+    kd = DistillationCallback("teacher.pt", losses={"at": 1.0, "imitation": 1.0})
+    Trainer(callbacks=[kd], max_epochs=150).fit(student, datamodule=data)
+
+How it works (one forward and one backward of the student per step):
+
+* ``setup("fit")`` finds the student network inside the module (``student_attr``, else
+  ``model`` / ``varnet`` / ``unet`` / the only child with parameters), builds a
+  :class:`~sftkd_fastmri.kd.distiller.Distiller`, attaches it to the module as the submodule
+  ``distillation`` and wraps the module *instance*'s ``training_step`` (the class is untouched;
+  ``teardown`` restores the attribute and removes the submodule).
+* The wrapper calls the module's own ``training_step``; the student forward inside it is
+  recorded by forward hooks (features and forward arguments). The teacher is then run with the
+  same arguments under ``torch.no_grad()``, the KD terms are computed and the returned loss
+  becomes ``loss + sum(weight * term)`` (a tensor, or the ``"loss"`` entry of a dict).
+  Lightning's precision context wraps ``training_step``, so under ``*-mixed`` precision the
+  teacher runs under the same autocast; for ``*-true`` precisions a copy of the teacher is cast
+  to the module's parameter dtype (the given teacher's weights are never changed).
+* Gradient accumulation needs nothing special: Lightning divides the returned loss by
+  ``accumulate_grad_batches``, which scales the KD terms exactly like the reconstruction loss.
+
+The teacher stays frozen and outside the module: it is not a submodule (so it is not in the
+optimiser, the module's ``state_dict`` or its ``.train()`` / ``.eval()`` calls, and DDP does not
+wrap it), ``requires_grad_(False)``, put in eval mode at every training batch (validation loops
+cannot leave it in training mode), moved to the module's device in ``on_fit_start`` and back in
+``teardown``; it has no optimiser state.
+
+Learned KD parameters (FitNet's 1x1 regressors) live in the ``distillation`` submodule, attached
+in ``setup`` - before ``configure_optimizers`` and before the DDP wrap - so an optimiser over
+``self.parameters()`` trains them with the student and DDP synchronises their gradients. They
+appear in the module's checkpoints as ``distillation.losses.fitnet.regressors.{k}.*`` (only when
+student and teacher channels differ: the default FitNet pairing of two DC-CNNs compares
+equal-channel cascade outputs and has none). To load such a checkpoint without the callback,
+take the network alone with :func:`sftkd_fastmri.models.load_model` (``model.*`` weights) or
+pass ``strict=False`` to ``load_from_checkpoint``; resuming with ``ckpt_path`` and the callback
+restores them.
+
+Schedules:
+
+* ``"joint"`` (the paper): reconstruction + weighted KD at every step (for the first
+  ``kd_epochs`` epochs when given, then reconstruction only).
+* ``"two_stage"`` (KD-MRI's scripts, Murugesan et al., MIDL 2020): for the first ``kd_epochs``
+  epochs the KD loss alone is optimised - the module's reconstruction loss is still computed
+  and logged (``kd/recon``) but not returned - then reconstruction fine-tuning, with no teacher
+  forward at all.
+* Under DDP, a schedule with ``kd_epochs`` leaves some parameters without gradients in one stage
+  (student layers after the distilled features in two-stage stage 1; the KD parameters after
+  ``kd_epochs``): use ``strategy="ddp_find_unused_parameters_true"`` (a warning says so).
+
+Logged every training step (and as epoch means): ``kd/{name}`` (unweighted terms),
+``kd/total`` (their weighted sum), ``kd/recon`` (the module's loss), ``kd/loss`` (what is
+optimised) and ``kd/stage`` (1 = distillation, 2 = reconstruction only).
+
+Student initialisation (from the SFT stage's exported student, or from scratch) belongs to the
+module: ``DCCNNModule(model_preset=..., init_checkpoint=path, init_checkpoint_prefix=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from ..kd.distiller import Distiller, check_loss_weights
+from ..kd.pairings import check_pairing
+from ..models import load_model
+
+__all__ = ["DistillationCallback", "find_network"]
+
+PathLike = Union[str, os.PathLike]
+SCHEDULES = ("joint", "two_stage")
+_NETWORK_ATTRS = ("model", "varnet", "unet")
+
+
+def find_network(
+    module: nn.Module,
+    attr: Optional[str] = None,
+    exclude: Sequence[str] = (),
+    role: str = "student",
+) -> nn.Module:
+    """The reconstruction network inside a LightningModule.
+
+    Args:
+        module: The LightningModule (or any module holding the network).
+        attr: Attribute name to use; default: the first of ``model``, ``varnet``, ``unet``
+            that is a module, else the only child module with parameters.
+        exclude: Child names never chosen automatically.
+        role: Used in error messages.
+
+    Raises:
+        ValueError: If ``attr`` is not a submodule, or no single network can be identified.
+    """
+    children = {n: c for n, c in module.named_children() if n not in exclude}
+    if attr is not None:
+        found = getattr(module, attr, None)
+        if not isinstance(found, nn.Module):
+            raise ValueError(
+                f"{type(module).__name__} has no submodule {attr!r} ({role}_attr); child "
+                f"modules: {sorted(children) or 'none'}"
+            )
+        return found
+    for name in _NETWORK_ATTRS:
+        if isinstance(children.get(name), nn.Module):
+            return children[name]
+    with_params = [n for n, c in children.items() if any(True for _ in c.parameters())]
+    if len(with_params) == 1:
+        return children[with_params[0]]
+    raise ValueError(
+        f"cannot tell which submodule of {type(module).__name__} is the {role} network "
+        f"(child modules with parameters: {with_params or 'none'}); pass {role}_attr=<name>"
+    )
+
+
+def _floating_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _device(module: nn.Module) -> Optional[torch.device]:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        return tensor.device
+    return None
+
+
+class DistillationCallback(Callback):
+    """Train any ReconModule-style LightningModule with its own loss plus weighted KD losses.
+
+    See the module docstring for the mechanism, the schedules, what is logged and how the
+    teacher is kept frozen.
+
+    Args:
+        teacher: The teacher network, or a checkpoint path read with
+            :func:`sftkd_fastmri.models.load_model` (DC-CNN model checkpoints, Lightning
+            checkpoints of this package's modules, SFT exports; strict, name-based; errors
+            propagate). A LightningModule is accepted too: its network is taken as for the
+            student.
+        losses: ``{loss name: weight}`` with names from
+            :func:`sftkd_fastmri.kd.available_losses` (``at``, ``cc``, ``fitnet``, ``fsp``,
+            ``imitation``, ``sp``) and weights >= 0.
+        layers: ``{loss name: [(student_layer, teacher_layer), ...]}`` overriding the default
+            pairings (:mod:`sftkd_fastmri.kd.pairings`; required for non-DC-CNN models except
+            ``imitation``). Names are those of ``network.named_modules()``, ``""`` = output.
+        loss_options: ``{loss name: {option: value}}`` for :func:`sftkd_fastmri.kd.create_loss`.
+        student_attr: Attribute of the module holding the student network (default: found
+            automatically, see :func:`find_network`).
+        schedule: ``"joint"`` or ``"two_stage"``.
+        kd_epochs: Epochs with distillation: required (>= 1) for ``"two_stage"``; optional for
+            ``"joint"`` (default: every epoch).
+        teacher_prefix: Submodule of a Lightning teacher checkpoint (``"model"``,
+            ``"teacher"``, ``"student"``; default ``"model"``), passed to ``load_model``.
+        attr_name: Name under which the KD parameters are attached to the module (and the
+            prefix of their checkpoint keys).
+        prog_bar: Show ``kd/total`` in the progress bar.
+
+    Raises:
+        ValueError / TypeError: Invalid losses, weights, layers, options, schedule or kd_epochs.
+        sftkd_fastmri.models.CheckpointError: The teacher checkpoint cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        teacher: Union[nn.Module, PathLike],
+        losses: Mapping[str, float],
+        layers: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
+        loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        student_attr: Optional[str] = None,
+        schedule: str = "joint",
+        kd_epochs: Optional[int] = None,
+        teacher_prefix: Optional[str] = None,
+        attr_name: str = "distillation",
+        prog_bar: bool = False,
+    ) -> None:
+        super().__init__()
+        self.losses = check_loss_weights(losses)
+        for what, mapping in (("layers", layers), ("loss_options", loss_options)):
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise TypeError(f"{what} must be a mapping {{loss name: ...}}, got {mapping!r}")
+            stray = sorted(set(mapping or {}) - set(self.losses))
+            if stray:
+                raise ValueError(
+                    f"{what} given for {stray}, which are not among the losses "
+                    f"{sorted(self.losses)}"
+                )
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if kd_epochs is not None and (
+            isinstance(kd_epochs, bool) or not isinstance(kd_epochs, int) or kd_epochs < 1
+        ):
+            raise ValueError(f"kd_epochs must be an integer >= 1 or None, got {kd_epochs!r}")
+        if schedule == "two_stage" and kd_epochs is None:
+            raise ValueError(
+                "schedule='two_stage' needs kd_epochs >= 1 (epochs of distillation before "
+                "reconstruction fine-tuning)"
+            )
+        if not attr_name.isidentifier():
+            raise ValueError(f"attr_name must be a Python identifier, got {attr_name!r}")
+        if isinstance(teacher, (str, os.PathLike)):
+            teacher = load_model(teacher, prefix=teacher_prefix)
+        elif isinstance(teacher, pl.LightningModule):
+            teacher = find_network(teacher, role="teacher")
+        elif not isinstance(teacher, nn.Module):
+            raise TypeError(
+                f"teacher must be an nn.Module or a checkpoint path, got {type(teacher).__name__}"
+            )
+        self.teacher: nn.Module = teacher.requires_grad_(False).eval()
+        self.layers = {k: check_pairing(k, v) for k, v in dict(layers or {}).items()}
+        self.loss_options = {k: dict(v) for k, v in dict(loss_options or {}).items()}
+        self.student_attr = student_attr
+        self.schedule = schedule
+        self.kd_epochs = kd_epochs
+        self.attr_name = attr_name
+        self.prog_bar = prog_bar
+        self.distiller: Optional[Distiller] = None
+        self.stage = 1
+        self._module: Optional[pl.LightningModule] = None
+        self._saved_step: Any = None
+        self._had_instance_step = False
+        self._teacher_device: Optional[torch.device] = None
+        self._warned_train_mode = False
+
+    # -- schedule ---------------------------------------------------------------------------
+    def stage_at(self, epoch: int) -> int:
+        """1 while distilling (epoch < kd_epochs, or always for joint without kd_epochs), else 2."""
+        return 1 if self.kd_epochs is None or epoch < self.kd_epochs else 2
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                f"{type(pl_module).__name__} uses manual optimisation: DistillationCallback "
+                "adds the KD terms to the loss returned by training_step, which Lightning only "
+                "optimises under automatic optimisation"
+            )
+        if self._module is not None:
+            raise RuntimeError("DistillationCallback is already set up for a running fit")
+        existing = getattr(pl_module, self.attr_name, None)
+        if existing is not None and existing is not self.distiller:
+            raise RuntimeError(
+                f"{type(pl_module).__name__} already has an attribute {self.attr_name!r}; "
+                "pass another attr_name"
+            )
+        student = find_network(pl_module, self.student_attr, exclude=(self.attr_name,))
+        teacher_params = {id(p) for p in self.teacher.parameters()}
+        if student is self.teacher or any(id(p) in teacher_params for p in student.parameters()):
+            raise ValueError("the teacher shares parameters with the student")
+        if self.distiller is None or self.distiller.student is not student:
+            self.distiller = Distiller(
+                student, self.teacher, self.losses, self.layers or None, self.loss_options
+            )
+        # A submodule: moved, cast and DDP-wrapped with the module, optimised with its params.
+        pl_module.add_module(self.attr_name, self.distiller)
+        self._module = pl_module
+        self._had_instance_step = "training_step" in pl_module.__dict__
+        self._saved_step = pl_module.training_step
+        pl_module.training_step = self._wrap(trainer, pl_module, self._saved_step)
+        if self.kd_epochs is not None and trainer.world_size > 1:
+            rank_zero_warn(
+                f"DistillationCallback(schedule={self.schedule!r}, kd_epochs={self.kd_epochs}) "
+                "under DDP: some parameters get no gradient in one of the stages (student layers "
+                "after the distilled features in two-stage KD, the KD parameters after "
+                "kd_epochs); use strategy='ddp_find_unused_parameters_true'"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.distiller is not None
+        self._teacher_device = _device(self.teacher)
+        self.teacher.to(pl_module.device)
+        dtype = _floating_dtype(self.distiller.student)
+        run_teacher = self.teacher
+        if dtype is not None and _floating_dtype(self.teacher) not in (None, dtype):
+            # "*-true" precision: run a cast copy, so the given teacher's weights stay exact.
+            run_teacher = copy.deepcopy(self.teacher).to(dtype=dtype)
+        self.distiller.remove_hooks()
+        self.distiller.set_teacher(run_teacher)
+        self.distiller.attach()
+        self.stage = self.stage_at(trainer.current_epoch)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A configure_optimizers over e.g. self.model.parameters() would leave learned KD
+        # parameters at their random initialisation: say so rather than train silently.
+        optimised = {
+            id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]
+        }
+        missing = [n for n, p in self.distiller.named_parameters() if id(p) not in optimised]
+        if missing:
+            rank_zero_warn(
+                f"DistillationCallback: KD parameters {missing} are in no optimiser; build the "
+                f"optimiser from self.parameters() in {type(pl_module).__name__}."
+                "configure_optimizers so that they are trained with the student"
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = self.stage_at(trainer.current_epoch)
+        if stage != self.stage:
+            rank_zero_info(
+                f"DistillationCallback: epoch {trainer.current_epoch}: stage {self.stage} -> "
+                f"{stage} ({'reconstruction only, no teacher forward' if stage == 2 else 'KD'})"
+            )
+            self.stage = stage
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        teacher = self.distiller.teacher if self.distiller is not None else self.teacher
+        if teacher.training:
+            if not self._warned_train_mode:
+                rank_zero_warn("the frozen teacher was in training mode; putting it in eval mode")
+                self._warned_train_mode = True
+            teacher.eval()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore(pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips teardown when fit fails; leave the module as it was all the same.
+        self._restore(pl_module)
+
+    def _restore(self, pl_module: pl.LightningModule) -> None:
+        """Undo ``setup`` / ``on_fit_start``: training_step, submodule, hooks, teacher."""
+        if self._module is not pl_module:
+            return
+        if self._had_instance_step:
+            pl_module.training_step = self._saved_step
+        else:
+            del pl_module.training_step
+        self._saved_step = None
+        if self.distiller is not None:
+            self.distiller.remove_hooks()
+            self.distiller.set_teacher(self.teacher)  # drop a dtype-cast copy
+            if getattr(pl_module, self.attr_name, None) is self.distiller:
+                delattr(pl_module, self.attr_name)
+        if self._teacher_device is not None:
+            self.teacher.to(self._teacher_device)
+        self._module = None
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "schedule": self.schedule,
+            "kd_epochs": self.kd_epochs,
+            "losses": dict(self.losses),
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        for key in ("schedule", "kd_epochs", "losses"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                rank_zero_warn(
+                    f"DistillationCallback: the checkpoint was trained with {key}="
+                    f"{state_dict[key]!r}; continuing with {key}={getattr(self, key)!r}"
+                )
+        self.stage = int(state_dict.get("stage", self.stage))
+
+    # -- the wrapped training step ----------------------------------------------------------
+    def _wrap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Any) -> Any:
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._training_step(trainer, pl_module, step, *args, **kwargs)
+
+        training_step.__wrapped__ = step  # type: ignore[attr-defined]
+        return training_step
+
+    def _training_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Any, *args: Any, **kwargs
+    ) -> Any:
+        distiller = self.distiller
+        assert distiller is not None
+        stage = self.stage_at(trainer.current_epoch)
+        log = dict(on_step=True, on_epoch=True)
+        if stage == 2:
+            # Reconstruction fine-tuning: the module's own step, no teacher forward.
+            output = step(*args, **kwargs)
+            # A constant: any batch size gives the right epoch mean, and none is inferred.
+            pl_module.log("kd/stage", 2.0, batch_size=1, **log)
+            return output
+        distiller.begin_step()
+        try:
+            output = step(*args, **kwargs)
+            if output is None:  # the module skipped this batch
+                return None
+            recon = output["loss"] if isinstance(output, Mapping) else output
+            if not isinstance(recon, Tensor):
+                raise TypeError(
+                    f"{type(pl_module).__name__}.training_step must return a loss tensor or a "
+                    f"dict with 'loss' for DistillationCallback, got {type(output).__name__}"
+                )
+            kd = distiller()
+            batch_size = _batch_size(kd.teacher_output)
+        finally:
+            distiller.end_step()
+        two_stage_kd = self.schedule == "two_stage"
+        loss = kd.total if two_stage_kd else recon + kd.total
+        for name, term in kd.terms.items():
+            pl_module.log(f"kd/{name}", term.detach(), batch_size=batch_size, **log)
+        pl_module.log(
+            "kd/total", kd.total.detach(), batch_size=batch_size, prog_bar=self.prog_bar, **log
+        )
+        pl_module.log("kd/recon", recon.detach(), batch_size=batch_size, **log)
+        pl_module.log("kd/loss", loss.detach(), batch_size=batch_size, **log)
+        pl_module.log("kd/stage", 1.0, batch_size=batch_size, **log)
+        if isinstance(output, Mapping):
+            output = dict(output)
+            output["loss"] = loss
+            return output
+        return loss
+
+
+def _batch_size(output: Any) -> Optional[int]:
+    # Given explicitly: Lightning cannot always infer it from a fastMRI batch (a namedtuple).
+    return int(output.shape[0]) if isinstance(output, Tensor) and output.dim() > 0 else None

@@ -1,0 +1,265 @@
+"""The ``sftkd-fastmri`` command.
+
+Every training command takes a YAML config (``--config``) whose keys are the long option
+names (``max_epochs: 3``); flags typed on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .options import add_options, load_config, resolve
+
+DESCRIPTION = """\
+SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
+teacher (SFT), distil it into a small student (KD), and compare them.
+
+Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{train,val,test}):
+
+  sftkd-fastmri make-demo-data demo_data                 # offline demo data (no download)
+  sftkd-fastmri train --data-path demo_data --model dccnn_d5c5 --out-dir runs/teacher
+  sftkd-fastmri evaluate --checkpoint runs/teacher/model.pt --data-path demo_data
+  sftkd-fastmri sft --data-path demo_data --out-dir runs/sft
+  sftkd-fastmri distill --data-path demo_data --teacher-checkpoint runs/sft/teacher.pt \\
+      --init-checkpoint runs/sft/student_init.pt --methods at=1,imitation=1
+"""
+
+TRAIN_GROUPS = ("data", "optim", "trainer", "runtime")
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of options (flags override it)")
+
+
+def _cfg(args: argparse.Namespace, groups, extra=()) -> Dict:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    return resolve(
+        groups, load_config(args.config), flags, extra_keys=extra, source=args.config or "config"
+    )
+
+
+# -- commands -----------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import create_model, list_models
+
+    print(f"{'preset':<20}{'parameters':>12}  description")
+    for name in list_models():
+        model = create_model(name)
+        n = sum(p.numel() for p in model.parameters())
+        c = model.config
+        kind = "paper mode, real" if c["pad"] else "complex, residual"
+        print(f"{name:<20}{n:>12,}  D{c['depth']}C{c['num_cascades']} {kind}, {c['dc_mode']} DC")
+    return 0
+
+
+def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from ..data.demo import write_demo_data
+
+    kwargs = dict(
+        seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, backend=args.backend
+    )
+    if args.image_size:
+        kwargs["image_size"] = tuple(args.image_size)
+    if args.num_coils:
+        kwargs["num_coils"] = args.num_coils
+    if args.volumes:
+        kwargs["volumes_per_split"] = args.volumes
+    if args.slices:
+        kwargs["slices_per_volume"] = args.slices
+    info = write_demo_data(args.out_dir, **kwargs)
+    print(f"demo data ({info.backend}) written to {args.out_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..experiment import run_train
+
+    cfg = _cfg(args, TRAIN_GROUPS + ("model",))
+    result = run_train(cfg)
+    print(f"best checkpoint: {result.best_checkpoint}\nmodel export:    {result.exports['model']}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from ..experiment import run_sft
+
+    cfg = _cfg(args, TRAIN_GROUPS + ("sft",))
+    result = run_sft(cfg)
+    print(f"best checkpoint:        {result.best_checkpoint}")
+    print(f"teacher export:         {result.exports['teacher']}")
+    print(f"student initialisation: {result.exports['student_init']}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from ..experiment import run_distill
+
+    cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"))
+    if "model" not in vars(args) and "model" not in load_config(args.config):
+        cfg["model"] = "dccnn_d3c5"  # distillation trains a student
+    result = run_distill(cfg)
+    print(f"best checkpoint: {result.best_checkpoint}\nstudent export:  {result.exports['model']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..experiment import run_evaluate
+
+    cfg = _cfg(args, ("data", "runtime"))
+    split = args.split or cfg["test_split"]
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=out_dir)
+    label = args.checkpoint or "zero-filled"
+    print(f"{label} on {cfg['challenge']}_{split}:")
+    print(result.table())
+    if out_dir is not None:
+        rows = [m.as_dict() for m in result.metrics]
+        (out_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
+        print(f"reconstructions and metrics.json in {out_dir}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from ..pipeline import STUDY_DEFAULTS, run_study, study_summary
+
+    groups = ("data", "optim", "trainer", "runtime")
+    cfg = _cfg(args, groups, extra=STUDY_DEFAULTS)
+    for key, value in STUDY_DEFAULTS.items():
+        cfg.setdefault(key, value)
+    cfg.setdefault("out_dir", None)
+    result = run_study(cfg)
+    result.report.print()
+    print(study_summary(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..data.demo import write_demo_data
+    from ..pipeline import run_study, study_summary
+    from .demo_config import demo_config
+
+    out_dir = Path(args.out_dir)
+    data_dir = Path(args.data_dir) if args.data_dir else out_dir / "data"
+    info = write_demo_data(data_dir, seed=0, progress=not args.quiet, **_DEMO_DATA)
+    print(f"demo data ({info.backend}) in {data_dir}")
+    cfg = demo_config(data_dir, out_dir, epochs=args.epochs, progress=not args.quiet)
+    result = run_study(cfg)
+    result.report.print()
+    print(study_summary(result))
+    return 0
+
+
+_DEMO_DATA = dict(challenges=("multicoil",))
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftkd-fastmri",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    command("models", cmd_models, "list the model presets and their parameter counts")
+
+    p = command(
+        "make-demo-data",
+        cmd_make_demo_data,
+        "write fastMRI-layout demo splits built from the MNI152 brain template",
+    )
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--num-coils", type=int)
+    p.add_argument("--volumes", type=int, help="volumes per split")
+    p.add_argument("--slices", type=int, help="slices per volume")
+    p.add_argument("--backend", default="auto", choices=("auto", "nilearn", "phantom"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = command("train", cmd_train, "train a DC-CNN preset (teacher or student, no KD)")
+    _add_config(p)
+    add_options(p, ("model",) + TRAIN_GROUPS)
+
+    p = command("sft", cmd_sft, "train a student-friendly teacher with unfolded student branches")
+    _add_config(p)
+    add_options(p, ("sft",) + TRAIN_GROUPS)
+
+    p = command(
+        "distill",
+        cmd_distill,
+        "distil a teacher into a student (AT, FitNets, FSP, SP, CC, output imitation)",
+    )
+    _add_config(p)
+    add_options(p, ("distill", "model") + TRAIN_GROUPS)
+
+    p = command(
+        "evaluate",
+        cmd_evaluate,
+        "per-volume NMSE/PSNR/SSIM/HFEN of a checkpoint on a split, and reconstructions",
+    )
+    _add_config(p)
+    p.add_argument("--checkpoint", help="model export or Lightning checkpoint (omit: zero-filled)")
+    p.add_argument("--split", help="split to evaluate (default: test_split)")
+    p.add_argument(
+        "--role",
+        default="auto",
+        choices=("auto", "teacher", "student"),
+        help="which network of an SFT checkpoint",
+    )
+    p.add_argument("--eval-out-dir", dest="out_dir", help="write reconstructions/ and metrics.json")
+    add_options(p, ("data", "runtime"))
+
+    p = command(
+        "pipeline",
+        cmd_pipeline,
+        "the whole study from one YAML: teacher, student, SFT teacher, Std-KD and SFT-KD "
+        "students per method, evaluation on the held-out split, report and figures",
+    )
+    _add_config(p)
+    add_options(p, ("data", "optim", "trainer", "runtime"))
+
+    p = command(
+        "demo",
+        cmd_demo,
+        "write demo data and run a reduced study end to end (about 10 min on 2 CPU cores)",
+    )
+    p.add_argument("--out-dir", default="sftkd_demo", help="output folder (default: sftkd_demo)")
+    p.add_argument("--data-dir", help="demo data folder (default: OUT_DIR/data)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per stage (default: demo's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    for hook in _EXTRA_COMMANDS:
+        hook(command)
+    return parser
+
+
+_EXTRA_COMMANDS: List[Callable] = []
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        # Bad input (missing files, wrong keys, mismatched checkpoints): say what, not a trace.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Options shared by the commands, YAML config files, and their merging.
+
+One option table serves argparse (flags), YAML configs and defaults, so a value has one name
+everywhere: ``--max-epochs 3`` on the command line, ``max_epochs: 3`` in a config file.
+Precedence: built-in default < config file < command-line flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+
+__all__ = ["Option", "OPTIONS", "GROUPS", "add_options", "load_config", "resolve"]
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _mapping(text: str) -> Dict[str, Any]:
+    """``at=1.0,imitation=0.5`` or JSON -> dict."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    out: Dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = yaml.safe_load(value) if value else 1.0
+    return out
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    type: Optional[Callable] = None
+    nargs: Optional[str] = None
+    choices: Optional[Sequence[Any]] = None
+
+
+_O = Option
+GROUPS: Dict[str, List[Option]] = {
+    "data": [
+        _O(
+            "data_path",
+            None,
+            "fastMRI-layout folder holding {challenge}_{split} sub-folders "
+            "(e.g. .../knee or .../brain); see also --data-config",
+            str,
+        ),
+        _O(
+            "data_config",
+            None,
+            "fastMRI's fastmri_dirs.yaml; with --dataset knee|brain it supplies data_path",
+            str,
+        ),
+        _O(
+            "dataset",
+            None,
+            "key prefix in --data-config: 'knee' or 'brain'",
+            str,
+            choices=("knee", "brain"),
+        ),
+        _O(
+            "challenge",
+            "singlecoil",
+            "singlecoil or multicoil",
+            str,
+            choices=("singlecoil", "multicoil"),
+        ),
+        _O("train_split", "train", "training split name", str),
+        _O("val_split", "val", "validation split name (checkpoint selection)", str),
+        _O("test_split", "test", "held-out split for evaluation", str),
+        _O(
+            "mask_type",
+            "random",
+            "fastMRI mask type",
+            str,
+            choices=("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"),
+        ),
+        _O("center_fractions", [0.08], "fully sampled centre fraction(s)", float, "+"),
+        _O("accelerations", [4], "acceleration(s)", int, "+"),
+        _O(
+            "fixed_mask",
+            False,
+            "one mask for every slice, drawn from --seed (the paper's protocol)",
+            _bool,
+        ),
+        _O("mask_path", None, ".npy file with a fixed 1-D mask (W,)", str),
+        _O(
+            "kspace_from_target",
+            False,
+            "simulate single-coil k-space from the target "
+            "magnitude (the paper's protocol on magnitude images)",
+            _bool,
+        ),
+        _O("sample_rate", 1.0, "fraction of training slices to use", float),
+        _O("batch_size", 4, "batch size", int),
+        _O("num_workers", 0, "DataLoader workers", int),
+        _O("seed", 0, "random seed (weights, masks, shuffling)", int),
+    ],
+    "optim": [
+        _O("lr", 1e-3, "Adam learning rate", float),
+        _O("lr_step_size", 40, "StepLR step (epochs)", int),
+        _O("lr_gamma", 0.1, "StepLR decay", float),
+        _O("weight_decay", 0.0, "Adam weight decay", float),
+        _O("loss", "l1", "reconstruction loss", str),
+    ],
+    "trainer": [
+        _O("out_dir", None, "output folder (checkpoints, logs, exports)", str),
+        _O("max_epochs", 150, "training epochs", int),
+        _O("limit_train_batches", 1.0, "fraction or number of training batches per epoch", float),
+        _O("limit_val_batches", 1.0, "fraction or number of validation batches", float),
+        _O("accumulate_grad_batches", 1, "gradient accumulation", int),
+        _O("resume", True, "resume from out_dir/checkpoints/last.ckpt when it exists", _bool),
+        _O(
+            "logger", "csv", "csv, tensorboard or none", str, choices=("csv", "tensorboard", "none")
+        ),
+    ],
+    "runtime": [
+        _O("accelerator", "auto", "Lightning accelerator: auto, cpu, gpu", str),
+        _O("devices", 1, "number of devices", int),
+        _O("precision", "32-true", "Lightning precision, e.g. 32-true, bf16-mixed", str),
+        _O("progress", True, "show progress bars", _bool),
+    ],
+    "model": [
+        _O("model", "dccnn_d5c5", "model preset (see `sftkd-fastmri models`)", str),
+        _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", _mapping),
+        _O("init_checkpoint", None, "initialise the model from this checkpoint (strict)", str),
+    ],
+    "sft": [
+        _O("teacher", "dccnn_d5c5", "teacher preset", str),
+        _O("student", "dccnn_d3c5", "student preset", str),
+        _O("teacher_overrides", {}, "teacher preset overrides", _mapping),
+        _O("student_overrides", {}, "student preset overrides", _mapping),
+        _O(
+            "train_first_student_cascade",
+            False,
+            "add branch 0 (zero-filled input through all student cascades) so S_1 is trained too",
+            _bool,
+        ),
+        _O("teacher_weight", 1.0, "weight of the teacher reconstruction term", float),
+        _O("branch_weight", 1.0, "weight of the student-branch reconstruction term", float),
+        _O("imitation_weight", 1.0, "weight of the branch-to-teacher imitation term", float),
+    ],
+    "distill": [
+        _O("teacher_checkpoint", None, "teacher: DC-CNN checkpoint or SFT teacher export", str),
+        _O("methods", {"imitation": 1.0}, "KD losses and weights, e.g. at=1,imitation=1", _mapping),
+        _O(
+            "kd_schedule",
+            "joint",
+            "joint (paper) or two_stage (KD only, then fine-tuning)",
+            str,
+            choices=("joint", "two_stage"),
+        ),
+        _O("kd_epochs", None, "two_stage: epochs of the KD-only stage", int),
+        _O(
+            "layers",
+            None,
+            "layer pairings per loss as JSON {loss: [[student, teacher], ...]}",
+            _mapping,
+        ),
+        _O("loss_options", None, "options per loss as JSON {loss: {option: value}}", _mapping),
+    ],
+}
+OPTIONS: Dict[str, Option] = {o.name: o for group in GROUPS.values() for o in group}
+
+
+def add_options(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
+    """Add the options of ``groups`` to ``parser`` with SUPPRESS defaults, so only flags the
+    user typed appear in the namespace (the rest come from the config file or defaults)."""
+    for group_name in groups:
+        group = parser.add_argument_group(group_name)
+        for opt in GROUPS[group_name]:
+            flags = [f"--{opt.name.replace('_', '-')}"]
+            if "_" in opt.name:
+                flags.append(f"--{opt.name}")
+            default_text = "" if opt.default in (None, {}) else f" (default: {opt.default})"
+            kwargs: Dict[str, Any] = dict(
+                dest=opt.name, default=argparse.SUPPRESS, help=opt.help + default_text
+            )
+            if opt.type is not None:
+                kwargs["type"] = opt.type
+            if opt.nargs:
+                kwargs["nargs"] = opt.nargs
+            if opt.choices:
+                kwargs["choices"] = opt.choices
+            group.add_argument(*flags, **kwargs)
+
+
+def load_config(path: Optional[str]) -> Dict[str, Any]:
+    """Read a YAML config (flat mapping of option names); unknown keys are an error."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: config file {p} does not exist")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {p} must hold a mapping of option: value")
+    return data
+
+
+def resolve(
+    groups: Iterable[str],
+    config: Dict[str, Any],
+    flags: Dict[str, Any],
+    extra_keys: Iterable[str] = (),
+    source: str = "config",
+) -> Dict[str, Any]:
+    """Merge defaults < config < flags for the options of ``groups``."""
+    groups = list(groups)
+    names = {o.name for g in groups for o in GROUPS[g]} | set(extra_keys)
+    unknown = sorted(set(config) - names - set(OPTIONS) - set(extra_keys))
+    if unknown:
+        raise SystemExit(
+            f"error: unknown key(s) in {source}: {', '.join(unknown)}; known keys: "
+            f"{', '.join(sorted(names))}"
+        )
+    values = {o.name: o.default for g in groups for o in GROUPS[g]}
+    values.update({k: v for k, v in config.items() if k in names})
+    values.update({k: v for k, v in flags.items() if k in names})
+    for key in ("center_fractions", "accelerations"):
+        if key in values and not isinstance(values[key], (list, tuple)):
+            values[key] = [values[key]]
+    return values

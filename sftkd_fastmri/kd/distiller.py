@@ -1,0 +1,349 @@
+"""One distillation step from captured features (plain torch, no Lightning).
+
+:class:`Distiller` ties together the pieces of the KD stage of SFT-KD-Recon (Matcha et al.,
+MIDL 2023, Algorithm 1: the student minimises its reconstruction loss plus a weighted
+distillation loss from a frozen teacher): forward hooks on the student and the teacher
+(:class:`~sftkd_fastmri.kd.hooks.FeatureCapture`), the layer pairings
+(:mod:`~sftkd_fastmri.kd.pairings`) and the losses (:func:`~sftkd_fastmri.kd.create_loss`).
+
+The student's forward runs exactly as in any training loop; the hooks record its features and
+its forward arguments, and the teacher is then called with those same arguments under
+``torch.no_grad()``, so a step costs one student forward + backward and one teacher forward.
+The :class:`~sftkd_fastmri.callbacks.DistillationCallback` uses it inside Lightning; in a plain
+loop::
+
+    distiller = Distiller(student, teacher, {"at": 1.0, "imitation": 0.5})
+    optimizer = torch.optim.Adam([*student.parameters(), *distiller.parameters()])
+    with distiller:                            # registers the hooks; removed on exit
+        for kspace, mask, target in loader:
+            with distiller.step():             # records the student's features in here
+                output = student(kspace, mask)
+                kd = distiller()               # teacher forward + weighted KD terms
+            loss = (output - target).abs().mean() + kd.total
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+Learned KD parameters (FitNet's 1x1 regressors) are parameters of the Distiller (under
+``losses.fitnet.``); the student and the teacher are referenced, not registered, so
+``distiller.parameters()`` / ``state_dict()`` hold the KD parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import FeatureCapture, find_module
+from .losses import KDLoss
+from .pairings import Pairing, layer_channels, resolve_pairings
+from .registry import available_losses, create_loss
+
+__all__ = ["Distiller", "KDOutput", "check_loss_weights"]
+
+
+def check_loss_weights(losses: Mapping[str, Any]) -> Dict[str, float]:
+    """Validate ``{loss name: weight}`` and return it with float weights.
+
+    Raises:
+        TypeError: If ``losses`` is not a mapping or a weight is not a real number.
+        ValueError: If it is empty, names an unknown loss (the message lists the available
+            ones), or a weight is negative or not finite.
+    """
+    if not isinstance(losses, Mapping):
+        raise TypeError(
+            f"losses must be a mapping {{loss name: weight}}, e.g. {{'at': 1.0}}, got "
+            f"{type(losses).__name__}"
+        )
+    if not losses:
+        raise ValueError(f"losses is empty; give at least one of {available_losses()}")
+    unknown = sorted(set(losses) - set(available_losses()))
+    if unknown:
+        raise ValueError(
+            f"unknown KD loss(es) {unknown}; available: {', '.join(available_losses())}"
+        )
+    weights: Dict[str, float] = {}
+    for name, weight in losses.items():
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"weight of KD loss {name!r} must be a number, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight of KD loss {name!r} must be finite and >= 0, got {weight}")
+        weights[name] = float(weight)
+    return weights
+
+
+@dataclass
+class KDOutput:
+    """Result of one distillation step.
+
+    Attributes:
+        total: ``sum(weight * term)``, a scalar with gradients into the student (and the KD
+            parameters).
+        terms: Unweighted scalar term of each loss, by name.
+        teacher_output: The teacher's output for the step (no gradients).
+    """
+
+    total: Tensor
+    terms: Dict[str, Tensor]
+    teacher_output: Any = None
+
+
+class Distiller(nn.Module):
+    """Weighted KD terms between a student and a frozen teacher, from forward hooks.
+
+    The teacher is frozen here (``requires_grad_(False)``, ``eval()``) and kept in eval mode
+    (a teacher found in training mode before its forward is put back in eval mode, with a
+    warning). It is not registered as a submodule, nor is the student.
+
+    Args:
+        student: Student network; its forward is called by the training code.
+        teacher: Teacher network; called by :meth:`forward` with the student's arguments.
+        losses: ``{loss name: weight}``, weights >= 0 (see
+            :func:`~sftkd_fastmri.kd.available_losses`).
+        layers: Optional ``{loss name: [(student_layer, teacher_layer), ...]}`` replacing the
+            default pairings of :func:`~sftkd_fastmri.kd.pairings.default_pairings`.
+        loss_options: Optional ``{loss name: {option: value}}`` passed to
+            :func:`~sftkd_fastmri.kd.create_loss`. FitNet's ``student_channels`` /
+            ``teacher_channels`` are inferred from the paired layers when not given
+            (:func:`~sftkd_fastmri.kd.pairings.layer_channels`).
+
+    Raises:
+        KeyError: A layer name does not exist (similar names are listed).
+        ValueError / TypeError: Bad loss names, weights, options or pairings; FSP pairings of
+            odd length or with mismatching student / teacher channels.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        losses: Mapping[str, float],
+        layers: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
+        loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    ) -> None:
+        super().__init__()
+        if student is teacher:
+            raise ValueError("student and teacher must be different modules")
+        self.weights = check_loss_weights(losses)
+        options = {k: dict(v) for k, v in dict(loss_options or {}).items()}
+        stray = sorted(set(options) - set(self.weights))
+        if stray:
+            raise ValueError(f"loss_options given for {stray}, not among the losses {list(losses)}")
+        # Referenced, not registered: neither network belongs to the Distiller's parameters or
+        # state_dict, so attaching the Distiller to a LightningModule adds the KD parameters only.
+        object.__setattr__(self, "_student", student)
+        object.__setattr__(self, "_teacher", teacher)
+        teacher.requires_grad_(False).eval()
+        self.pairings: Dict[str, Pairing] = resolve_pairings(self.weights, student, teacher, layers)
+        self.losses = nn.ModuleDict(
+            {name: self._build_loss(name, options.get(name, {})) for name in self.weights}
+        )
+        self._student_capture: Optional[FeatureCapture] = None
+        self._teacher_capture: Optional[FeatureCapture] = None
+        self._warned_train_mode = False
+
+    # -- construction -----------------------------------------------------------------------
+    def _build_loss(self, name: str, options: Dict[str, Any]) -> KDLoss:
+        pairs = self.pairings[name]
+        if name == "fitnet" and "student_channels" not in options:
+            channels = self._channels(pairs)
+            if channels is not None:
+                options["student_channels"], options["teacher_channels"] = channels
+        if name == "fsp":
+            self._check_fsp(pairs)
+        return create_loss(name, **options)
+
+    def _channels(self, pairs: Pairing) -> Optional[tuple]:
+        # Without static channel counts FitNet builds no regressor and raises at the first step
+        # if the channels differ, naming the fix (explicit channels in loss_options).
+        try:
+            return (
+                [layer_channels(self.student, s) for s, _ in pairs],
+                [layer_channels(self.teacher, t) for _, t in pairs],
+            )
+        except ValueError:
+            return None
+
+    def _check_fsp(self, pairs: Pairing) -> None:
+        if len(pairs) % 2:
+            raise ValueError(
+                "FSP consumes layers in consecutive pairs (first, second), so its pairing needs "
+                f"an even number of entries, got {len(pairs)}: {pairs}"
+            )
+        channels = self._channels(pairs)
+        if channels is None:
+            return
+        (cs, ct) = channels
+        for k in range(0, len(pairs), 2):
+            if (cs[k], cs[k + 1]) != (ct[k], ct[k + 1]):
+                raise ValueError(
+                    f"FSP matrices differ in shape for layers {pairs[k]} and {pairs[k + 1]}: "
+                    f"student {cs[k]}x{cs[k + 1]}, teacher {ct[k]}x{ct[k + 1]}; pair layers "
+                    "with equal channel counts"
+                )
+
+    # -- networks ---------------------------------------------------------------------------
+    @property
+    def student(self) -> nn.Module:
+        """The student network (not a registered submodule)."""
+        return self._student
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher network (not a registered submodule)."""
+        return self._teacher
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Replace the teacher by an equivalent module (e.g. a copy cast to another dtype).
+
+        The layer names of the pairings must exist in it; hooks must not be attached.
+        """
+        if self.attached:
+            raise RuntimeError("remove the hooks (remove_hooks()) before replacing the teacher")
+        for pairs in self.pairings.values():
+            for _, name in pairs:
+                find_module(teacher, name, "teacher")
+        teacher.requires_grad_(False).eval()
+        object.__setattr__(self, "_teacher", teacher)
+
+    @property
+    def student_layers(self) -> List[str]:
+        """Every student layer used by some loss, without duplicates, in first-use order."""
+        return list(dict.fromkeys(s for pairs in self.pairings.values() for s, _ in pairs))
+
+    @property
+    def teacher_layers(self) -> List[str]:
+        """Every teacher layer used by some loss, without duplicates, in first-use order."""
+        return list(dict.fromkeys(t for pairs in self.pairings.values() for _, t in pairs))
+
+    # -- hooks ------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        """Whether the forward hooks are registered."""
+        return self._student_capture is not None
+
+    def attach(self) -> Distiller:
+        """Register the forward hooks on student and teacher (idempotent); returns ``self``."""
+        if not self.attached:
+            self._student_capture = FeatureCapture(
+                self.student, self.student_layers, record_calls=True, enabled=False,
+                role="student",
+            )  # fmt: skip
+            self._teacher_capture = FeatureCapture(
+                self.teacher, self.teacher_layers, detach=True, enabled=False, role="teacher"
+            )
+        return self
+
+    def remove_hooks(self) -> None:
+        """Unregister the hooks and drop recorded tensors (idempotent)."""
+        for capture in (self._student_capture, self._teacher_capture):
+            if capture is not None:
+                capture.remove()
+        self._student_capture = self._teacher_capture = None
+
+    def __enter__(self) -> Distiller:
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove_hooks()
+
+    # -- one step ---------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Clear the previous step's tensors and start recording the student."""
+        self._require_attached()
+        self._teacher_capture.clear()
+        self._teacher_capture.enabled = False
+        self._student_capture.clear()
+        self._student_capture.enabled = True
+
+    def end_step(self) -> None:
+        """Stop recording and drop the step's recorded tensors (the loss keeps what it needs)."""
+        for capture in (self._student_capture, self._teacher_capture):
+            if capture is not None:
+                capture.enabled = False
+                capture.clear()
+
+    @contextmanager
+    def step(self) -> Iterator[Distiller]:
+        """``begin_step()`` on entry, ``end_step()`` on exit."""
+        self.begin_step()
+        try:
+            yield self
+        finally:
+            self.end_step()
+
+    def _require_attached(self) -> None:
+        if not self.attached:
+            raise RuntimeError(
+                "Distiller hooks are not attached: call attach() or use 'with distiller:'"
+            )
+
+    def run_teacher(self) -> Any:
+        """Run the teacher on the student's recorded forward arguments, without gradients.
+
+        Returns:
+            The teacher's output.
+
+        Raises:
+            RuntimeError: If the student's forward ran zero or several times in this step.
+        """
+        self._require_attached()
+        # Stop recording the student: its features are complete, and later calls (e.g. the
+        # recomputation of gradient checkpointing) must not be taken for this step's.
+        self._student_capture.enabled = False
+        calls = self._student_capture.calls
+        if len(calls) != 1:
+            raise RuntimeError(
+                f"the student ({type(self.student).__name__}) ran {len(calls)} times in this "
+                "step; distillation needs exactly one student forward between begin_step() and "
+                "the KD loss (calls through student(...), not its submodules)"
+            )
+        if self.teacher.training:
+            if not self._warned_train_mode:
+                warnings.warn(
+                    "the teacher was in training mode; putting it back in eval mode",
+                    stacklevel=2,
+                )
+                self._warned_train_mode = True
+            self.teacher.eval()
+        call = calls[0]
+        with torch.no_grad(), self._teacher_capture.recording():
+            output = self.teacher(*call.args, **call.kwargs)
+        return output
+
+    def compute_terms(self) -> Dict[str, Tensor]:
+        """Unweighted KD term of every loss from the features recorded in this step."""
+        self._require_attached()
+        terms = {}
+        for name, pairs in self.pairings.items():
+            student_feats = [self._student_capture[s] for s, _ in pairs]
+            teacher_feats = [self._teacher_capture[t] for _, t in pairs]
+            terms[name] = self.losses[name](student_feats, teacher_feats)
+        return terms
+
+    def weighted_total(self, terms: Mapping[str, Tensor]) -> Tensor:
+        """``sum(weight * term)`` over ``terms``."""
+        return sum(self.weights[name] * term for name, term in terms.items())
+
+    def forward(self) -> KDOutput:
+        """Teacher forward on the student's arguments, then the weighted KD loss.
+
+        Call after the student's forward, inside :meth:`step` (or after :meth:`begin_step`).
+
+        Returns:
+            :class:`KDOutput` with the weighted total, the unweighted terms and the teacher's
+            output.
+        """
+        teacher_output = self.run_teacher()
+        terms = self.compute_terms()
+        return KDOutput(self.weighted_total(terms), terms, teacher_output)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, pairings={ {k: len(v) for k, v in self.pairings.items()} }"

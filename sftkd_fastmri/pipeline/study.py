@@ -1,0 +1,305 @@
+"""The end-to-end SFT-KD study (Matcha et al., MIDL 2023, Table 1 and Fig. 3) in one call.
+
+Stages, each in its own folder under ``out_dir`` (``seed_<s>/<stage>`` for every seed):
+
+1. ``teacher``: the standard teacher (e.g. D5C5) trained alone;
+2. ``student``: the student (e.g. D3C5) trained alone, without KD;
+3. ``sft``: the student-friendly teacher, trained with unfolded student branches;
+4. ``control_sft_init`` (``controls: true``): control (a) of a fair comparison - the student
+   initialised from the SFT branches and fine-tuned without KD;
+5. for every KD method: ``kd_std_<m>`` (student from scratch, standard teacher) and
+   ``kd_sft_<m>`` (student initialised from the SFT branches, SFT teacher), as in the paper.
+
+Checkpoints are selected on the validation split; every model is then scored on the held-out
+test split (``test_split``) that no selection has seen. A stage that finished (``done.json``)
+is skipped on re-run; an interrupted one resumes from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from ..evaluation import evaluate_model
+from ..evaluation.profile import profile_model
+from ..evaluation.report import ModelEntry, Report, build_report, write_report
+from ..experiment import StageResult, build_datamodule, run_distill, run_sft, run_train
+from ..export.loading import load_reconstruction_model
+from ..kd import available_losses
+
+__all__ = ["STUDY_DEFAULTS", "StudyResult", "run_study"]
+
+#: Study-level options (besides the data/optim/trainer/runtime options of the CLI).
+STUDY_DEFAULTS: Dict[str, Any] = {
+    "teacher": "dccnn_d5c5",
+    "student": "dccnn_d3c5",
+    "teacher_overrides": {},
+    "student_overrides": {},
+    "methods": {"at": 1.0, "fitnet": 1.0, "fsp": 1.0, "sp": 1.0, "cc": 1.0},
+    "kd_schedule": "joint",
+    "kd_epochs": None,
+    "layers": None,
+    "loss_options": None,
+    "epochs": None,  # int, or {teacher, student, sft, kd}; None: max_epochs for every stage
+    "controls": True,
+    "seeds": None,  # list of seeds; None: [seed]
+    "train_first_student_cascade": False,
+    "teacher_weight": 1.0,
+    "branch_weight": 1.0,
+    "imitation_weight": 1.0,
+    "profile_device": "cpu",
+    "figure_volume": None,
+    "title": "SFT-KD study",
+}
+STAGE_EPOCH_KEYS = ("teacher", "student", "sft", "kd")
+
+
+class StudyResult:
+    """The report and where everything was written."""
+
+    def __init__(self, report: Report, out_dir: Path, files: Dict[str, Path]):
+        self.report = report
+        self.out_dir = out_dir
+        self.files = files
+
+
+def _epochs(cfg: Mapping[str, Any]) -> Dict[str, int]:
+    spec = cfg.get("epochs")
+    if spec is None:
+        return {k: int(cfg["max_epochs"]) for k in STAGE_EPOCH_KEYS}
+    if isinstance(spec, (int, float)):
+        return {k: int(spec) for k in STAGE_EPOCH_KEYS}
+    unknown = set(spec) - set(STAGE_EPOCH_KEYS)
+    if unknown:
+        raise ValueError(f"epochs: unknown stage(s) {sorted(unknown)}; use {STAGE_EPOCH_KEYS}")
+    return {k: int(spec.get(k, cfg["max_epochs"])) for k in STAGE_EPOCH_KEYS}
+
+
+def _methods(cfg: Mapping[str, Any]) -> Dict[str, float]:
+    methods = cfg["methods"]
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, Mapping):
+        methods = {m: 1.0 for m in methods}
+    unknown = sorted(set(methods) - set(available_losses()))
+    if unknown:
+        raise ValueError(f"unknown KD method(s) {unknown}; available: {available_losses()}")
+    if not methods:
+        raise ValueError("the study needs at least one KD method")
+    return {str(k): float(v) for k, v in methods.items()}
+
+
+def _stage(
+    name: str, cfg: Dict[str, Any], root: Path, runner, log: List[str], **overrides: Any
+) -> StageResult:
+    out_dir = root / name
+    done = StageResult.load(out_dir)
+    if done is not None:
+        log.append(f"[skip] {name}: finished earlier ({out_dir})")
+        print(log[-1], flush=True)
+        return done
+    stage_cfg = copy.deepcopy(cfg)
+    stage_cfg.update(overrides)
+    stage_cfg["out_dir"] = str(out_dir)
+    print(f"[run ] {name} -> {out_dir}", flush=True)
+    result = runner(stage_cfg)
+    log.append(f"[done] {name}")
+    return result
+
+
+def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tuple[str, Any]]:
+    """Run (or skip) every training stage of one seed; returns key -> (model file, entry info)."""
+    ep = _epochs(cfg)
+    methods = _methods(cfg)
+    models: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+
+    teacher = _stage(
+        "teacher",
+        cfg,
+        root,
+        run_train,
+        log,
+        model=cfg["teacher"],
+        model_overrides=cfg["teacher_overrides"],
+        max_epochs=ep["teacher"],
+        init_checkpoint=None,
+    )
+    models["teacher"] = (
+        teacher.exports["model"],
+        dict(name="Teacher", kind="teacher", variant="std"),
+    )
+    student = _stage(
+        "student",
+        cfg,
+        root,
+        run_train,
+        log,
+        model=cfg["student"],
+        model_overrides=cfg["student_overrides"],
+        max_epochs=ep["student"],
+        init_checkpoint=None,
+    )
+    models["student"] = (
+        student.exports["model"],
+        dict(name="Student (no KD)", kind="student", variant="std"),
+    )
+    sft = _stage("sft", cfg, root, run_sft, log, max_epochs=ep["sft"])
+    models["sft_teacher"] = (
+        sft.exports["teacher"],
+        dict(name="SFT teacher", kind="teacher", variant="sft"),
+    )
+    if cfg["controls"]:
+        ctrl = _stage(
+            "control_sft_init",
+            cfg,
+            root,
+            run_train,
+            log,
+            model=cfg["student"],
+            model_overrides=cfg["student_overrides"],
+            max_epochs=ep["kd"],
+            init_checkpoint=sft.exports["student_init"],
+        )
+        models["control_sft_init"] = (
+            ctrl.exports["model"],
+            dict(name="Student, SFT init, no KD", kind="student", variant="sft"),
+        )
+    kd_common = dict(
+        model=cfg["student"], model_overrides=cfg["student_overrides"], max_epochs=ep["kd"]
+    )
+    for method, weight in methods.items():
+        std = _stage(
+            f"kd_std_{method}",
+            cfg,
+            root,
+            run_distill,
+            log,
+            **kd_common,
+            methods={method: weight},
+            teacher_checkpoint=teacher.exports["model"],
+            init_checkpoint=None,
+        )
+        models[f"kd_std/{method}"] = (
+            std.exports["model"],
+            dict(name=f"Std-KD {method}", kind="kd", method=method, variant="std"),
+        )
+        sftkd = _stage(
+            f"kd_sft_{method}",
+            cfg,
+            root,
+            run_distill,
+            log,
+            **kd_common,
+            methods={method: weight},
+            teacher_checkpoint=sft.exports["teacher"],
+            init_checkpoint=sft.exports["student_init"],
+        )
+        models[f"kd_sft/{method}"] = (
+            sftkd.exports["model"],
+            dict(name=f"SFT-KD {method}", kind="kd", method=method, variant="sft"),
+        )
+    return models
+
+
+def _example_inputs(loader) -> Tuple:
+    batch = next(iter(loader))
+    sens = batch.sens_maps[:1] if batch.sens_maps.numel() else None
+    return (batch.masked_kspace[:1], batch.mask[:1], sens)
+
+
+def run_study(cfg: Dict[str, Any]) -> StudyResult:
+    """Run the whole study described by ``cfg`` (see :data:`STUDY_DEFAULTS` and the CLI
+    options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``."""
+    cfg = {**STUDY_DEFAULTS, **cfg}
+    out_dir = Path(cfg.get("out_dir") or "runs/study")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
+    log: List[str] = []
+
+    per_seed = {}
+    for seed in seeds:
+        seed_cfg = {**cfg, "seed": seed}
+        per_seed[seed] = _train_seed(seed_cfg, out_dir / f"seed_{seed}", log)
+
+    print(f"[eval] scoring every model on {cfg['challenge']}_{cfg['test_split']}", flush=True)
+    loader = build_datamodule(cfg).test_dataloader()
+    example = _example_inputs(loader)
+    zero = evaluate_model(None, loader, progress=False)
+    entries = [ModelEntry("zero_filled", "Zero-filled", "baseline", zero.metrics)]
+    recons: Dict[str, Dict[str, np.ndarray]] = {"Zero-filled": zero.reconstructions}
+    profiles: Dict[str, Dict[str, Any]] = {}
+    device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
+    for seed, models in per_seed.items():
+        for key, (path, info) in models.items():
+            model = load_reconstruction_model(path)
+            result = evaluate_model(model, loader, device=device, progress=False)
+            if key not in profiles:  # architecture-level numbers: once per model kind
+                profiles[key] = profile_model(model.cpu(), example, device=cfg["profile_device"])
+            entries.append(
+                ModelEntry(
+                    key,
+                    info.pop("name"),
+                    metrics=result.metrics,
+                    profile=profiles[key],
+                    seed=seed,
+                    **info,
+                )
+            )
+            if seed == seeds[0]:
+                recons[entries[-1].name] = result.reconstructions
+    meta = {
+        "title": cfg["title"],
+        "split": f"{cfg['challenge']}_{cfg['test_split']}",
+        "seeds": seeds,
+        "epochs": _epochs(cfg),
+        "accelerations": list(cfg["accelerations"]),
+        "teacher": cfg["teacher"],
+        "student": cfg["student"],
+        "methods": _methods(cfg),
+        "data_path": str(cfg.get("data_path")),
+    }
+    report = build_report(entries, meta)
+    files = dict(write_report(report, out_dir))
+    files.update(_figures(report, entries, recons, loader, out_dir))
+    (out_dir / "stages.log").write_text("\n".join(log) + "\n")
+    return StudyResult(report, out_dir, files)
+
+
+def _figures(report, entries, recons, loader, out_dir: Path) -> Dict[str, Path]:
+    try:
+        from ..evaluation.figures import paper_panel, psnr_plot
+    except ImportError as err:  # matplotlib is the optional `report` extra
+        print(f"[warn] figures skipped: {err}")
+        return {}
+    files: Dict[str, Path] = {}
+    files["psnr_plot"] = psnr_plot(report, out_dir / "psnr_per_method.png")
+    # the middle slice of the first test volume; one KD method (the first) for the panel
+    targets: Dict[str, Dict[int, np.ndarray]] = {}
+    for batch in loader:
+        scale = batch.scale.reshape(-1, 1, 1)
+        for i, (fname, s) in enumerate(zip(batch.fname, batch.slice_num.tolist())):
+            targets.setdefault(fname, {})[s] = (batch.target[i] * scale[i]).numpy()
+    fname = sorted(targets)[0]
+    slices = sorted(targets[fname])
+    mid = len(slices) // 2
+    target = targets[fname][slices[mid]]
+    first_method = next((e.method for e in entries if e.kind == "kd"), None)
+    order = ["Zero-filled", "Teacher", "Student (no KD)"]
+    if first_method is not None:
+        order += [f"Std-KD {first_method}", f"SFT-KD {first_method}"]
+    images = {name: recons[name][fname][mid] for name in order if name in recons}
+    files["panel"] = paper_panel(
+        images, target, out_dir / "panel.png", title=f"{fname}, slice {slices[mid]}"
+    )
+    return files
+
+
+def study_summary(result: StudyResult) -> str:
+    """Short text naming the report and figure files."""
+    lines = [f"report and figures in {result.out_dir}:"]
+    lines += [f"  {k:<10} {v}" for k, v in sorted(result.files.items())]
+    return "\n".join(lines)

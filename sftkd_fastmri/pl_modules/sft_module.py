@@ -1,0 +1,301 @@
+"""Lightning module for the student-friendly teacher (SFT) stage of SFT-KD-Recon.
+
+Matcha, Ramanarayanan, Al Fahim, Rahul, Ram, Sivaprakasam, "SFT-KD-Recon: Learning a
+Student-friendly Teacher for Knowledge Distillation in Magnetic Resonance Image
+Reconstruction", MIDL 2023 (arXiv 2304.05057), Algorithm 1 (SFT stage), after Park et al.,
+"Learning Student-Friendly Teacher Networks for Knowledge Distillation", NeurIPS 2021.
+
+The module trains :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` with
+:class:`~sftkd_fastmri.sft.SFTLoss`; the teacher is the module's reconstruction for
+validation, testing and prediction, so ``validation_loss`` and ``val_metrics/*`` (the fastMRI
+contract of :class:`~sftkd_fastmri.pl_modules.ReconModule`) describe the teacher and the
+checkpoint monitor ``validation_loss`` picks the best teacher.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Union
+
+from torch import Tensor, nn
+
+from ..models import DCCNN, create_model
+from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
+from .recon_module import ReconModule, crop_to_target, model_inputs
+
+__all__ = ["SFTModule", "SFT_LOSSES"]
+
+PathLike = Union[str, os.PathLike]
+# The distances SFTLoss implements; ReconModule's loss of the same name gives validation_loss.
+SFT_LOSSES = ("l1", "l2")
+
+
+class SFTModule(ReconModule):
+    """Train a student-friendly teacher: the teacher with unfolded, shared student branches.
+
+    Matcha et al., "SFT-KD-Recon", MIDL 2023 (arXiv 2304.05057), Algorithm 1::
+
+        L_SFT = w_T d(T(x_0), y) + w_S mean_i d(b_i, y) + w_I mean_i d(b_i, T(x_0))
+
+    with ``b_i`` the output of branch ``i`` (teacher cascades ``1..i``, then student cascades
+    ``i+1..N``; see :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`) and ``d`` the L1
+    distance (``loss="l2"``: mean squared error). Defaults are the paper's: Adam, lr 1e-3,
+    StepLR(40, 0.1), no weight decay, L1, all weights 1. The imitation term is a plain mean,
+    not the authors' code's double normalisation (see :class:`~sftkd_fastmri.sft.SFTLoss`);
+    ``imitation_weight=0`` reproduces their effective behaviour.
+
+    Logged values:
+
+    * training (every step): ``train_loss`` (the total, as for every
+      :class:`ReconModule`), ``train/loss``, ``train/teacher_rec``, ``train/branch_rec``,
+      ``train/imitation`` and per branch ``train/branch{i}_rec``, ``train/branch{i}_imitation``;
+    * validation (per epoch): ``validation_loss`` = ``d(T(x_0), y)`` (the teacher's
+      reconstruction loss, the checkpoint monitor), ``val_metrics/{nmse,ssim,psnr}`` of the
+      teacher, and unless ``val_branch_metrics=False`` the same terms as in training under
+      ``val/...`` and ``val_metrics/branch{i}/{nmse,ssim,psnr}`` per branch;
+    * testing: the teacher's reconstructions in ``reconstructions/<fname>.h5`` (and
+      ``test_metrics/*`` where the files carry targets), as :class:`ReconModule`.
+
+    Branch labels ``i`` are the wrapper's :attr:`~StudentFriendlyTeacher.branch_starts`: the
+    number of teacher cascades before the branch (``1 .. N-1``; ``0`` is the student alone,
+    present with ``train_first_student_cascade=True``).
+
+    Checkpoint contract (read by :func:`sftkd_fastmri.sft.export_sft`,
+    :func:`sftkd_fastmri.sft.load_sft_models` and
+    :func:`sftkd_fastmri.export.load_reconstruction_model`): the weights are under
+    ``sft.teacher.*`` and ``sft.student.*``, and the hyperparameters hold ``teacher_preset``,
+    ``teacher_config``, ``student_preset``, ``student_config`` (the models' full constructor
+    dicts, overrides included) and ``train_first_student_cascade``.
+    ``SFTModule.load_from_checkpoint`` rebuilds the module from the stored configs.
+
+    Unused parameters: without branch 0 no branch reaches the student's first cascade ``S_1``
+    (as in the paper, it keeps its random initialisation), so its parameters are frozen
+    (``requires_grad=False``); DDP would otherwise fail on parameters that never get a
+    gradient. The KD stage trains the exported student, ``S_1`` included.
+
+    Args:
+        teacher_preset: teacher preset name (see :func:`sftkd_fastmri.models.list_models`).
+        student_preset: student preset name; same number of cascades as the teacher.
+        teacher_overrides: constructor arguments replacing the teacher preset's
+            (e.g. ``{"chans": 8}``).
+        student_overrides: likewise for the student.
+        train_first_student_cascade: add branch 0 (the student alone) so that ``S_1`` is
+            trained too. Default ``False`` (paper).
+        teacher_weight: weight ``w_T`` of the teacher reconstruction term.
+        branch_weight: weight ``w_S`` of the branch reconstruction term.
+        imitation_weight: weight ``w_I`` of the branch-to-teacher imitation term.
+        lr: Adam learning rate.
+        lr_step_size: StepLR period in epochs.
+        lr_gamma: StepLR decay factor.
+        weight_decay: Adam weight decay.
+        loss: the distance ``d``: ``"l1"`` (paper) or ``"l2"``.
+        branch_reduction: ``"mean"`` or ``"sum"`` over branches (see
+            :class:`~sftkd_fastmri.sft.SFTLoss`).
+        detach_teacher_in_imitation: use ``T(x_0).detach()`` as the imitation target.
+        batch_branches: run the active branches of each student cascade as one batch
+            (faster on a GPU, same arithmetic).
+        val_branch_metrics: also run the branches in validation and log their metrics and
+            loss terms (about 1.7 times the teacher's validation cost for D5C5/D3C5).
+        teacher_config: the teacher's full constructor dict; when given (as when reloading a
+            checkpoint) it is used as is and preset and overrides are only recorded.
+        student_config: likewise for the student.
+        num_log_images: validation slices logged as images (TensorBoard only; teacher).
+        output_dir: folder for test reconstructions (default: the trainer's
+            ``default_root_dir``).
+
+    Raises:
+        ValueError: ``loss`` is not ``"l1"`` or ``"l2"``, invalid loss weights, or models that
+            cannot be paired (see :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
+    """
+
+    def __init__(
+        self,
+        teacher_preset: Optional[str] = "dccnn_d5c5",
+        student_preset: Optional[str] = "dccnn_d3c5",
+        teacher_overrides: Optional[Dict[str, Any]] = None,
+        student_overrides: Optional[Dict[str, Any]] = None,
+        train_first_student_cascade: bool = False,
+        teacher_weight: float = 1.0,
+        branch_weight: float = 1.0,
+        imitation_weight: float = 1.0,
+        lr: float = 1e-3,
+        lr_step_size: int = 40,
+        lr_gamma: float = 0.1,
+        weight_decay: float = 0.0,
+        loss: str = "l1",
+        branch_reduction: str = "mean",
+        detach_teacher_in_imitation: bool = False,
+        batch_branches: bool = False,
+        val_branch_metrics: bool = True,
+        teacher_config: Optional[Dict[str, Any]] = None,
+        student_config: Optional[Dict[str, Any]] = None,
+        num_log_images: int = 4,
+        output_dir: Optional[PathLike] = None,
+    ):
+        if loss not in SFT_LOSSES:
+            # SSIM-type losses have no per-branch form in SFTLoss; failing here beats a
+            # validation_loss measured with another distance than the one trained.
+            raise ValueError(
+                f"SFTModule supports loss in {list(SFT_LOSSES)} (the SFTLoss distances), "
+                f"got {loss!r}"
+            )
+        super().__init__(
+            loss=loss,
+            lr=lr,
+            lr_step_size=lr_step_size,
+            lr_gamma=lr_gamma,
+            weight_decay=weight_decay,
+            num_log_images=num_log_images,
+            output_dir=output_dir,
+        )
+        teacher = _build_model("teacher", teacher_preset, teacher_overrides, teacher_config)
+        student = _build_model("student", student_preset, student_overrides, student_config)
+        self.sft = StudentFriendlyTeacher(
+            teacher,
+            student,
+            train_first_student_cascade=train_first_student_cascade,
+            batch_branches=batch_branches,
+        )
+        self.sft_loss = SFTLoss(
+            loss,
+            teacher_weight=teacher_weight,
+            branch_weight=branch_weight,
+            imitation_weight=imitation_weight,
+            branch_reduction=branch_reduction,
+            detach_teacher_in_imitation=detach_teacher_in_imitation,
+        )
+        self.val_branch_metrics = bool(val_branch_metrics)
+        for param in self.unused_parameters():
+            param.requires_grad_(False)
+        self.save_hyperparameters(ignore=["output_dir", "teacher_config", "student_config"])
+        # The full configs, not just preset + overrides: export and reloading rebuild the
+        # networks from them even if a preset's definition changes later.
+        self.hparams["teacher_config"] = dict(teacher.config)
+        self.hparams["student_config"] = dict(student.config)
+
+    # -- models -----------------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module:
+        """The teacher network (the module's reconstruction)."""
+        return self.sft.teacher
+
+    @property
+    def student(self) -> nn.Module:
+        """The student network whose cascades form the branches."""
+        return self.sft.student
+
+    @property
+    def branch_ids(self) -> List[int]:
+        """Labels of the branches in logged names (the wrapper's ``branch_starts``)."""
+        return self.sft.branch_starts
+
+    def unused_parameters(self) -> List[nn.Parameter]:
+        """Parameters that no SFT term reaches: the student's first cascade without branch 0."""
+        if self.sft.train_first_student_cascade:
+            return []
+        return list(self.sft.student.cascades[0].parameters())
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Union[SFTOutput, Tensor]:
+        """The wrapper's forward (uncropped).
+
+        Args:
+            masked_kspace: ``(B, coils, H, W, 2)`` normalised acquired k-space.
+            mask: ``(B, 1, 1, W, 1)`` sampling mask.
+            sens_maps: ``(B, coils, H, W, 2)``, or ``None`` for single-coil data.
+
+        Returns:
+            Training mode: :class:`~sftkd_fastmri.sft.SFTOutput` (teacher and branches, each
+            ``(B, H, W)``). Eval mode: the teacher's ``(B, H, W)`` magnitude image.
+        """
+        return self.sft(masked_kspace, mask, sens_maps)
+
+    def reconstruct(self, batch: Any) -> Tensor:
+        """The teacher's ``(B, h, w)`` normalised magnitude, cropped to the target size.
+
+        Calls the teacher itself (not the wrapper), so it is the teacher in either mode.
+        """
+        return crop_to_target(self.sft.teacher(*model_inputs(batch)), batch)
+
+    def sft_output(self, batch: Any) -> SFTOutput:
+        """Teacher and branch outputs, each ``(B, h, w)`` cropped to the target size.
+
+        Runs the branches in any mode (through :meth:`StudentFriendlyTeacher.forward_states`),
+        so validation sees the branches exactly as training computes them.
+        """
+        states = self.sft.forward_states(*model_inputs(batch))
+        teacher = self.sft.teacher.final_image(states.teacher[-1])
+        branches = [self.sft.student.final_image(s) for s in states.branches]
+        return SFTOutput(
+            teacher=crop_to_target(teacher, batch),
+            branches=[crop_to_target(b, batch) for b in branches],
+        )
+
+    def sft_terms(self, output: SFTOutput, batch: Any) -> SFTLossTerms:
+        """:class:`~sftkd_fastmri.sft.SFTLossTerms` of cropped outputs against the target."""
+        return self.sft_loss(output, batch.target)
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        teacher, branches = self(*model_inputs(batch))
+        output = SFTOutput(
+            teacher=crop_to_target(teacher, batch),
+            branches=[crop_to_target(b, batch) for b in branches],
+        )
+        terms = self.sft_terms(output, batch)
+        batch_size = output.teacher.shape[0]
+        self.log("train_loss", terms.total.detach(), prog_bar=True, batch_size=batch_size)
+        # Per step only (Lightning's default here), so the names stay unsuffixed.
+        self.log_dict(_detached(terms.as_dict("train/", self.branch_ids)), batch_size=batch_size)
+        return terms.total
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.val_branch_metrics:
+            output = self.sft_output(batch)
+            teacher = output.teacher
+        else:
+            output, teacher = None, self.reconstruct(batch)
+        batch_size = teacher.shape[0]
+        # validation_loss is the teacher's own reconstruction loss: the value the checkpoint
+        # monitor compares, so "best" means the best teacher, as for a plain DCCNNModule.
+        loss = self.loss_fn(teacher, batch.target, self.data_range(batch))
+        self.accumulate_loss(loss, batch_size)
+        self.update_metrics("", teacher, batch)
+        self.log_val_images(
+            batch_idx, self.unnormalise(teacher, batch), self.unnormalise(batch.target, batch)
+        )
+        if output is not None:
+            for i, branch in zip(self.branch_ids, output.branches):
+                self.update_metrics(f"branch{i}", branch, batch)
+            terms = self.sft_terms(output, batch)
+            self.log_dict(
+                _detached(terms.as_dict("val/", self.branch_ids)),
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
+        return loss
+
+
+def _build_model(
+    role: str,
+    preset: Optional[str],
+    overrides: Optional[Dict[str, Any]],
+    config: Optional[Dict[str, Any]],
+) -> nn.Module:
+    """A DC-CNN from its full config (reloading) or from preset + overrides."""
+    if config is not None:
+        model = DCCNN(**config)
+        model.preset = preset
+        return model
+    if preset is None:
+        raise ValueError(f"the {role} needs a preset name or a {role}_config")
+    return create_model(preset, **dict(overrides or {}))
+
+
+def _detached(values: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    # Logged values need no graph; detaching keeps Lightning from holding on to it.
+    return {k: v.detach() for k, v in values.items()}

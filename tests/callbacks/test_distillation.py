@@ -1,0 +1,445 @@
+"""DistillationCallback: drop-in KD for unchanged LightningModules (toy module, DCCNNModule,
+fastMRI's VarNetModule through the Lightning 2 adapter)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import fastmri
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from sftkd_fastmri.callbacks import DistillationCallback
+from sftkd_fastmri.kd import AttentionTransfer, available_losses
+from sftkd_fastmri.models import (
+    CheckpointError,
+    create_model,
+    load_model,
+    save_model_checkpoint,
+)
+
+H, W = 14, 12
+
+
+def _dataset(n: int = 8, seed: int = 0) -> TensorDataset:
+    """Single-coil samples: k-space (1, H, W, 2), mask (1, 1, W, 1), target (H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 1, H, W, 2, generator=g)
+    mask = torch.zeros(n, 1, 1, W, 1, dtype=torch.bool)
+    mask[..., ::3, :] = True
+    mask[..., W // 2 - 1 : W // 2 + 1, :] = True
+    kspace = fastmri.fft2c(image) * mask
+    return TensorDataset(kspace, mask, fastmri.complex_abs(image[:, 0]))
+
+
+def _loader(n: int = 8, batch_size: int = 2) -> DataLoader:
+    return DataLoader(_dataset(n), batch_size=batch_size, shuffle=False)
+
+
+class ToyRecon(pl.LightningModule):
+    """A minimal ReconModule-style module: ``self.model``, own L1 loss, Adam."""
+
+    def __init__(self, model: torch.nn.Module, return_dict: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.return_dict = return_dict
+
+    def training_step(self, batch, batch_idx):
+        kspace, mask, target = batch
+        loss = F.l1_loss(self.model(kspace, mask), target)
+        self.log("train_loss", loss, batch_size=target.shape[0])
+        return {"loss": loss, "extra": 1} if self.return_dict else loss
+
+    def validation_step(self, batch, batch_idx):
+        kspace, mask, target = batch
+        self.log("val_loss", F.l1_loss(self.model(kspace, mask), target), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _nets(student_chans: int = 4, teacher_chans: int = 8):
+    torch.manual_seed(0)
+    student = create_model("dccnn_d3c5", chans=student_chans, num_cascades=3)
+    teacher = create_model("dccnn_d5c5", chans=teacher_chans, num_cascades=3)
+    return student, teacher
+
+
+def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("max_epochs", 1)
+    kwargs.setdefault("limit_val_batches", 0)
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+class Recorder(pl.Callback):
+    """Records step outputs, logged metrics, optimiser contents and teacher calls."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.losses: List[float] = []
+        self.metrics: List[Dict[str, float]] = []
+        self.teacher_calls: List[int] = []  # epoch of each teacher forward
+        self.teacher_modes: List[bool] = []
+        self.optimizer_params: List[int] = []
+        self.state_keys: List[str] = []
+        self.trainer = None
+        teacher.register_forward_hook(self._teacher_hook)
+
+    def _teacher_hook(self, module, args, output):
+        self.teacher_calls.append(self.trainer.current_epoch if self.trainer else -1)
+        self.teacher_modes.append(module.training)
+
+    def on_train_start(self, trainer, pl_module):
+        self.trainer = trainer
+        self.optimizer_params = [
+            id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]
+        ]
+        self.state_keys = list(pl_module.state_dict())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def _manual_features(model, kspace, mask, relu: int):
+    """The ReLU activation ``relu`` of every cascade and the output, by hand."""
+    feats, state = [], model.initial_state(kspace, mask)
+    for cascade in model.cascades:
+        h = state
+        for j in range(cascade.cnn.depth):
+            h = getattr(cascade.cnn, f"conv{j}")(h)
+            if j < cascade.cnn.depth - 1:
+                h = torch.relu(h)
+                if j == relu:
+                    feats.append(h)
+        state = cascade.dc(state + h, kspace, mask, None)
+    return feats, model.final_image(state)
+
+
+# -- construction ---------------------------------------------------------------------------
+def test_constructor_validates_arguments(tmp_path):
+    _, teacher = _nets()
+    with pytest.raises(ValueError, match="available: " + ", ".join(available_losses())):
+        DistillationCallback(teacher, {"attention": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        DistillationCallback(teacher, {"at": -0.5})
+    with pytest.raises(ValueError, match="kd_epochs"):
+        DistillationCallback(teacher, {"at": 1.0}, schedule="two_stage")
+    with pytest.raises(ValueError, match="kd_epochs"):
+        DistillationCallback(teacher, {"at": 1.0}, schedule="two_stage", kd_epochs=0)
+    with pytest.raises(ValueError, match="schedule"):
+        DistillationCallback(teacher, {"at": 1.0}, schedule="alternating")
+    with pytest.raises(ValueError, match="not among the losses"):
+        DistillationCallback(teacher, {"at": 1.0}, layers={"fsp": [("a", "b")]})
+    with pytest.raises(ValueError, match="pair"):
+        DistillationCallback(teacher, {"at": 1.0}, layers={"at": ["cascades.0"]})
+    with pytest.raises(TypeError, match="nn.Module or a checkpoint path"):
+        DistillationCallback(42, {"at": 1.0})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        DistillationCallback(tmp_path / "missing.pt", {"at": 1.0})
+
+
+def test_teacher_from_checkpoint_and_lightning_module(tmp_path):
+    _, teacher = _nets()
+    path = save_model_checkpoint(teacher, tmp_path / "teacher.pt", role="teacher")
+    callback = DistillationCallback(path, {"imitation": 1.0})
+    assert not callback.teacher.training
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(callback.teacher.state_dict()[k], v)
+    assert DistillationCallback(ToyRecon(teacher), {"sp": 1.0}).teacher is teacher
+
+
+# -- the training step ----------------------------------------------------------------------
+@pytest.mark.parametrize("return_dict", [False, True])
+def test_loss_is_recon_plus_weighted_kd(tmp_path, return_dict):
+    student, teacher = _nets()
+    student0, teacher0 = copy.deepcopy(student), copy.deepcopy(teacher)
+    weights = {"at": 0.7, "imitation": 2.0}
+    kd = DistillationCallback(teacher, weights)
+    recorder = Recorder(teacher)
+    module = ToyRecon(student, return_dict=return_dict)
+    _trainer(tmp_path, [kd, recorder], limit_train_batches=1).fit(module, _loader())
+
+    kspace, mask, target = next(iter(_loader()))
+    with torch.no_grad():
+        s_feats, s_out = _manual_features(student0, kspace, mask, relu=1)
+        t_feats, t_out = _manual_features(teacher0, kspace, mask, relu=2)
+        recon = F.l1_loss(s_out, target)
+        at = AttentionTransfer()(s_feats, t_feats)
+        imitation = F.l1_loss(s_out, t_out)
+    expected = recon + 0.7 * at + 2.0 * imitation
+    assert recorder.losses[0] == pytest.approx(expected.item(), rel=1e-5)
+    logged = recorder.metrics[0]
+    assert logged["kd/at_step"] == pytest.approx(at.item(), rel=1e-5)
+    assert logged["kd/imitation_step"] == pytest.approx(imitation.item(), rel=1e-5)
+    assert logged["kd/recon_step"] == pytest.approx(recon.item(), rel=1e-5)
+    assert logged["kd/total_step"] == pytest.approx((expected - recon).item(), rel=1e-5)
+    assert logged["kd/loss_step"] == pytest.approx(expected.item(), rel=1e-5)
+    assert logged["kd/stage_step"] == 1.0
+    assert logged["train_loss"] == pytest.approx(recon.item(), rel=1e-5)  # module's own log
+
+
+def test_module_and_teacher_are_left_untouched(tmp_path):
+    student, teacher = _nets()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    layers = {"fitnet": [("cascades.1.cnn.relu1", "cascades.1.cnn.relu2")]}  # 4 -> 8 channels
+    kd = DistillationCallback(teacher, {"fitnet": 1.0, "sp": 0.5}, layers=layers)
+    recorder = Recorder(teacher)
+
+    class TeacherToTrain(pl.Callback):  # a careless callback flipping the teacher's mode
+        def on_validation_end(self, trainer, pl_module):
+            teacher.train()
+
+    module = ToyRecon(student)
+    step_before = type(module).training_step
+    trainer = _trainer(
+        tmp_path,
+        [kd, recorder, TeacherToTrain()],
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+    )
+    with pytest.warns(UserWarning, match="training mode"):
+        trainer.fit(module, _loader(), _loader(4))
+
+    # the teacher: same weights, frozen, eval mode at every forward and after fit
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_state[k], rtol=0, atol=0)
+    assert len(recorder.teacher_calls) == 4 and not any(recorder.teacher_modes)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    # not in the optimiser or the module's state dict; the KD regressor is, under its prefix
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    regressor_ids = {id(p) for p in kd.distiller.parameters()}
+    assert len(regressor_ids) == 2
+    assert not teacher_ids & set(recorder.optimizer_params)
+    assert regressor_ids <= set(recorder.optimizer_params)
+    kd_keys = [k for k in recorder.state_keys if not k.startswith("model.")]
+    assert kd_keys == [
+        "distillation.losses.fitnet.regressors.0.weight",
+        "distillation.losses.fitnet.regressors.0.bias",
+    ]
+    # the module is restored: class code path, no instance attribute, no KD submodule
+    assert "training_step" not in module.__dict__
+    assert type(module).training_step is step_before and type(module) is ToyRecon
+    assert not hasattr(module, "distillation")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in student.modules())
+    assert all(not m._forward_hooks for m in list(teacher.modules())[1:])
+
+
+def test_fitnet_regressors_are_trained(tmp_path):
+    student, teacher = _nets()
+    layers = {"fitnet": [("cascades.1.cnn.relu1", "cascades.1.cnn.relu2")]}
+    kd = DistillationCallback(teacher, {"fitnet": 1.0}, layers=layers)
+    module = ToyRecon(student)
+    trainer = _trainer(tmp_path, [kd], limit_train_batches=2)
+    kd.setup(trainer, module, "fit")  # build the regressor now, to compare after fit
+    before = copy.deepcopy(kd.distiller.state_dict())
+    kd.teardown(trainer, module, "fit")
+    trainer.fit(module, _loader())
+    after = kd.distiller.state_dict()
+    assert set(before) == {"losses.fitnet.regressors.0.weight", "losses.fitnet.regressors.0.bias"}
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_two_stage_schedule(tmp_path):
+    student, teacher = _nets()
+    kd = DistillationCallback(teacher, {"imitation": 1.0}, schedule="two_stage", kd_epochs=1)
+    recorder = Recorder(teacher)
+    _trainer(tmp_path, [kd, recorder], max_epochs=3, limit_train_batches=2).fit(
+        ToyRecon(student), _loader()
+    )
+    # stage 1 (epoch 0): teacher runs, only the KD loss is optimised, recon still logged
+    assert recorder.teacher_calls == [0, 0]  # stage 2 (epochs 1, 2): no teacher forward
+    stages = [m["kd/stage_step"] for m in recorder.metrics]
+    assert stages == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    first = recorder.metrics[0]
+    assert recorder.losses[0] == pytest.approx(first["kd/total_step"], rel=1e-6)
+    assert first["kd/recon_step"] > 0 and first["kd/recon_step"] != recorder.losses[0]
+    # stage 2: the module's own loss, untouched
+    for loss, metrics in zip(recorder.losses[2:], recorder.metrics[2:]):
+        assert loss == pytest.approx(metrics["train_loss"], rel=1e-6)
+    assert kd.state_dict() == {
+        "stage": 2,
+        "schedule": "two_stage",
+        "kd_epochs": 1,
+        "losses": {"imitation": 1.0},
+    }
+
+
+def test_gradient_accumulation_and_resume_state(tmp_path):
+    student, teacher = _nets()
+    before = copy.deepcopy(student.state_dict())
+    kd = DistillationCallback(teacher, {"at": 1.0, "cc": 1.0})
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    trainer = _trainer(
+        tmp_path,
+        [kd, checkpoint],
+        limit_train_batches=4,
+        accumulate_grad_batches=2,
+        enable_checkpointing=True,
+    )
+    trainer.fit(ToyRecon(student), _loader())
+    assert trainer.global_step == 2  # 4 batches, 2 optimiser steps
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+    # resuming restores the callback's state and continues distilling
+    kd2 = DistillationCallback(teacher, {"at": 1.0, "cc": 1.0})
+    recorder = Recorder(teacher)
+    _trainer(tmp_path, [kd2, recorder], max_epochs=2, limit_train_batches=1).fit(
+        ToyRecon(copy.deepcopy(student)), _loader(), ckpt_path=checkpoint.best_model_path
+    )
+    assert recorder.teacher_calls == [1] and kd2.state_dict()["losses"] == {"at": 1.0, "cc": 1.0}
+
+
+def test_true_precision_runs_a_cast_copy_of_the_teacher(tmp_path):
+    student, teacher = _nets()
+    teacher_state = copy.deepcopy(teacher.state_dict())
+    kd = DistillationCallback(teacher, {"at": 1.0, "imitation": 1.0})
+    seen = []
+
+    class Dtypes(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((outputs["loss"].dtype, next(kd.distiller.teacher.parameters()).dtype))
+
+    _trainer(tmp_path, [kd, Dtypes()], limit_train_batches=1, precision="64-true").fit(
+        ToyRecon(student), _loader()
+    )
+    assert seen == [(torch.float64, torch.float64)]
+    assert next(teacher.parameters()).dtype == torch.float32
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_state[k], rtol=0, atol=0)
+    assert kd.distiller.teacher is teacher  # the copy is dropped at teardown
+
+
+def test_student_discovery_and_guards(tmp_path):
+    student, teacher = _nets()
+
+    class TwoNets(ToyRecon):
+        def __init__(self, model):
+            super().__init__(model)
+            self.other = create_model("dccnn_d3c5", chans=2, num_cascades=1)
+
+    module = TwoNets(student)
+    module.net = module.model
+    del module.model
+    trainer = _trainer(tmp_path, [])
+    with pytest.raises(ValueError, match="student_attr"):
+        DistillationCallback(teacher, {"imitation": 1.0}).setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="no submodule 'nett'"):
+        DistillationCallback(teacher, {"imitation": 1.0}, student_attr="nett").setup(
+            trainer, module, "fit"
+        )
+    with pytest.raises(ValueError, match="shares parameters"):
+        DistillationCallback(student, {"imitation": 1.0}).setup(trainer, ToyRecon(student), "fit")
+    kd = DistillationCallback(teacher, {"imitation": 1.0}, student_attr="net")
+    kd.setup(trainer, module, "fit")
+    assert kd.distiller.student is student and module.distillation is kd.distiller
+    kd.teardown(trainer, module, "fit")
+    assert "training_step" not in module.__dict__ and not hasattr(module, "distillation")
+
+    class Manual(ToyRecon):
+        def __init__(self, model):
+            super().__init__(model)
+            self.automatic_optimization = False
+
+    with pytest.raises(RuntimeError, match="manual optimisation"):
+        DistillationCallback(teacher, {"imitation": 1.0}).setup(trainer, Manual(student), "fit")
+
+
+def test_failed_fit_restores_the_module_and_unoptimised_kd_parameters_warn(tmp_path):
+    student, teacher = _nets()
+    layers = {"fitnet": [("cascades.1.cnn.relu1", "cascades.1.cnn.relu2")]}
+
+    class ModelOnlyOptimiser(ToyRecon):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.model.parameters(), lr=1e-2)
+
+        def on_train_batch_end(self, *args):
+            raise RuntimeError("boom")
+
+    module = ModelOnlyOptimiser(student)
+    kd = DistillationCallback(teacher, {"fitnet": 1.0}, layers=layers)
+    with (
+        pytest.warns(UserWarning, match="in no optimiser"),
+        pytest.raises(RuntimeError, match="boom"),
+    ):
+        _trainer(tmp_path, [kd], limit_train_batches=1).fit(module, _loader())
+    assert "training_step" not in module.__dict__ and not hasattr(module, "distillation")
+    assert all(not m._forward_hooks for m in teacher.modules())
+    # the callback can be used again
+    _trainer(tmp_path, [kd], limit_train_batches=1).fit(ToyRecon(student), _loader())
+
+
+# -- this package's and fastMRI's modules ----------------------------------------------------
+def test_dccnn_module_with_default_pairings(demo_root, tmp_path):
+    from sftkd_fastmri.pl_modules import DCCNNModule, FastMRIDataModule
+
+    pl.seed_everything(0)
+    data = FastMRIDataModule(demo_root, "singlecoil", accelerations=(4,), batch_size=2, seed=0)
+    module = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 8})
+    teacher = create_model("dccnn_d5c5", chans=8)
+    losses = dict.fromkeys(("at", "fitnet", "fsp", "sp", "cc", "imitation"), 1.0)
+    kd = DistillationCallback(teacher, losses)
+    recorder = Recorder(teacher)
+    trainer = _trainer(tmp_path, [kd, recorder], limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, datamodule=data)
+    logged = recorder.metrics[-1]
+    assert all(f"kd/{name}_step" in logged for name in losses)
+    assert recorder.losses[-1] == pytest.approx(logged["kd/loss_step"], rel=1e-6)
+    assert "validation_loss" in trainer.callback_metrics
+    # a Lightning checkpoint of the distilled module: load_model takes the student alone
+    trainer.save_checkpoint(tmp_path / "student.ckpt")
+    student = load_model(tmp_path / "student.ckpt", expected_preset="dccnn_d3c5")
+    for k, v in module.model.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[k], v)
+
+
+def test_varnet_module_via_compat_adapter(demo_root, tmp_path):
+    from fastmri.data import SliceDataset
+    from fastmri.data.subsample import RandomMaskFunc
+    from fastmri.data.transforms import VarNetDataTransform
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.pl_modules import VarNetModule2
+
+    pl.seed_everything(0)
+    transform = VarNetDataTransform(RandomMaskFunc([0.08], [4]), use_seed=False)
+    dataset = SliceDataset(demo_root / "multicoil_train", "multicoil", transform=transform)
+    loader = DataLoader(dataset, batch_size=1, shuffle=True)  # VarNet takes batch size 1
+    # VarNet is slow on CPU: one cascade for the student, two wider ones for the teacher
+    student = VarNetModule2(num_cascades=1, chans=4, sens_chans=4, pools=2, sens_pools=2)
+    teacher = VarNet(num_cascades=2, chans=8, sens_chans=4, pools=2, sens_pools=2)
+    bottleneck = "cascades.{}.model.unet.conv.layers.2"  # LeakyReLU of the U-Net bottleneck
+    layers = {
+        "at": [(bottleneck.format(0), bottleneck.format(1))],
+        "fitnet": [(bottleneck.format(0), bottleneck.format(1))],  # 16 -> 32 channels
+    }
+    kd = DistillationCallback(teacher, {"imitation": 1.0, "at": 10.0, "fitnet": 1.0}, layers=layers)
+    recorder = Recorder(teacher)
+    trainer = _trainer(tmp_path, [kd, recorder], limit_train_batches=2)
+    trainer.fit(student, loader)
+    assert len(recorder.teacher_calls) == 2
+    for loss, logged in zip(recorder.losses, recorder.metrics):
+        total = logged["kd/recon_step"] + sum(
+            w * logged[f"kd/{n}_step"]
+            for n, w in {"imitation": 1.0, "at": 10.0, "fitnet": 1.0}.items()
+        )
+        assert loss == pytest.approx(total, rel=1e-5)
+        assert logged["kd/recon_step"] == pytest.approx(logged["train_loss"], rel=1e-6)
+    assert kd.distiller.losses["fitnet"].regressors[0].in_channels == 16
+    assert "training_step" not in student.__dict__

@@ -1,0 +1,179 @@
+"""Smoke tests of the sftkd-fastmri command on tiny demo data."""
+
+import json
+
+import pytest
+import yaml
+
+from sftkd_fastmri.cli.main import build_parser, main
+from sftkd_fastmri.models import create_model, save_model_checkpoint
+
+TINY = ["--max-epochs", "1", "--batch-size", "2", "--progress", "false", "--accelerator", "cpu"]
+
+
+def _common(root, challenge="singlecoil"):
+    return ["--data-path", str(root), "--challenge", challenge, *TINY]
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "sft", "distill", "evaluate", "pipeline", "demo", "make-demo-data"]
+)
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: sftkd-fastmri" in capsys.readouterr().out
+
+
+def test_models_lists_presets_with_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "dccnn_d5c5_paper" in out and "141,765" in out and "49,285" in out
+
+
+def test_train_with_config_file_flags_override_and_resume(tiny_demo, tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "dccnn_d3c5",
+                "model_overrides": {"chans": 4},
+                "max_epochs": 5,
+                "lr": 1e-3,
+                "accelerations": 4,
+            }
+        )
+    )
+    out_dir = tmp_path / "run"
+    argv = ["train", "--config", str(config), *_common(tiny_demo), "--out-dir", str(out_dir)]
+    assert main(argv) == 0  # --max-epochs 1 on the command line beats max_epochs: 5
+    assert (out_dir / "model.pt").is_file() and (out_dir / "checkpoints" / "last.ckpt").is_file()
+    metrics = (out_dir / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "val_metrics/psnr" in metrics and "validation_loss" in metrics
+    assert json.loads((out_dir / "done.json").read_text())["best_checkpoint"]
+    # resume: a second run with more epochs continues from last.ckpt (epoch 1 only)
+    argv[argv.index("1")] = "2"
+    assert main(argv) == 0
+    resumed = (out_dir / "logs" / "version_1" / "metrics.csv").read_text().splitlines()
+    epoch_col = resumed[0].split(",").index("epoch")
+    assert {row.split(",")[epoch_col] for row in resumed[1:]} == {"1"}
+
+    eval_dir = tmp_path / "eval"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-path",
+                str(tiny_demo),
+                "--challenge",
+                "singlecoil",
+                "--checkpoint",
+                str(out_dir / "model.pt"),
+                "--split",
+                "test_full",
+                "--progress",
+                "false",
+                "--eval-out-dir",
+                str(eval_dir),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "mean" in out
+    rows = json.loads((eval_dir / "metrics.json").read_text())
+    assert len(rows) == 1 and rows[0]["psnr"] > 0
+    assert list((eval_dir / "reconstructions").glob("*.h5"))
+
+
+def test_sft_then_distill_multicoil(tiny_demo, tmp_path, capsys):
+    sft_dir = tmp_path / "sft"
+    assert (
+        main(
+            [
+                "sft",
+                *_common(tiny_demo, "multicoil"),
+                "--out-dir",
+                str(sft_dir),
+                "--teacher-overrides",
+                "chans=4",
+                "--student-overrides",
+                "chans=4",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    teacher = out.split("teacher export:")[1].split()[0]
+    student = out.split("student initialisation:")[1].split()[0]
+    kd_dir = tmp_path / "kd"
+    assert (
+        main(
+            [
+                "distill",
+                *_common(tiny_demo, "multicoil"),
+                "--out-dir",
+                str(kd_dir),
+                "--teacher-checkpoint",
+                teacher,
+                "--init-checkpoint",
+                student,
+                "--model-overrides",
+                "chans=4",
+                "--methods",
+                "at=1,imitation=0.5",
+            ]
+        )
+        == 0
+    )
+    metrics = (kd_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "kd/at" in metrics and "kd/imitation" in metrics
+    assert (kd_dir / "model.pt").is_file()
+
+
+def test_bad_input_gives_a_clear_error(tiny_demo, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "train",
+                "--data-path",
+                str(tmp_path / "missing"),
+                *TINY,
+                "--out-dir",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    wrong = save_model_checkpoint(create_model("dccnn_d5c5", chans=4), tmp_path / "t.pt")
+    assert (
+        main(
+            [
+                "train",
+                *_common(tiny_demo),
+                "--model",
+                "dccnn_d3c5",
+                "--model-overrides",
+                "chans=4",
+                "--init-checkpoint",
+                str(wrong),
+                "--out-dir",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "dccnn_d5c5" in err and "t.pt" in err
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("max_epoch: 3\n")
+    with pytest.raises(SystemExit, match="unknown key.*max_epoch"):
+        main(["train", "--config", str(bad_cfg), "--data-path", str(tiny_demo)])
+
+
+def test_parser_accepts_underscore_and_dash_flags():
+    parser = build_parser()
+    a = parser.parse_args(["train", "--data_path", "x", "--max-epochs", "3"])
+    assert a.data_path == "x" and a.max_epochs == 3

@@ -1,0 +1,253 @@
+"""SFTModule: a tiny SFT run on the demo data (Matcha et al., MIDL 2023, SFT stage).
+
+One module-scoped run (D5C5 teacher, D3C5 student, 8 channels, 4 short epochs on the
+single-coil demo split) feeds most tests; the multi-coil test runs one step of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from sftkd_fastmri.export import load_reconstruction_model
+from sftkd_fastmri.models import load_model, read_checkpoint
+from sftkd_fastmri.pl_modules.data_module import FastMRIDataModule
+from sftkd_fastmri.pl_modules.recon_module import VolumeMetrics
+from sftkd_fastmri.pl_modules.sft_module import SFTModule
+from sftkd_fastmri.sft import export_sft, load_sft_models
+
+TINY = dict(
+    teacher_preset="dccnn_d5c5",
+    student_preset="dccnn_d3c5",
+    teacher_overrides={"chans": 8},
+    student_overrides={"chans": 8},
+)
+BRANCHES = (1, 2, 3, 4)  # branch i starts after teacher cascade i; N = 5 cascades
+TERMS = ("loss", "teacher_rec", "branch_rec", "imitation")
+
+
+def _trainer(root: Path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+@contextmanager
+def _one_thread():
+    # The tiny convolutions gain nothing from a second thread, and two OpenMP threads on a
+    # busy two-core machine wait on each other: measured here 4-6 s with one thread against
+    # 100-150 s with two for the run below while other jobs were running.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sft_run(demo_root, tmp_path_factory):
+    """A few SFT epochs on single-coil demo data; the best checkpoint by validation_loss."""
+    pl.seed_everything(0, verbose=False)
+    root = tmp_path_factory.mktemp("sft_run")
+    datamodule = FastMRIDataModule(demo_root, "singlecoil", batch_size=2, seed=0)
+    module = SFTModule(**TINY, lr=3e-3)
+    initial_student = {k: v.clone() for k, v in module.student.state_dict().items()}
+    checkpoint = ModelCheckpoint(
+        dirpath=root / "checkpoints", monitor="validation_loss", mode="min", save_top_k=1
+    )
+    trainer = _trainer(
+        root,
+        max_epochs=4,
+        limit_train_batches=10,
+        logger=CSVLogger(root, name="logs", version=""),
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
+    )
+    with _one_thread():
+        trainer.fit(module, datamodule=datamodule)
+    return dict(
+        root=root,
+        module=module,
+        trainer=trainer,
+        datamodule=datamodule,
+        best=Path(checkpoint.best_model_path),
+        initial_student=initial_student,
+        metrics_csv=Path(trainer.logger.log_dir) / "metrics.csv",
+    )
+
+
+def _csv_columns(path: Path) -> set:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+def test_teacher_beats_zero_filled(sft_run):
+    datamodule = sft_run["datamodule"]
+    zero_filled = VolumeMetrics()
+    for batch in datamodule.val_dataloader():
+        scale = batch.scale.reshape(-1, 1, 1)
+        zero_filled.update(
+            batch.fname,
+            batch.slice_num,
+            batch.zero_filled * scale,
+            batch.target * scale,
+            batch.max_value,
+        )
+    zf_psnr = zero_filled.compute()["psnr"]
+    teacher_psnr = sft_run["module"].val_metrics["psnr"]
+    assert teacher_psnr > zf_psnr + 0.5, (teacher_psnr, zf_psnr)
+
+
+def test_every_loss_term_and_branch_metric_is_logged(sft_run):
+    columns = _csv_columns(sft_run["metrics_csv"])
+    expected = {"train_loss", "validation_loss"}
+    expected |= {f"train/{t}" for t in TERMS} | {f"val/{t}" for t in TERMS}
+    for i in BRANCHES:
+        expected |= {f"train/branch{i}_rec", f"train/branch{i}_imitation", f"val/branch{i}_rec"}
+        expected |= {f"val_metrics/branch{i}/{m}" for m in ("nmse", "ssim", "psnr")}
+    expected |= {f"val_metrics/{m}" for m in ("nmse", "ssim", "psnr")}
+    assert expected <= columns, sorted(expected - columns)
+    assert "val_metrics/branch0/psnr" not in columns  # no branch 0 in paper mode
+    logged = sft_run["trainer"].logged_metrics
+    assert all(torch.isfinite(torch.as_tensor(logged[f"train/{t}"])) for t in TERMS)
+
+
+def test_validation_reports_the_teacher(sft_run):
+    """validation_loss and val_metrics are the teacher's own, recomputed from scratch."""
+    module, datamodule = sft_run["module"], sft_run["datamodule"]
+    module.eval()
+    metrics, loss_sum, count = VolumeMetrics(), 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            image = module.reconstruct(batch)  # the teacher, cropped
+            loss_sum += float(torch.nn.functional.l1_loss(image, batch.target)) * len(image)
+            count += len(image)
+            scale = batch.scale.reshape(-1, 1, 1)
+            metrics.update(
+                batch.fname, batch.slice_num, image * scale, batch.target * scale, batch.max_value
+            )
+    logged = sft_run["trainer"].logged_metrics
+    # the run ended with the last epoch's validation, so the module's weights are those it saw
+    assert float(logged["validation_loss"]) == pytest.approx(loss_sum / count, rel=1e-5)
+    assert module.val_metrics["psnr"] == pytest.approx(metrics.compute()["psnr"], rel=1e-6)
+    assert module.val_metrics["branch1/psnr"] != module.val_metrics["psnr"]
+
+
+def test_checkpoint_contract_export_and_reload(sft_run, tmp_path):
+    best = sft_run["best"]
+    ckpt = read_checkpoint(best)
+    hp = ckpt["hyper_parameters"]
+    assert hp["teacher_preset"] == "dccnn_d5c5" and hp["student_preset"] == "dccnn_d3c5"
+    assert hp["teacher_config"]["chans"] == 8 and hp["student_config"]["depth"] == 3
+    assert hp["train_first_student_cascade"] is False
+    assert {k.split(".")[1] for k in ckpt["state_dict"] if k.startswith("sft.")} == {
+        "teacher",
+        "student",
+    }
+
+    teacher, student, info = load_sft_models(best)
+    assert info["train_first_student_cascade"] is False
+    teacher_path, student_path = export_sft(best, tmp_path)
+    for role, reference, exported in (
+        ("teacher", teacher, teacher_path),
+        ("student", student, student_path),
+    ):
+        stored = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(f"sft.{role}.")}
+        assert len(stored) == len(reference.state_dict())
+        for name, value in reference.state_dict().items():
+            assert torch.equal(value, stored[f"sft.{role}.{name}"]), (role, name)
+        for model in (load_model(exported), load_reconstruction_model(best, role=role)):
+            assert model.config == reference.config
+            assert model.preset == hp[f"{role}_preset"]
+            for name, value in model.state_dict().items():
+                assert torch.equal(value, reference.state_dict()[name]), (role, name)
+
+    # The Lightning module itself reloads from the stored configs, teacher output unchanged.
+    reloaded = SFTModule.load_from_checkpoint(best).eval()
+    batch = next(iter(sft_run["datamodule"].val_dataloader()))
+    with torch.no_grad():
+        expected = teacher(batch.masked_kspace, batch.mask, None)
+        assert torch.allclose(reloaded(batch.masked_kspace, batch.mask, None), expected)
+
+
+def test_first_student_cascade_keeps_its_initialisation(sft_run):
+    # Paper: no branch reaches S_1 in the SFT stage, so it stays as initialised.
+    trained = sft_run["module"].student.state_dict()
+    for name, value in sft_run["initial_student"].items():
+        if name.startswith("cascades.0."):
+            assert torch.equal(trained[name], value), name
+        else:  # the shared cascades S_2 .. S_N are trained by the branches
+            assert not torch.equal(trained[name], value), name
+
+
+def test_unused_first_student_cascade_is_frozen():
+    paper = SFTModule(**TINY)
+    frozen = {id(p) for p in paper.student.cascades[0].parameters()}
+    assert frozen and {id(p) for p in paper.unused_parameters()} == frozen
+    assert all(not p.requires_grad for p in paper.student.cascades[0].parameters())
+    assert all(p.requires_grad for p in paper.student.cascades[1].parameters())
+    assert all(p.requires_grad for p in paper.teacher.parameters())
+    full = SFTModule(**TINY, train_first_student_cascade=True)
+    assert full.unused_parameters() == [] and all(p.requires_grad for p in full.parameters())
+
+
+def test_loss_choice():
+    assert SFTModule(**TINY, loss="l2").sft_loss.distance == "l2"
+    with pytest.raises(ValueError, match="'ssim'"):
+        SFTModule(**TINY, loss="ssim")
+    with pytest.raises(ValueError, match="imitation_weight"):
+        SFTModule(**TINY, imitation_weight=-1.0)
+
+
+def test_test_stage_writes_teacher_reconstructions(sft_run, tmp_path):
+    module = sft_run["module"]
+    module.output_dir = tmp_path
+    datamodule = sft_run["datamodule"]
+    trainer = _trainer(tmp_path)
+    with _one_thread():
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    files = sorted((tmp_path / "reconstructions").glob("*.h5"))
+    assert [f.name for f in files] == sorted(
+        p.name for p in datamodule.split_folder("test").glob("*.h5")
+    )
+    batch = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad():
+        expected = module.unnormalise(module.eval().reconstruct(batch), batch)
+    with h5py.File(tmp_path / "reconstructions" / batch.fname[0], "r") as hf:
+        stored = hf["reconstruction"][int(batch.slice_num[0])]
+    np.testing.assert_allclose(stored, expected[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_multicoil_step_with_branch_zero_and_batched_branches(demo_root, tmp_path):
+    pl.seed_everything(0, verbose=False)
+    datamodule = FastMRIDataModule(demo_root, "multicoil", batch_size=2, seed=0)
+    module = SFTModule(**TINY, train_first_student_cascade=True, batch_branches=True)
+    trainer = _trainer(tmp_path, fast_dev_run=1)
+    with _one_thread():
+        trainer.fit(module, datamodule=datamodule)
+    logged = trainer.logged_metrics
+    for name in ("train/loss", "train/branch0_rec", "train/branch4_imitation"):
+        assert torch.isfinite(torch.as_tensor(logged[name])), name
+    assert np.isfinite(module.val_metrics["branch0/psnr"])
+    assert np.isfinite(module.val_metrics["psnr"])
