@@ -177,3 +177,22 @@ def test_parser_accepts_underscore_and_dash_flags():
     parser = build_parser()
     a = parser.parse_args(["train", "--data_path", "x", "--max-epochs", "3"])
     assert a.data_path == "x" and a.max_epochs == 3
+
+
+def test_example_configs_use_known_keys():
+    from pathlib import Path
+
+    from sftkd_fastmri.cli.options import load_config, resolve
+    from sftkd_fastmri.pipeline import STUDY_DEFAULTS
+
+    configs = sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = resolve(
+            ("data", "optim", "trainer", "runtime"),
+            load_config(str(path)),
+            {},
+            extra_keys=STUDY_DEFAULTS,
+            source=str(path),
+        )
+        assert cfg["challenge"] in ("singlecoil", "multicoil"), path
