@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -75,31 +75,39 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     return best
 
 
-def run_train(cfg: Dict[str, Any]) -> StageResult:
-    """Train a DC-CNN preset (``cfg["model"]``) with its reconstruction loss."""
+def _optim(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    keys = ("lr", "lr_step_size", "lr_gamma", "weight_decay", "loss")
+    return {k: cfg[k] for k in keys}
+
+
+def _train_single_network(
+    cfg: Dict[str, Any], name: str, role: str, callbacks: Sequence = ()
+) -> StageResult:
+    """Fit a :class:`DCCNNModule` (with optional callbacks), export ``model.pt``."""
     from ..pl_modules import DCCNNModule
 
-    out_dir = _out_dir(cfg, "runs/train")
+    out_dir = _out_dir(cfg, f"runs/{name}")
     module = DCCNNModule(
         model_preset=cfg["model"],
         model_overrides=dict(cfg.get("model_overrides") or {}),
-        lr=cfg["lr"],
-        lr_step_size=cfg["lr_step_size"],
-        lr_gamma=cfg["lr_gamma"],
-        weight_decay=cfg["weight_decay"],
-        loss=cfg["loss"],
         init_checkpoint=cfg.get("init_checkpoint"),
+        **_optim(cfg),
     )
-    best = _fit(cfg, module, out_dir)
+    best = _fit(cfg, module, out_dir, callbacks)
     model = load_reconstruction_model(best)
-    model_path = save_model_checkpoint(model, out_dir / "model.pt", role="model")
-    result = StageResult("train", str(out_dir), best, {"model": str(model_path)})
+    model_path = save_model_checkpoint(model, out_dir / "model.pt", role=role)
+    result = StageResult(name, str(out_dir), best, {"model": str(model_path)})
     result.save()
     return result
 
 
+def run_train(cfg: Dict[str, Any]) -> StageResult:
+    """Train a DC-CNN preset (``cfg["model"]``) with its reconstruction loss."""
+    return _train_single_network(cfg, "train", role="model")
+
+
 def run_sft(cfg: Dict[str, Any]) -> StageResult:
-    """Student-friendly teacher training; exports ``teacher.pt`` and ``student_init.pt``."""
+    """Student-friendly teacher training; exports the teacher and the student initialisation."""
     from ..pl_modules import SFTModule
     from ..sft import export_sft
 
@@ -113,11 +121,7 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         teacher_weight=cfg["teacher_weight"],
         branch_weight=cfg["branch_weight"],
         imitation_weight=cfg["imitation_weight"],
-        lr=cfg["lr"],
-        lr_step_size=cfg["lr_step_size"],
-        lr_gamma=cfg["lr_gamma"],
-        weight_decay=cfg["weight_decay"],
-        loss=cfg["loss"],
+        **_optim(cfg),
     )
     best = _fit(cfg, module, out_dir)
     teacher_path, student_path = export_sft(best, out_dir)
@@ -128,13 +132,12 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
 
 
 def run_distill(cfg: Dict[str, Any]) -> StageResult:
-    """Distil ``cfg["teacher_checkpoint"]`` into a ``cfg["model"]`` student."""
+    """Distil ``cfg["teacher_checkpoint"]`` into a ``cfg["model"]`` student (optionally
+    initialised from ``cfg["init_checkpoint"]``, e.g. an SFT student export)."""
     from ..callbacks import DistillationCallback
-    from ..pl_modules import DCCNNModule
 
     if not cfg.get("teacher_checkpoint"):
         raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
-    out_dir = _out_dir(cfg, "runs/distill")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
     callback = DistillationCallback(
         teacher,
@@ -144,22 +147,7 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
         schedule=cfg["kd_schedule"],
         kd_epochs=cfg.get("kd_epochs"),
     )
-    module = DCCNNModule(
-        model_preset=cfg["model"],
-        model_overrides=dict(cfg.get("model_overrides") or {}),
-        lr=cfg["lr"],
-        lr_step_size=cfg["lr_step_size"],
-        lr_gamma=cfg["lr_gamma"],
-        weight_decay=cfg["weight_decay"],
-        loss=cfg["loss"],
-        init_checkpoint=cfg.get("init_checkpoint"),
-    )
-    best = _fit(cfg, module, out_dir, callbacks=[callback])
-    model = load_reconstruction_model(best)
-    model_path = save_model_checkpoint(model, out_dir / "model.pt", role="student")
-    result = StageResult("distill", str(out_dir), best, {"model": str(model_path)})
-    result.save()
-    return result
+    return _train_single_network(cfg, "distill", role="student", callbacks=[callback])
 
 
 def run_evaluate(

@@ -114,93 +114,75 @@ def _stage(
 def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tuple[str, Any]]:
     """Run (or skip) every training stage of one seed; returns key -> (model file, entry info)."""
     ep = _epochs(cfg)
-    methods = _methods(cfg)
+    teacher_net = dict(model=cfg["teacher"], model_overrides=cfg["teacher_overrides"])
+    student_net = dict(model=cfg["student"], model_overrides=cfg["student_overrides"])
     models: Dict[str, Tuple[str, Dict[str, Any]]] = {}
 
-    teacher = _stage(
-        "teacher",
-        cfg,
-        root,
-        run_train,
-        log,
-        model=cfg["teacher"],
-        model_overrides=cfg["teacher_overrides"],
-        max_epochs=ep["teacher"],
-        init_checkpoint=None,
+    def stage(name: str, runner, **overrides: Any) -> StageResult:
+        return _stage(name, cfg, root, runner, log, **overrides)
+
+    def add(key: str, result: StageResult, export: str, **info: Any) -> None:
+        models[key] = (result.exports[export], info)
+
+    teacher = stage(
+        "teacher", run_train, **teacher_net, max_epochs=ep["teacher"], init_checkpoint=None
     )
-    models["teacher"] = (
-        teacher.exports["model"],
-        dict(name="Teacher", kind="teacher", variant="std"),
+    add("teacher", teacher, "model", name="Teacher", kind="teacher", variant="std")
+    student = stage(
+        "student", run_train, **student_net, max_epochs=ep["student"], init_checkpoint=None
     )
-    student = _stage(
-        "student",
-        cfg,
-        root,
-        run_train,
-        log,
-        model=cfg["student"],
-        model_overrides=cfg["student_overrides"],
-        max_epochs=ep["student"],
-        init_checkpoint=None,
-    )
-    models["student"] = (
-        student.exports["model"],
-        dict(name="Student (no KD)", kind="student", variant="std"),
-    )
-    sft = _stage("sft", cfg, root, run_sft, log, max_epochs=ep["sft"])
-    models["sft_teacher"] = (
-        sft.exports["teacher"],
-        dict(name="SFT teacher", kind="teacher", variant="sft"),
-    )
+    add("student", student, "model", name="Student (no KD)", kind="student", variant="std")
+    sft = stage("sft", run_sft, max_epochs=ep["sft"])
+    add("sft_teacher", sft, "teacher", name="SFT teacher", kind="teacher", variant="sft")
     if cfg["controls"]:
-        ctrl = _stage(
+        ctrl = stage(
             "control_sft_init",
-            cfg,
-            root,
             run_train,
-            log,
-            model=cfg["student"],
-            model_overrides=cfg["student_overrides"],
+            **student_net,
             max_epochs=ep["kd"],
             init_checkpoint=sft.exports["student_init"],
         )
-        models["control_sft_init"] = (
-            ctrl.exports["model"],
-            dict(name="Student, SFT init, no KD", kind="student", variant="sft"),
+        add(
+            "control_sft_init",
+            ctrl,
+            "model",
+            name="Student, SFT init, no KD",
+            kind="student",
+            variant="sft",
         )
-    kd_common = dict(
-        model=cfg["student"], model_overrides=cfg["student_overrides"], max_epochs=ep["kd"]
-    )
-    for method, weight in methods.items():
-        std = _stage(
+    for method, weight in _methods(cfg).items():
+        kd = dict(**student_net, max_epochs=ep["kd"], methods={method: weight})
+        std = stage(
             f"kd_std_{method}",
-            cfg,
-            root,
             run_distill,
-            log,
-            **kd_common,
-            methods={method: weight},
-            teacher_checkpoint=teacher.exports["model"],
+            **kd,
             init_checkpoint=None,
+            teacher_checkpoint=teacher.exports["model"],
         )
-        models[f"kd_std/{method}"] = (
-            std.exports["model"],
-            dict(name=f"Std-KD {method}", kind="kd", method=method, variant="std"),
+        add(
+            f"kd_std/{method}",
+            std,
+            "model",
+            name=f"Std-KD {method}",
+            kind="kd",
+            method=method,
+            variant="std",
         )
-        sftkd = _stage(
+        sftkd = stage(
             f"kd_sft_{method}",
-            cfg,
-            root,
             run_distill,
-            log,
-            **kd_common,
-            methods={method: weight},
-            teacher_checkpoint=sft.exports["teacher"],
+            **kd,
             init_checkpoint=sft.exports["student_init"],
+            teacher_checkpoint=sft.exports["teacher"],
         )
-        models[f"kd_sft/{method}"] = (
-            sftkd.exports["model"],
-            dict(name=f"SFT-KD {method}", kind="kd", method=method, variant="sft"),
+        add(
+            f"kd_sft/{method}",
+            sftkd,
+            "model",
+            name=f"SFT-KD {method}",
+            kind="kd",
+            method=method,
+            variant="sft",
         )
     return models
 
@@ -254,7 +236,6 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     meta = {
         "title": cfg["title"],
         "split": f"{cfg['challenge']}_{cfg['test_split']}",
-        "seeds": seeds,
         "epochs": _epochs(cfg),
         "accelerations": list(cfg["accelerations"]),
         "teacher": cfg["teacher"],
