@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.bench_kd                         # 320 x 320 single-coil, batch 4
     python -m benchmarks.bench_kd --device cuda --batch 8
     python -m benchmarks.bench_kd --methods at imitation all --size 256 --no-memory
+    python -m benchmarks.bench_kd --threads 1             # a busy shared CPU machine
 
 Time ratio, per KD method (``at``, ``fitnet``, ``sp``, ``cc``, ``fsp``, ``imitation`` and
 ``all`` six together, each with weight 1 and its default DC-CNN layer pairing)::
@@ -22,12 +23,18 @@ So the ratio is the overhead of hooks, KD losses and their backward; target <= 1
 are timed round-robin in one process (:func:`benchmarks.common.interleaved_times`), so a noisy
 shared machine disturbs numerator and denominator alike.
 
-Teacher memory during KD, per method = peak(KD step) - peak(student step, no teacher), each
-measured in a fresh process (:func:`benchmarks.common.run_isolated`): the teacher's parameters,
-its no-grad activations and the teacher features held for the KD losses (the student's features
-are tensors its backward keeps anyway). On CUDA the peak is ``torch.cuda.max_memory_allocated``;
-on CPU the peak resident set size (Linux VmHWM, reset after the first step so that import-time
-peaks do not hide it; coarser: it includes allocator caching).
+Memory during KD, per method, each measured in a fresh process
+(:func:`benchmarks.common.run_isolated`):
+
+* teacher: its parameters plus the growth of memory from just before its no-grad forward to
+  the peak of that forward (its activations and the teacher features held for the KD losses);
+* step extra: peak of the KD step minus the peak of a student-only step (the teacher plus the
+  graph the KD losses add to the student's backward).
+
+On CUDA memory is ``torch.cuda.memory_allocated`` / ``max_memory_allocated``; on CPU the
+resident set size (Linux VmRSS / VmHWM, the peak reset after the first step so that import-time
+peaks do not hide it; blocks >= 256 KiB are mmap-ed by glibc there, ``MALLOC_MMAP_THRESHOLD_``,
+so that freed tensors leave the resident set; still coarser than the CUDA figures).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -83,6 +91,11 @@ def _teacher_forward(teacher: torch.nn.Module, inputs) -> Callable[[], None]:
 
 
 def _kd_step(student, teacher, method: str, inputs, target) -> Callable[[], None]:
+    return _kd_setup(student, teacher, method, inputs, target)[0]
+
+
+def _kd_setup(student, teacher, method: str, inputs, target):
+    """A KD training step (the callback's path) and its Distiller."""
     from sftkd_fastmri.kd.distiller import Distiller
 
     distiller = Distiller(student, teacher, _losses(method)).to(inputs[0].device).attach()
@@ -96,7 +109,7 @@ def _kd_step(student, teacher, method: str, inputs, target) -> Callable[[], None
         (F.l1_loss(output, target) + kd.total).backward()
         opt.step()
 
-    return step
+    return step, distiller
 
 
 def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
@@ -116,22 +129,30 @@ def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
     return interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False if unsupported."""
+def _reset_peak(device: str) -> None:
+    """Restart the peak-memory count (CUDA allocator peak, or Linux VmHWM via clear_refs)."""
+    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: reset the resident-set high-water mark
-        return True
     except OSError:
-        return False
+        pass  # the lifetime peak is read instead (coarser)
 
 
-def _peak_rss_since_reset() -> float:
-    """VmHWM in MiB (the peak since :func:`_reset_peak_rss`), else the lifetime peak."""
+def _memory(device: str, peak: bool) -> float:
+    """MiB now (``peak=False``) or at the peak since :func:`_reset_peak`."""
+    sync(device)
+    if device.startswith("cuda"):
+        value = torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+        return value / 2**20
+    key = "VmHWM:" if peak else "VmRSS:"
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
@@ -139,9 +160,16 @@ def _peak_rss_since_reset() -> float:
 
 
 def peak_memory(args: argparse.Namespace, device: str, method: Optional[str]) -> Dict:
-    """Peak memory (MiB) of training steps: student only (``method=None``) or KD."""
+    """Memory (MiB) of training steps, student only (``method=None``) or KD.
+
+    Returns ``peak_mib`` (peak of two steps after a first one that allocates the Adam state;
+    import-time peaks are excluded) and, for KD, ``teacher_mib``: the growth of memory from
+    just before the teacher forward to its peak (its no-grad activations and the features held
+    for the KD losses), plus the teacher's parameters.
+    """
     kspace, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, device)
     inputs = (kspace, mask, sens)
+    distiller = None
     if method is None:
         from sftkd_fastmri.models import create_model
 
@@ -149,27 +177,34 @@ def peak_memory(args: argparse.Namespace, device: str, method: Optional[str]) ->
         step = _student_step(create_model(args.student).to(device), inputs, target)
     else:
         student, teacher = _networks(args.student, args.teacher, device)
-        step = _kd_step(student, teacher, method, inputs, target)
-    step()  # first step allocates the Adam state
-    sync(device)
-    # Import-time peaks (hundreds of MiB) would hide the step's own; start the count here.
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        _reset_peak_rss()
+        step, distiller = _kd_setup(student, teacher, method, inputs, target)
+    step()
+    _reset_peak(device)
     for _ in range(2):
         step()
-    sync(device)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _peak_rss_since_reset()
-    return {"method": method, "peak_mib": peak}
+    result = {"method": method, "peak_mib": _memory(device, peak=True)}
+    if distiller is not None:
+        run_teacher, seen = distiller.run_teacher, []
+
+        def measured_run_teacher():
+            before = _memory(device, peak=False)
+            _reset_peak(device)
+            output = run_teacher()
+            seen.append(_memory(device, peak=True) - before)
+            return output
+
+        distiller.run_teacher = measured_run_teacher  # instance attribute: used by forward()
+        step()
+        params = sum(p.numel() * p.element_size() for p in distiller.teacher.parameters())
+        result["teacher_mib"] = seen[0] + params / 2**20
+    return result
 
 
 def _worker_args(args: argparse.Namespace, device: str, method: Optional[str]) -> List[str]:
     out = ["--worker-memory", method or "student", "--device", device]
     out += ["--size", str(args.size), "--batch", str(args.batch)]
+    if args.threads is not None:
+        out += ["--threads", str(args.threads)]
     return out + ["--student", args.student, "--teacher", args.teacher]
 
 
@@ -187,10 +222,18 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = default_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     if args.worker_memory is not None:
         method = None if args.worker_memory == "student" else args.worker_memory
@@ -201,7 +244,8 @@ def main() -> None:
     base = times["student_step"] + times["teacher_forward"]
     print(
         f"KD step cost, {args.teacher} -> {args.student}, {args.size}x{args.size} single-coil, "
-        f"batch {args.batch}, {device}, median of {args.rounds} interleaved rounds"
+        f"batch {args.batch}, {device} ({torch.get_num_threads()} CPU threads), median of "
+        f"{args.rounds} interleaved rounds"
     )
     print(f"student step {times['student_step']:.3f} s, teacher no-grad forward "
           f"{times['teacher_forward']:.3f} s, sum {base:.3f} s")  # fmt: skip
@@ -223,26 +267,32 @@ def main() -> None:
     }
     if not args.no_memory:
         kind = "max_memory_allocated" if device.startswith("cuda") else "peak RSS"
+        # glibc serves blocks >= this size with mmap and unmaps them on free, so the resident
+        # set follows live tensors (not the allocator's cache) in the memory processes.
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 * 1024))
         student_only = run_isolated("benchmarks.bench_kd", _worker_args(args, device, None))
-        from sftkd_fastmri.models import create_model
-
-        params = sum(p.numel() * p.element_size() for p in create_model(args.teacher).parameters())
         print(
-            f"teacher memory during KD ({kind} of a KD step minus that of a student-only step, "
-            f"isolated processes; student-only peak {student_only['peak_mib']:.0f} MiB; "
-            f"teacher parameters alone {params / 2**20:.2f} MiB)"
+            f"memory during KD ({kind}, one fresh process per row; student-only step peak "
+            f"{student_only['peak_mib']:.0f} MiB)"
         )
+        print(f"{'method':<12}{'teacher MiB':>14}{'step extra MiB':>16}")
         memory = {
             "kind": kind,
             "student_only_peak_mib": student_only["peak_mib"],
-            "teacher_params_mib": params / 2**20,
             "teacher_mib": {},
+            "step_extra_mib": {},
         }
         for method in args.methods:
-            kd_peak = run_isolated("benchmarks.bench_kd", _worker_args(args, device, method))
-            extra = kd_peak["peak_mib"] - student_only["peak_mib"]
-            memory["teacher_mib"][method] = extra
-            print(f"  {method:<12}{extra:>8.0f} MiB")
+            kd = run_isolated("benchmarks.bench_kd", _worker_args(args, device, method))
+            extra = kd["peak_mib"] - student_only["peak_mib"]
+            memory["teacher_mib"][method] = kd["teacher_mib"]
+            memory["step_extra_mib"][method] = extra
+            print(f"{method:<12}{kd['teacher_mib']:>14.0f}{extra:>16.0f}")
+        print(
+            "teacher MiB: parameters + growth during the teacher's no-grad forward (its "
+            "activations and the features held for the losses); step extra MiB: peak of the KD "
+            "step minus that of the student-only step (teacher + KD-loss graph)"
+        )
         result["memory"] = memory
     print(json.dumps(result))
 

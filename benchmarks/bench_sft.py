@@ -12,10 +12,14 @@ then every student branch) + :class:`~sftkd_fastmri.sft.SFTLoss` (L1) + backward
 One teacher step = teacher forward + L1 + backward + Adam step. The ratio SFT / teacher is what
 the SFT stage costs per epoch relative to training the teacher alone.
 
-Expected ratio: the ``N - 1`` branches run ``N(N-1)/2`` student cascades (10 for ``N = 5``);
-a D3 block costs about a third of a D5 block and the DC layers are cheap on one coil, so the
-branches add about 0.7 of a teacher step: target ratio <= 1.8. With ``--batch-branches`` the
-active branches of each student cascade run as one batch (fewer, larger calls; helps on GPUs).
+Expected ratio: the ``N - 1`` branches run ``N(N-1)/2`` student cascades (10 for ``N = 5``)
+next to the teacher's ``N``. A D3 cascade has about a third of a D5 cascade's
+multiply-adds, which would add about 0.7 of a teacher step (target ratio <= 1.8); measured on
+CPU it costs about half (the 2->32 and 32->2 convolutions, bias and ReLU passes do not shrink
+with depth), which predicts about 2. The script therefore also times one teacher and one
+student cascade (forward + backward) and prints the ratio those costs predict, so a miss can
+be told apart from wrapper overhead. With ``batch_branches=True`` the active branches of each
+student cascade run as one batch (fewer, larger calls).
 
 All variants are measured round-robin in one process (``interleaved_times``), so a noisy
 machine disturbs them alike; each variant has its own copies of the networks (same seed) and
@@ -74,6 +78,21 @@ def _sft_step(
     return step
 
 
+def _cascade_step(preset: str, inputs, device: str) -> Callable[[], None]:
+    """Forward + backward of one cascade (block + DC) from the zero-filled image."""
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(preset).to(device).train()
+    x0 = model.initial_state(*inputs).detach()
+
+    def step() -> None:
+        x = x0.clone().requires_grad_(True)
+        model.cascade_step(1, x, *inputs).sum().backward()
+
+    return step
+
+
 def measure(args: argparse.Namespace, device: str) -> Dict:
     masked, mask, sens, target = synthetic_batch(
         args.batch, args.size, args.size, args.coils, device
@@ -87,7 +106,11 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         fns["sft_batch_branches"] = _sft_step(
             args.teacher, args.student, inputs, target, device, True
         )
+    if not args.no_breakdown:
+        fns["teacher_cascade"] = _cascade_step(args.teacher, inputs, device)
+        fns["student_cascade"] = _cascade_step(args.student, inputs, device)
     times = interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
+    steps = {k: v for k, v in times.items() if not k.endswith("_cascade")}
     result = {
         "teacher": args.teacher,
         "student": args.student,
@@ -97,13 +120,30 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         "device": device,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "step_s": times,
-        "ratio": {k: v / times["teacher"] for k, v in times.items() if k != "teacher"},
+        "step_s": steps,
+        "ratio": {k: v / times["teacher"] for k, v in steps.items() if k != "teacher"},
         "target_ratio": TARGET_RATIO,
     }
+    if not args.no_breakdown:
+        # The branches add N(N-1)/2 student cascades to the teacher's N cascades, so from the
+        # per-cascade costs alone (loss and Adam ignored):
+        n = _num_cascades(args.teacher)
+        cost = times["student_cascade"] / times["teacher_cascade"]
+        result["cascade_s"] = {
+            "teacher": times["teacher_cascade"],
+            "student": times["student_cascade"],
+        }
+        result["student_to_teacher_cascade_cost"] = cost
+        result["predicted_ratio"] = 1.0 + n * (n - 1) / 2 * cost / n
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     return result
+
+
+def _num_cascades(preset: str) -> int:
+    from sftkd_fastmri.models import model_config
+
+    return int(model_config(preset)["num_cascades"])
 
 
 def main() -> None:
@@ -120,6 +160,11 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--no-batch-branches", action="store_true", help="skip the batch_branches=True variant"
+    )
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip timing one teacher and one student cascade (the predicted ratio)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
@@ -142,6 +187,13 @@ def main() -> None:
     for name, ratio in result["ratio"].items():
         verdict = "ok" if ratio <= TARGET_RATIO else f"above target {TARGET_RATIO}"
         print(f"  {name:<21} {times[name] * 1e3:9.1f} ms   ratio {ratio:5.2f}  ({verdict})")
+    if "predicted_ratio" in result:
+        cascades = result["cascade_s"]
+        print(
+            f"  one cascade fwd+bwd: teacher {cascades['teacher'] * 1e3:.1f} ms, student "
+            f"{cascades['student'] * 1e3:.1f} ms (x{result['student_to_teacher_cascade_cost']:.2f})"
+            f" -> ratio predicted from cascade costs {result['predicted_ratio']:.2f}"
+        )
     print(json.dumps(result))
 
 

@@ -163,8 +163,8 @@ class DistillationCallback(Callback):
         schedule: ``"joint"`` or ``"two_stage"``.
         kd_epochs: Epochs with distillation: required (>= 1) for ``"two_stage"``; optional for
             ``"joint"`` (default: every epoch).
-        teacher_prefix: Submodule of a Lightning teacher checkpoint (``"model"``,
-            ``"teacher"``, ``"student"``; default ``"model"``), passed to ``load_model``.
+        teacher_prefix: For an SFT checkpoint as teacher, the network to take (``"teacher"``
+            default, or ``"student"``), passed to ``load_model`` as ``role``.
         attr_name: Name under which the KD parameters are attached to the module (and the
             prefix of their checkpoint keys).
         prog_bar: Show ``kd/total`` in the progress bar.
@@ -212,7 +212,7 @@ class DistillationCallback(Callback):
         if not attr_name.isidentifier():
             raise ValueError(f"attr_name must be a Python identifier, got {attr_name!r}")
         if isinstance(teacher, (str, os.PathLike)):
-            teacher = load_model(teacher, prefix=teacher_prefix)
+            teacher = load_model(teacher, role=teacher_prefix or "auto")
         elif isinstance(teacher, pl.LightningModule):
             teacher = find_network(teacher, role="teacher")
         elif not isinstance(teacher, nn.Module):

@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 _EXTRA_COMMANDS: List[Callable] = []
 
+from .export_command import register as _register_export  # noqa: E402
+
+_EXTRA_COMMANDS.append(_register_export)
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()

@@ -1,5 +1,12 @@
 """Loading networks out of any checkpoint, and exporting them for deployment."""
 
+from .deploy import EXPORT_FORMATS, export_model
 from .loading import ROLES, checkpoint_kind, load_reconstruction_model
 
-__all__ = ["ROLES", "checkpoint_kind", "load_reconstruction_model"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "ROLES",
+    "checkpoint_kind",
+    "export_model",
+    "load_reconstruction_model",
+]

@@ -4,13 +4,13 @@ Every user-supplied checkpoint is read with ``torch.load(..., weights_only=True)
 code runs) and matched to a module by parameter name, strictly: missing keys, unexpected keys
 and shape mismatches are all reported together, with the file they came from.
 
-Two checkpoint kinds are understood by :func:`load_model` (SFT checkpoints: see
-:func:`sftkd_fastmri.export.load_reconstruction_model`):
+Three checkpoint kinds are understood by :func:`load_model`:
 
 * model checkpoints written by :func:`save_model_checkpoint` (``{"sftkd_fastmri": meta,
   "state_dict": ...}``; the meta names the preset and its constructor config);
 * Lightning checkpoints of this package's modules (``state_dict`` keys prefixed, e.g.
-  ``model.``; ``hyper_parameters`` record the preset and its config).
+  ``model.``; ``hyper_parameters`` record the preset and its config);
+* Lightning checkpoints of the SFT module (``sft.teacher.`` / ``sft.student.``).
 
 Plain state dicts carry no architecture: load them with :func:`load_state_dict_strict` into a
 model built with :func:`~sftkd_fastmri.models.create_model`.
@@ -140,48 +140,76 @@ def save_model_checkpoint(
     return Path(path)
 
 
+ROLES = ("auto", "model", "teacher", "student")
+
+
+def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
+    """``"model"`` (model export), ``"lightning"`` (one network under ``model.``), ``"sft"``
+    (teacher and student under ``sft.teacher.`` / ``sft.student.``) or ``"unknown"``."""
+    if FORMAT_KEY in ckpt:
+        return "model"
+    hp = ckpt.get("hyper_parameters")
+    if "state_dict" in ckpt and isinstance(hp, Mapping):
+        if "teacher_preset" in hp and "student_preset" in hp:
+            return "sft"
+        if "model_preset" in hp or "preset" in hp:
+            return "lightning"
+    return "unknown"
+
+
 def load_model(
     path: PathLike,
     *,
+    role: str = "auto",
     expected_preset: Optional[str] = None,
-    prefix: Optional[str] = None,
     map_location: Any = "cpu",
 ) -> nn.Module:
-    """Rebuild a DC-CNN from a model checkpoint or a Lightning checkpoint of this package.
+    """Rebuild the DC-CNN stored in any checkpoint of this package.
 
     Args:
-        path: checkpoint file.
+        path: a model export (:func:`save_model_checkpoint`, SFT exports included), or a
+            Lightning checkpoint of ``DCCNNModule`` (training and distillation runs; weights
+            under ``model.``, distillation's own parameters under ``distillation.`` are
+            ignored) or of ``SFTModule`` (weights under ``sft.teacher.`` / ``sft.student.``).
+        role: for SFT checkpoints, ``"teacher"`` (also the choice of ``"auto"``) or
+            ``"student"`` (the student initialisation); ignored for single-network files.
         expected_preset: when given, the checkpoint must hold this preset.
-        prefix: for Lightning checkpoints, the submodule to take (``"model"``, ``"teacher"``,
-            ``"student"``); default: ``"model"``.
         map_location: passed to ``torch.load``.
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, another preset, or mismatching keys.
+        CheckpointError: unreadable file, unknown layout, another preset, missing config, or
+            mismatching keys.
     """
     from .dccnn import DCCNN  # local: registry imports this module's siblings
 
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     ckpt = read_checkpoint(path, map_location)
-    if FORMAT_KEY in ckpt:
+    kind = checkpoint_kind(ckpt)
+    if kind == "model":
         meta = ckpt[FORMAT_KEY]
         preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
-    elif "state_dict" in ckpt and "hyper_parameters" in ckpt:
-        which = prefix or "model"
+    elif kind == "lightning":
         hp = ckpt["hyper_parameters"]
-        preset = hp.get(f"{which}_preset", hp.get("preset"))
-        config = hp.get(f"{which}_config")
-        state = strip_prefix(ckpt["state_dict"], f"{which}.")
-        if not state:
-            raise CheckpointError(f"{path}: Lightning checkpoint has no '{which}.*' weights")
+        preset = hp.get("model_preset", hp.get("preset"))
+        config = hp.get("model_config")
+        state = strip_prefix(ckpt["state_dict"], "model.")
+    elif kind == "sft":
+        which = "student" if role == "student" else "teacher"
+        hp = ckpt["hyper_parameters"]
+        preset, config = hp.get(f"{which}_preset"), hp.get(f"{which}_config")
+        state = strip_prefix(ckpt["state_dict"], f"sft.{which}.")
     else:
         raise CheckpointError(
-            f"{path}: not a sftkd_fastmri checkpoint (expected a '{FORMAT_KEY}' entry or a "
-            "Lightning checkpoint with 'state_dict' and 'hyper_parameters')"
+            f"{path}: not a sftkd_fastmri checkpoint (expected a model export with a "
+            f"'{FORMAT_KEY}' entry, or a Lightning checkpoint of DCCNNModule or SFTModule)"
         )
     if expected_preset is not None and preset != expected_preset:
         raise CheckpointError(f"{path} holds preset {preset!r}, expected {expected_preset!r}")
     if not config:
-        raise CheckpointError(f"{path}: checkpoint records no model config")
+        raise CheckpointError(f"{path}: checkpoint records no model config (role {role!r})")
+    if not state:
+        raise CheckpointError(f"{path}: checkpoint holds no weights for role {role!r}")
     model = DCCNN(**config)
     model.preset = preset
     load_state_dict_strict(model, state, source=str(path))

@@ -7,7 +7,8 @@ from typing import Any, Dict, Optional, Union
 
 from torch import Tensor
 
-from ..models import DCCNN, CheckpointError, create_model, load_model, load_state_dict_strict
+from ..export.loading import load_reconstruction_model
+from ..models import DCCNN, CheckpointError, create_model, load_state_dict_strict
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
 __all__ = ["DCCNNModule"]
@@ -37,8 +38,8 @@ class DCCNNModule(ReconModule):
             checkpoint of this package; the preset and configuration must match (loaded
             strictly). Not recorded in the hyperparameters: a checkpoint of this module holds
             the weights itself.
-        init_checkpoint_prefix: submodule of a Lightning ``init_checkpoint`` to take
-            (``"model"``, ``"teacher"``, ``"student"``); default ``"model"``.
+        init_checkpoint_prefix: for an SFT checkpoint, the network to take (``"teacher"``
+            or ``"student"``; default: the teacher); ignored for single-network checkpoints.
         loss, lr, lr_step_size, lr_gamma, weight_decay, num_log_images, output_dir: see
             :class:`~sftkd_fastmri.pl_modules.ReconModule`.
 
@@ -86,7 +87,11 @@ class DCCNNModule(ReconModule):
     def load_init_checkpoint(self, path: PathLike, prefix: Optional[str] = None) -> None:
         """Load the weights of ``path`` into :attr:`model`, strictly (see class docstring)."""
         preset = self.hparams["model_preset"]
-        source = load_model(path, expected_preset=preset, prefix=prefix)
+        source = load_reconstruction_model(path, role=prefix or "auto")
+        if getattr(source, "preset", None) != preset:
+            raise CheckpointError(
+                f"{path} holds preset {getattr(source, 'preset', None)!r}, expected {preset!r}"
+            )
         ours, theirs = self.model.config, getattr(source, "config", {})
         differing = [
             f"{k}: expected {ours.get(k)!r}, found {theirs.get(k)!r}"

@@ -28,6 +28,7 @@ __all__ = ["SFTModule", "SFT_LOSSES"]
 PathLike = Union[str, os.PathLike]
 # The distances SFTLoss implements; ReconModule's loss of the same name gives validation_loss.
 SFT_LOSSES = ("l1", "l2")
+_DISTANCE_ALIASES = {"mse": "l2"}  # create_loss's other name for the L2 loss
 
 
 class SFTModule(ReconModule):
@@ -70,8 +71,9 @@ class SFTModule(ReconModule):
 
     Unused parameters: without branch 0 no branch reaches the student's first cascade ``S_1``
     (as in the paper, it keeps its random initialisation), so its parameters are frozen
-    (``requires_grad=False``); DDP would otherwise fail on parameters that never get a
-    gradient. The KD stage trains the exported student, ``S_1`` included.
+    (``requires_grad=False``; see :meth:`unused_parameters` for the other cases); DDP would
+    otherwise fail on parameters that never get a gradient. The KD stage trains the exported
+    student, ``S_1`` included.
 
     Args:
         teacher_preset: teacher preset name (see :func:`sftkd_fastmri.models.list_models`).
@@ -88,7 +90,7 @@ class SFTModule(ReconModule):
         lr_step_size: StepLR period in epochs.
         lr_gamma: StepLR decay factor.
         weight_decay: Adam weight decay.
-        loss: the distance ``d``: ``"l1"`` (paper) or ``"l2"``.
+        loss: the distance ``d``: ``"l1"`` (paper) or ``"l2"`` (alias ``"mse"``).
         branch_reduction: ``"mean"`` or ``"sum"`` over branches (see
             :class:`~sftkd_fastmri.sft.SFTLoss`).
         detach_teacher_in_imitation: use ``T(x_0).detach()`` as the imitation target.
@@ -104,7 +106,7 @@ class SFTModule(ReconModule):
             ``default_root_dir``).
 
     Raises:
-        ValueError: ``loss`` is not ``"l1"`` or ``"l2"``, invalid loss weights, or models that
+        ValueError: ``loss`` is not ``"l1"``, ``"l2"`` or ``"mse"``, invalid loss weights, or models that
             cannot be paired (see :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
     """
 
@@ -132,12 +134,13 @@ class SFTModule(ReconModule):
         num_log_images: int = 4,
         output_dir: Optional[PathLike] = None,
     ):
-        if loss not in SFT_LOSSES:
+        distance = _DISTANCE_ALIASES.get(loss, loss)
+        if distance not in SFT_LOSSES:
             # SSIM-type losses have no per-branch form in SFTLoss; failing here beats a
             # validation_loss measured with another distance than the one trained.
             raise ValueError(
-                f"SFTModule supports loss in {list(SFT_LOSSES)} (the SFTLoss distances), "
-                f"got {loss!r}"
+                f"SFTModule supports loss in {list(SFT_LOSSES)} (the SFTLoss distances; "
+                f"'mse' = 'l2'), got {loss!r}"
             )
         super().__init__(
             loss=loss,
@@ -157,7 +160,7 @@ class SFTModule(ReconModule):
             batch_branches=batch_branches,
         )
         self.sft_loss = SFTLoss(
-            loss,
+            distance,
             teacher_weight=teacher_weight,
             branch_weight=branch_weight,
             imitation_weight=imitation_weight,
@@ -190,10 +193,24 @@ class SFTModule(ReconModule):
         return self.sft.branch_starts
 
     def unused_parameters(self) -> List[nn.Parameter]:
-        """Parameters that no SFT term reaches: the student's first cascade without branch 0."""
-        if self.sft.train_first_student_cascade:
-            return []
-        return list(self.sft.student.cascades[0].parameters())
+        """Parameters that no weighted SFT term reaches (frozen at construction).
+
+        The student's first cascade without branch 0 (the paper's setting); also the whole
+        student when both branch weights are 0, and the last teacher cascade when only the
+        branch reconstruction term is on (with a detached or unweighted imitation target).
+        """
+        sft, loss = self.sft, self.sft_loss
+        modules: List[nn.Module] = []
+        if loss.branch_weight == 0 and loss.imitation_weight == 0:
+            modules.append(sft.student)
+        elif not sft.train_first_student_cascade:
+            modules.append(sft.student.cascades[0])
+        imitation_reaches_teacher = (
+            loss.imitation_weight > 0 and not loss.detach_teacher_in_imitation
+        )
+        if loss.teacher_weight == 0 and not imitation_reaches_teacher:
+            modules.append(sft.teacher.cascades[sft.num_cascades - 1])
+        return [p for module in modules for p in module.parameters()]
 
     # -- forward ----------------------------------------------------------------------------
     def forward(

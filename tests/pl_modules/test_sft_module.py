@@ -210,10 +210,45 @@ def test_unused_first_student_cascade_is_frozen():
     assert all(p.requires_grad for p in paper.teacher.parameters())
     full = SFTModule(**TINY, train_first_student_cascade=True)
     assert full.unused_parameters() == [] and all(p.requires_grad for p in full.parameters())
+    # degenerate weightings: what no weighted term reaches is frozen as well
+    teacher_only = SFTModule(**TINY, branch_weight=0.0, imitation_weight=0.0)
+    assert not any(p.requires_grad for p in teacher_only.student.parameters())
+    branches_only = SFTModule(
+        **TINY, teacher_weight=0.0, imitation_weight=1.0, detach_teacher_in_imitation=True
+    )
+    assert not any(p.requires_grad for p in branches_only.teacher.cascades[4].parameters())
+    assert all(p.requires_grad for p in branches_only.teacher.cascades[3].parameters())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"train_first_student_cascade": True},
+        {"branch_weight": 0.0, "imitation_weight": 0.0},
+        {"teacher_weight": 0.0, "detach_teacher_in_imitation": True},
+        {"teacher_weight": 0.0, "imitation_weight": 0.0},
+    ],
+)
+def test_frozen_parameters_are_exactly_those_without_gradient(options):
+    module = SFTModule(**TINY, **options)
+    frozen = {id(p) for p in module.unused_parameters()}
+    for param in module.parameters():
+        param.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    kspace = torch.randn(2, 1, 12, 10, 2, generator=g)
+    mask = torch.zeros(1, 1, 1, 10, 1, dtype=torch.bool)
+    mask[..., ::2, :] = True
+    target = torch.rand(2, 12, 10, generator=g)
+    module.train()
+    module.sft_loss(module(kspace * mask, mask), target).total.backward()
+    without_grad = {id(p) for p in module.parameters() if p.grad is None}
+    assert without_grad == frozen
 
 
 def test_loss_choice():
     assert SFTModule(**TINY, loss="l2").sft_loss.distance == "l2"
+    assert SFTModule(**TINY, loss="mse").sft_loss.distance == "l2"
     with pytest.raises(ValueError, match="'ssim'"):
         SFTModule(**TINY, loss="ssim")
     with pytest.raises(ValueError, match="imitation_weight"):

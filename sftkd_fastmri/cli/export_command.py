@@ -1,0 +1,106 @@
+"""The ``sftkd-fastmri export`` command: one network of any checkpoint, for deployment.
+
+Registered through ``main._EXTRA_COMMANDS``; this module must not import
+:mod:`sftkd_fastmri.cli.main` (main imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..export.deploy import (
+    DEFAULT_EXAMPLE_SHAPE,
+    EXPORT_FORMATS,
+    SUFFIXES,
+    default_export_path,
+    export_model,
+    load_torchscript_export,
+)
+
+__all__ = ["cmd_export", "register"]
+
+HELP = (
+    "write a teacher or student alone from any checkpoint (train, SFT, KD) as a model "
+    "checkpoint, TorchScript module or ONNX file, for deployment"
+)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the selected network and say what was written."""
+    out = (
+        Path(args.out) if args.out else default_export_path(args.checkpoint, args.format, args.role)
+    )
+    try:
+        path = export_model(
+            args.checkpoint,
+            out,
+            format=args.format,
+            role=args.role,
+            example_shape=args.shape,
+            coils=args.coils,
+            opset=args.opset,
+        )
+    except RuntimeError as err:
+        # ExportError (e.g. ONNX without complex FFTs) carries a complete explanation.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export written to {path}")
+    if args.format == "torchscript":
+        _, meta = load_torchscript_export(path)
+        sizes = (
+            "any size"
+            if meta.get("dynamic_shapes")
+            else "only {} x {}".format(*meta.get("example_shape", ("?", "?")))
+        )
+        how = {"trace": "traced", "script": "scripted"}.get(meta.get("method"), "?")
+        print(
+            f"  {meta.get('role')} ({meta.get('preset')}), {how}, "
+            f"inputs ({', '.join(meta.get('inputs', []))}), {sizes}"
+        )
+    return 0
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand through ``build_parser``'s ``command`` helper."""
+    p = command("export", cmd_export, HELP)
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT",
+        help="model export or Lightning checkpoint of a training, SFT or distillation run",
+    )
+    p.add_argument(
+        "--format",
+        default="torchscript",
+        choices=EXPORT_FORMATS,
+        help="state_dict: model checkpoint (needs this package to load); torchscript: "
+        "self-contained module (default); onnx: needs pip install onnx onnxscript",
+    )
+    p.add_argument(
+        "--role",
+        default="auto",
+        choices=("auto", "teacher", "student"),
+        help="which network of an SFT checkpoint (auto: the teacher)",
+    )
+    suffixes = ", ".join(SUFFIXES.values())
+    p.add_argument(
+        "--out", help=f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}})"
+    )
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="k-space size to trace and check the export at (default: recorded in the "
+        "checkpoint, else {} x {})".format(*DEFAULT_EXAMPLE_SHAPE),
+    )
+    p.add_argument(
+        "--coils",
+        type=int,
+        default=1,
+        help="1: single-coil inputs (kspace, mask); more: multi-coil (kspace, mask, sens_maps)",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    return p

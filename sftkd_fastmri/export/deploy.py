@@ -1,0 +1,668 @@
+"""Export one network (teacher or student) of any checkpoint for deployment.
+
+Three formats (:data:`EXPORT_FORMATS`):
+
+* ``"state_dict"`` - a model checkpoint (:func:`~sftkd_fastmri.models.save_model_checkpoint`)
+  holding the network alone; :func:`~sftkd_fastmri.models.load_model` rebuilds it strictly.
+  Needs this package (and fastMRI) at inference time.
+* ``"torchscript"`` - a self-contained TorchScript module (``torch.jit.load`` it, no Python
+  source needed). ``torch.jit.script`` is tried first; the DC-CNN does not script (its blocks
+  look submodules up by computed names), so it is traced. The trace records the shape
+  arithmetic of fastMRI's ``fftshift`` rolls rather than constants, so it runs at any batch,
+  size and coil count; every export is checked at a second batch, size parity and coil
+  count, and its metadata (``load_torchscript_export``) says whether that held. The forward
+  signature is fixed by the number of coils the export was made for: ``(masked_kspace,
+  mask)`` for single-coil data, ``(masked_kspace, mask, sens_maps)`` for multi-coil data.
+* ``"onnx"`` - ONNX has no complex dtype. With ``onnx`` and ``onnxscript`` installed, torch's
+  dynamo-based exporter maps the data-consistency layers' complex FFTs onto ONNX's ``DFT``
+  operator (batch, size and coils dynamic; 10-30 s even for a small network) and the file is
+  checked with ONNX Runtime when ``onnxruntime`` is installed. Without them only the legacy
+  TorchScript-based exporter is available, which cannot translate the FFTs: the export then
+  raises :class:`ExportError` naming the unsupported operator and the packages to install.
+
+Every file is written to a temporary name in the output folder, checked against the eager
+model, then renamed into place, so a failed export leaves no (half-written) file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..models import load_model, read_checkpoint
+from ..models.checkpoint import FORMAT_KEY, save_model_checkpoint
+from .loading import ROLES, checkpoint_kind, load_reconstruction_model
+
+__all__ = [
+    "DEFAULT_EXAMPLE_SHAPE",
+    "EXPORT_FORMATS",
+    "ExportError",
+    "default_export_path",
+    "export_model",
+    "load_torchscript_export",
+    "resolve_role",
+]
+
+PathLike = Union[str, os.PathLike]
+
+EXPORT_FORMATS: Tuple[str, ...] = ("state_dict", "torchscript", "onnx")
+#: File suffix per format (``<stem>.<role><suffix>`` next to the checkpoint by default).
+SUFFIXES: Dict[str, str] = {"state_dict": ".pt", "torchscript": ".ts.pt", "onnx": ".onnx"}
+#: Example (H, W) for tracing when neither the caller nor the checkpoint gives one.
+DEFAULT_EXAMPLE_SHAPE: Tuple[int, int] = (320, 320)
+#: Name of the JSON metadata stored in TorchScript ``_extra_files`` and ONNX metadata_props.
+METADATA_NAME = "sftkd_fastmri.json"
+#: TorchScript runs the very same kernels as the eager model: any difference is a bug.
+TORCHSCRIPT_ATOL = 1e-5
+#: ONNX Runtime computes the FFTs with its own DFT kernels: allow float32 rounding, relative
+#: to the output's magnitude.
+ONNX_RTOL = 1e-4
+
+_FFT_HINTS = ("fft", "dft", "complex")
+
+
+class ExportError(RuntimeError):
+    """An export that could not be written or did not reproduce the eager model."""
+
+
+# -- roles and paths ----------------------------------------------------------------------
+def resolve_role(checkpoint: Union[PathLike, nn.Module], role: str = "auto") -> str:
+    """The name of the network that ``role`` selects in ``checkpoint``.
+
+    SFT checkpoints hold ``"teacher"`` (the default) and ``"student"``; a model checkpoint
+    answers with the role recorded in it; other single-network checkpoints with ``role``
+    itself when it is ``"teacher"`` or ``"student"`` and ``"model"`` otherwise.
+    """
+    _check_role(role)
+    if isinstance(checkpoint, nn.Module):
+        return role if role in ("teacher", "student") else "model"
+    return _role_of(read_checkpoint(checkpoint), role)
+
+
+def _role_of(ckpt: Dict[str, Any], role: str) -> str:
+    kind = checkpoint_kind(ckpt)
+    if kind == "sft":
+        return "student" if role == "student" else "teacher"
+    if role in ("teacher", "student"):
+        return role
+    if kind == "model":
+        return str(ckpt[FORMAT_KEY].get("role") or "model")
+    return "model"
+
+
+def default_export_path(checkpoint: PathLike, format: str, role: str = "auto") -> Path:
+    """``<folder>/<stem>.<role>.{pt,ts.pt,onnx}`` next to ``checkpoint``."""
+    _check_format(format)
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.{resolve_role(path, role)}{SUFFIXES[format]}")
+
+
+# -- public entry point -------------------------------------------------------------------
+def export_model(
+    checkpoint: Union[PathLike, nn.Module],
+    out_path: PathLike,
+    format: str = "state_dict",
+    role: str = "auto",
+    example_shape: Optional[Sequence[int]] = None,
+    coils: int = 1,
+    opset: Optional[int] = None,
+) -> Path:
+    """Write the teacher or the student of ``checkpoint`` alone, for deployment.
+
+    Args:
+        checkpoint: any checkpoint of this package (model export; Lightning checkpoint of a
+            training, distillation or SFT run; see
+            :func:`~sftkd_fastmri.export.load_reconstruction_model`), or a DC-CNN.
+        out_path: output file (its folder is created; an existing file is replaced only
+            once the new one has been written and checked).
+        format: ``"state_dict"``, ``"torchscript"`` or ``"onnx"``.
+        role: ``"auto"``, ``"teacher"`` or ``"student"``: which network of an SFT checkpoint
+            (``"auto"``: the teacher); only a label for single-network checkpoints. A
+            module given instead of a checkpoint is exported from a CPU copy.
+        example_shape: ``(H, W)`` of the example k-space used to trace and check the export;
+            default: the checkpoint's recorded ``example_shape``, else
+            :data:`DEFAULT_EXAMPLE_SHAPE`. TorchScript and ONNX exports are checked at a
+            second size too; the metadata says whether other sizes are accepted.
+        coils: coils of the k-space the export will see; 1 gives the single-coil signature
+            ``(masked_kspace, mask)``, more the SENSE one ``(masked_kspace, mask,
+            sens_maps)``.
+        opset: ONNX opset (default: the exporter's).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: bad arguments, or ``out_path`` is the checkpoint itself.
+        CheckpointError: unreadable checkpoint or no network for ``role``.
+        ExportError: (a ``RuntimeError``) the export failed, e.g. ONNX lacking the complex
+            FFT operators, or does not reproduce the eager model. Nothing is written then.
+    """
+    _check_format(format)
+    _check_role(role)
+    if coils < 1:
+        raise ValueError(f"coils must be >= 1, got {coils}")
+    out = Path(out_path)
+    if not isinstance(checkpoint, nn.Module) and _same_file(out, Path(checkpoint)):
+        raise ValueError(f"refusing to overwrite the source checkpoint {checkpoint}")
+
+    model, meta, recorded_shape = _load(checkpoint, role)
+    if example_shape is None:
+        shape = recorded_shape or DEFAULT_EXAMPLE_SHAPE
+    else:
+        shape = _check_shape(example_shape)
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if format == "state_dict":
+        _export_state_dict(model, out, meta, example_shape)
+    elif format == "torchscript":
+        _export_torchscript(model, out, meta, shape, coils)
+    else:
+        _export_onnx(model, out, meta, shape, coils, opset)
+    return out
+
+
+def load_torchscript_export(
+    path: PathLike, map_location: Any = "cpu"
+) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load a TorchScript export and its metadata (role, preset, signature, shapes)."""
+    extra = {METADATA_NAME: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
+    return module, json.loads(extra[METADATA_NAME] or "{}")
+
+
+# -- loading ------------------------------------------------------------------------------
+def _load(
+    checkpoint: Union[PathLike, nn.Module], role: str
+) -> Tuple[nn.Module, Dict[str, Any], Optional[Tuple[int, int]]]:
+    """The network, its metadata, and the example shape the checkpoint records (if any)."""
+    if isinstance(checkpoint, nn.Module):
+        # A CPU copy: the caller's module keeps its device and training mode.
+        model = copy.deepcopy(checkpoint).cpu()
+        source, recorded = type(checkpoint).__name__, None
+        role_name = resolve_role(checkpoint, role)
+    else:
+        # The loader reads the file again: checkpoints of a DC-CNN are small.
+        ckpt = read_checkpoint(checkpoint)
+        recorded, role_name = _recorded_shape(ckpt), _role_of(ckpt, role)
+        model = load_reconstruction_model(checkpoint, role=role)
+        source = str(checkpoint)
+    meta = {
+        "role": role_name,
+        "preset": getattr(model, "preset", None),
+        "config": dict(getattr(model, "config", {})),
+        "source": source,
+        "torch_version": torch.__version__,
+    }
+    return model, meta, recorded
+
+
+def _recorded_shape(ckpt: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+    """``example_shape`` recorded by an earlier export or in the hyper-parameters."""
+    places = (
+        (ckpt.get(FORMAT_KEY) or {}).get("extra") or {},
+        ckpt.get("hyper_parameters") or {},
+    )
+    for place in places:
+        value = place.get("example_shape") if isinstance(place, dict) else None
+        if value is not None:
+            try:
+                return _check_shape(value)
+            except (TypeError, ValueError):
+                continue  # a malformed record is no reason to refuse the export
+    return None
+
+
+# -- state dict ---------------------------------------------------------------------------
+def _export_state_dict(
+    model: nn.Module, out: Path, meta: Dict[str, Any], example_shape: Optional[Sequence[int]]
+) -> None:
+    extra = {"exported_from": meta["source"]}
+    if example_shape is not None:
+        extra["example_shape"] = list(_check_shape(example_shape))
+    with _atomic_output(out) as tmp:
+        save_model_checkpoint(model, tmp, preset=meta["preset"], role=meta["role"], extra=extra)
+        # Rebuild it the way deployment will, strictly, and compare every tensor.
+        rebuilt = load_model(tmp).state_dict()
+        own = model.state_dict()
+        if set(rebuilt) != set(own) or any(not torch.equal(rebuilt[k], own[k]) for k in own):
+            raise ExportError(f"{out}: the written checkpoint does not rebuild the same weights")
+
+
+# -- TorchScript --------------------------------------------------------------------------
+class _SingleCoil(nn.Module):
+    """Fixed ``(masked_kspace, mask)`` signature: tracing cannot take ``sens_maps=None``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor) -> Tensor:
+        return self.model(masked_kspace, mask, None)
+
+
+class _MultiCoil(nn.Module):
+    """Fixed ``(masked_kspace, mask, sens_maps)`` signature for SENSE data consistency."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
+        return self.model(masked_kspace, mask, sens_maps)
+
+
+def _wrap(model: nn.Module, coils: int) -> nn.Module:
+    return (_SingleCoil(model) if coils == 1 else _MultiCoil(model)).eval()
+
+
+def _input_names(coils: int) -> List[str]:
+    return ["masked_kspace", "mask"] + (["sens_maps"] if coils > 1 else [])
+
+
+#: What each input of an export expects (recorded in its metadata for deployers).
+INPUT_LAYOUT = {
+    "masked_kspace": "float32 (B, coils, H, W, 2): acquired k-space, zero where unsampled",
+    "mask": "bool (B, 1, 1, W, 1): sampled k-space columns",
+    "sens_maps": "float32 (B, coils, H, W, 2): coil sensitivities",
+    "output": "float32 (B, H, W): magnitude image",
+}
+
+
+def _signature(coils: int) -> Dict[str, Any]:
+    names = _input_names(coils)
+    layout = {name: INPUT_LAYOUT[name] for name in names + ["output"]}
+    return {"inputs": names, "layout": layout, "coils": coils}
+
+
+def _example_inputs(
+    shape: Tuple[int, int], coils: int, batch: int = 1, seed: int = 0
+) -> Tuple[Tensor, ...]:
+    """Random under-sampled k-space, a column mask and normalised sensitivity maps."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = shape
+    mask = torch.rand(batch, 1, 1, w, 1, generator=gen) < 0.5
+    mask[..., w // 2, :] = True  # a sampled centre line, as in every fastMRI mask
+    kspace = torch.randn(batch, coils, h, w, 2, generator=gen) * mask
+    if coils == 1:
+        return kspace, mask
+    sens = torch.randn(batch, coils, h, w, 2, generator=gen)
+    sens = sens / sens.pow(2).sum(dim=(1, 4), keepdim=True).sqrt()
+    return kspace, mask, sens
+
+
+def _other_inputs(shape: Tuple[int, int], coils: int) -> Tuple[Tensor, ...]:
+    """Inputs differing in every dimension: batch, coils (multi-coil) and the parity of H, W
+    (fftshift and ifftshift roll by different amounts on odd sizes)."""
+    other_shape = (shape[0] + 1, shape[1] + 1)
+    return _example_inputs(other_shape, coils + 1 if coils > 1 else 1, batch=2, seed=1)
+
+
+def _script_or_trace(
+    wrapper: nn.Module, inputs: Tuple[Tensor, ...]
+) -> Tuple[torch.jit.ScriptModule, str, Optional[str]]:
+    """Script ``wrapper`` if TorchScript compiles it (shape-generic), else trace it.
+
+    Returns:
+        ``(module, "script" | "trace", why scripting failed)``.
+    """
+    key = _architecture_key(getattr(wrapper, "model", wrapper))
+    script_error = _SCRIPT_FAILURES.get(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        if script_error is None:
+            try:
+                return torch.jit.script(wrapper), "script", None
+            except Exception as err:  # TorchScript's frontend raises several error types
+                # A failed compilation leaves half-registered classes behind, so a retry
+                # fails with a misleading "can't redefine method": remember the first error.
+                script_error = _SCRIPT_FAILURES[key] = _first_line(err)
+        try:
+            with torch.no_grad():
+                # check_trace=False: the export is compared with the eager model afterwards,
+                # at the example size and at a second one, which is the stronger check.
+                traced = torch.jit.trace(wrapper, inputs, check_trace=False)
+        except Exception as err:
+            raise ExportError(
+                f"TorchScript export failed: scripting failed ({script_error}) and tracing "
+                f"failed ({_first_line(err)})"
+            ) from err
+    return traced, "trace", script_error
+
+
+_SCRIPT_FAILURES: Dict[Tuple[str, ...], str] = {}
+
+
+def _architecture_key(module: nn.Module) -> Tuple[str, ...]:
+    """The module classes involved: what decides whether TorchScript compiles a module."""
+    return tuple(sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules()}))
+
+
+def _export_torchscript(
+    model: nn.Module, out: Path, meta: Dict[str, Any], shape: Tuple[int, int], coils: int
+) -> None:
+    wrapper = _wrap(model, coils)
+    inputs = _example_inputs(shape, coils)
+    module, method, script_error = _script_or_trace(wrapper, inputs)
+    expected = _forward(wrapper, inputs)
+    _check_close(_forward(module, inputs), expected, TORCHSCRIPT_ATOL, f"TorchScript ({method})")
+
+    other = _other_inputs(shape, coils)
+    try:
+        got = _forward(module, other)
+        _check_close(got, _forward(wrapper, other), TORCHSCRIPT_ATOL, "at a second size")
+        dynamic = True
+    except Exception:  # ExportError on a difference, shape errors from baked-in sizes
+        dynamic = False
+        warnings.warn(
+            f"the traced TorchScript module reproduces the model only at the traced size "
+            f"{shape[0]} x {shape[1]} (batch 1, {coils} coil(s)); its metadata records this. "
+            "Export again with example_shape set to the size you deploy at.",
+            stacklevel=3,
+        )
+    meta = {
+        **meta,
+        "format": "torchscript",
+        "method": method,
+        "script_error": script_error,
+        **_signature(coils),
+        "example_shape": list(shape),
+        "dynamic_shapes": dynamic,
+    }
+    with _atomic_output(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            torch.jit.save(module, str(tmp), _extra_files={METADATA_NAME: json.dumps(meta)})
+        loaded, _ = load_torchscript_export(tmp)
+        _check_close(_forward(loaded, inputs), expected, TORCHSCRIPT_ATOL, "saved TorchScript")
+
+
+# -- ONNX ---------------------------------------------------------------------------------
+def _have(*modules: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in modules)
+
+
+def _export_onnx(
+    model: nn.Module,
+    out: Path,
+    meta: Dict[str, Any],
+    shape: Tuple[int, int],
+    coils: int,
+    opset: Optional[int],
+) -> None:
+    wrapper = _wrap(model, coils)
+    names = _input_names(coils)
+    # Batch 2: torch.export specialises every dimension whose example size is 1.
+    inputs = _example_inputs(shape, coils, batch=2)
+    meta = {**meta, "format": "onnx", **_signature(coils), "example_shape": list(shape)}
+    dynamo = _have("onnx", "onnxscript")
+    with _atomic_output(out) as tmp:
+        try:
+            with _quiet():
+                if dynamo:
+                    program = _onnx_dynamo(wrapper, inputs, names, opset)
+                else:
+                    _onnx_legacy(wrapper, inputs, names, opset, tmp)
+        except Exception as err:
+            raise _onnx_failure(err, dynamo, opset) from err
+        if dynamo:
+            graph_inputs = program.model.graph.inputs
+            meta["input_shapes"] = [[_dim(d) for d in v.shape] for v in graph_inputs]
+            meta["dynamic_shapes"] = not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4])
+            program.model.metadata_props[METADATA_NAME] = json.dumps(meta)
+            with _quiet():
+                program.save(str(tmp), external_data=False)  # one file: DC-CNNs are small
+        _verify_onnx(tmp, wrapper, inputs, _other_inputs(shape, coils))
+
+
+def _onnx_dynamo(
+    wrapper: nn.Module, inputs: Tuple[Tensor, ...], names: List[str], opset: Optional[int]
+) -> Any:
+    from torch.export import Dim
+
+    auto = Dim.AUTO  # dynamic where the model allows it, static where it does not
+    kspace = {0: auto, 2: auto, 3: auto}
+    if "sens_maps" in names:
+        kspace[1] = auto  # any number of coils; single-coil exports keep exactly one
+    dims = {"masked_kspace": kspace, "mask": {0: auto, 3: auto}, "sens_maps": kspace}
+    return torch.onnx.export(
+        wrapper,
+        inputs,
+        dynamo=True,
+        dynamic_shapes={name: dims[name] for name in names},
+        input_names=names,
+        output_names=["image"],
+        opset_version=opset,
+        verbose=False,
+    )
+
+
+def _onnx_legacy(
+    wrapper: nn.Module,
+    inputs: Tuple[Tensor, ...],
+    names: List[str],
+    opset: Optional[int],
+    tmp: Path,
+) -> None:
+    axes = {"masked_kspace": {0: "batch", 2: "height", 3: "width"}}
+    if "sens_maps" in names:
+        axes["masked_kspace"][1] = "coils"
+    axes["mask"] = {0: "batch", 3: "width"}
+    axes["sens_maps"] = axes["masked_kspace"]
+    torch.onnx.export(
+        wrapper,
+        inputs,
+        str(tmp),
+        dynamo=False,
+        input_names=names,
+        output_names=["image"],
+        dynamic_axes={name: axes[name] for name in names},
+        opset_version=opset or 17,  # DFT needs opset >= 17
+    )
+
+
+def _dim(d: Any) -> Union[int, str]:
+    return d if isinstance(d, int) else str(d)
+
+
+def _onnx_failure(err: BaseException, dynamo: bool, opset: Optional[int]) -> ExportError:
+    """A clear error for a failed ONNX export, naming the operator when the error does."""
+    text = _error_text(err)
+    op = _unsupported_op(text)
+    suggestion = (
+        "Use format='torchscript' (sftkd-fastmri export CKPT --format torchscript) to deploy "
+        "the network with its FFTs."
+    )
+    if not dynamo:
+        return ExportError(
+            "ONNX export failed: ONNX has no complex tensors, and torch's TorchScript-based "
+            "ONNX exporter cannot translate the complex FFT operators that the "
+            f"data-consistency layers need (fastmri.fft2c / ifft2c; unsupported: {op or '?'}). "
+            "The dynamo-based exporter maps them onto ONNX's DFT operator but needs packages "
+            "that are not installed: pip install onnx onnxscript (and onnxruntime to check "
+            f"the file). {suggestion}"
+        )
+    if any(hint in text.lower() for hint in _FFT_HINTS):
+        low_opset = f" (opset {opset} < 17 has no DFT operator)" if opset and opset < 17 else ""
+        return ExportError(
+            "ONNX export failed: ONNX lacks support for the complex FFT operators that the "
+            f"data-consistency layers need{low_opset}; unsupported: {op or _first_line(err)}. "
+            + suggestion
+        )
+    return ExportError(f"ONNX export failed: {op or _first_line(err)}. {suggestion}")
+
+
+def _verify_onnx(
+    path: Path,
+    wrapper: nn.Module,
+    inputs: Tuple[Tensor, ...],
+    other: Tuple[Tensor, ...],
+) -> None:
+    """Compare ONNX Runtime with the eager model, at the example size and, where the graph's
+    spatial dimensions are symbolic, at a second size."""
+    if not _have("onnxruntime"):
+        warnings.warn(
+            "onnxruntime is not installed: the ONNX file was not checked against the eager "
+            "model (pip install onnxruntime)",
+            stacklevel=4,
+        )
+        return
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph_inputs = session.get_inputs()
+    checks = [inputs]
+    if not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4]):
+        checks.append(other)
+    for args in checks:
+        feed = {meta.name: arg.numpy() for meta, arg in zip(graph_inputs, args)}
+        try:
+            got = torch.from_numpy(session.run(None, feed)[0])
+        except Exception as err:
+            raise ExportError(f"ONNX Runtime cannot run the export: {_first_line(err)}") from err
+        expected = _forward(wrapper, args)
+        atol = ONNX_RTOL * max(1.0, float(expected.abs().max()))
+        _check_close(got, expected, atol, "ONNX (onnxruntime)")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _forward(module: Any, inputs: Tuple[Tensor, ...]) -> Tensor:
+    with torch.no_grad():
+        return module(*inputs)
+
+
+def _check_close(got: Tensor, expected: Tensor, atol: float, what: str) -> None:
+    if got.shape != expected.shape:
+        raise ExportError(
+            f"{what} output has shape {tuple(got.shape)}, eager {tuple(expected.shape)}"
+        )
+    diff = float((got - expected).abs().max()) if got.numel() else 0.0
+    if not diff < atol:  # also catches NaN
+        raise ExportError(
+            f"{what} output differs from the eager model: max |diff| = {diff:.3g} >= {atol:g}"
+        )
+
+
+@contextlib.contextmanager
+def _atomic_output(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out``, renamed onto it only if the block succeeds."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        # mkstemp creates the file private (0600); give it the permissions a plain open()
+        # would, so a deployment service running as another user can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, logs and warnings, Python- and C++-side.
+
+    The legacy ONNX exporter dumps the whole TorchScript graph to the process's standard
+    output when it fails (whatever ``verbose`` says), which would bury the error message.
+    Redirecting file descriptors is process-wide, so this only wraps the export calls.
+    """
+    buffer = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        for fd in (1, 2):
+            stack.enter_context(_redirect_fd(fd))
+        stack.enter_context(contextlib.redirect_stdout(buffer))
+        stack.enter_context(contextlib.redirect_stderr(buffer))
+        yield
+
+
+@contextlib.contextmanager
+def _redirect_fd(fd: int) -> Iterator[None]:
+    """Point file descriptor ``fd`` at a scratch file for the duration of the block."""
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no such descriptor (e.g. a detached process): nothing to silence
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _error_text(err: BaseException) -> str:
+    """The messages of ``err`` and of the exceptions it was raised from."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+def _unsupported_op(text: str) -> Optional[str]:
+    """The operator an exporter error names (``aten::view_as_complex``, ``aten._fft_c2c``)."""
+    patterns = (
+        r"operator '([\w.:]+)'",
+        r"\b(aten::\w+)",
+        r"\b(aten\.\w+(?:\.\w+)?)",
+    )
+    for pattern in patterns:
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_format(format: str) -> None:
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+
+def _check_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    values = tuple(int(v) for v in shape)
+    if len(values) != 2 or min(values) < 2:
+        raise ValueError(f"example_shape must be (H, W) with H, W >= 2, got {tuple(shape)}")
+    return values[0], values[1]

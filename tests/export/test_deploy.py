@@ -1,0 +1,245 @@
+"""Deployment exports (state dict, TorchScript, ONNX) from every checkpoint layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastmri
+import pytest
+import torch
+
+from sftkd_fastmri.cli.main import main
+from sftkd_fastmri.export import EXPORT_FORMATS, deploy, export_model
+from sftkd_fastmri.export.deploy import (
+    ExportError,
+    default_export_path,
+    load_torchscript_export,
+    resolve_role,
+)
+from sftkd_fastmri.models import create_model, load_model, save_model_checkpoint
+
+SHAPE = (16, 12)
+
+
+def _inputs(batch=1, coils=1, height=16, width=12, seed=0):
+    """Under-sampled k-space of a random image, a column mask, normalised coil maps."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, height, width, 2, generator=g)
+    mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
+    mask[..., ::2, :] = True
+    if coils == 1:
+        return fastmri.fft2c(image.unsqueeze(1)) * mask, mask
+    sens = torch.randn(batch, coils, height, width, 2, generator=g)
+    sens = sens / fastmri.rss_complex(sens, dim=1)[:, None, ..., None]
+    kspace = fastmri.fft2c(fastmri.complex_mul(image.unsqueeze(1), sens))
+    return kspace * mask, mask, sens
+
+
+def _eager(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(*inputs) if len(inputs) == 3 else model(*inputs, None)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """One checkpoint of each layout, and the network each export must reproduce."""
+    root = tmp_path_factory.mktemp("sources")
+    torch.manual_seed(0)
+    trained = create_model("dccnn_d3c5", chans=4)
+    lightning_net = create_model("dccnn_d3c5", chans=4)
+    teacher = create_model("dccnn_d5c5", chans=4)
+    student = create_model("dccnn_d3c5", chans=4)
+
+    model_ckpt = save_model_checkpoint(trained, root / "model.pt", role="student")
+
+    # A distillation run's Lightning checkpoint: the network under "model.", learned loss
+    # parameters under "distillation." (ignored by the export).
+    lightning_state = {f"model.{k}": v for k, v in lightning_net.state_dict().items()}
+    lightning_state["distillation.proj.weight"] = torch.ones(2, 2)
+    lightning_ckpt = root / "kd.ckpt"
+    torch.save(
+        {
+            "state_dict": lightning_state,
+            "hyper_parameters": {
+                "model_preset": "dccnn_d3c5",
+                "model_config": lightning_net.config,
+            },
+        },
+        lightning_ckpt,
+    )
+
+    sft_state = {f"sft.teacher.{k}": v for k, v in teacher.state_dict().items()}
+    sft_state.update({f"sft.student.{k}": v for k, v in student.state_dict().items()})
+    sft_ckpt = root / "sft.ckpt"
+    torch.save(
+        {
+            "state_dict": sft_state,
+            "hyper_parameters": {
+                "teacher_preset": "dccnn_d5c5",
+                "teacher_config": teacher.config,
+                "student_preset": "dccnn_d3c5",
+                "student_config": student.config,
+            },
+        },
+        sft_ckpt,
+    )
+    return {
+        "model": (model_ckpt, "auto", trained, "student"),
+        "lightning": (lightning_ckpt, "auto", lightning_net, "model"),
+        "sft-teacher": (sft_ckpt, "auto", teacher, "teacher"),
+        "sft-student": (sft_ckpt, "student", student, "student"),
+    }
+
+
+def _leftovers(folder: Path):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# -- state dict ---------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["model", "lightning", "sft-teacher", "sft-student"])
+def test_state_dict_export_rebuilds_the_network_strictly(sources, source, tmp_path):
+    ckpt, role, expected, role_name = sources[source]
+    out = export_model(ckpt, tmp_path / "net.pt", format="state_dict", role=role)
+    rebuilt = load_model(out)  # strict, by name
+    assert _same_weights(rebuilt, expected)
+    assert rebuilt.config == expected.config
+    meta = torch.load(out, weights_only=True)["sftkd_fastmri"]
+    assert meta["role"] == role_name and meta["extra"]["exported_from"] == str(ckpt)
+    assert _leftovers(tmp_path) == []
+
+
+# -- TorchScript --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "source, coils",
+    [("model", 3), ("lightning", 1), ("sft-teacher", 1), ("sft-student", 2)],
+)
+def test_torchscript_reproduces_eager_output(sources, source, coils, tmp_path):
+    ckpt, role, expected, role_name = sources[source]
+    out = export_model(
+        ckpt,
+        tmp_path / "net.ts.pt",
+        format="torchscript",
+        role=role,
+        example_shape=SHAPE,
+        coils=coils,
+    )
+    module, meta = load_torchscript_export(out)
+    assert meta["role"] == role_name and meta["coils"] == coils
+    assert meta["inputs"][-1] == ("sens_maps" if coils > 1 else "mask")
+    assert meta["method"] in ("script", "trace") and meta["example_shape"] == list(SHAPE)
+    # At the traced size, and - the trace records fftshift's shape arithmetic - at another
+    # batch, odd size and (multi-coil) coil count.
+    for kwargs in ({}, {"batch": 2, "height": 15, "width": 11, "coils": coils + (coils > 1)}):
+        inputs = _inputs(**{"coils": coils, **kwargs}, seed=1)
+        with torch.no_grad():
+            got = module(*inputs)
+        torch.testing.assert_close(got, _eager(expected, inputs), atol=1e-5, rtol=0)
+    assert meta["dynamic_shapes"] is True
+    assert _leftovers(tmp_path) == []
+
+
+def test_traced_module_fixed_to_its_size_is_recorded(monkeypatch, tmp_path):
+    # Simulate a trace that bakes the size in: the second-size check fails.
+    model = create_model("dccnn_d3c5", chans=4, num_cascades=1)
+
+    def broken_other_inputs(shape, coils):
+        kspace, mask = deploy._example_inputs((shape[0] + 1, shape[1] + 1), coils, batch=2)
+        return kspace, mask[..., :-1, :]  # does not broadcast: raises like a baked size
+
+    monkeypatch.setattr(deploy, "_other_inputs", broken_other_inputs)
+    with pytest.warns(UserWarning, match="only at the traced size 16 x 12"):
+        out = export_model(
+            model, tmp_path / "fixed.ts.pt", format="torchscript", example_shape=SHAPE
+        )
+    module, meta = load_torchscript_export(out)
+    assert meta["dynamic_shapes"] is False and meta["example_shape"] == [16, 12]
+    inputs = _inputs()
+    torch.testing.assert_close(module(*inputs), _eager(model, inputs), atol=1e-5, rtol=0)
+
+
+# -- ONNX ---------------------------------------------------------------------------------
+def test_onnx_writes_a_file_or_explains_the_fft_operators(sources, tmp_path):
+    ckpt, role, _, _ = sources["sft-student"]
+    out = tmp_path / "net.onnx"
+    try:
+        export_model(ckpt, out, format="onnx", role=role, example_shape=SHAPE)
+    except RuntimeError as err:
+        message = str(err)
+        assert isinstance(err, ExportError)
+        assert "FFT" in message and "torchscript" in message
+        assert "pip install onnx" in message or "ONNX lacks support" in message
+        assert not out.exists()  # a failed export leaves nothing behind
+    else:
+        assert out.is_file() and out.stat().st_size > 0
+    assert _leftovers(tmp_path) == []
+
+
+# -- atomic writes, validation, naming ----------------------------------------------------
+def test_failed_export_leaves_previous_file_and_no_temporary(sources, monkeypatch, tmp_path):
+    ckpt, _, _, _ = sources["model"]
+    out = tmp_path / "net.pt"
+    out.write_bytes(b"previous export")
+    other = create_model("dccnn_d3c5", chans=4)  # different random weights
+    monkeypatch.setattr(deploy, "load_model", lambda path: other)
+    with pytest.raises(ExportError, match="does not rebuild the same weights"):
+        export_model(ckpt, out, format="state_dict")
+    assert out.read_bytes() == b"previous export"
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_arguments_are_refused(sources, tmp_path):
+    ckpt, _, _, _ = sources["model"]
+    assert EXPORT_FORMATS == ("state_dict", "torchscript", "onnx")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_model(ckpt, tmp_path / "x", format="tflite")
+    with pytest.raises(ValueError, match="role must be one of"):
+        export_model(ckpt, tmp_path / "x", role="assistant")
+    with pytest.raises(ValueError, match="example_shape"):
+        export_model(ckpt, tmp_path / "x", format="torchscript", example_shape=(16,))
+    with pytest.raises(ValueError, match="overwrite the source"):
+        export_model(ckpt, ckpt, format="state_dict")
+
+
+def test_default_names_follow_the_selected_role(sources):
+    model_ckpt, lightning_ckpt, sft_ckpt = (
+        sources[k][0] for k in ("model", "lightning", "sft-teacher")
+    )
+    assert resolve_role(model_ckpt) == "student"  # recorded in the model checkpoint
+    assert resolve_role(lightning_ckpt) == "model"
+    assert resolve_role(sft_ckpt) == "teacher" and resolve_role(sft_ckpt, "student") == "student"
+    assert default_export_path(sft_ckpt, "torchscript", "student").name == "sft.student.ts.pt"
+    assert default_export_path(sft_ckpt, "onnx").name == "sft.teacher.onnx"
+    assert default_export_path(model_ckpt, "state_dict").name == "model.student.pt"
+
+
+# -- command line -------------------------------------------------------------------------
+def test_cli_export_writes_the_student(sources, capsys):
+    ckpt, _, student, _ = sources["sft-student"]
+    argv = ["export", str(ckpt), "--format", "torchscript", "--role", "student"]
+    assert main(argv + ["--shape", "16", "12"]) == 0
+    out = ckpt.with_name("sft.student.ts.pt")
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    module, meta = load_torchscript_export(out)
+    assert meta["preset"] == "dccnn_d3c5" and meta["config"] == student.config
+    inputs = _inputs(seed=2)
+    torch.testing.assert_close(module(*inputs), _eager(student, inputs), atol=1e-5, rtol=0)
+    out.unlink()
+
+
+def test_cli_export_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing.ckpt"), "--format", "state_dict"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_state_dict_to_chosen_path(sources, tmp_path, capsys):
+    ckpt, _, expected, _ = sources["lightning"]
+    out = tmp_path / "deploy" / "student.pt"
+    assert main(["export", str(ckpt), "--format", "state_dict", "--out", str(out)]) == 0
+    assert _same_weights(load_model(out), expected)
+    assert str(out) in capsys.readouterr().out
