@@ -19,7 +19,10 @@ Time ratio, per KD method (``at``, ``fitnet``, ``sp``, ``cc``, ``fsp``, ``imitat
 * Denominator: the unavoidable work - a plain student training step (forward, L1, backward,
   Adam) plus one teacher forward under ``torch.no_grad()``.
 
-So the ratio is the overhead of hooks, KD losses and their backward; target <= 1.1. All steps
+So the ratio is the overhead of hooks, KD losses and their backward; target <= 1.1. The
+``(control)`` row is the floor without any of that: one step with the teacher forward and an L1
+imitation term written by hand (no hooks, no Distiller); above 1 it shows what merely holding
+both networks' activations in one step costs on the device (caches, page faults). All steps
 are timed round-robin in one process (:func:`benchmarks.common.interleaved_times`), so a noisy
 shared machine disturbs numerator and denominator alike.
 
@@ -112,6 +115,21 @@ def _kd_setup(student, teacher, method: str, inputs, target):
     return step, distiller
 
 
+def _control_step(student, teacher, inputs, target) -> Callable[[], None]:
+    """Student step with a hand-written teacher forward and L1 imitation term, no hooks."""
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        output = student(*inputs)
+        with torch.no_grad():
+            teacher_output = teacher(*inputs)
+        (F.l1_loss(output, target) + F.l1_loss(output, teacher_output)).backward()
+        opt.step()
+
+    return step
+
+
 def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
     """Median seconds of the student step, the teacher forward and each method's KD step."""
     kspace, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, device)
@@ -120,6 +138,7 @@ def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
     fns: Dict[str, Callable[[], None]] = {
         "student_step": _student_step(copy.deepcopy(student), inputs, target),
         "teacher_forward": _teacher_forward(teacher, inputs),
+        "control": _control_step(copy.deepcopy(student), teacher, inputs, target),
     }
     for method in args.methods:
         # Own copies per method: separate hooks and Adam state, same starting weights.
@@ -250,6 +269,8 @@ def main() -> None:
     print(f"student step {times['student_step']:.3f} s, teacher no-grad forward "
           f"{times['teacher_forward']:.3f} s, sum {base:.3f} s")  # fmt: skip
     print(f"{'method':<12}{'KD step s':>12}{'ratio':>10}{'<= 1.1':>8}")
+    control = times["control"] / base
+    print(f"{'(control)':<12}{times['control']:>12.3f}{control:>10.3f}{'':>8}")
     rows = []
     for method in args.methods:
         ratio = times[method] / base
@@ -263,6 +284,7 @@ def main() -> None:
         "batch": args.batch,
         "student_step_s": times["student_step"],
         "teacher_forward_s": times["teacher_forward"],
+        "control_ratio": control,
         "methods": rows,
     }
     if not args.no_memory:

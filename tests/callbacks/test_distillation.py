@@ -23,6 +23,10 @@ from sftkd_fastmri.models import (
 )
 
 H, W = 14, 12
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You defined a `validation_step` but have no `val_dataloader`",
+    "ignore:Be aware that when using `ckpt_path`",
+)
 
 
 def _dataset(n: int = 8, seed: int = 0) -> TensorDataset:
