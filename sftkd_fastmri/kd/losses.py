@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar, List, Optional, Tuple
+from typing import Any, ClassVar, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,45 @@ __all__ = [
 ]
 
 Pair = Tuple[Tensor, Tensor]
+
+
+def _positions_by_channels(feat: Tensor) -> Tensor:
+    """``(B, C, H, W)`` as ``(B, H*W, C)``, without a copy for channels-last tensors.
+
+    DCCNN activations are channels-last (the complex image enters the first convolution as a
+    permuted view), where ``feat.flatten(2)`` would copy the whole map; this view does not.
+    """
+    return feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, feat.shape[1])
+
+
+class _ChannelEnergy(torch.autograd.Function):
+    """``sum_c f_c^2`` over dim 1, with a fused forward and a one-pass backward ``2 f g``.
+
+    The same value and gradient as ``feat.square().sum(dim=1)``, without the full-size
+    ``f^2`` temporary in the forward and the extra passes of its backward; attention transfer
+    applies it to every paired activation at every step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, feat: Tensor) -> Tensor:
+        ctx.save_for_backward(feat)
+        return torch.linalg.vector_norm(feat, ord=2, dim=1).square_()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (feat,) = ctx.saved_tensors
+        return feat * (2 * grad).unsqueeze(1)
+
+
+def _flatten_samples(feat: Tensor) -> Tensor:
+    """``(B, ...)`` as ``(B, N)`` in the tensor's own memory order (no copy when dense).
+
+    Only for quantities that do not depend on the order of the ``N`` entries (inner products of
+    a sample with another sample of the same tensor).
+    """
+    if feat.dim() == 4 and feat.is_contiguous(memory_format=torch.channels_last):
+        feat = feat.permute(0, 2, 3, 1)
+    return feat.reshape(feat.shape[0], -1)
 
 
 class KDLoss(nn.Module):
@@ -185,7 +224,13 @@ class AttentionTransfer(KDLoss):
             Attention ``(B, H*W)``, unit L2 norm per row (``"sample"``) or per column
             (``"batch"``).
         """
-        att = feat.abs().pow(self.p).sum(dim=1).flatten(1)
+        if self.p == 2.0:
+            att = _ChannelEnergy.apply(feat)
+        elif self.p.is_integer() and int(self.p) % 2 == 0:
+            att = feat.pow(int(self.p)).sum(dim=1)
+        else:
+            att = feat.abs().pow(self.p).sum(dim=1)
+        att = att.flatten(1)
         return F.normalize(att, p=2.0, dim=1 if self.normalize == "sample" else 0)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
@@ -322,7 +367,10 @@ class FSP(KDLoss):
             first = F.adaptive_avg_pool2d(first, size)
         if second.shape[-2:] != size:
             second = F.adaptive_avg_pool2d(second, size)
-        return torch.bmm(first.flatten(2), second.flatten(2).transpose(1, 2)) / (size[0] * size[1])
+        gram = torch.bmm(
+            _positions_by_channels(first).transpose(1, 2), _positions_by_channels(second)
+        )
+        return gram / (size[0] * size[1])
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """FSP loss.
@@ -380,7 +428,7 @@ class SimilarityPreserving(KDLoss):
         Returns:
             ``(B, B)`` matrix with unit L2-norm rows.
         """
-        q = feat.flatten(1)
+        q = _flatten_samples(feat)
         return F.normalize(q @ q.t(), p=2.0, dim=1)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
@@ -455,7 +503,7 @@ class CorrelationCongruence(KDLoss):
         """
         if self.pool:
             feat = F.adaptive_avg_pool2d(feat, 1)
-        emb = F.normalize(feat.flatten(1), p=2.0, dim=1)
+        emb = F.normalize(_flatten_samples(feat), p=2.0, dim=1)
         dot = emb @ emb.t()
         series = sum(
             (2 * self.gamma) ** p / math.factorial(p) * dot.pow(p) for p in range(self.order + 1)

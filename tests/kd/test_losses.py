@@ -92,7 +92,7 @@ def np_cc_matrix(f: np.ndarray, gamma: float, order: int, pool: bool) -> np.ndar
 
 @pytest.mark.parametrize("normalize", ["sample", "batch"])
 @pytest.mark.parametrize("squared", [False, True])
-@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize("p", [2.0, 1.0, 4.0, 3.0])
 def test_at_golden(feats, normalize, squared, p):
     s_np, t_np, s, t = feats
     loss = AttentionTransfer(p=p, normalize=normalize, squared=squared)(s, t)
@@ -366,3 +366,35 @@ def test_register_loss_rejects_duplicates():
             pass
 
     assert create_loss("at").__class__ is AttentionTransfer
+
+
+# ---------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0, 1.5])
+def test_at_gradcheck(p):
+    """The fused p = 2 attention map (own autograd function) and the other paths."""
+    s = _t(_rand(2, 3, H, W, seed=90), requires_grad=True)
+    t = _t(_rand(2, 4, H, W, seed=91))
+    loss = AttentionTransfer(p=p)
+    assert torch.autograd.gradcheck(lambda x: loss([x], [t]), (s,))
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_channels_last_features_give_the_same_loss_and_gradient(cls):
+    """DCCNN activations are channels-last; the losses' copy-free flattening must not change
+    the result."""
+    s_np = [_rand(B, 3, H, W, seed=100), _rand(B, 3, H, W, seed=101)]
+    t_np = [_rand(B, 3, H, W, seed=102), _rand(B, 3, H, W, seed=103)]
+    grads = []
+    values = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        s = [_t(a).contiguous(memory_format=layout).requires_grad_() for a in s_np]
+        t = [_t(a).contiguous(memory_format=layout) for a in t_np]
+        value = cls()(s, t)
+        value.backward()
+        values.append(value.item())
+        grads.append([x.grad.contiguous() for x in s])
+    assert values[1] == pytest.approx(values[0], rel=1e-12)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
