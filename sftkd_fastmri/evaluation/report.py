@@ -38,6 +38,7 @@ from .metrics import VolumeMetrics, summarize
 
 __all__ = [
     "KDComparison",
+    "MIN_GAP_DB",
     "ModelEntry",
     "ModelSummary",
     "Report",
@@ -61,6 +62,9 @@ METHOD_NAMES = {
 }
 
 MIN_SEEDS = 3  # method.md section 6: fewer seeds cannot separate 0.1-0.3 dB from seed noise
+# Smallest teacher-student gap (dB PSNR) that "gap closed" divides by; seed noise at demo scale
+# is a few tenths of a dB, so a fraction of a smaller gap is noise magnified.
+MIN_GAP_DB = 0.1
 
 
 def method_name(method: Optional[str]) -> str:
@@ -317,6 +321,7 @@ MEASUREMENT_NOTES = {
 def build_report(
     entries: Iterable[Union[ModelEntry, Mapping[str, Any]]],
     meta: Optional[Mapping[str, Any]] = None,
+    min_gap_db: float = MIN_GAP_DB,
 ) -> Report:
     """Summarise the models of a study into a :class:`Report`.
 
@@ -328,6 +333,10 @@ def build_report(
             report itself reads: ``title``; ``seeds`` (a list or a count; by default the fewest
             seeds of any learned model); ``split`` (the split the metrics come from);
             ``epochs`` (mapping stage -> epochs, for control (b) of method.md section 6).
+        min_gap_db: Smallest teacher-student PSNR gap for which "gap closed" is reported; below
+            it (or with a student better than its teacher) the fraction is ``None``: divided by
+            a gap smaller than seed noise it only magnifies noise (a 0.03 dB gap turns a
+            0.3 dB difference into "1000 %").
 
     Returns:
         The :class:`Report`. Models missing from the study (no SFT teacher, only Std-KD, no
@@ -372,9 +381,9 @@ def build_report(
         if teacher is not None:
             m.delta_psnr_teacher = m.mean("psnr") - teacher.mean("psnr")
         if m.kind in ("kd", "student") and m is not student:
-            m.gap_closed = _gap_closed(m, teacher, student)
+            m.gap_closed = _gap_closed(m, teacher, student, min_gap_db)
     report.kd_table = _kd_table(models, report.get(report.control_key))
-    report.caveats = _caveats(report)
+    report.caveats = _caveats(report, min_gap_db)
     return report
 
 
@@ -453,12 +462,15 @@ def _key(model: Optional[ModelSummary]) -> Optional[str]:
 
 
 def _gap_closed(
-    model: ModelSummary, teacher: Optional[ModelSummary], student: Optional[ModelSummary]
+    model: ModelSummary,
+    teacher: Optional[ModelSummary],
+    student: Optional[ModelSummary],
+    min_gap_db: float,
 ) -> Optional[float]:
     if teacher is None or student is None:
         return None
     gap = teacher.mean("psnr") - student.mean("psnr")
-    if not gap > 0:  # no gap (or a student better than its teacher): the fraction means nothing
+    if not gap >= min_gap_db or not gap > 0:  # no gap worth dividing by: the fraction means nothing
         return None
     return (model.mean("psnr") - student.mean("psnr")) / gap
 
@@ -492,7 +504,7 @@ def _kd_table(
     return list(rows.values())
 
 
-def _caveats(report: Report) -> List[str]:
+def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
     """The fair-comparison caveats of method.md section 6 that apply to this study."""
     out: List[str] = []
     if report.num_seeds < MIN_SEEDS:
@@ -539,6 +551,11 @@ def _caveats(report: Report) -> List[str]:
         out.append(
             f"The student without KD is not below the teacher (gap {report.gap_psnr:+.3f} dB): "
             "'gap closed' is undefined."
+        )
+    elif report.gap_psnr is not None and report.gap_psnr < min_gap_db:
+        out.append(
+            f"The teacher-student gap ({report.gap_psnr:+.3f} dB) is below {min_gap_db:g} dB, "
+            "within seed noise: 'gap closed' is not reported (it would only magnify noise)."
         )
     return out
 

@@ -62,7 +62,7 @@ class _ChannelEnergy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (feat,) = ctx.saved_tensors
-        return feat * (2 * grad).unsqueeze(1)
+        return feat * (2 * grad).unsqueeze(1).to(feat.dtype)
 
 
 def _flatten_samples(feat: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "ReconstructionStore",
     "VolumeMetricAccumulator",
     "crop_to_target",
+    "has_target",
     "model_inputs",
     "target_size",
 ]

@@ -139,6 +139,21 @@ def test_no_gap_when_student_beats_teacher():
     assert any("undefined" in c for c in report.caveats)
 
 
+def test_gap_below_threshold_reports_no_fraction():
+    entries = [
+        entry("teacher", "teacher", (39.53, 39.53)),
+        entry("student", "student", (39.5, 39.5)),
+        entry("kd_std/at", "kd", (39.8, 39.8), "at", "std"),
+    ]
+    report = build_report(entries)
+    assert report.gap_psnr == pytest.approx(0.03)
+    assert report.model("kd_std/at").gap_closed is None
+    assert any("below 0.1 dB" in c for c in report.caveats)
+    # The threshold is an argument: with 0.01 dB the 0.03 dB gap counts (0.3 / 0.03 = 10).
+    low = build_report(entries, min_gap_db=0.01)
+    assert low.model("kd_std/at").gap_closed == pytest.approx(10.0)
+
+
 def test_invalid_entries_raise():
     with pytest.raises(ValueError, match="kind"):
         ModelEntry("x", "x", "teacherz", volumes(1.0))
