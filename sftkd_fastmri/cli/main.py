@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .options import add_options, load_config, resolve
+from .options import add_options, load_config, mapping_option, resolve
 
 DESCRIPTION = """\
 SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
@@ -161,6 +161,42 @@ _DEMO_DATA = dict(challenges=("multicoil",), volumes_per_split={"train": 3, "val
 
 
 # -- parser -------------------------------------------------------------------------------
+class _MergeMethods(argparse.Action):
+    """``--method at --method fitnet=0.5``: each use adds losses to ``methods``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def _add_distill_short_forms(p: argparse.ArgumentParser) -> None:
+    short = p.add_argument_group("short forms")
+    short.add_argument(
+        "--teacher",
+        dest="teacher_checkpoint",
+        default=argparse.SUPPRESS,
+        help="same as --teacher-checkpoint",
+    )
+    short.add_argument(
+        "--method",
+        dest="methods",
+        type=mapping_option,
+        action=_MergeMethods,
+        default=argparse.SUPPRESS,
+        help="a KD loss, NAME or NAME=WEIGHT (weight 1 by default); repeat to combine, e.g. "
+        "--method at --method imitation=0.5",
+    )
+    short.add_argument(
+        "--init-student",
+        "--init_student",
+        dest="init_checkpoint",
+        default=argparse.SUPPRESS,
+        help="same as --init-checkpoint: start the student from this checkpoint (e.g. the SFT "
+        "student initialisation)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftkd-fastmri",
@@ -206,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
     add_options(p, ("distill", "model") + TRAIN_GROUPS)
+    _add_distill_short_forms(p)
 
     p = command(
         "evaluate",

@@ -15,7 +15,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import yaml
 
-__all__ = ["Option", "OPTIONS", "GROUPS", "add_options", "load_config", "resolve"]
+__all__ = [
+    "GROUPS",
+    "OPTIONS",
+    "Option",
+    "add_options",
+    "load_config",
+    "mapping_option",
+    "resolve",
+]
 
 
 def _bool(text: str) -> bool:
@@ -27,8 +35,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _mapping(text: str) -> Dict[str, Any]:
-    """``at=1.0,imitation=0.5`` or JSON -> dict."""
+def mapping_option(text: str) -> Dict[str, Any]:
+    """``at=1.0,imitation=0.5`` (a bare name means 1.0) or JSON -> dict."""
     text = text.strip()
     if text.startswith("{"):
         return json.loads(text)
@@ -136,14 +144,14 @@ GROUPS: Dict[str, List[Option]] = {
     ],
     "model": [
         _O("model", "dccnn_d5c5", "model preset (see `sftkd-fastmri models`)", str),
-        _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", _mapping),
+        _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", mapping_option),
         _O("init_checkpoint", None, "initialise the model from this checkpoint (strict)", str),
     ],
     "sft": [
         _O("teacher", "dccnn_d5c5", "teacher preset", str),
         _O("student", "dccnn_d3c5", "student preset", str),
-        _O("teacher_overrides", {}, "teacher preset overrides", _mapping),
-        _O("student_overrides", {}, "student preset overrides", _mapping),
+        _O("teacher_overrides", {}, "teacher preset overrides", mapping_option),
+        _O("student_overrides", {}, "student preset overrides", mapping_option),
         _O(
             "train_first_student_cascade",
             False,
@@ -156,7 +164,12 @@ GROUPS: Dict[str, List[Option]] = {
     ],
     "distill": [
         _O("teacher_checkpoint", None, "teacher: DC-CNN checkpoint or SFT teacher export", str),
-        _O("methods", {"imitation": 1.0}, "KD losses and weights, e.g. at=1,imitation=1", _mapping),
+        _O(
+            "methods",
+            {"imitation": 1.0},
+            "KD losses and weights, e.g. at=1,imitation=1",
+            mapping_option,
+        ),
         _O(
             "kd_schedule",
             "joint",
@@ -169,9 +182,11 @@ GROUPS: Dict[str, List[Option]] = {
             "layers",
             None,
             "layer pairings per loss as JSON {loss: [[student, teacher], ...]}",
-            _mapping,
+            mapping_option,
         ),
-        _O("loss_options", None, "options per loss as JSON {loss: {option: value}}", _mapping),
+        _O(
+            "loss_options", None, "options per loss as JSON {loss: {option: value}}", mapping_option
+        ),
     ],
 }
 OPTIONS: Dict[str, Option] = {o.name: o for group in GROUPS.values() for o in group}

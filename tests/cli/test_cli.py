@@ -179,6 +179,18 @@ def test_parser_accepts_underscore_and_dash_flags():
     assert a.data_path == "x" and a.max_epochs == 3
 
 
+def test_distill_short_forms():
+    parser = build_parser()
+    a = parser.parse_args(
+        ["distill", "--teacher", "t.pt", "--method", "at", "--method", "fitnet=0.5",
+         "--init-student", "s.pt"]
+    )  # fmt: skip
+    assert a.teacher_checkpoint == "t.pt" and a.init_checkpoint == "s.pt"
+    assert a.methods == {"at": 1.0, "fitnet": 0.5}
+    b = parser.parse_args(["distill", "--teacher-checkpoint", "t.pt", "--methods", "at=2,sp=1"])
+    assert b.teacher_checkpoint == "t.pt" and b.methods == {"at": 2, "sp": 1}
+
+
 def test_example_configs_use_known_keys():
     from pathlib import Path
 
