@@ -17,6 +17,7 @@ from .losses import (
     KDLoss,
     OutputImitation,
     SimilarityPreserving,
+    TeacherSummary,
 )
 from .pairings import OUTPUT, Pairing, default_pairings, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss, loss_class, register_loss
@@ -35,6 +36,7 @@ __all__ = [
     "OutputImitation",
     "Pairing",
     "SimilarityPreserving",
+    "TeacherSummary",
     "available_losses",
     "check_loss_weights",
     "create_loss",

@@ -34,15 +34,16 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .hooks import FeatureCapture, find_module
-from .losses import KDLoss
+from .losses import KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 
@@ -113,6 +114,11 @@ class Distiller(nn.Module):
             :func:`~sftkd_fastmri.kd.create_loss`. FitNet's ``student_channels`` /
             ``teacher_channels`` are inferred from the paired layers when not given
             (:func:`~sftkd_fastmri.kd.pairings.layer_channels`).
+        summarize_teacher: Reduce the teacher features of losses that need only a reduction
+            of them (AT's attention maps, FSP's Gram matrices, SP's and CC's batch matrices;
+            :attr:`~sftkd_fastmri.kd.KDLoss.teacher_group`) inside the teacher's forward hooks
+            and drop the full maps at once, so the teacher's memory during KD no longer holds
+            every paired activation. The loss values are the same; ``False`` keeps the maps.
 
     Raises:
         KeyError: A layer name does not exist (similar names are listed).
@@ -127,6 +133,7 @@ class Distiller(nn.Module):
         losses: Mapping[str, float],
         layers: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
         loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        summarize_teacher: bool = True,
     ) -> None:
         super().__init__()
         if student is teacher:
@@ -148,6 +155,23 @@ class Distiller(nn.Module):
         self._student_capture: Optional[FeatureCapture] = None
         self._teacher_capture: Optional[FeatureCapture] = None
         self._warned_train_mode = False
+        self.summarize_teacher = bool(summarize_teacher)
+        # teacher layer -> [(loss, group index, slot in group)] for summarised losses
+        self._summary_slots: Dict[str, List[Tuple[str, int, int]]] = {}
+        self._summarized: set = set()
+        raw: List[str] = []
+        for name, pairs in self.pairings.items():
+            group = self.losses[name].teacher_group if self.summarize_teacher else 0
+            if group and len(pairs) % group == 0:
+                self._summarized.add(name)
+                for pos, (_, t) in enumerate(pairs):
+                    self._summary_slots.setdefault(t, []).append((name, pos // group, pos % group))
+            else:
+                raw.extend(t for _, t in pairs)
+        self._raw_teacher_layers = list(dict.fromkeys(raw))
+        self._teacher_hits: Counter = Counter()
+        self._pending: Dict[Tuple[str, int], Dict[int, Any]] = {}
+        self._summaries: Dict[Tuple[str, int], Tuple[Any, List[Any]]] = {}
 
     # -- construction -----------------------------------------------------------------------
     def _build_loss(self, name: str, options: Dict[str, Any]) -> KDLoss:
@@ -237,8 +261,9 @@ class Distiller(nn.Module):
                 role="student",
             )  # fmt: skip
             self._teacher_capture = FeatureCapture(
-                self.teacher, self.teacher_layers, detach=True, enabled=False, role="teacher"
-            )
+                self.teacher, self.teacher_layers, detach=True, enabled=False, role="teacher",
+                store=self._raw_teacher_layers, listener=self._on_teacher_output,
+            )  # fmt: skip
         return self
 
     def remove_hooks(self) -> None:
@@ -247,6 +272,7 @@ class Distiller(nn.Module):
             if capture is not None:
                 capture.remove()
         self._student_capture = self._teacher_capture = None
+        self._clear_summaries()
 
     def __enter__(self) -> Distiller:
         return self.attach()
@@ -260,6 +286,7 @@ class Distiller(nn.Module):
         self._require_attached()
         self._teacher_capture.clear()
         self._teacher_capture.enabled = False
+        self._clear_summaries()
         self._student_capture.clear()
         self._student_capture.enabled = True
 
@@ -269,6 +296,7 @@ class Distiller(nn.Module):
             if capture is not None:
                 capture.enabled = False
                 capture.clear()
+        self._clear_summaries()
 
     @contextmanager
     def step(self) -> Iterator[Distiller]:
@@ -314,9 +342,55 @@ class Distiller(nn.Module):
                 self._warned_train_mode = True
             self.teacher.eval()
         call = calls[0]
+        self._clear_summaries()
         with torch.no_grad(), self._teacher_capture.recording():
             output = self.teacher(*call.args, **call.kwargs)
         return output
+
+    # -- teacher summaries --------------------------------------------------------------------
+    def _clear_summaries(self) -> None:
+        self._teacher_hits.clear()
+        self._pending.clear()
+        self._summaries.clear()
+
+    def _on_teacher_output(self, layer: str, output: Any) -> None:
+        """Teacher hook listener: reduce every completed group of a summarised loss at once."""
+        self._teacher_hits[layer] += 1
+        if self._teacher_hits[layer] > 1:
+            return  # an error at compute time (the layer must run exactly once)
+        for name, group, slot in self._summary_slots.get(layer, ()):
+            loss = self.losses[name]
+            key = (name, group)
+            pending = self._pending.setdefault(key, {})
+            pending[slot] = output
+            if len(pending) < loss.teacher_group:
+                continue
+            feats = [pending[i] for i in range(loss.teacher_group)]
+            del self._pending[key]
+            if all(isinstance(f, Tensor) and (f.dim() == 4 or not loss.requires_4d) for f in feats):
+                value = loss.summarize_teacher(feats)
+            else:
+                value = None  # the loss reports the bad feature from its shape below
+            shapes = [tuple(f.shape) if isinstance(f, Tensor) else f for f in feats]
+            self._summaries[key] = (value, shapes)
+
+    def _teacher_summaries(self, name: str, pairs: Pairing) -> List[Any]:
+        loss = self.losses[name]
+        out: List[Any] = []
+        for pos, (_, layer) in enumerate(pairs):
+            hits = self._teacher_hits[layer]
+            if hits != 1:
+                raise RuntimeError(
+                    f"teacher layer {layer!r} ran {hits} times in this step; expected exactly "
+                    "once (was the teacher's forward run, and only once, with capture enabled?)"
+                )
+            value, shapes = self._summaries[(name, pos // loss.teacher_group)]
+            shape = shapes[pos % loss.teacher_group]
+            if not isinstance(shape, tuple):  # not a tensor: let the loss name the problem
+                out.append(shape)
+            else:
+                out.append(TeacherSummary(value if pos % loss.teacher_group == 0 else None, shape))
+        return out
 
     def compute_terms(self) -> Dict[str, Tensor]:
         """Unweighted KD term of every loss from the features recorded in this step."""
@@ -324,7 +398,10 @@ class Distiller(nn.Module):
         terms = {}
         for name, pairs in self.pairings.items():
             student_feats = [self._student_capture[s] for s, _ in pairs]
-            teacher_feats = [self._teacher_capture[t] for _, t in pairs]
+            if name in self._summarized:
+                teacher_feats = self._teacher_summaries(name, pairs)
+            else:
+                teacher_feats = [self._teacher_capture[t] for _, t in pairs]
             terms[name] = self.losses[name](student_feats, teacher_feats)
         return terms
 

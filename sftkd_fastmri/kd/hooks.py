@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -93,6 +93,10 @@ class FeatureCapture:
             ``torch.no_grad()``, where outputs carry no history anyway).
         enabled: Initial value of :attr:`enabled`.
         role: Name used in error messages (``"student"``, ``"teacher"``).
+        store: Layers whose outputs are kept (default: all); the others are only passed to
+            ``listener``, so they are freed as soon as the model no longer needs them.
+        listener: Called as ``listener(name, output)`` for every recorded output, e.g. to
+            reduce it on the spot.
 
     Raises:
         KeyError: If a layer name does not exist in ``model`` (listing similar names).
@@ -107,6 +111,8 @@ class FeatureCapture:
         detach: bool = False,
         enabled: bool = True,
         role: str = "model",
+        store: Optional[Sequence[str]] = None,
+        listener: Optional[Callable[[str, Any], None]] = None,
     ) -> None:
         if isinstance(layers, str):
             raise TypeError(f"layers must be a sequence of names, got the string {layers!r}")
@@ -116,6 +122,11 @@ class FeatureCapture:
         self.enabled = enabled
         self.record_calls = record_calls
         self._layers: List[str] = list(dict.fromkeys(layers))
+        self._store = set(self._layers if store is None else store)
+        unknown = sorted(self._store - set(self._layers))
+        if unknown:
+            raise ValueError(f"store names layers that are not captured: {unknown}")
+        self.listener = listener
         modules = {name: find_module(model, name, role) for name in self._layers}
         self._outputs: Dict[str, List[Any]] = {name: [] for name in self._layers}
         self._order: List[Tuple[str, Any]] = []
@@ -133,8 +144,11 @@ class FeatureCapture:
             if self.enabled:
                 if self.detach and hasattr(output, "detach"):
                     output = output.detach()
-                self._outputs[name].append(output)
-                self._order.append((name, output))
+                if self.listener is not None:
+                    self.listener(name, output)
+                if name in self._store:
+                    self._outputs[name].append(output)
+                    self._order.append((name, output))
 
         return hook
 
@@ -181,6 +195,11 @@ class FeatureCapture:
         """Every output recorded for ``name`` since the last :meth:`clear`, in call order."""
         if name not in self._outputs:
             raise KeyError(f"layer {name!r} is not captured; captured: {self._layers}")
+        if name not in self._store:
+            raise KeyError(
+                f"layer {name!r} is hooked but its outputs are not stored (only passed to the "
+                f"listener); stored: {sorted(self._store)}"
+            )
         return list(self._outputs[name])
 
     def __getitem__(self, name: str) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, List, Optional, Tuple
+from typing import Any, ClassVar, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ __all__ = [
     "KDLoss",
     "OutputImitation",
     "SimilarityPreserving",
+    "TeacherSummary",
 ]
 
 Pair = Tuple[Tensor, Tensor]
@@ -76,19 +77,87 @@ def _flatten_samples(feat: Tensor) -> Tensor:
     return feat.reshape(feat.shape[0], -1)
 
 
+class TeacherSummary:
+    """What a loss keeps of a teacher feature: a reduced value and the feature's shape.
+
+    A loss with :attr:`KDLoss.teacher_group` > 0 only needs a reduction of the teacher's
+    features (an attention map, a Gram or similarity matrix), so the
+    :class:`~sftkd_fastmri.kd.Distiller` reduces each group of teacher features as soon as the
+    teacher's forward hook produces it and drops the full maps: the teacher's memory during KD
+    holds the reductions instead of every paired activation. A summary stands in for the
+    feature in ``loss(student_feats, teacher_feats)``: it exposes the feature's ``shape`` (and
+    ``dim()``) for the loss's checks, and the first summary of a group carries ``value``, the
+    loss's :meth:`KDLoss.summarize_teacher` of the whole group (the others carry ``None``).
+
+    Args:
+        value: The reduction of the group (on the first position of the group), else ``None``.
+        shape: Shape of the teacher feature at this position.
+    """
+
+    __slots__ = ("value", "shape")
+
+    def __init__(self, value: Optional[Tensor], shape: Sequence[int]) -> None:
+        self.value = value
+        self.shape = torch.Size(shape)
+
+    def dim(self) -> int:
+        """Number of dimensions of the summarised feature."""
+        return len(self.shape)
+
+    def detach(self) -> TeacherSummary:
+        return TeacherSummary(None if self.value is None else self.value.detach(), self.shape)
+
+    def __repr__(self) -> str:
+        value = None if self.value is None else tuple(self.value.shape)
+        return f"TeacherSummary(shape={tuple(self.shape)}, value={value})"
+
+
+Feature = Union[Tensor, TeacherSummary]
+
+
 class KDLoss(nn.Module):
     """Base class of the distillation losses: input validation shared by all methods.
 
     Subclasses implement :meth:`forward` and start it with :meth:`_pairs`, which checks the
     inputs and returns ``(student, teacher)`` pairs with the teacher detached.
 
+    A loss that needs only a reduction of the teacher features sets :attr:`teacher_group` to
+    the number of consecutive teacher features one reduction consumes and implements
+    :meth:`summarize_teacher`; its :meth:`forward` then accepts :class:`TeacherSummary` objects
+    in place of teacher tensors (and gives the same value either way).
+
     Attributes:
         name: Registry name of the loss (set by :func:`~sftkd_fastmri.kd.register_loss`).
         requires_4d: Whether every feature must be a ``(B, C, H, W)`` tensor.
+        teacher_group: 0 (the loss needs the teacher features themselves), or how many
+            consecutive teacher features :meth:`summarize_teacher` reduces at once.
     """
 
     name: ClassVar[str] = ""
     requires_4d: ClassVar[bool] = True
+    teacher_group: ClassVar[int] = 0
+
+    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
+        """Reduce ``teacher_group`` consecutive teacher features to what :meth:`forward` needs.
+
+        Only for losses with ``teacher_group > 0``; called without gradients.
+        """
+        raise NotImplementedError(f"{self._label()} does not summarise teacher features")
+
+    def _teacher_value(self, feats: Sequence[Feature]) -> Tensor:
+        """The reduction of a group of teacher features, computed or taken from a summary."""
+        first = feats[0]
+        if isinstance(first, TeacherSummary):
+            if first.value is None:
+                raise self._error(
+                    None,
+                    "got a TeacherSummary without a value at the start of a group of "
+                    f"{self.teacher_group} teacher feature(s)",
+                )
+            return first.value
+        if any(isinstance(f, TeacherSummary) for f in feats):
+            raise self._error(None, "a group of teacher features mixes tensors and summaries")
+        return self.summarize_teacher(feats)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """Distillation loss between paired student and teacher features.
@@ -137,10 +206,12 @@ class KDLoss(nn.Module):
             raise self._error(None, "expected at least one (student, teacher) pair, got none")
         pairs = []
         for k, (s, t) in enumerate(zip(student_feats, teacher_feats)):
-            if not isinstance(s, Tensor) or not isinstance(t, Tensor):
+            if not isinstance(s, Tensor) or not isinstance(t, (Tensor, TeacherSummary)):
                 raise self._error(
                     k, f"expected tensors, got {type(s).__name__} and {type(t).__name__}"
                 )
+            if isinstance(t, TeacherSummary) and not self.teacher_group:
+                raise self._error(k, "needs teacher tensors, got a TeacherSummary")
             if self.requires_4d and (s.dim() != 4 or t.dim() != 4):
                 raise self._error(
                     k,
@@ -214,6 +285,12 @@ class AttentionTransfer(KDLoss):
         self.normalize = normalize
         self.squared = bool(squared)
 
+    teacher_group = 1
+
+    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
+        """The teacher's normalised attention map ``(B, H*W)``."""
+        return self.attention(teacher_feats[0])
+
     def attention(self, feat: Tensor) -> Tensor:
         """Normalised spatial attention map.
 
@@ -246,7 +323,7 @@ class AttentionTransfer(KDLoss):
         losses = []
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_spatial(k, s, t)
-            diff = self.attention(t) - self.attention(s)
+            diff = self._teacher_value([t]) - self.attention(s)
             if self.squared:
                 losses.append(diff.pow(2).mean())
             else:
@@ -358,6 +435,12 @@ class FSP(KDLoss):
     images); use it on the hidden multi-channel features.
     """
 
+    teacher_group = 2
+
+    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
+        """The teacher's FSP matrix ``(B, C1, C2)`` of a layer pair."""
+        return self._gram(teacher_feats[0], teacher_feats[1])
+
     @staticmethod
     def _gram(first: Tensor, second: Tensor) -> Tensor:
         """FSP matrix ``(B, C1, C2)`` of maps ``(B, C1, H1, W1)`` and ``(B, C2, H2, W2)``."""
@@ -393,7 +476,7 @@ class FSP(KDLoss):
         losses = []
         for k in range(0, len(pairs), 2):
             (s1, t1), (s2, t2) = pairs[k], pairs[k + 1]
-            g_s, g_t = self._gram(s1, s2), self._gram(t1, t2)
+            g_s, g_t = self._gram(s1, s2), self._teacher_value([t1, t2])
             if g_s.shape != g_t.shape:
                 raise self._error(
                     k,
@@ -417,6 +500,12 @@ class SimilarityPreserving(KDLoss):
     and teacher. Invariant to scaling a feature map by a positive constant. Needs a batch of at
     least two samples.
     """
+
+    teacher_group = 1
+
+    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
+        """The teacher's ``(B, B)`` similarity matrix."""
+        return self.similarity(teacher_feats[0])
 
     @staticmethod
     def similarity(feat: Tensor) -> Tensor:
@@ -445,7 +534,8 @@ class SimilarityPreserving(KDLoss):
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_batch_of_two(k, s)
             batch = s.shape[0]
-            losses.append((self.similarity(t) - self.similarity(s)).pow(2).sum() / batch**2)
+            diff = self._teacher_value([t]) - self.similarity(s)
+            losses.append(diff.pow(2).sum() / batch**2)
         return torch.stack(losses).mean()
 
 
@@ -492,6 +582,12 @@ class CorrelationCongruence(KDLoss):
         self.order = order
         self.pool = bool(pool)
 
+    teacher_group = 1
+
+    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
+        """The teacher's ``(B, B)`` correlation matrix."""
+        return self.correlation(teacher_feats[0])
+
     def correlation(self, feat: Tensor) -> Tensor:
         """Taylor-approximated RBF correlation matrix of the batch.
 
@@ -525,7 +621,8 @@ class CorrelationCongruence(KDLoss):
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_batch_of_two(k, s)
             batch = s.shape[0]
-            losses.append((self.correlation(t) - self.correlation(s)).pow(2).sum() / batch**2)
+            diff = self._teacher_value([t]) - self.correlation(s)
+            losses.append(diff.pow(2).sum() / batch**2)
         return torch.stack(losses).mean()
 
 

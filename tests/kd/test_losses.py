@@ -17,6 +17,7 @@ from sftkd_fastmri.kd import (
     KDLoss,
     OutputImitation,
     SimilarityPreserving,
+    TeacherSummary,
     available_losses,
     create_loss,
     register_loss,
@@ -398,3 +399,27 @@ def test_channels_last_features_give_the_same_loss_and_gradient(cls):
     assert values[1] == pytest.approx(values[0], rel=1e-12)
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cls", [AttentionTransfer, SimilarityPreserving, CorrelationCongruence, FSP]
+)
+def test_teacher_summaries_stand_in_for_teacher_features(cls):
+    s = [_t(_rand(B, 3, H, W, seed=110)), _t(_rand(B, 3, H, W, seed=111))]
+    t = [_t(_rand(B, 3, H, W, seed=112)), _t(_rand(B, 3, H, W, seed=113))]
+    loss = cls()
+    g = loss.teacher_group
+    summaries = []
+    for k in range(0, len(t), g):
+        value = loss.summarize_teacher(t[k : k + g])
+        summaries += [TeacherSummary(value if i == 0 else None, t[k + i].shape) for i in range(g)]
+    assert loss(s, summaries).item() == pytest.approx(loss(s, t).item(), rel=1e-12)
+    # the shape checks still apply to summaries
+    with pytest.raises(ValueError, match="batch size"):
+        loss(s, [TeacherSummary(x.value, (B + 1, *x.shape[1:])) for x in summaries])
+
+
+def test_losses_that_need_teacher_tensors_reject_summaries(feats):
+    _, _, s, t = feats
+    with pytest.raises(ValueError, match="needs teacher tensors"):
+        OutputImitation()(s, [TeacherSummary(None, x.shape) for x in t])

@@ -205,6 +205,54 @@ def test_distiller_trains_student_and_regressors_never_the_teacher():
         torch.testing.assert_close(v, teacher_state[k])
 
 
+def test_teacher_summaries_give_the_raw_losses_and_drop_the_maps():
+    """Summarised teacher features (reduced in the hooks) give the same terms and gradients as
+    the full maps, and the full maps of summarised losses are not kept."""
+    torch.manual_seed(0)
+    student, teacher = _pair(chans=8)
+    kspace, mask = _inputs(batch=3)
+    weights = dict.fromkeys(LOSSES, 1.0)
+    results = {}
+    for summarize in (True, False):
+        distiller = Distiller(student, teacher, weights, summarize_teacher=summarize)
+        student.zero_grad()
+        with distiller, distiller.step():
+            out = student(kspace, mask)
+            kd = distiller()
+            stored = {
+                layer: len(distiller._teacher_capture._outputs[layer])
+                for layer in distiller.teacher_layers
+            }
+            (out.mean() + kd.total).backward()
+        grads = [p.grad.clone() for p in student.parameters()]
+        results[summarize] = (kd.terms, grads, stored, distiller)
+    (terms_s, grads_s, stored_s, summarized), (terms_r, grads_r, stored_r, _) = (
+        results[True],
+        results[False],
+    )
+    for name in LOSSES:
+        torch.testing.assert_close(terms_s[name], terms_r[name])
+    for a, b in zip(grads_s, grads_r):
+        torch.testing.assert_close(a, b)
+    assert summarized._summarized == {"at", "fsp", "sp", "cc"}
+    raw_layers = {t for n in ("fitnet", "imitation") for _, t in summarized.pairings[n]}
+    assert {k for k, v in stored_s.items() if v} == raw_layers
+    assert all(v == 1 for v in stored_r.values())
+
+
+def test_teacher_summaries_need_one_teacher_run():
+    student, teacher = _pair(chans=8)
+    kspace, mask = _inputs()
+    distiller = Distiller(student, teacher, {"at": 1.0})
+    with distiller, distiller.step():
+        student(kspace, mask)
+        distiller.run_teacher()
+        with distiller._teacher_capture.recording(clear=False), torch.no_grad():
+            teacher(kspace, mask)  # a second teacher pass in the same step
+        with pytest.raises(RuntimeError, match="ran 2 times"):
+            distiller.compute_terms()
+
+
 def test_distiller_guards():
     student, teacher = _pair(chans=8)
     kspace, mask = _inputs()
