@@ -273,12 +273,25 @@ class DistillationCallback(Callback):
         self._saved_step = pl_module.training_step
         pl_module.training_step = self._wrap(trainer, pl_module, self._saved_step)
         if self.kd_epochs is not None and trainer.world_size > 1:
-            rank_zero_warn(
-                f"DistillationCallback(schedule={self.schedule!r}, kd_epochs={self.kd_epochs}) "
-                "under DDP: some parameters get no gradient in one of the stages (student layers "
-                "after the distilled features in two-stage KD, the KD parameters after "
-                "kd_epochs); use strategy='ddp_find_unused_parameters_true'"
-            )
+            self._allow_unused_parameters(trainer)
+
+    def _allow_unused_parameters(self, trainer: pl.Trainer) -> None:
+        """Two-stage KD leaves parameters without gradient in one stage (student layers after
+        the distilled features while distilling; the KD parameters while fine-tuning), which
+        DDP rejects unless it looks for unused parameters: turn that on before DDP wraps the
+        module (``setup`` runs before the strategy does)."""
+        what = (
+            f"DistillationCallback(schedule={self.schedule!r}, kd_epochs={self.kd_epochs}) "
+            "under DDP: some parameters get no gradient in one of the stages (student layers "
+            "after the distilled features in two-stage KD, the KD parameters after kd_epochs)"
+        )
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+        if isinstance(ddp_kwargs, dict):
+            if not ddp_kwargs.get("find_unused_parameters", False):
+                ddp_kwargs["find_unused_parameters"] = True
+                rank_zero_info(f"{what}; enabled DDP's find_unused_parameters")
+        else:
+            rank_zero_warn(f"{what}; use strategy='ddp_find_unused_parameters_true'")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.distiller is not None

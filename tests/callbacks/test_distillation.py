@@ -74,12 +74,12 @@ def _nets(student_chans: int = 4, teacher_chans: int = 8):
 
 
 def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    kwargs.setdefault("devices", 1)
     kwargs.setdefault("max_epochs", 1)
     kwargs.setdefault("limit_val_batches", 0)
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -447,3 +447,47 @@ def test_varnet_module_via_compat_adapter(demo_root, tmp_path):
         assert logged["kd/recon_step"] == pytest.approx(logged["train_loss"], rel=1e-6)
     assert kd.distiller.losses["fitnet"].regressors[0].in_channels == 16
     assert "training_step" not in student.__dict__
+
+
+class _Weights(pl.Callback):
+    """Keeps rank 0's final student and KD-regressor weights (ddp_spawn runs in children)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            torch.save(
+                {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path
+            )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_ddp_two_processes_joint_then_two_stage(tmp_path):
+    """DDP (2 CPU processes, gloo): one backward per step with learned KD parameters, also in
+    the fine-tuning stage of the two-stage schedule, where they get no KD gradient."""
+    student, teacher = _nets()
+    student_before = copy.deepcopy(student.state_dict())
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    kd = DistillationCallback(
+        teacher,
+        {"fitnet": 1.0, "at": 1.0},
+        layers={"fitnet": [("cascades.2.cnn.relu1", "cascades.2.cnn.relu2")]},
+        schedule="two_stage",
+        kd_epochs=1,
+    )
+    out = tmp_path / "weights.pt"
+    trainer = _trainer(
+        tmp_path,
+        [kd, _Weights(out)],
+        max_epochs=2,
+        limit_train_batches=2,
+        devices=2,
+        strategy="ddp_spawn",
+    )
+    trainer.fit(ToyRecon(student), _loader())
+    state = torch.load(out, weights_only=True)
+    assert state["distillation.losses.fitnet.regressors.0.weight"].shape == (8, 4, 1, 1)
+    assert any(not torch.equal(state[f"model.{k}"], v) for k, v in student_before.items())
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher_before[k])
