@@ -153,6 +153,7 @@ class ModelSummary:
     peak_memory_mib: Optional[float] = None
     gap_closed: Optional[float] = None
     delta_psnr_teacher: Optional[float] = None
+    seed_psnr: List[float] = field(default_factory=list)
 
     def mean(self, metric: str) -> float:
         return self.metrics[f"{metric}_mean"]
@@ -162,8 +163,9 @@ class ModelSummary:
 
     def row(self) -> Dict[str, Any]:
         """Flat dict, one CSV row."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("metrics", "seeds")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("metrics", "seeds", "seed_psnr")}
         out["seeds"] = ";".join("" if s is None else str(s) for s in self.seeds)
+        out["seed_psnr"] = ";".join(f"{v:.4f}" for v in self.seed_psnr)
         for metric in METRICS:
             out[f"{metric}_mean"] = self.metrics[f"{metric}_mean"]
             out[f"{metric}_std"] = self.metrics[f"{metric}_std"]
@@ -192,9 +194,27 @@ class KDComparison:
     diff_psnr: Optional[float] = None
     diff_ssim: Optional[float] = None
     sft_minus_control_psnr: Optional[float] = None
+    # Per seed, paired (same seed): SFT-KD PSNR minus Std-KD PSNR.
+    seed_diffs_psnr: List[float] = field(default_factory=list)
+
+    @property
+    def diff_psnr_seed_std(self) -> Optional[float]:
+        """Sample std over seeds of the paired SFT - Std PSNR difference (>= 2 seeds)."""
+        d = self.seed_diffs_psnr
+        return float(np.std(d, ddof=1)) if len(d) >= 2 else None
+
+    @property
+    def sft_wins(self) -> Optional[Tuple[int, int]]:
+        """``(seeds where SFT-KD beats Std-KD in PSNR, paired seeds)``, or ``None``."""
+        d = self.seed_diffs_psnr
+        return (sum(x > 0 for x in d), len(d)) if d else None
 
     def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["diff_psnr_seed_std"] = self.diff_psnr_seed_std
+        wins = self.sft_wins
+        out["sft_wins"] = None if wins is None else f"{wins[0]}/{wins[1]}"
+        return out
 
 
 @dataclass
@@ -283,6 +303,7 @@ CSV_COLUMNS = [
     "variant",
     "num_volumes",
     "seeds",
+    "seed_psnr",
     *[f"{m}_{s}" for m in METRICS for s in ("mean", "std", "seed_std")],
     "params",
     "flops_total",
@@ -405,6 +426,7 @@ def _summarise(runs: Sequence[ModelEntry]) -> ModelSummary:
         num_volumes=len({v.fname for v in pooled}),
         seeds=[r.seed for r in runs],
         metrics=metrics,
+        seed_psnr=[float(np.mean([v.psnr for v in r.metrics])) for r in runs],
     )
     profile = next((r.profile for r in runs if r.profile), None)
     if profile:
@@ -479,6 +501,7 @@ def _kd_table(
     models: Sequence[ModelSummary], control: Optional[ModelSummary]
 ) -> List[KDComparison]:
     rows: Dict[str, KDComparison] = {}
+    by_key = {m.key: m for m in models}
     for m in models:
         if m.kind != "kd":
             continue
@@ -499,6 +522,13 @@ def _kd_table(
         if row.std_key is not None and row.sft_key is not None:
             row.diff_psnr = row.sft_psnr - row.std_psnr
             row.diff_ssim = row.sft_ssim - row.std_ssim
+            std_m, sft_m = by_key[row.std_key], by_key[row.sft_key]
+            std_by_seed = dict(zip(std_m.seeds, std_m.seed_psnr))
+            row.seed_diffs_psnr = [
+                v - std_by_seed[seed]
+                for seed, v in zip(sft_m.seeds, sft_m.seed_psnr)
+                if seed is not None and seed in std_by_seed
+            ]
         if row.sft_key is not None and control is not None:
             row.sft_minus_control_psnr = row.sft_psnr - control.mean("psnr")
     return list(rows.values())
@@ -652,13 +682,23 @@ def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
             _pm(r.sft_ssim, r.sft_ssim_std, 4),
             _pct(r.std_gap_closed),
             _pct(r.sft_gap_closed),
-            _num(r.diff_psnr, "+.3f"),
+            _diff_cell(r),
             _num(r.diff_ssim, "+.4f"),
         ]
         if control:
             row.append(_num(r.sft_minus_control_psnr, "+.3f"))
         rows.append(row)
     return head, rows
+
+
+def _diff_cell(r: KDComparison) -> str:
+    """``+0.249``, or with several paired seeds ``+0.249 ± 0.110 (3/3)``: the std over seeds of
+    the paired difference and the seeds in which SFT-KD won."""
+    text = _num(r.diff_psnr, "+.3f")
+    spread, wins = r.diff_psnr_seed_std, r.sft_wins
+    if r.diff_psnr is not None and spread is not None and wins is not None:
+        text += f" ± {spread:.3f} ({wins[0]}/{wins[1]})"
+    return text
 
 
 def _table(head: List[str], rows: List[List[str]], markdown: bool) -> List[str]:
@@ -712,6 +752,14 @@ def _gap_lines(report: Report) -> List[str]:
             f"SFT-KD beats Std-KD in PSNR for {wins} of {len(both)} method(s) with both variants "
             f"(mean difference {np.mean([r.diff_psnr for r in both]):+.3f} dB)."
         )
+        paired = [r.sft_wins for r in both if r.sft_wins is not None and r.sft_wins[1] > 1]
+        if paired:
+            won, total = sum(w for w, _ in paired), sum(n for _, n in paired)
+            lines.append(
+                f"Per seed (same seed, same data order): SFT-KD beats Std-KD in {won} of {total} "
+                "(method, seed) pairs; 'PSNR SFT - Std' shows the mean ± std over seeds of the "
+                "paired difference and the seeds SFT-KD won."
+            )
     return lines
 
 

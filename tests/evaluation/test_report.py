@@ -104,6 +104,30 @@ def test_seeds_are_pooled_and_their_spread_reported():
     assert build_report(entries[:-1], {"seeds": [0, 1, 2, 3]}).num_seeds == 4
 
 
+def test_paired_seed_differences_of_sft_and_std_kd():
+    # SFT-KD minus Std-KD per seed: +0.3, -0.1, +0.4 (seed order differs between the two)
+    entries = [
+        entry("teacher", "teacher", (40.0, 40.0), variant="std", seed=0),
+        entry("student", "student", (39.5, 39.5), variant="std", seed=0),
+    ]
+    std = {0: 39.6, 1: 39.8, 2: 39.7}
+    sft = {2: 40.1, 0: 39.9, 1: 39.7}
+    entries += [entry("kd_std/at", "kd", (v, v), "at", "std", seed=k) for k, v in std.items()]
+    entries += [entry("kd_sft/at", "kd", (v, v), "at", "sft", seed=k) for k, v in sft.items()]
+    row = build_report(entries).kd_table[0]
+    assert sorted(row.seed_diffs_psnr) == pytest.approx(sorted([0.3, -0.1, 0.4]))
+    assert row.diff_psnr == pytest.approx(0.2)
+    assert row.diff_psnr_seed_std == pytest.approx(0.26457513, rel=1e-6)  # std(0.3, -0.1, 0.4)
+    assert row.sft_wins == (2, 3)
+    report = build_report(entries)
+    assert "+0.200 ± 0.265 (2/3)" in report.to_markdown()
+    assert any("2 of 3 (method, seed) pairs" in line for line in report.to_markdown().splitlines())
+    assert report.kd_table[0].as_dict()["sft_wins"] == "2/3"
+    # a single seed: no spread, no per-seed count
+    single = build_report([e for e in entries if e["seed"] == 0]).kd_table[0]
+    assert single.diff_psnr_seed_std is None and single.sft_wins == (1, 1)
+
+
 def test_missing_models_do_not_break_the_report():
     only_std = [e for e in study() if e["key"] not in ("teacher", "kd_sft/at", "sft_teacher")]
     report = build_report(only_std)
