@@ -8,7 +8,7 @@ from .checkpoint import (
     save_model_checkpoint,
 )
 from .data_consistency import DataConsistency, sens_expand, sens_reduce
-from .dccnn import DCCNN, ConvBlock, DCCNNCascade
+from .dccnn import DCCNN, ConvBlock, DCCNNCascade, check_inputs
 from .registry import create_model, list_models, model_config, register_model
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ConvBlock",
     "DCCNNCascade",
     "DataConsistency",
+    "check_inputs",
     "create_model",
     "list_models",
     "load_model",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .data_consistency import DataConsistency, complex_to_channels, sens_reduce
 
-__all__ = ["ConvBlock", "DCCNN", "DCCNNCascade"]
+__all__ = ["ConvBlock", "DCCNN", "DCCNNCascade", "check_inputs"]
 
 
 class ConvBlock(nn.Module):
@@ -184,7 +184,7 @@ class DCCNN(nn.Module):
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
     ) -> Tensor:
         """Run every cascade and return the final state ``(B, C, H, W)``."""
-        _check_inputs(masked_kspace, mask, sens_maps)
+        check_inputs(masked_kspace, mask, sens_maps)
         state = self.initial_state(masked_kspace, mask, sens_maps)
         for i in range(len(self.cascades)):
             state = self.cascade_step(i, state, masked_kspace, mask, sens_maps)
@@ -208,7 +208,15 @@ class DCCNN(nn.Module):
         return f"D{c['depth']}C{c['num_cascades']}, chans={c['chans']}, in_chans={c['in_chans']}"
 
 
-def _check_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
+def check_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
+    """Check the fastMRI layout of a cascade model's inputs, with messages naming the shapes.
+
+    ``masked_kspace`` ``(B, coils, H, W, 2)``; ``mask`` broadcastable to it (e.g.
+    ``(B, 1, 1, W, 1)``); ``sens_maps`` the k-space's shape, required when ``coils > 1``.
+
+    Raises:
+        ValueError: On any mismatch.
+    """
     if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
         raise ValueError(
             "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "

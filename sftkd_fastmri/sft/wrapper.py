@@ -16,6 +16,7 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..models.dccnn import check_inputs
 from .protocol import check_cascade_model
 
 __all__ = ["SFTOutput", "SFTStates", "StudentFriendlyTeacher"]
@@ -176,7 +177,9 @@ class StudentFriendlyTeacher(nn.Module):
         Useful for logging or for inspecting where the branches diverge from the teacher.
         Arguments as in :meth:`forward`.
         """
-        _check_inputs(masked_kspace, sens_maps)
+        # The training path drives the cascades directly and so bypasses the model's own input
+        # checks; these catch layout errors that would otherwise surface deep inside an FFT.
+        check_inputs(masked_kspace, mask, sens_maps)
         teacher_states = [self.teacher.initial_state(masked_kspace, mask, sens_maps)]
         for i in range(self.num_cascades):
             teacher_states.append(
@@ -237,21 +240,3 @@ def _tile(tensor: Optional[Tensor], reps: int, batch: int) -> Optional[Tensor]:
     if tensor is None or tensor.ndim != 5 or tensor.shape[0] != batch:
         return tensor
     return tensor.repeat(reps, *([1] * (tensor.ndim - 1)))
-
-
-def _check_inputs(masked_kspace: Tensor, sens_maps: Optional[Tensor]) -> None:
-    # The training path drives the cascades directly and so bypasses the model's own input
-    # checks; these catch the layout errors that would otherwise surface deep inside an FFT.
-    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
-        raise ValueError(
-            "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "
-            f"got {tuple(masked_kspace.shape)}"
-        )
-    if sens_maps is None and masked_kspace.shape[1] != 1:
-        raise ValueError(
-            f"k-space has {masked_kspace.shape[1]} coils: multi-coil data need sens_maps"
-        )
-    if sens_maps is not None and sens_maps.shape != masked_kspace.shape:
-        raise ValueError(
-            f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"
-        )
