@@ -24,8 +24,9 @@ Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{trai
   sftkd-fastmri train --data-path demo_data --model dccnn_d5c5 --out-dir runs/teacher
   sftkd-fastmri evaluate --checkpoint runs/teacher/model.pt --data-path demo_data
   sftkd-fastmri sft --data-path demo_data --out-dir runs/sft
-  sftkd-fastmri distill --data-path demo_data --teacher-checkpoint runs/sft/teacher.pt \\
-      --init-checkpoint runs/sft/student_init.pt --methods at=1,imitation=1
+  sftkd-fastmri distill --data-path demo_data --teacher runs/sft/sft_teacher.ckpt \\
+      --init-student runs/sft/sft_student_init.ckpt --method at --method imitation
+  sftkd-fastmri holdout-split /data/knee --challenge singlecoil   # a test split for real data
 """
 
 TRAIN_GROUPS = ("data", "optim", "trainer", "runtime")
@@ -72,6 +73,28 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
         kwargs["slices_per_volume"] = args.slices
     info = write_demo_data(args.out_dir, **kwargs)
     print(f"demo data ({info.backend}) written to {args.out_dir}")
+    return 0
+
+
+def cmd_holdout_split(args: argparse.Namespace) -> int:
+    from ..data.splits import holdout_split
+
+    result = holdout_split(
+        args.data_path,
+        args.challenge,
+        source=args.source,
+        fraction=args.fraction,
+        seed=args.seed,
+        select_name=args.select_name,
+        test_name=args.test_name,
+        mode="copy" if args.copy else "link",
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{len(result.select)} volume(s) -> {result.select_dir} (use --val-split "
+        f"{args.select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
+        f"--test-split {args.test_name})"
+    )
     return 0
 
 
@@ -227,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
+    p = command(
+        "holdout-split",
+        cmd_holdout_split,
+        "hold out part of a split (by volume, seeded) as a test split that checkpoint "
+        "selection never sees",
+    )
+    p.add_argument("data_path", help="folder holding the {challenge}_{split} folders")
+    p.add_argument("--challenge", required=True, choices=("singlecoil", "multicoil"))
+    p.add_argument("--source", default="val", help="split to divide (default: val)")
+    p.add_argument("--fraction", type=float, default=0.2, help="held-out fraction of volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--select-name", default="val_select", help="split name of the rest")
+    p.add_argument("--test-name", default="test_heldout", help="split name of the held-out part")
+    p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
+    p.add_argument("--overwrite", action="store_true")
+
     p = command("train", cmd_train, "train a DC-CNN preset (teacher or student, no KD)")
     _add_config(p)
     add_options(p, ("model",) + TRAIN_GROUPS)
@@ -299,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         # Bad input (missing files, wrong keys, mismatched checkpoints): say what, not a trace.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)

@@ -4,6 +4,7 @@ from .datasets import CheckedSliceDataset, check_volume, split_dir
 from .demo import DemoDataInfo, write_demo_data
 from .masks import MASK_TYPES, FixedMaskFunc, create_mask_func, num_low_frequencies_of
 from .sensitivity import estimate_sensitivity_maps
+from .splits import HoldoutSplit, holdout_split
 from .transforms import DataError, DCCNNDataTransform, DCCNNSample, crop_readout, model_inputs
 
 __all__ = [
@@ -14,10 +15,12 @@ __all__ = [
     "DataError",
     "FixedMaskFunc",
     "DemoDataInfo",
+    "HoldoutSplit",
     "check_volume",
     "create_mask_func",
     "crop_readout",
     "estimate_sensitivity_maps",
+    "holdout_split",
     "model_inputs",
     "num_low_frequencies_of",
     "split_dir",

@@ -1,0 +1,168 @@
+"""Hold out part of a fastMRI split as a test split that checkpoint selection never sees.
+
+fastMRI's public ``*_test`` folders carry no targets, so a study that selects checkpoints on
+``*_val`` and also reports on ``*_val`` reports optimistic numbers (the SFT-KD-Recon authors
+did that). :func:`holdout_split` divides the volumes of one split folder, by volume and
+deterministically from a seed, into two new folders of links (or copies) next to it::
+
+    knee/singlecoil_val/            199 volumes (left as it is)
+    knee/singlecoil_val_select/     ~80 %: pass as --val-split val_select
+    knee/singlecoil_test_heldout/   ~20 %: pass as --test-split test_heldout
+
+Both folders are written under temporary names and renamed when complete, with a
+``holdout.json`` manifest in the parent folder, so an interrupted call leaves no half-filled
+split behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Union
+
+import h5py
+import numpy as np
+
+from .datasets import split_dir
+from .transforms import DataError
+
+__all__ = ["HoldoutSplit", "holdout_split"]
+
+
+@dataclass
+class HoldoutSplit:
+    """What :func:`holdout_split` wrote.
+
+    Attributes:
+        source: The split folder that was divided.
+        select_dir: Folder of the volumes kept for validation / checkpoint selection.
+        test_dir: Folder of the held-out test volumes.
+        select: File names in ``select_dir``.
+        test: File names in ``test_dir``.
+        seed: Seed of the draw.
+        fraction: Requested held-out fraction.
+        mode: ``"link"`` (symbolic links) or ``"copy"``.
+    """
+
+    source: str
+    select_dir: str
+    test_dir: str
+    select: List[str]
+    test: List[str]
+    seed: int
+    fraction: float
+    mode: str
+
+
+def holdout_split(
+    root: Union[str, os.PathLike],
+    challenge: str,
+    *,
+    source: str = "val",
+    fraction: float = 0.2,
+    seed: int = 0,
+    select_name: str = "val_select",
+    test_name: str = "test_heldout",
+    mode: str = "link",
+    overwrite: bool = False,
+) -> HoldoutSplit:
+    """Divide the volumes of ``root/{challenge}_{source}`` into a selection and a test split.
+
+    Volumes (never slices) are drawn without replacement with ``numpy``'s generator seeded by
+    ``seed``: ``round(fraction * n)`` of them, at least one, go to the test split and the rest
+    to the selection split. The source folder is not modified. Files that are not HDF5 are
+    left out with an error, so a stray file cannot silently end up in one split.
+
+    Args:
+        root: Folder holding fastMRI's split folders (e.g. ``.../knee``).
+        challenge: ``"singlecoil"`` or ``"multicoil"``.
+        source: Split to divide (default ``"val"``).
+        fraction: Fraction of the volumes to hold out, in ``(0, 1)``.
+        seed: Seed of the draw.
+        select_name: Split name of the remaining volumes.
+        test_name: Split name of the held-out volumes.
+        mode: ``"link"`` (symbolic links to the source files, no extra disk) or ``"copy"``.
+        overwrite: Replace existing target folders.
+
+    Returns:
+        :class:`HoldoutSplit` (also written to ``root/holdout_{challenge}_{test_name}.json``).
+
+    Raises:
+        FileNotFoundError: The source folder does not exist.
+        DataError: A file in the source folder is not HDF5, or there are fewer than two volumes.
+        FileExistsError: A target folder exists and ``overwrite`` is false.
+        ValueError: Bad ``fraction``, ``mode`` or split names.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if mode not in ("link", "copy"):
+        raise ValueError(f"mode must be 'link' or 'copy', got {mode!r}")
+    if len({source, select_name, test_name}) != 3:
+        raise ValueError(
+            f"source, select_name and test_name must differ, got {source!r}, {select_name!r}, "
+            f"{test_name!r}"
+        )
+    src = split_dir(root, challenge, source)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such split folder (expected {challenge}_{source})")
+    files = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+    bad = [p.name for p in files if not (p.is_file() and h5py.is_hdf5(p))]
+    if bad:
+        raise DataError(
+            f"{src}: not HDF5 volumes: {bad[:5]}{' ...' if len(bad) > 5 else ''}; every entry "
+            "of a fastMRI split folder must be an .h5 volume (move other files elsewhere)"
+        )
+    if len(files) < 2:
+        raise DataError(f"{src}: {len(files)} volume(s); holding one out needs at least 2")
+    n_test = min(len(files) - 1, max(1, int(round(fraction * len(files)))))
+    order = np.random.default_rng(seed).permutation(len(files))
+    test_idx = set(order[:n_test].tolist())
+    test = [f for i, f in enumerate(files) if i in test_idx]
+    select = [f for i, f in enumerate(files) if i not in test_idx]
+
+    targets = {
+        select_name: (split_dir(root, challenge, select_name), select),
+        test_name: (split_dir(root, challenge, test_name), test),
+    }
+    for dest, _ in targets.values():
+        if dest.exists() and not overwrite:
+            raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+    for dest, members in targets.values():
+        _write_folder(dest, members, mode)
+
+    result = HoldoutSplit(
+        source=str(src),
+        select_dir=str(targets[select_name][0]),
+        test_dir=str(targets[test_name][0]),
+        select=[f.name for f in select],
+        test=[f.name for f in test],
+        seed=int(seed),
+        fraction=float(fraction),
+        mode=mode,
+    )
+    manifest = Path(root) / f"holdout_{challenge}_{test_name}.json"
+    tmp = manifest.with_name(f".{manifest.name}.tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    os.replace(tmp, manifest)
+    return result
+
+
+def _write_folder(dest: Path, members: List[Path], mode: str) -> None:
+    """Fill a temporary sibling of ``dest`` and rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for f in members:
+            if mode == "link":
+                os.symlink(os.path.abspath(f), tmp / f.name)
+            else:
+                shutil.copy2(f, tmp / f.name)
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,85 @@
+"""Held-out test split from a fastMRI split folder: by volume, seeded, disjoint, readable."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from fastmri.data import SliceDataset
+
+from sftkd_fastmri.cli.main import main
+from sftkd_fastmri.data import DataError, holdout_split
+
+
+def _fake_split(root, n, challenge="singlecoil", split="val"):
+    folder = root / f"{challenge}_{split}"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        with h5py.File(folder / f"file{i:03d}.h5", "w") as hf:
+            hf["x"] = np.arange(3)
+    return folder
+
+
+def test_split_is_seeded_disjoint_and_complete(tmp_path):
+    src = _fake_split(tmp_path, 10)
+    result = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    select = sorted(os.listdir(tmp_path / "singlecoil_val_select"))
+    test = sorted(os.listdir(tmp_path / "singlecoil_test_heldout"))
+    assert len(test) == 3 and len(select) == 7
+    assert set(select).isdisjoint(test)
+    assert sorted(select + test) == sorted(os.listdir(src))  # the source is untouched
+    assert (tmp_path / "singlecoil_test_heldout" / test[0]).is_symlink()
+    assert sorted(result.test) == test
+    manifest = json.loads((tmp_path / "holdout_singlecoil_test_heldout.json").read_text())
+    assert manifest["test"] == result.test and manifest["seed"] == 1
+    # same seed -> same split; another seed -> (here) another split
+    other = tmp_path / "again"
+    _fake_split(other, 10)
+    assert holdout_split(other, "singlecoil", fraction=0.3, seed=1).test == result.test
+    assert holdout_split(other, "singlecoil", fraction=0.3, seed=2, overwrite=True).test != result.test
+
+
+def test_copies_and_existing_targets(tmp_path):
+    _fake_split(tmp_path, 3, challenge="multicoil")
+    holdout_split(tmp_path, "multicoil", fraction=0.5, mode="copy")
+    held = list((tmp_path / "multicoil_test_heldout").iterdir())
+    assert len(held) in (1, 2) and not held[0].is_symlink()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        holdout_split(tmp_path, "multicoil", fraction=0.5)
+    holdout_split(tmp_path, "multicoil", fraction=0.5, seed=3, overwrite=True)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="singlecoil_val"):
+        holdout_split(tmp_path, "singlecoil")
+    src = _fake_split(tmp_path, 1)
+    with pytest.raises(DataError, match="at least 2"):
+        holdout_split(tmp_path, "singlecoil")
+    (src / "notes.txt").write_text("not a volume")
+    with pytest.raises(DataError, match="notes.txt"):
+        holdout_split(tmp_path, "singlecoil")
+    with pytest.raises(ValueError, match="fraction"):
+        holdout_split(tmp_path, "singlecoil", fraction=1.0)
+    assert not (tmp_path / "singlecoil_test_heldout").exists()
+
+
+def test_cli_split_is_read_by_slicedataset(demo_root, tmp_path, capsys):
+    # a val folder of links to the demo's training volumes (more volumes than its val split)
+    val = tmp_path / "multicoil_val"
+    val.mkdir()
+    for f in (demo_root / "multicoil_train").iterdir():
+        os.symlink(f, val / f.name)
+    argv = ["holdout-split", str(tmp_path), "--challenge", "multicoil", "--fraction", "0.25"]
+    assert main(argv) == 0
+    assert "--test-split test_heldout" in capsys.readouterr().out
+    held = SliceDataset(tmp_path / "multicoil_test_heldout", challenge="multicoil")
+    kept = SliceDataset(tmp_path / "multicoil_val_select", challenge="multicoil")
+    names = lambda ds: {fname.name for fname, _, _ in ds.raw_samples}  # noqa: E731
+    assert names(held) and names(kept) and names(held).isdisjoint(names(kept))
+    assert len(held) + len(kept) == len(SliceDataset(val, challenge="multicoil"))
+    assert main(argv) == 2  # exists already: a clear error, not a trace
+    assert "overwrite" in capsys.readouterr().err
