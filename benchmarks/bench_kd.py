@@ -30,7 +30,9 @@ Memory during KD, per method, each measured in a fresh process
 (:func:`benchmarks.common.run_isolated`):
 
 * teacher: its parameters plus the growth of memory from just before its no-grad forward to
-  the peak of that forward (its activations and the teacher features held for the KD losses);
+  the peak of that forward (its activations and the teacher features held for the KD losses;
+  for AT, FSP, SP and CC only their reductions are held, computed in the teacher's hooks, see
+  :class:`~sftkd_fastmri.kd.TeacherSummary`);
 * step extra: peak of the KD step minus the peak of a student-only step (the teacher plus the
   graph the KD losses add to the student's backward).
 
