@@ -39,7 +39,9 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path):
     other = tmp_path / "again"
     _fake_split(other, 10)
     assert holdout_split(other, "singlecoil", fraction=0.3, seed=1).test == result.test
-    assert holdout_split(other, "singlecoil", fraction=0.3, seed=2, overwrite=True).test != result.test
+    assert (
+        holdout_split(other, "singlecoil", fraction=0.3, seed=2, overwrite=True).test != result.test
+    )
 
 
 def test_copies_and_existing_targets(tmp_path):
