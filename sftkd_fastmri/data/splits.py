@@ -10,7 +10,7 @@ deterministically from a seed, into two new folders of links (or copies) next to
     knee/singlecoil_test_heldout/   ~20 %: pass as --test-split test_heldout
 
 Both folders are written under temporary names and renamed when complete, with a
-``holdout.json`` manifest in the parent folder, so an interrupted call leaves no half-filled
+``holdout_{challenge}_{test_name}.json`` manifest in the parent folder, so an interrupted call leaves no half-filled
 split behind.
 """
 
@@ -27,6 +27,7 @@ from typing import List, Union
 import h5py
 import numpy as np
 
+from .._io import atomic_write_text
 from .datasets import split_dir
 from .transforms import DataError
 
@@ -145,9 +146,7 @@ def holdout_split(
         mode=mode,
     )
     manifest = Path(root) / f"holdout_{challenge}_{test_name}.json"
-    tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps(asdict(result), indent=2) + "\n")
     return result
 
 

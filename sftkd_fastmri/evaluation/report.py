@@ -27,13 +27,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._io import atomic_write_text
 from .metrics import VolumeMetrics, summarize
 
 __all__ = [
@@ -267,7 +267,7 @@ class Report:
         """The report as JSON text, also written (atomically) to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
         if path is not None:
-            _atomic_write_text(path, text)
+            atomic_write_text(path, text)
         return text
 
     def to_csv(self, path: Optional[Union[str, os.PathLike]] = None) -> str:
@@ -280,7 +280,7 @@ class Report:
             writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
         text = buf.getvalue()
         if path is not None:
-            _atomic_write_text(path, text)
+            atomic_write_text(path, text)
         return text
 
     def to_markdown(self) -> str:
@@ -492,7 +492,7 @@ def _gap_closed(
     if teacher is None or student is None:
         return None
     gap = teacher.mean("psnr") - student.mean("psnr")
-    if not gap >= min_gap_db or not gap > 0:  # no gap worth dividing by: the fraction means nothing
+    if not (gap > 0 and gap >= min_gap_db):  # no gap worth dividing by: the fraction is noise
         return None
     return (model.mean("psnr") - student.mean("psnr")) / gap
 
@@ -858,20 +858,6 @@ def _csv_value(x: Any) -> Any:
     return x
 
 
-def _atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write to a temporary file next to ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
     """Write ``report.md``, ``report.csv`` and ``report.json`` to ``out_dir`` (atomically).
 
@@ -884,7 +870,7 @@ def write_report(report: Report, out_dir: Union[str, os.PathLike]) -> Dict[str, 
         "csv": out_dir / "report.csv",
         "json": out_dir / "report.json",
     }
-    _atomic_write_text(paths["markdown"], report.to_markdown())
+    atomic_write_text(paths["markdown"], report.to_markdown())
     report.to_csv(paths["csv"])
     report.to_json(paths["json"])
     return paths

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence
 import pytorch_lightning as pl
 import torch
 
+from .._io import atomic_write_text
 from ..export.loading import load_reconstruction_model
 from ..models import save_model_checkpoint
 from .builders import CKPT_DIR, build_datamodule, build_trainer
@@ -44,15 +44,7 @@ class StageResult:
         return cls(**json.loads(path.read_text()))
 
     def save(self) -> None:
-        _atomic_write_text(Path(self.out_dir) / DONE_FILE, json.dumps(asdict(self), indent=2))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+        atomic_write_text(Path(self.out_dir) / DONE_FILE, json.dumps(asdict(self), indent=2))
 
 
 def _out_dir(cfg: Dict[str, Any], default: str) -> Path:

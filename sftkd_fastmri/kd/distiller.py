@@ -37,7 +37,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -158,7 +158,7 @@ class Distiller(nn.Module):
         self.summarize_teacher = bool(summarize_teacher)
         # teacher layer -> [(loss, group index, slot in group)] for summarised losses
         self._summary_slots: Dict[str, List[Tuple[str, int, int]]] = {}
-        self._summarized: set = set()
+        self._summarized: Set[str] = set()
         raw: List[str] = []
         for name, pairs in self.pairings.items():
             group = self.losses[name].teacher_group if self.summarize_teacher else 0
