@@ -150,6 +150,34 @@ def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
     return interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
 
 
+def profile_method(args: argparse.Namespace, device: str, method: str) -> None:
+    """Print the operators that take the time of a KD step (``torch.profiler``), so a ratio
+    above target can be traced to the loss, its backward or the hooks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kspace, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, device)
+    inputs = (kspace, mask, sens)
+    student, teacher = _networks(args.student, args.teacher, device)
+    step = (
+        _student_step(student, inputs, target)
+        if method == "student"
+        else _kd_step(student, teacher, method, inputs, target)
+    )
+    for _ in range(max(args.warmup, 1)):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"profile of 3 steps, {method}, {args.size}x{args.size}, batch {args.batch}, {device}")
+    print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
+
+
 def _reset_peak(device: str) -> None:
     """Restart the peak-memory count (CUDA allocator peak, or Linux VmHWM via clear_refs)."""
     sync(device)
@@ -226,6 +254,8 @@ def _worker_args(args: argparse.Namespace, device: str, method: Optional[str]) -
     out += ["--size", str(args.size), "--batch", str(args.batch)]
     if args.threads is not None:
         out += ["--threads", str(args.threads)]
+    if args.cudnn_benchmark:
+        out.append("--cudnn-benchmark")
     return out + ["--student", args.student, "--teacher", args.teacher]
 
 
@@ -249,16 +279,34 @@ def main() -> None:
         default=None,
         help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine",
     )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN pick the fastest convolution algorithms (Trainer(benchmark=True))",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="METHOD",
+        default=None,
+        help="instead of the benchmark, profile the KD step of METHOD (or 'student') and "
+        "print its most expensive operators",
+    )
+    parser.add_argument("--profile-rows", type=int, default=20, help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--worker-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = default_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     if args.worker_memory is not None:
         method = None if args.worker_memory == "student" else args.worker_memory
         print(json.dumps(peak_memory(args, device, method)))
+        return
+
+    if args.profile is not None:
+        profile_method(args, device, args.profile)
         return
 
     times = time_methods(args, device)

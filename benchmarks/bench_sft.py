@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import default_device, interleaved_times, synthetic_batch
+from benchmarks.common import default_device, interleaved_times, sync, synthetic_batch
 
 TARGET_RATIO = 1.8
 
@@ -56,7 +56,7 @@ def _teacher_step(preset: str, inputs, target, device: str) -> Callable[[], None
 
 
 def _sft_step(
-    teacher: str, student: str, inputs, target, device: str, batch_branches: bool
+    teacher: str, student: str, inputs, target, device: str, batch_branches: Optional[bool]
 ) -> Callable[[], None]:
     from sftkd_fastmri.models import create_model
     from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
@@ -123,6 +123,7 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         "step_s": steps,
         "ratio": {k: v / times["teacher"] for k, v in steps.items() if k != "teacher"},
         "target_ratio": TARGET_RATIO,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
     if not args.no_breakdown:
         # The branches add N(N-1)/2 student cascades to the teacher's N cascades, so from the
@@ -138,6 +139,34 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     return result
+
+
+def profile_step(args: argparse.Namespace, device: str) -> None:
+    """Print the operators that take the time of one SFT step and one teacher step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    masked, mask, sens, target = synthetic_batch(
+        args.batch, args.size, args.size, args.coils, device
+    )
+    inputs = (masked, mask, sens)
+    steps = {
+        "teacher": _teacher_step(args.teacher, inputs, target, device),
+        "sft": _sft_step(args.teacher, args.student, inputs, target, device, None),
+    }
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    for name, step in steps.items():
+        for _ in range(max(args.warmup, 1)):
+            step()
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        print(f"profile of 3 {name} steps, batch {args.batch}, {args.size}x{args.size}, {device}")
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 def _num_cascades(preset: str) -> int:
@@ -167,11 +196,25 @@ def main() -> None:
         help="skip timing one teacher and one student cascade (the predicted ratio)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN pick the fastest convolution algorithms (Trainer(benchmark=True))",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the benchmark, print the most expensive operators of both steps",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = default_device(args.device)
+    if args.profile:
+        profile_step(args, device)
+        return
     result = measure(args, device)
     if args.json:
         print(json.dumps(result))

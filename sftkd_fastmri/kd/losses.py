@@ -47,6 +47,47 @@ def _positions_by_channels(feat: Tensor) -> Tensor:
     return feat.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, feat.shape[1])
 
 
+# Reductions over a long axis into a small matrix (FSP's C x C over H*W positions, SP's and
+# CC's B x B over C*H*W entries) give a matrix product too few output tiles to fill a GPU;
+# on CUDA the long axis is cut into chunks of about this length, one batched product per
+# chunk, and the partial products are summed (split-K). On CPU the single product is faster.
+_SPLIT_K_CHUNK = 2048
+
+
+def _split_k_chunks(length: int, tensor: Tensor) -> int:
+    """How many equal chunks of about ``_SPLIT_K_CHUNK`` the reduced axis is cut into."""
+    if not tensor.is_cuda:
+        return 1
+    for chunks in range(length // _SPLIT_K_CHUNK, 1, -1):
+        if length % chunks == 0:
+            return chunks
+    return 1
+
+
+def _position_gram(first: Tensor, second: Tensor) -> Tensor:
+    """``first^T second`` per sample: ``(B, K, M)`` and ``(B, K, N)`` -> ``(B, M, N)``."""
+    batch, length, rows = first.shape
+    chunks = _split_k_chunks(length, first)
+    if chunks == 1:
+        return torch.bmm(first.transpose(1, 2), second)
+    part = length // chunks
+    gram = torch.bmm(
+        first.reshape(batch * chunks, part, rows).transpose(1, 2),
+        second.reshape(batch * chunks, part, second.shape[2]),
+    )
+    return gram.view(batch, chunks, rows, -1).sum(dim=1)
+
+
+def _sample_gram(q: Tensor) -> Tensor:
+    """``q q^T`` of samples ``q`` ``(B, D)`` -> ``(B, B)``."""
+    batch, length = q.shape
+    chunks = _split_k_chunks(length, q)
+    if chunks == 1:
+        return q @ q.t()
+    parts = q.reshape(batch, chunks, length // chunks).transpose(0, 1)
+    return torch.bmm(parts, parts.transpose(1, 2)).sum(dim=0)
+
+
 class _ChannelEnergy(torch.autograd.Function):
     """``sum_c f_c^2`` over dim 1, with a fused forward and a one-pass backward ``2 f g``.
 
@@ -450,9 +491,7 @@ class FSP(KDLoss):
             first = F.adaptive_avg_pool2d(first, size)
         if second.shape[-2:] != size:
             second = F.adaptive_avg_pool2d(second, size)
-        gram = torch.bmm(
-            _positions_by_channels(first).transpose(1, 2), _positions_by_channels(second)
-        )
+        gram = _position_gram(_positions_by_channels(first), _positions_by_channels(second))
         return gram / (size[0] * size[1])
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
@@ -517,8 +556,7 @@ class SimilarityPreserving(KDLoss):
         Returns:
             ``(B, B)`` matrix with unit L2-norm rows.
         """
-        q = _flatten_samples(feat)
-        return F.normalize(q @ q.t(), p=2.0, dim=1)
+        return F.normalize(_sample_gram(_flatten_samples(feat)), p=2.0, dim=1)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """Similarity-preserving loss.
@@ -600,7 +638,7 @@ class CorrelationCongruence(KDLoss):
         if self.pool:
             feat = F.adaptive_avg_pool2d(feat, 1)
         emb = F.normalize(_flatten_samples(feat), p=2.0, dim=1)
-        dot = emb @ emb.t()
+        dot = _sample_gram(emb)
         series = sum(
             (2 * self.gamma) ** p / math.factorial(p) * dot.pow(p) for p in range(self.order + 1)
         )

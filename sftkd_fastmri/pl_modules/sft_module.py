@@ -95,7 +95,8 @@ class SFTModule(ReconModule):
             :class:`~sftkd_fastmri.sft.SFTLoss`).
         detach_teacher_in_imitation: use ``T(x_0).detach()`` as the imitation target.
         batch_branches: run the active branches of each student cascade as one batch
-            (faster on a GPU, same arithmetic).
+            (faster on a GPU, same arithmetic); ``None``: on CUDA only (see
+            :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
         val_branch_metrics: also run the branches in validation and log their metrics and
             loss terms (about 1.7 times the teacher's validation cost for D5C5/D3C5).
         teacher_config: the teacher's full constructor dict; when given (as when reloading a
@@ -127,7 +128,7 @@ class SFTModule(ReconModule):
         loss: str = "l1",
         branch_reduction: str = "mean",
         detach_teacher_in_imitation: bool = False,
-        batch_branches: bool = False,
+        batch_branches: Optional[bool] = None,
         val_branch_metrics: bool = True,
         teacher_config: Optional[Dict[str, Any]] = None,
         student_config: Optional[Dict[str, Any]] = None,

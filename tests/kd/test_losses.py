@@ -401,6 +401,35 @@ def test_channels_last_features_give_the_same_loss_and_gradient(cls):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [SimilarityPreserving, CorrelationCongruence, FSP])
+def test_split_k_reduction_gives_the_same_loss_and_gradient(cls, monkeypatch):
+    """On CUDA the long reductions of FSP, SP and CC are summed over chunks (split-K); forced
+    on here, it must reproduce the single product in value and gradient."""
+    from sftkd_fastmri.kd import losses as losses_module
+
+    s_np = [_rand(B, 4, 6, 10, seed=120), _rand(B, 4, 6, 10, seed=121)]
+    t_np = [_rand(B, 4, 6, 10, seed=122), _rand(B, 4, 6, 10, seed=123)]
+    split = []
+
+    def chunks_of_four(length, tensor):  # as on CUDA, with chunks of 4 entries
+        split.append(length // 4)
+        return length // 4
+
+    results = []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(losses_module, "_split_k_chunks", chunks_of_four)
+        s = [_t(a).requires_grad_() for a in s_np]
+        value = cls()(s, [_t(a) for a in t_np])
+        value.backward()
+        results.append((value.item(), [x.grad for x in s]))
+    assert split and all(n > 1 for n in split)  # 60 positions or 240 entries per sample
+    (v0, g0), (v1, g1) = results
+    assert v1 == pytest.approx(v0, rel=1e-12)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "cls", [AttentionTransfer, SimilarityPreserving, CorrelationCongruence, FSP]
 )

@@ -260,6 +260,25 @@ def test_batched_branches_match_sequential_branches(coils, branch0):
         assert sizes[("student", k)] == [2 * (k - first + 1)]
 
 
+def test_batch_branches_default_is_sequential_on_cpu_and_with_batch_norm():
+    """``batch_branches=None`` batches on CUDA inputs only (tests/gpu checks that side), and
+    never a student whose batch normalisation would mix the branches."""
+    sft = make_sft()
+    assert sft.batch_branches is None and not sft._student_mixes_samples
+    masked_kspace, mask, sens, _ = make_batch(batch=2)
+    sizes: dict = {}
+    calls, handles = count_cascade_calls(sft, sizes)
+    sft(masked_kspace, mask, sens)
+    for h in handles:
+        h.remove()
+    for k in range(1, 5):  # one call per active branch, each of the batch size
+        assert calls[("student", k)] == k and set(sizes[("student", k)]) == {2}
+
+    teacher, student = make_pair("complex", 0)
+    student.cascades[1].cnn.add_module("norm", torch.nn.BatchNorm2d(2))
+    assert StudentFriendlyTeacher(teacher, student)._student_mixes_samples
+
+
 def test_forward_states():
     sft = make_sft()
     masked_kspace, mask, sens, _ = make_batch()
