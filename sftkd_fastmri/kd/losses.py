@@ -14,6 +14,7 @@ autograd on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, List, Optional, Tuple, Union
@@ -36,6 +37,18 @@ __all__ = [
 ]
 
 Pair = Tuple[Tensor, Tensor]
+
+
+def _stacked(tensors: Sequence[Tensor]) -> Optional[Tensor]:
+    """The per-pair tensors as one ``(P, ...)`` tensor when they share a shape, else ``None``.
+
+    The losses do their per-pair arithmetic on the stack: a handful of operations for all
+    pairs instead of a handful per pair, which matters where kernel launches, not memory
+    traffic, bound a training step (small batches on a GPU).
+    """
+    if all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(list(tensors))
+    return None
 
 
 def _positions_by_channels(feat: Tensor) -> Tensor:
@@ -64,8 +77,30 @@ def _split_k_chunks(length: int, tensor: Tensor) -> int:
     return 1
 
 
+def _full_precision(tensor: Tensor) -> Tensor:
+    """Half and bfloat16 features as float32 (float32 and float64 stay as they are)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _no_autocast(tensor: Tensor):
+    """A context in which matrix products keep their input precision.
+
+    Under 16-bit mixed precision, autocast would run the Gram products below in float16, whose
+    sums over ``H*W`` or ``C*H*W`` products overflow its range (65504) on ordinary features.
+    """
+    if tensor.device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _position_gram(first: Tensor, second: Tensor) -> Tensor:
-    """``first^T second`` per sample: ``(B, K, M)`` and ``(B, K, N)`` -> ``(B, M, N)``."""
+    """``first^T second`` per sample: ``(B, K, M)`` and ``(B, K, N)`` -> ``(B, M, N)``, in at
+    least float32."""
+    with _no_autocast(first):
+        return _position_gram_impl(_full_precision(first), _full_precision(second))
+
+
+def _position_gram_impl(first: Tensor, second: Tensor) -> Tensor:
     batch, length, rows = first.shape
     chunks = _split_k_chunks(length, first)
     if chunks == 1:
@@ -79,7 +114,12 @@ def _position_gram(first: Tensor, second: Tensor) -> Tensor:
 
 
 def _sample_gram(q: Tensor) -> Tensor:
-    """``q q^T`` of samples ``q`` ``(B, D)`` -> ``(B, B)``."""
+    """``q q^T`` of samples ``q`` ``(B, D)`` -> ``(B, B)``, in at least float32."""
+    with _no_autocast(q):
+        return _sample_gram_impl(_full_precision(q))
+
+
+def _sample_gram_impl(q: Tensor) -> Tensor:
     batch, length = q.shape
     chunks = _split_k_chunks(length, q)
     if chunks == 1:
@@ -342,14 +382,17 @@ class AttentionTransfer(KDLoss):
             Attention ``(B, H*W)``, unit L2 norm per row (``"sample"``) or per column
             (``"batch"``).
         """
+        return F.normalize(self._energy(feat), p=2.0, dim=1 if self.normalize == "sample" else 0)
+
+    def _energy(self, feat: Tensor) -> Tensor:
+        """``sum_c |f_c|^p`` flattened to ``(B, H*W)``, before normalisation."""
         if self.p == 2.0:
             att = _ChannelEnergy.apply(feat)
         elif self.p.is_integer() and int(self.p) % 2 == 0:
             att = feat.pow(int(self.p)).sum(dim=1)
         else:
             att = feat.abs().pow(self.p).sum(dim=1)
-        att = att.flatten(1)
-        return F.normalize(att, p=2.0, dim=1 if self.normalize == "sample" else 0)
+        return att.flatten(1)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """Attention-transfer loss.
@@ -361,10 +404,24 @@ class AttentionTransfer(KDLoss):
         Returns:
             Scalar loss, the mean over pairs.
         """
-        losses = []
+        student, teacher = [], []
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_spatial(k, s, t)
-            diff = self._teacher_value([t]) - self.attention(s)
+            student.append(self._energy(s))
+            teacher.append(self._teacher_value([t]))
+        stacked_s, stacked_t = _stacked(student), _stacked(teacher)
+        if stacked_s is not None and stacked_t is not None:
+            # All pairs at once: (P, B, H*W); the mean over pairs of per-pair means of equal
+            # size is the mean over everything.
+            dim = 2 if self.normalize == "sample" else 1
+            diff = stacked_t - F.normalize(stacked_s, p=2.0, dim=dim)
+            if self.squared:
+                return diff.pow(2).mean()
+            return torch.linalg.vector_norm(diff, ord=2, dim=2).mean()
+        losses = []
+        for energy, value in zip(student, teacher):
+            dim = 1 if self.normalize == "sample" else 0
+            diff = value - F.normalize(energy, p=2.0, dim=dim)
             if self.squared:
                 losses.append(diff.pow(2).mean())
             else:
@@ -512,7 +569,7 @@ class FSP(KDLoss):
                 "consumes features in consecutive layer pairs (f_0, f_1), (f_2, f_3), ...; "
                 f"expected an even number of features, got {len(pairs)}",
             )
-        losses = []
+        student, teacher = [], []
         for k in range(0, len(pairs), 2):
             (s1, t1), (s2, t2) = pairs[k], pairs[k + 1]
             g_s, g_t = self._gram(s1, s2), self._teacher_value([t1, t2])
@@ -524,8 +581,12 @@ class FSP(KDLoss):
                     f"{tuple(s2.shape)}, teacher {tuple(g_t.shape)} from {tuple(t1.shape)} and "
                     f"{tuple(t2.shape)}",
                 )
-            losses.append((g_s - g_t).pow(2).mean())
-        return torch.stack(losses).mean()
+            student.append(g_s)
+            teacher.append(g_t)
+        stacked_s, stacked_t = _stacked(student), _stacked(teacher)
+        if stacked_s is not None and stacked_t is not None:  # all layer pairs at once
+            return (stacked_s - stacked_t).pow(2).mean()
+        return torch.stack([(a - b).pow(2).mean() for a, b in zip(student, teacher)]).mean()
 
 
 @register_loss("sp")
@@ -568,12 +629,19 @@ class SimilarityPreserving(KDLoss):
         Returns:
             Scalar loss, the mean over pairs.
         """
-        losses = []
+        student, teacher = [], []
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_batch_of_two(k, s)
-            batch = s.shape[0]
-            diff = self._teacher_value([t]) - self.similarity(s)
-            losses.append(diff.pow(2).sum() / batch**2)
+            student.append(_sample_gram(_flatten_samples(s)))
+            teacher.append(self._teacher_value([t]))
+        stacked_s, stacked_t = _stacked(student), _stacked(teacher)
+        if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
+            diff = stacked_t - F.normalize(stacked_s, p=2.0, dim=2)
+            return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
+        losses = []
+        for gram, value in zip(student, teacher):
+            diff = value - F.normalize(gram, p=2.0, dim=1)
+            losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
         return torch.stack(losses).mean()
 
 
@@ -635,15 +703,29 @@ class CorrelationCongruence(KDLoss):
         Returns:
             ``(B, B)`` correlation matrix.
         """
+        return self._from_gram(self._gram(feat))
+
+    def _gram(self, feat: Tensor) -> Tensor:
+        """``(B, B)`` inner products of the (pooled) samples, before normalisation."""
         if self.pool:
             feat = F.adaptive_avg_pool2d(feat, 1)
-        emb = F.normalize(_flatten_samples(feat), p=2.0, dim=1)
-        dot = _sample_gram(emb)
+        return _sample_gram(_flatten_samples(feat))
+
+    def _from_gram(self, gram: Tensor) -> Tensor:
+        """Correlation matrices ``(..., B, B)`` from sample Gram matrices ``(..., B, B)``.
+
+        The unit-norm embeddings ``e_i = q_i / max(||q_i||, eps)`` (as ``F.normalize``) enter
+        only through ``e_i . e_j = G_ij / (n_i n_j)`` and ``||e_i||^2 = G_ii / n_i^2`` with
+        ``n_i = max(sqrt(G_ii), eps)``, so the embeddings are never materialised.
+        """
+        squares = torch.diagonal(gram, dim1=-2, dim2=-1)
+        inverse = squares.clamp_min(1e-24).rsqrt()  # 1 / max(||q||, 1e-12), F.normalize's eps
+        dot = gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)
         series = sum(
             (2 * self.gamma) ** p / math.factorial(p) * dot.pow(p) for p in range(self.order + 1)
         )
-        scale = torch.exp(-self.gamma * emb.pow(2).sum(dim=1))
-        return scale[:, None] * scale[None, :] * series
+        scale = torch.exp(-self.gamma * squares * inverse.square())
+        return scale.unsqueeze(-1) * scale.unsqueeze(-2) * series
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """Correlation-congruence loss.
@@ -655,12 +737,19 @@ class CorrelationCongruence(KDLoss):
         Returns:
             Scalar loss, the mean over pairs.
         """
-        losses = []
+        student, teacher = [], []
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_batch_of_two(k, s)
-            batch = s.shape[0]
-            diff = self._teacher_value([t]) - self.correlation(s)
-            losses.append(diff.pow(2).sum() / batch**2)
+            student.append(self._gram(s))
+            teacher.append(self._teacher_value([t]))
+        stacked_s, stacked_t = _stacked(student), _stacked(teacher)
+        if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
+            diff = stacked_t - self._from_gram(stacked_s)
+            return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
+        losses = []
+        for gram, value in zip(student, teacher):
+            diff = value - self._from_gram(gram)
+            losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
         return torch.stack(losses).mean()
 
 

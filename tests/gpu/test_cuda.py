@@ -92,7 +92,7 @@ def test_kd_losses_on_cuda_match_cpu(name):
     n = 1 if name in ("imitation", "at", "sp", "cc", "fitnet") else 2
     values, grads = [], []
     for device in ("cpu", "cuda"):
-        s = [x.to(device).requires_grad_() for x in student[:n]]
+        s = [x.detach().to(device).requires_grad_() for x in student[:n]]
         loss = create_loss(name).to(device, torch.float64)
         value = loss(s, [x.to(device) for x in teacher[:n]])
         value.backward()

@@ -401,6 +401,55 @@ def test_channels_last_features_give_the_same_loss_and_gradient(cls):
         torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "cls", [AttentionTransfer, SimilarityPreserving, CorrelationCongruence, FSP]
+)
+@pytest.mark.parametrize("same_shapes", [True, False])
+def test_all_pairs_at_once_equals_the_mean_of_single_pairs(cls, same_shapes):
+    """The losses stack equal-shaped per-pair quantities and fall back to a loop otherwise;
+    either way the result is the mean of the per-pair losses."""
+    group = 2 if cls is FSP else 1
+    shapes = [(B, 3, H, W)] * 3 * group
+    if not same_shapes:  # other spatial sizes (AT, FSP) or batch sizes (SP, CC)
+        other = (B, 3, H + 2, W - 1) if cls in (AttentionTransfer, FSP) else (B + 1, 3, H, W)
+        shapes[-group:] = [other] * group
+    s = [_t(_rand(*shape, seed=200 + k)) for k, shape in enumerate(shapes)]
+    t = [_t(_rand(*shape, seed=300 + k)) for k, shape in enumerate(shapes)]
+    loss = cls()
+    singles = [loss(s[k : k + group], t[k : k + group]) for k in range(0, len(s), group)]
+    assert loss(s, t).item() == pytest.approx(float(torch.stack(singles).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cls", [SimilarityPreserving, CorrelationCongruence, FSP, AttentionTransfer]
+)
+def test_zero_sample_gives_finite_loss_and_gradient(cls):
+    """A sample whose feature is all zeros (a dead layer) must not produce NaN."""
+    s = [_t(_rand(B, 3, H, W, seed=k)) for k in range(2)]
+    for f in s:
+        f[1] = 0.0
+        f.requires_grad_()
+    t = [_t(_rand(B, 3, H, W, seed=10 + k)) for k in range(2)]
+    value = cls()(s, t)
+    value.backward()
+    assert torch.isfinite(value) and all(torch.isfinite(f.grad).all() for f in s)
+
+
+@pytest.mark.parametrize("cls", [SimilarityPreserving, CorrelationCongruence, FSP])
+def test_gram_products_do_not_overflow_under_float16_autocast(cls):
+    """Under 16-bit mixed precision the Gram products run in float32: sums over many
+    positions of float16 features would overflow float16's range (65504)."""
+    g = torch.Generator().manual_seed(0)
+    s = [(30 * torch.randn(2, 4, 64, 64, generator=g)).half() for _ in range(2)]
+    t = [(30 * torch.randn(2, 4, 64, 64, generator=g)).half() for _ in range(2)]
+    assert float(s[0][0].float().square().sum()) > 65504  # a float16 product would be inf
+    with torch.autocast(device_type="cpu", dtype=torch.float16):
+        value = cls()(s, t)
+    reference = cls()([x.double() for x in s], [x.double() for x in t])
+    assert torch.isfinite(value)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-3)
+
+
 @pytest.mark.parametrize("cls", [SimilarityPreserving, CorrelationCongruence, FSP])
 def test_split_k_reduction_gives_the_same_loss_and_gradient(cls, monkeypatch):
     """On CUDA the long reductions of FSP, SP and CC are summed over chunks (split-K); forced
