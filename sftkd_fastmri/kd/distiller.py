@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import FeatureCapture, find_module
-from .losses import KDLoss, TeacherSummary
+from .losses import FSP, AttentionTransfer, KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 
@@ -119,6 +119,11 @@ class Distiller(nn.Module):
             :attr:`~sftkd_fastmri.kd.KDLoss.teacher_group`) inside the teacher's forward hooks
             and drop the full maps at once, so the teacher's memory during KD no longer holds
             every paired activation. The loss values are the same; ``False`` keeps the maps.
+        defer_gradients: Add the gradients of AT (``p = 2``) and FSP on the student's
+            activations where the backward pass reaches each activation, fused with the
+            gradient arriving there (:mod:`~sftkd_fastmri.kd.deferred`), instead of holding a
+            full-size gradient per paired activation from the start of the backward pass. The
+            gradients are the same; ``False`` uses the plain autograd path.
 
     Raises:
         KeyError: A layer name does not exist (similar names are listed).
@@ -134,6 +139,7 @@ class Distiller(nn.Module):
         layers: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
         loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         summarize_teacher: bool = True,
+        defer_gradients: bool = True,
     ) -> None:
         super().__init__()
         if student is teacher:
@@ -156,6 +162,7 @@ class Distiller(nn.Module):
         self._teacher_capture: Optional[FeatureCapture] = None
         self._warned_train_mode = False
         self.summarize_teacher = bool(summarize_teacher)
+        self.defer_gradients = bool(defer_gradients)
         # teacher layer -> [(loss, group index, slot in group)] for summarised losses
         self._summary_slots: Dict[str, List[Tuple[str, int, int]]] = {}
         self._summarized: Set[str] = set()
@@ -258,13 +265,24 @@ class Distiller(nn.Module):
         if not self.attached:
             self._student_capture = FeatureCapture(
                 self.student, self.student_layers, record_calls=True, enabled=False,
-                role="student",
+                role="student", tap=self._tapped_layers(),
             )  # fmt: skip
             self._teacher_capture = FeatureCapture(
                 self.teacher, self.teacher_layers, detach=True, enabled=False, role="teacher",
                 store=self._raw_teacher_layers, listener=self._on_teacher_output,
             )  # fmt: skip
         return self
+
+    def _tapped_layers(self) -> List[str]:
+        """Student layers whose KD gradients are deferred (AT with ``p = 2``, FSP)."""
+        if not self.defer_gradients:
+            return []
+        layers = []
+        for name, pairs in self.pairings.items():
+            loss = self.losses[name]
+            if isinstance(loss, FSP) or (isinstance(loss, AttentionTransfer) and loss.p == 2.0):
+                layers.extend(s for s, _ in pairs if s)
+        return list(dict.fromkeys(layers))
 
     def remove_hooks(self) -> None:
         """Unregister the hooks and drop recorded tensors (idempotent)."""

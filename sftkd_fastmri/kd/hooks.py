@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .deferred import tap_feature
+
 __all__ = ["FeatureCapture", "ForwardCall", "find_module"]
 
 
@@ -97,6 +99,9 @@ class FeatureCapture:
             ``listener``, so they are freed as soon as the model no longer needs them.
         listener: Called as ``listener(name, output)`` for every recorded output, e.g. to
             reduce it on the spot.
+        tap: Layers whose outputs are replaced by :func:`~sftkd_fastmri.kd.deferred.tap_feature`
+            of them (the same values; the model's later layers receive the tapped tensor), so
+            that losses can defer their gradients on them (see :mod:`sftkd_fastmri.kd.deferred`).
 
     Raises:
         KeyError: If a layer name does not exist in ``model`` (listing similar names).
@@ -113,6 +118,7 @@ class FeatureCapture:
         role: str = "model",
         store: Optional[Sequence[str]] = None,
         listener: Optional[Callable[[str, Any], None]] = None,
+        tap: Sequence[str] = (),
     ) -> None:
         if isinstance(layers, str):
             raise TypeError(f"layers must be a sequence of names, got the string {layers!r}")
@@ -127,6 +133,10 @@ class FeatureCapture:
         if unknown:
             raise ValueError(f"store names layers that are not captured: {unknown}")
         self.listener = listener
+        self._tap = set(tap)
+        untapped = sorted(self._tap - set(self._layers))
+        if untapped:
+            raise ValueError(f"tap names layers that are not captured: {untapped}")
         modules = {name: find_module(model, name, role) for name in self._layers}
         self._outputs: Dict[str, List[Any]] = {name: [] for name in self._layers}
         self._order: List[Tuple[str, Any]] = []
@@ -140,15 +150,21 @@ class FeatureCapture:
 
     # -- hooks ------------------------------------------------------------------------------
     def _output_hook(self, name: str):
-        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        tapped = name in self._tap
+
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
             if self.enabled:
                 if self.detach and hasattr(output, "detach"):
                     output = output.detach()
+                replaced = tap_feature(output) if tapped else output
                 if self.listener is not None:
-                    self.listener(name, output)
+                    self.listener(name, replaced)
                 if name in self._store:
-                    self._outputs[name].append(output)
-                    self._order.append((name, output))
+                    self._outputs[name].append(replaced)
+                    self._order.append((name, replaced))
+                if replaced is not output:
+                    return replaced
+            return None
 
         return hook
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .deferred import DeferredGradient, deferred_slot
 from .registry import register_loss
 
 __all__ = [
@@ -156,6 +157,58 @@ def _flatten_samples(feat: Tensor) -> Tensor:
     if feat.dim() == 4 and feat.is_contiguous(memory_format=torch.channels_last):
         feat = feat.permute(0, 2, 3, 1)
     return feat.reshape(feat.shape[0], -1)
+
+
+class _DeferredChannelEnergy(torch.autograd.Function):
+    """:class:`_ChannelEnergy` of a tapped activation: the backward records ``f * 2 g`` as a
+    deferred term (:mod:`~sftkd_fastmri.kd.deferred`) instead of returning it."""
+
+    @staticmethod
+    def forward(ctx: Any, feat: Tensor, slot: DeferredGradient) -> Tensor:
+        ctx.save_for_backward(feat)
+        ctx.slot = slot
+        return torch.linalg.vector_norm(feat, ord=2, dim=1).square_()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        (feat,) = ctx.saved_tensors
+        factor = (2 * grad).unsqueeze(1).to(feat.dtype)
+        ctx.slot.terms.append(lambda incoming: torch.addcmul(incoming, feat, factor))
+        return None, None
+
+
+def _add_position_product(grad: Tensor, feat: Tensor, matrix: Tensor) -> Tensor:
+    """``grad + positions(feat) @ matrix`` in the layout of ``grad`` ``(B, C, H, W)``, where
+    ``positions`` is the ``(B, H*W, C_f)`` view and ``matrix`` is ``(B, C_f, C)``."""
+    batch, chans, height, width = grad.shape
+    out = torch.baddbmm(
+        _positions_by_channels(grad), _positions_by_channels(feat), matrix.to(grad.dtype)
+    )
+    return out.view(batch, height, width, chans).permute(0, 3, 1, 2)
+
+
+class _DeferredPositionGram(torch.autograd.Function):
+    """FSP matrix ``F1^T F2 / (H W)`` of two tapped activations of equal spatial size: the
+    backward records ``F2 dG^T / (H W)`` and ``F1 dG / (H W)`` as deferred terms."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, first: Tensor, second: Tensor, slot1: DeferredGradient, slot2: DeferredGradient
+    ) -> Tensor:
+        ctx.save_for_backward(first, second)
+        ctx.slots = (slot1, slot2)
+        positions = first.shape[-2] * first.shape[-1]
+        gram = _position_gram(_positions_by_channels(first), _positions_by_channels(second))
+        return gram / positions
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        first, second = ctx.saved_tensors
+        slot1, slot2 = ctx.slots
+        scaled = grad / (first.shape[-2] * first.shape[-1])
+        slot1.terms.append(lambda g: _add_position_product(g, second, scaled.transpose(1, 2)))
+        slot2.terms.append(lambda g: _add_position_product(g, first, scaled))
+        return None, None, None, None
 
 
 class TeacherSummary:
@@ -387,7 +440,12 @@ class AttentionTransfer(KDLoss):
     def _energy(self, feat: Tensor) -> Tensor:
         """``sum_c |f_c|^p`` flattened to ``(B, H*W)``, before normalisation."""
         if self.p == 2.0:
-            att = _ChannelEnergy.apply(feat)
+            slot = deferred_slot(feat)
+            att = (
+                _ChannelEnergy.apply(feat)
+                if slot is None
+                else _DeferredChannelEnergy.apply(feat, slot)
+            )
         elif self.p.is_integer() and int(self.p) % 2 == 0:
             att = feat.pow(int(self.p)).sum(dim=1)
         else:
@@ -542,6 +600,10 @@ class FSP(KDLoss):
     @staticmethod
     def _gram(first: Tensor, second: Tensor) -> Tensor:
         """FSP matrix ``(B, C1, C2)`` of maps ``(B, C1, H1, W1)`` and ``(B, C2, H2, W2)``."""
+        if first.shape[-2:] == second.shape[-2:] and first.dtype == second.dtype:
+            slot1, slot2 = deferred_slot(first), deferred_slot(second)
+            if slot1 is not None and slot2 is not None:
+                return _DeferredPositionGram.apply(first, second, slot1, slot2)
         size = (min(first.shape[-2], second.shape[-2]), min(first.shape[-1], second.shape[-1]))
         # Adaptive pooling only ever shrinks here, so no values are invented.
         if first.shape[-2:] != size:

@@ -103,6 +103,31 @@ def test_kd_losses_on_cuda_match_cpu(name):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("losses", [{"at": 1.0}, {"fsp": 1.0}, {"at": 1.0, "fsp": 1.0}])
+def test_deferred_kd_gradients_on_cuda_equal_plain_autograd(losses):
+    """float32 on CUDA: AT's and FSP's deferred gradients (fused into the backward pass at the
+    student's activations) equal the plain autograd gradients."""
+    from sftkd_fastmri.kd import Distiller
+
+    torch.manual_seed(0)
+    student = create_model("dccnn_d3c5", chans=16).cuda()
+    teacher = create_model("dccnn_d5c5", chans=16).cuda()
+    kspace, mask, _ = _cuda(*_batch(1))
+    target = fastmri.complex_abs(fastmri.ifft2c(kspace))[:, 0]
+    grads = []
+    for defer in (False, True):
+        net = copy.deepcopy(student)
+        distiller = Distiller(net, teacher, losses, defer_gradients=defer).attach()
+        with distiller.step():
+            output = net(kspace, mask)
+            kd = distiller()
+        (kd.total + (output - target).abs().mean()).backward()
+        distiller.remove_hooks()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_sft_batches_branches_on_cuda_by_default():
     """``batch_branches=None``: one call per student cascade on CUDA, the same outputs as
     the sequential branches on the CPU."""

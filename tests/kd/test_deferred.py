@@ -1,0 +1,125 @@
+"""Deferred KD gradients (sftkd_fastmri.kd.deferred): the same gradients as plain autograd,
+in every way a training step can use them."""
+
+from __future__ import annotations
+
+import copy
+
+import fastmri
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftkd_fastmri.kd import FSP, AttentionTransfer, Distiller
+from sftkd_fastmri.kd.deferred import deferred_slot, tap_feature
+from sftkd_fastmri.kd.hooks import FeatureCapture
+from sftkd_fastmri.models import create_model
+
+H, W = 14, 10
+
+
+def _inputs(batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 1, H, W, 2, generator=g, dtype=torch.float64)
+    mask = torch.zeros(batch, 1, 1, W, 1, dtype=torch.bool)
+    mask[..., ::2, :] = True
+    target = fastmri.complex_abs(image[:, 0])
+    return (fastmri.fft2c(image) * mask, mask), target
+
+
+def _nets():
+    torch.manual_seed(0)
+    student = create_model("dccnn_d3c5", chans=4, num_cascades=3).double()
+    teacher = create_model("dccnn_d5c5", chans=4, num_cascades=3).double()
+    return student, teacher
+
+
+def _step_grads(losses, defer: bool, recon: bool = True, **distiller_options):
+    """Parameter gradients of one KD step (student and KD parameters) and the KD terms."""
+    student, teacher = _nets()
+    distiller = Distiller(student, teacher, losses, **distiller_options)
+    distiller.defer_gradients = defer
+    distiller.attach()
+    inputs, target = _inputs()
+    with distiller.step():
+        output = student(*inputs)
+        kd = distiller()
+    total = kd.total + (F.l1_loss(output, target) if recon else 0.0)
+    total.backward()
+    tapped = distiller._student_capture._tap
+    distiller.remove_hooks()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return grads, {k: v.item() for k, v in kd.terms.items()}, tapped
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [{"at": 1.0}, {"fsp": 1.0}, {"at": 0.7, "fsp": 2.0}, {"at": 1.0, "fsp": 1.0, "sp": 0.5}],
+)
+@pytest.mark.parametrize("recon", [True, False])  # False: the KD-only stage of two-stage KD
+def test_deferred_gradients_equal_plain_autograd(losses, recon):
+    plain, plain_terms, untapped = _step_grads(losses, defer=False, recon=recon)
+    deferred, deferred_terms, tapped = _step_grads(losses, defer=True, recon=recon)
+    assert not untapped and tapped  # the deferred path was really taken
+    assert deferred_terms == pytest.approx(plain_terms, rel=1e-12)
+    assert deferred.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(deferred[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_zero_weight_and_teacher_features_without_summaries():
+    plain, _, _ = _step_grads({"at": 0.0, "fsp": 1.0}, False, summarize_teacher=False)
+    deferred, _, _ = _step_grads({"at": 0.0, "fsp": 1.0}, True, summarize_teacher=False)
+    for name, grad in plain.items():
+        torch.testing.assert_close(deferred[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_only_at_and_fsp_student_layers_are_tapped():
+    student, teacher = _nets()
+    distiller = Distiller(student, teacher, {"at": 1.0, "sp": 1.0, "imitation": 1.0})
+    at_layers = {s for s, _ in distiller.pairings["at"]}
+    assert set(distiller._tapped_layers()) == at_layers
+    assert Distiller(student, teacher, {"at": 1.0}, defer_gradients=False)._tapped_layers() == []
+    p1 = Distiller(student, teacher, {"at": 1.0}, loss_options={"at": {"p": 1.0}})
+    assert p1._tapped_layers() == []  # only the p = 2 energy has a deferred backward
+
+
+def test_losses_on_tapped_tensors_outside_a_model():
+    """A tapped leaf-derived tensor used only by the loss: the gradient is the plain one."""
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    teacher = [torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    for loss in (AttentionTransfer(), FSP()):
+        grads = []
+        for tap in (False, True):
+            leaves = [d.clone().requires_grad_() for d in data]
+            feats = [tap_feature(x * 1.0) if tap else x * 1.0 for x in leaves]
+            assert all((deferred_slot(f) is not None) == tap for f in feats)
+            loss(feats, teacher).backward()
+            grads.append([x.grad for x in leaves])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_tap_is_skipped_where_nothing_is_deferred():
+    x = torch.randn(2, 3, 4, 4)
+    assert tap_feature(x) is x  # no gradient wanted
+    y = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert tap_feature(y) is y
+    half = y.detach().half().requires_grad_()
+    assert tap_feature(half) is half  # float16 / bfloat16 keep the plain path
+    assert tap_feature("not a tensor") == "not a tensor"
+
+
+def test_feature_capture_tap_option():
+    student, _ = _nets()
+    layer = "cascades.0.cnn.relu1"
+    with pytest.raises(ValueError, match="not captured"):
+        FeatureCapture(student, ["cascades.0.cnn.relu0"], tap=[layer])
+    inputs, _ = _inputs()
+    reference = copy.deepcopy(student)(*inputs)
+    with FeatureCapture(student, [layer], tap=[layer]) as capture:
+        output = student(*inputs)
+        assert deferred_slot(capture[layer]) is not None
+    torch.testing.assert_close(output, reference, rtol=0, atol=0)  # the values are unchanged
