@@ -422,8 +422,9 @@ class AttentionTransfer(KDLoss):
     teacher_group = 1
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
-        """The teacher's normalised attention map ``(B, H*W)``."""
-        return self.attention(teacher_feats[0])
+        """The teacher's attention map ``(B, H*W)`` before normalisation (normalised in
+        :meth:`forward`, for all pairs at once)."""
+        return self._energy(teacher_feats[0])
 
     def attention(self, feat: Tensor) -> Tensor:
         """Normalised spatial attention map.
@@ -435,7 +436,11 @@ class AttentionTransfer(KDLoss):
             Attention ``(B, H*W)``, unit L2 norm per row (``"sample"``) or per column
             (``"batch"``).
         """
-        return F.normalize(self._energy(feat), p=2.0, dim=1 if self.normalize == "sample" else 0)
+        return self._normalized(self._energy(feat))
+
+    def _normalized(self, energy: Tensor) -> Tensor:
+        """Attention maps ``(..., B, H*W)`` normalised per sample or per position."""
+        return F.normalize(energy, p=2.0, dim=-1 if self.normalize == "sample" else -2)
 
     def _energy(self, feat: Tensor) -> Tensor:
         """``sum_c |f_c|^p`` flattened to ``(B, H*W)``, before normalisation."""
@@ -471,15 +476,13 @@ class AttentionTransfer(KDLoss):
         if stacked_s is not None and stacked_t is not None:
             # All pairs at once: (P, B, H*W); the mean over pairs of per-pair means of equal
             # size is the mean over everything.
-            dim = 2 if self.normalize == "sample" else 1
-            diff = stacked_t - F.normalize(stacked_s, p=2.0, dim=dim)
+            diff = self._normalized(stacked_t) - self._normalized(stacked_s)
             if self.squared:
                 return diff.pow(2).mean()
             return torch.linalg.vector_norm(diff, ord=2, dim=2).mean()
         losses = []
         for energy, value in zip(student, teacher):
-            dim = 1 if self.normalize == "sample" else 0
-            diff = value - F.normalize(energy, p=2.0, dim=dim)
+            diff = self._normalized(value) - self._normalized(energy)
             if self.squared:
                 losses.append(diff.pow(2).mean())
             else:
@@ -666,8 +669,8 @@ class SimilarityPreserving(KDLoss):
     teacher_group = 1
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
-        """The teacher's ``(B, B)`` similarity matrix."""
-        return self.similarity(teacher_feats[0])
+        """The teacher's ``(B, B)`` sample Gram matrix (rows normalised in :meth:`forward`)."""
+        return _sample_gram(_flatten_samples(teacher_feats[0]))
 
     @staticmethod
     def similarity(feat: Tensor) -> Tensor:
@@ -698,11 +701,11 @@ class SimilarityPreserving(KDLoss):
             teacher.append(self._teacher_value([t]))
         stacked_s, stacked_t = _stacked(student), _stacked(teacher)
         if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
-            diff = stacked_t - F.normalize(stacked_s, p=2.0, dim=2)
+            diff = F.normalize(stacked_t, p=2.0, dim=2) - F.normalize(stacked_s, p=2.0, dim=2)
             return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
         losses = []
         for gram, value in zip(student, teacher):
-            diff = value - F.normalize(gram, p=2.0, dim=1)
+            diff = F.normalize(value, p=2.0, dim=1) - F.normalize(gram, p=2.0, dim=1)
             losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
         return torch.stack(losses).mean()
 
@@ -753,8 +756,9 @@ class CorrelationCongruence(KDLoss):
     teacher_group = 1
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
-        """The teacher's ``(B, B)`` correlation matrix."""
-        return self.correlation(teacher_feats[0])
+        """The teacher's ``(B, B)`` sample Gram matrix (turned into the correlation matrix in
+        :meth:`forward`, for all pairs at once)."""
+        return self._gram(teacher_feats[0])
 
     def correlation(self, feat: Tensor) -> Tensor:
         """Taylor-approximated RBF correlation matrix of the batch.
@@ -783,9 +787,11 @@ class CorrelationCongruence(KDLoss):
         squares = torch.diagonal(gram, dim1=-2, dim2=-1)
         inverse = squares.clamp_min(1e-24).rsqrt()  # 1 / max(||q||, 1e-12), F.normalize's eps
         dot = gram * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)
-        series = sum(
-            (2 * self.gamma) ** p / math.factorial(p) * dot.pow(p) for p in range(self.order + 1)
-        )
+        # sum_p (2 gamma)^p / p! dot^p by Horner's rule: two operations per order.
+        coefficients = [(2 * self.gamma) ** p / math.factorial(p) for p in range(self.order + 1)]
+        series = torch.full_like(dot, coefficients[-1])
+        for c in reversed(coefficients[:-1]):
+            series = series * dot + c
         scale = torch.exp(-self.gamma * squares * inverse.square())
         return scale.unsqueeze(-1) * scale.unsqueeze(-2) * series
 
@@ -806,11 +812,11 @@ class CorrelationCongruence(KDLoss):
             teacher.append(self._teacher_value([t]))
         stacked_s, stacked_t = _stacked(student), _stacked(teacher)
         if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
-            diff = stacked_t - self._from_gram(stacked_s)
+            diff = self._from_gram(stacked_t) - self._from_gram(stacked_s)
             return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
         losses = []
         for gram, value in zip(student, teacher):
-            diff = value - self._from_gram(gram)
+            diff = self._from_gram(value) - self._from_gram(gram)
             losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
         return torch.stack(losses).mean()
 
