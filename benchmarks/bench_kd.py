@@ -34,7 +34,9 @@ Memory during KD, per method, each measured in a fresh process
   for AT, FSP, SP and CC only their reductions are held, computed in the teacher's hooks, see
   :class:`~sftkd_fastmri.kd.TeacherSummary`);
 * step extra: peak of the KD step minus the peak of a student-only step (the teacher plus the
-  graph the KD losses add to the student's backward).
+  graph the KD losses add to the student's backward; AT's and FSP's gradients on the student's
+  activations are deferred and fused into the backward pass, see
+  :mod:`sftkd_fastmri.kd.deferred`, so they hold no full-size gradient per activation).
 
 On CUDA memory is ``torch.cuda.memory_allocated`` / ``max_memory_allocated``; on CPU the
 resident set size (Linux VmRSS / VmHWM, the peak reset after the first step so that import-time
