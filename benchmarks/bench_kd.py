@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    add_malloc_option,
+    apply_malloc,
     default_device,
     interleaved_times,
     peak_rss_mib,
@@ -281,6 +283,7 @@ def main() -> None:
         default=None,
         help="torch CPU threads (default: torch's); 1 avoids thread contention on a busy machine",
     )
+    add_malloc_option(parser)
     parser.add_argument(
         "--cudnn-benchmark",
         action="store_true",
@@ -307,6 +310,9 @@ def main() -> None:
         print(json.dumps(peak_memory(args, device, method)))
         return
 
+    # Memory workers keep glibc's defaults (and MALLOC_MMAP_THRESHOLD_) so that the resident
+    # set follows live tensors; the timing applies the command line's CPU settings.
+    malloc = apply_malloc(args.malloc, device)
     if args.profile is not None:
         profile_method(args, device, args.profile)
         return
@@ -315,7 +321,8 @@ def main() -> None:
     base = times["student_step"] + times["teacher_forward"]
     print(
         f"KD step cost, {args.teacher} -> {args.student}, {args.size}x{args.size} single-coil, "
-        f"batch {args.batch}, {device} ({torch.get_num_threads()} CPU threads), median of "
+        f"batch {args.batch}, {device} ({torch.get_num_threads()} CPU threads, malloc "
+        f"{malloc}), median of "
         f"{args.rounds} interleaved rounds"
     )
     print(f"student step {times['student_step']:.3f} s, teacher no-grad forward "
@@ -334,6 +341,7 @@ def main() -> None:
         "device": device,
         "size": args.size,
         "batch": args.batch,
+        "malloc": malloc,
         "student_step_s": times["student_step"],
         "teacher_forward_s": times["teacher_forward"],
         "control_ratio": control,

@@ -38,7 +38,14 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import default_device, interleaved_times, sync, synthetic_batch
+from benchmarks.common import (
+    add_malloc_option,
+    apply_malloc,
+    default_device,
+    interleaved_times,
+    sync,
+    synthetic_batch,
+)
 
 TARGET_RATIO = 1.8
 
@@ -199,6 +206,7 @@ def main() -> None:
         help="skip timing one teacher and one student cascade (the predicted ratio)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_malloc_option(parser)
     parser.add_argument(
         "--cudnn-benchmark",
         action="store_true",
@@ -215,10 +223,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = default_device(args.device)
+    malloc = apply_malloc(args.malloc, device)
     if args.profile:
         profile_step(args, device)
         return
     result = measure(args, device)
+    result["malloc"] = malloc
     if args.json:
         print(json.dumps(result))
         return
@@ -226,7 +236,7 @@ def main() -> None:
     print(
         f"SFT step vs teacher step: {args.teacher} teacher, {args.student} student, "
         f"batch {args.batch}, {args.size}x{args.size}, {args.coils} coil(s), {device} "
-        f"({where}), median of {args.rounds} interleaved rounds"
+        f"({where}, malloc {malloc}), median of {args.rounds} interleaved rounds"
     )
     times = result["step_s"]
     print(f"  teacher step          {times['teacher'] * 1e3:9.1f} ms")

@@ -97,3 +97,25 @@ def default_device(requested: Optional[str]) -> str:
     if requested:
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_malloc_option(parser) -> None:
+    """``--malloc {retain,default}``: the CPU allocator settings the command line uses."""
+    parser.add_argument(
+        "--malloc",
+        choices=("retain", "default"),
+        default="retain",
+        help="CPU runs: 'retain' keeps freed memory in the process as sftkd-fastmri does "
+        "without a GPU (sftkd_fastmri.retain_freed_memory); 'default': glibc's defaults",
+    )
+
+
+def apply_malloc(mode: str, device: str) -> str:
+    """Apply ``--malloc`` for a CPU run; returns what is in effect (for the printout)."""
+    if device.startswith("cuda"):
+        return "n/a"
+    if mode == "retain":
+        from sftkd_fastmri import retain_freed_memory
+
+        return "retain" if retain_freed_memory() else "default (retain unavailable)"
+    return "default"

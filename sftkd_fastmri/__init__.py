@@ -4,6 +4,7 @@ Student-friendly teacher training and knowledge distillation for cascaded MRI re
 networks, as drop-in components for fastMRI + PyTorch Lightning pipelines.
 """
 
+from .allocator import retain_freed_memory
 from .models import DCCNN, create_model, list_models, load_model, save_model_checkpoint
 
 __version__ = "0.1.0"
@@ -14,5 +15,6 @@ __all__ = [
     "create_model",
     "list_models",
     "load_model",
+    "retain_freed_memory",
     "save_model_checkpoint",
 ]

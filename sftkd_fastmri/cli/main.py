@@ -330,12 +330,25 @@ from .export_command import register as _register_export  # noqa: E402
 _EXTRA_COMMANDS.append(_register_export)
 
 
+def _tune_cpu_allocator() -> None:
+    """Without a CUDA device, keep freed memory in the process: CPU training steps run 1.4 to
+    2.3 times faster (see :mod:`sftkd_fastmri.allocator`; ``SFTKD_FASTMRI_MALLOC=default``
+    opts out)."""
+    import torch
+
+    from ..allocator import retain_freed_memory
+
+    if not torch.cuda.is_available():
+        retain_freed_memory()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    _tune_cpu_allocator()
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
