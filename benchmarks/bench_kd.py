@@ -61,6 +61,7 @@ from benchmarks.common import (
     default_device,
     interleaved_times,
     peak_rss_mib,
+    print_profile,
     run_isolated,
     sync,
     synthetic_batch,
@@ -157,8 +158,6 @@ def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
 def profile_method(args: argparse.Namespace, device: str, method: str) -> None:
     """Print the operators that take the time of a KD step (``torch.profiler``), so a ratio
     above target can be traced to the loss, its backward or the hooks."""
-    from torch.profiler import ProfilerActivity, profile
-
     kspace, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, device)
     inputs = (kspace, mask, sens)
     student, teacher = _networks(args.student, args.teacher, device)
@@ -167,19 +166,8 @@ def profile_method(args: argparse.Namespace, device: str, method: str) -> None:
         if method == "student"
         else _kd_step(student, teacher, method, inputs, target)
     )
-    for _ in range(max(args.warmup, 1)):
-        step()
-    sync(device)
-    activities = [ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(3):
-            step()
-        sync(device)
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
-    print(f"profile of 3 steps, {method}, {args.size}x{args.size}, batch {args.batch}, {device}")
-    print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
+    title = f"{method} steps, {args.size}x{args.size}, batch {args.batch}, {device}"
+    print_profile(step, device, title, args.warmup, args.profile_rows)
 
 
 def _reset_peak(device: str) -> None:

@@ -43,7 +43,7 @@ from benchmarks.common import (
     apply_malloc,
     default_device,
     interleaved_times,
-    sync,
+    print_profile,
     synthetic_batch,
 )
 
@@ -103,11 +103,16 @@ def _cascade_step(preset: str, inputs, device: str) -> Callable[[], None]:
     return step
 
 
-def measure(args: argparse.Namespace, device: str) -> Dict:
+def _batch(args: argparse.Namespace, device: str):
+    """``(masked k-space, mask, sens maps)`` and the target of the configured size."""
     masked, mask, sens, target = synthetic_batch(
         args.batch, args.size, args.size, args.coils, device
     )
-    inputs = (masked, mask, sens)
+    return (masked, mask, sens), target
+
+
+def measure(args: argparse.Namespace, device: str) -> Dict:
+    inputs, target = _batch(args, device)
     fns = {
         "teacher": _teacher_step(args.teacher, inputs, target, device),
         "sft": _sft_step(args.teacher, args.student, inputs, target, device, False),
@@ -153,30 +158,14 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
 
 def profile_step(args: argparse.Namespace, device: str) -> None:
     """Print the operators that take the time of one SFT step and one teacher step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    masked, mask, sens, target = synthetic_batch(
-        args.batch, args.size, args.size, args.coils, device
-    )
-    inputs = (masked, mask, sens)
+    inputs, target = _batch(args, device)
     steps = {
         "teacher": _teacher_step(args.teacher, inputs, target, device),
         "sft": _sft_step(args.teacher, args.student, inputs, target, device, None),
     }
-    activities = [ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(ProfilerActivity.CUDA)
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     for name, step in steps.items():
-        for _ in range(max(args.warmup, 1)):
-            step()
-        sync(device)
-        with profile(activities=activities) as prof:
-            for _ in range(3):
-                step()
-            sync(device)
-        print(f"profile of 3 {name} steps, batch {args.batch}, {args.size}x{args.size}, {device}")
-        print(prof.key_averages().table(sort_by=key, row_limit=15))
+        title = f"{name} steps, batch {args.batch}, {args.size}x{args.size}, {device}"
+        print_profile(step, device, title, args.warmup)
 
 
 def _num_cascades(preset: str) -> int:

@@ -119,3 +119,25 @@ def apply_malloc(mode: str, device: str) -> str:
 
         return "retain" if retain_freed_memory() else "default (retain unavailable)"
     return "default"
+
+
+def print_profile(
+    step: Callable[[], None], device: str, title: str, warmup: int = 1, rows: int = 15
+) -> None:
+    """Profile three calls of ``step`` after ``warmup`` and print the most expensive operators
+    (self CUDA time on a GPU, self CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(max(warmup, 1)):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"profile of 3 {title}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
