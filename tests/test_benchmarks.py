@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end (tiny sizes) and report what their names say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_sft_reports_ratios_and_the_cascade_prediction():
+    out = _run(
+        "benchmarks.bench_sft",
+        *("--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1", "--threads", "1"),
+        "--json",
+    )
+    assert out["device"] == "cpu" and out["malloc"] in ("retain", "default (retain unavailable)")
+    assert set(out["ratio"]) == {"sft", "sft_batch_branches"}
+    for name, ratio in out["ratio"].items():
+        assert ratio == pytest.approx(out["step_s"][name] / out["step_s"]["teacher"])
+        assert ratio > 1  # the SFT step does the teacher's work and more
+    cost = out["student_to_teacher_cascade_cost"]
+    assert 0 < cost and out["predicted_ratio"] == pytest.approx(1 + 2 * cost)  # N = 5
+
+
+def test_bench_kd_reports_ratios_and_memory():
+    tiny = ("--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1", "--threads", "1")
+    out = _run("benchmarks.bench_kd", *tiny, "--methods", "at", "fsp", "--malloc", "default")
+    base = out["student_step_s"] + out["teacher_forward_s"]
+    assert [m["method"] for m in out["methods"]] == ["at", "fsp"]
+    for row in out["methods"]:
+        assert row["ratio"] == pytest.approx(row["kd_step_s"] / base)
+    memory = out["memory"]
+    assert memory["kind"] == "peak RSS" and memory["student_only_peak_mib"] > 0
+    assert set(memory["teacher_mib"]) == {"at", "fsp"}
+    assert all(v > 0 for v in memory["teacher_mib"].values())  # at least the parameters
