@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import FeatureCapture, find_module
-from .losses import FSP, AttentionTransfer, KDLoss, TeacherSummary
+from .losses import KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 
@@ -274,14 +274,17 @@ class Distiller(nn.Module):
         return self
 
     def _tapped_layers(self) -> List[str]:
-        """Student layers whose KD gradients are deferred (AT with ``p = 2``, FSP)."""
+        """Student layers of the losses that defer their gradients (AT with ``p = 2``, FSP;
+        :attr:`~sftkd_fastmri.kd.KDLoss.defers_gradients`)."""
         if not self.defer_gradients:
             return []
-        layers = []
-        for name, pairs in self.pairings.items():
-            loss = self.losses[name]
-            if isinstance(loss, FSP) or (isinstance(loss, AttentionTransfer) and loss.p == 2.0):
-                layers.extend(s for s, _ in pairs if s)
+        layers = [
+            s
+            for name, pairs in self.pairings.items()
+            if self.losses[name].defers_gradients
+            for s, _ in pairs
+            if s
+        ]
         return list(dict.fromkeys(layers))
 
     def remove_hooks(self) -> None:

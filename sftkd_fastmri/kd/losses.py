@@ -96,37 +96,26 @@ def _no_autocast(tensor: Tensor):
 
 def _position_gram(first: Tensor, second: Tensor) -> Tensor:
     """``first^T second`` per sample: ``(B, K, M)`` and ``(B, K, N)`` -> ``(B, M, N)``, in at
-    least float32."""
+    least float32 (split-K over ``K`` on CUDA)."""
     with _no_autocast(first):
-        return _position_gram_impl(_full_precision(first), _full_precision(second))
-
-
-def _position_gram_impl(first: Tensor, second: Tensor) -> Tensor:
-    batch, length, rows = first.shape
-    chunks = _split_k_chunks(length, first)
-    if chunks == 1:
-        return torch.bmm(first.transpose(1, 2), second)
-    part = length // chunks
-    gram = torch.bmm(
-        first.reshape(batch * chunks, part, rows).transpose(1, 2),
-        second.reshape(batch * chunks, part, second.shape[2]),
-    )
-    return gram.view(batch, chunks, rows, -1).sum(dim=1)
+        first, second = _full_precision(first), _full_precision(second)
+        batch, length, rows = first.shape
+        chunks = _split_k_chunks(length, first)
+        if chunks == 1:
+            return torch.bmm(first.transpose(1, 2), second)
+        part = length // chunks
+        gram = torch.bmm(
+            first.reshape(batch * chunks, part, rows).transpose(1, 2),
+            second.reshape(batch * chunks, part, second.shape[2]),
+        )
+        return gram.view(batch, chunks, rows, -1).sum(dim=1)
 
 
 def _sample_gram(q: Tensor) -> Tensor:
-    """``q q^T`` of samples ``q`` ``(B, D)`` -> ``(B, B)``, in at least float32."""
-    with _no_autocast(q):
-        return _sample_gram_impl(_full_precision(q))
-
-
-def _sample_gram_impl(q: Tensor) -> Tensor:
-    batch, length = q.shape
-    chunks = _split_k_chunks(length, q)
-    if chunks == 1:
-        return q @ q.t()
-    parts = q.reshape(batch, chunks, length // chunks).transpose(0, 1)
-    return torch.bmm(parts, parts.transpose(1, 2)).sum(dim=0)
+    """``q q^T`` of samples ``q`` ``(B, D)`` -> ``(B, B)``: the position Gram of one "sample"
+    whose ``D`` positions carry ``B`` channels."""
+    columns = q.t().unsqueeze(0)
+    return _position_gram(columns, columns)[0]
 
 
 class _ChannelEnergy(torch.autograd.Function):
@@ -134,18 +123,25 @@ class _ChannelEnergy(torch.autograd.Function):
 
     The same value and gradient as ``feat.square().sum(dim=1)``, without the full-size
     ``f^2`` temporary in the forward and the extra passes of its backward; attention transfer
-    applies it to every paired activation at every step.
+    applies it to every paired activation at every step. Given the
+    :class:`~sftkd_fastmri.kd.deferred.DeferredGradient` of a tapped activation, the backward
+    records ``f * 2 g`` there instead of returning it (:mod:`~sftkd_fastmri.kd.deferred`).
     """
 
     @staticmethod
-    def forward(ctx: Any, feat: Tensor) -> Tensor:
+    def forward(ctx: Any, feat: Tensor, slot: Optional[DeferredGradient]) -> Tensor:
         ctx.save_for_backward(feat)
+        ctx.slot = slot
         return torch.linalg.vector_norm(feat, ord=2, dim=1).square_()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor):
         (feat,) = ctx.saved_tensors
-        return feat * (2 * grad).unsqueeze(1).to(feat.dtype)
+        factor = (2 * grad).unsqueeze(1).to(feat.dtype)
+        if ctx.slot is None:
+            return feat * factor, None
+        ctx.slot.terms.append(lambda incoming: torch.addcmul(incoming, feat, factor))
+        return None, None
 
 
 def _flatten_samples(feat: Tensor) -> Tensor:
@@ -157,24 +153,6 @@ def _flatten_samples(feat: Tensor) -> Tensor:
     if feat.dim() == 4 and feat.is_contiguous(memory_format=torch.channels_last):
         feat = feat.permute(0, 2, 3, 1)
     return feat.reshape(feat.shape[0], -1)
-
-
-class _DeferredChannelEnergy(torch.autograd.Function):
-    """:class:`_ChannelEnergy` of a tapped activation: the backward records ``f * 2 g`` as a
-    deferred term (:mod:`~sftkd_fastmri.kd.deferred`) instead of returning it."""
-
-    @staticmethod
-    def forward(ctx: Any, feat: Tensor, slot: DeferredGradient) -> Tensor:
-        ctx.save_for_backward(feat)
-        ctx.slot = slot
-        return torch.linalg.vector_norm(feat, ord=2, dim=1).square_()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor):
-        (feat,) = ctx.saved_tensors
-        factor = (2 * grad).unsqueeze(1).to(feat.dtype)
-        ctx.slot.terms.append(lambda incoming: torch.addcmul(incoming, feat, factor))
-        return None, None
 
 
 def _add_position_product(grad: Tensor, feat: Tensor, matrix: Tensor) -> Tensor:
@@ -270,6 +248,12 @@ class KDLoss(nn.Module):
     name: ClassVar[str] = ""
     requires_4d: ClassVar[bool] = True
     teacher_group: ClassVar[int] = 0
+
+    @property
+    def defers_gradients(self) -> bool:
+        """Whether the loss records its gradient on tapped student features as a deferred
+        term (:mod:`~sftkd_fastmri.kd.deferred`), so tapping them pays off."""
+        return False
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
         """Reduce ``teacher_group`` consecutive teacher features to what :meth:`forward` needs.
@@ -421,6 +405,10 @@ class AttentionTransfer(KDLoss):
 
     teacher_group = 1
 
+    @property
+    def defers_gradients(self) -> bool:
+        return self.p == 2.0  # the fused channel energy has the deferred backward
+
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
         """The teacher's attention map ``(B, H*W)`` before normalisation (normalised in
         :meth:`forward`, for all pairs at once)."""
@@ -445,12 +433,7 @@ class AttentionTransfer(KDLoss):
     def _energy(self, feat: Tensor) -> Tensor:
         """``sum_c |f_c|^p`` flattened to ``(B, H*W)``, before normalisation."""
         if self.p == 2.0:
-            slot = deferred_slot(feat)
-            att = (
-                _ChannelEnergy.apply(feat)
-                if slot is None
-                else _DeferredChannelEnergy.apply(feat, slot)
-            )
+            att = _ChannelEnergy.apply(feat, deferred_slot(feat))
         elif self.p.is_integer() and int(self.p) % 2 == 0:
             att = feat.pow(int(self.p)).sum(dim=1)
         else:
@@ -595,6 +578,7 @@ class FSP(KDLoss):
     """
 
     teacher_group = 2
+    defers_gradients = True
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
         """The teacher's FSP matrix ``(B, C1, C2)`` of a layer pair."""
