@@ -15,7 +15,7 @@ name                      what                                                  
 around each block, and a real-valued image (DC keeps the real part). Their uncentred FFT is
 equivalent to fastMRI's centred one up to a fixed phase ramp, which data consistency (a
 pointwise operation in k-space, applied with the same convention to data and estimate) does
-not see, so fastMRI's :func:`fastmri.fft2c` is used throughout.
+not see, so fastMRI's centred convention (:func:`fastmri.fft2c`) is used throughout.
 """
 
 from __future__ import annotations

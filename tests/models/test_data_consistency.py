@@ -99,3 +99,73 @@ def test_bad_arguments():
         DataConsistency(chans=3)
     with pytest.raises(ValueError, match="mode"):
         DataConsistency(mode="medium")
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("chans", [1, 2])
+@pytest.mark.parametrize("coils", [1, 3])
+def test_even_sizes_fold_the_shifts_into_the_data(mode, chans, coils):
+    # Even H and W take the shift-free path; it must equal the definition with fastMRI's
+    # centred FFTs (fastmri.fft2c / ifft2c), in value and in gradient.
+    masked, mask, sens, _ = random_batch(coils=coils, height=12, width=10, seed=11)
+    dc = DataConsistency(chans, mode, init_lambda=2.5)
+    x = torch.randn(2, chans, 12, 10, requires_grad=True)
+    out = dc(x, masked, mask, sens)
+    kspace = fastmri.fft2c(sens_expand_of(x, sens))
+    sampled = mask.to(torch.bool)
+    if mode == "hard":
+        kspace = torch.where(sampled, masked, kspace)
+    else:
+        kspace = torch.where(sampled, (kspace + 2.5 * masked) / 3.5, kspace)
+    coil_images = fastmri.ifft2c(kspace)
+    if sens is None:
+        combined = coil_images[:, 0]
+    else:
+        combined = fastmri.complex_mul(coil_images, fastmri.complex_conj(sens)).sum(dim=1)
+    expected = combined.permute(0, 3, 1, 2)[:, :chans]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def sens_expand_of(x, sens):
+    from sftkd_fastmri.models.data_consistency import channels_to_complex, sens_expand
+
+    return sens_expand(channels_to_complex(x), sens)
+
+
+def test_full_sampling_pattern_mask_and_lower_rank_masks():
+    # A mask that varies along H and W (2-D pattern) and masks with fewer leading dimensions.
+    g = torch.Generator().manual_seed(12)
+    kspace = torch.randn(2, 1, 8, 6, 2, generator=g)
+    pattern = torch.rand(8, 6, 1, generator=g) > 0.5
+    x = torch.randn(2, 2, 8, 6, generator=g)
+    dc = DataConsistency(2, "hard")
+    out = dc(x, kspace * pattern, pattern)
+    k = _kspace_of(out, None)
+    torch.testing.assert_close(k * pattern, kspace * pattern, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k * ~pattern, _kspace_of(x, None) * ~pattern, atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_estimate_gets_float32_data_consistency():
+    # Under 16-bit autocast the block's output may be float16; DC runs its FFTs in float32.
+    masked, mask, _, _ = random_batch(height=12, width=10, seed=13)
+    x = torch.randn(2, 2, 12, 10)
+    dc = DataConsistency(2, "hard")
+    out = dc(x.half(), masked, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, dc(x.half().float(), masked, mask))
+
+
+def test_traced_layer_keeps_the_size_generic_definition():
+    # A trace records one code path; while tracing, DC uses the centred transforms, so a trace
+    # made at an even size also holds at an odd one.
+    masked, mask, _, _ = random_batch(height=12, width=10, seed=14)
+    dc = DataConsistency(2, "hard")
+    x = torch.randn(2, 2, 12, 10)
+    traced = torch.jit.trace(dc, (x, masked, mask), check_trace=False)
+    odd_masked, odd_mask, _, _ = random_batch(height=13, width=9, seed=15)
+    y = torch.randn(2, 2, 13, 9)
+    torch.testing.assert_close(traced(y, odd_masked, odd_mask), dc(y, odd_masked, odd_mask))
