@@ -15,10 +15,10 @@ the SFT stage costs per epoch relative to training the teacher alone.
 Expected ratio: the ``N - 1`` branches run ``N(N-1)/2`` student cascades (10 for ``N = 5``)
 next to the teacher's ``N``. A D3 cascade has about a third of a D5 cascade's
 multiply-adds, which would add about 0.7 of a teacher step (target ratio <= 1.8). Measured, a
-D3 cascade costs 0.48 of a D5 cascade on a 2-core CPU and 0.61-0.72 on an H200 GPU (batch 16
+D3 cascade costs 0.46-0.49 of a D5 cascade on a 2-core CPU and 0.61-0.72 on an H200 GPU (batch 16
 and 4): the 2->32 and 32->2 convolutions (whose weight gradients are the slowest kernels of a
 step on the GPU, see ``--profile``), the bias, ReLU and DC passes do not shrink with depth,
-which predicts 1 + 2 x that cost = 1.96 (CPU) and 2.2-2.4 (GPU). The script therefore also
+which predicts 1 + 2 x that cost = 1.93-1.98 (CPU) and 2.2-2.4 (GPU). The script therefore also
 times one teacher and one student cascade (forward + backward) and prints the ratio those costs
 predict, so a miss can be told apart from wrapper overhead. With ``batch_branches=True`` (the
 default on CUDA) the active branches of each student cascade run as one batch (fewer, larger
