@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "demo",
         cmd_demo,
-        "write demo data and run a reduced study end to end (about 2 min on 2 CPU cores)",
+        "write demo data and run a reduced study end to end (about 1 min on 2 CPU cores)",
     )
     p.add_argument("--out-dir", default="sftkd_demo", help="output folder (default: sftkd_demo)")
     p.add_argument("--data-dir", help="demo data folder (default: OUT_DIR/data)")
