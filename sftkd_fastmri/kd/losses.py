@@ -638,38 +638,29 @@ class FSP(KDLoss):
         return torch.stack([(a - b).pow(2).mean() for a, b in zip(student, teacher)]).mean()
 
 
-@register_loss("sp")
-class SimilarityPreserving(KDLoss):
-    """Similarity-preserving loss (Tung & Mori, "Similarity-Preserving Knowledge
-    Distillation", ICCV 2019).
-
-    Per pair: ``Q = f.reshape(B, -1)``, ``G = Q Q^T`` (``B x B``), rows L2-normalised;
-    loss ``||G_T - G_S||_F^2 / B^2``. The result is the mean over pairs (the paper sums over
-    pairs and leaves the weight to ``gamma``). Only the batch size must agree between student
-    and teacher. Invariant to scaling a feature map by a positive constant. Needs a batch of at
-    least two samples.
+class _SampleRelationLoss(KDLoss):
+    """Shared part of SP and CC: a ``(B, B)`` relation matrix of the samples of a batch,
+    computed from their Gram matrix ``Q Q^T`` (``Q`` = each feature flattened per sample), and
+    the loss ``||R_T - R_S||_F^2 / B^2`` averaged over pairs. The teacher's summary is its Gram
+    matrix; subclasses define :meth:`_gram` and :meth:`_relation` (on ``(..., B, B)``).
     """
 
     teacher_group = 1
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
-        """The teacher's ``(B, B)`` sample Gram matrix (rows normalised in :meth:`forward`)."""
-        return _sample_gram(_flatten_samples(teacher_feats[0]))
+        """The teacher's ``(B, B)`` sample Gram matrix (turned into the relation matrix in
+        :meth:`forward`, for all pairs at once)."""
+        return self._gram(teacher_feats[0])
 
-    @staticmethod
-    def similarity(feat: Tensor) -> Tensor:
-        """Row-normalised sample similarity matrix.
+    def _gram(self, feat: Tensor) -> Tensor:
+        """``(B, B)`` inner products of the flattened samples."""
+        return _sample_gram(_flatten_samples(feat))
 
-        Args:
-            feat: Feature ``(B, ...)``.
-
-        Returns:
-            ``(B, B)`` matrix with unit L2-norm rows.
-        """
-        return F.normalize(_sample_gram(_flatten_samples(feat)), p=2.0, dim=1)
+    def _relation(self, gram: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """Similarity-preserving loss.
+        """Relation loss.
 
         Args:
             student_feats: Student features, each ``(B, C_s, H_s, W_s)``.
@@ -681,21 +672,49 @@ class SimilarityPreserving(KDLoss):
         student, teacher = [], []
         for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
             self._check_batch_of_two(k, s)
-            student.append(_sample_gram(_flatten_samples(s)))
+            student.append(self._gram(s))
             teacher.append(self._teacher_value([t]))
         stacked_s, stacked_t = _stacked(student), _stacked(teacher)
         if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
-            diff = F.normalize(stacked_t, p=2.0, dim=2) - F.normalize(stacked_s, p=2.0, dim=2)
+            diff = self._relation(stacked_t) - self._relation(stacked_s)
             return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
         losses = []
         for gram, value in zip(student, teacher):
-            diff = F.normalize(value, p=2.0, dim=1) - F.normalize(gram, p=2.0, dim=1)
+            diff = self._relation(value) - self._relation(gram)
             losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
         return torch.stack(losses).mean()
 
 
+@register_loss("sp")
+class SimilarityPreserving(_SampleRelationLoss):
+    """Similarity-preserving loss (Tung & Mori, "Similarity-Preserving Knowledge
+    Distillation", ICCV 2019).
+
+    Per pair: ``Q = f.reshape(B, -1)``, ``G = Q Q^T`` (``B x B``), rows L2-normalised;
+    loss ``||G_T - G_S||_F^2 / B^2``. The result is the mean over pairs (the paper sums over
+    pairs and leaves the weight to ``gamma``). Only the batch size must agree between student
+    and teacher. Invariant to scaling a feature map by a positive constant. Needs a batch of at
+    least two samples.
+    """
+
+    @staticmethod
+    def similarity(feat: Tensor) -> Tensor:
+        """Row-normalised sample similarity matrix.
+
+        Args:
+            feat: Feature ``(B, ...)``.
+
+        Returns:
+            ``(B, B)`` matrix with unit L2-norm rows.
+        """
+        return F.normalize(_sample_gram(_flatten_samples(feat)), p=2.0, dim=-1)
+
+    def _relation(self, gram: Tensor) -> Tensor:
+        return F.normalize(gram, p=2.0, dim=-1)
+
+
 @register_loss("cc")
-class CorrelationCongruence(KDLoss):
+class CorrelationCongruence(_SampleRelationLoss):
     """Correlation congruence (Peng et al., "Correlation Congruence for Knowledge
     Distillation", ICCV 2019).
 
@@ -737,13 +756,6 @@ class CorrelationCongruence(KDLoss):
         self.order = order
         self.pool = bool(pool)
 
-    teacher_group = 1
-
-    def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
-        """The teacher's ``(B, B)`` sample Gram matrix (turned into the correlation matrix in
-        :meth:`forward`, for all pairs at once)."""
-        return self._gram(teacher_feats[0])
-
     def correlation(self, feat: Tensor) -> Tensor:
         """Taylor-approximated RBF correlation matrix of the batch.
 
@@ -753,7 +765,7 @@ class CorrelationCongruence(KDLoss):
         Returns:
             ``(B, B)`` correlation matrix.
         """
-        return self._from_gram(self._gram(feat))
+        return self._relation(self._gram(feat))
 
     def _gram(self, feat: Tensor) -> Tensor:
         """``(B, B)`` inner products of the (pooled) samples, before normalisation."""
@@ -761,7 +773,7 @@ class CorrelationCongruence(KDLoss):
             feat = F.adaptive_avg_pool2d(feat, 1)
         return _sample_gram(_flatten_samples(feat))
 
-    def _from_gram(self, gram: Tensor) -> Tensor:
+    def _relation(self, gram: Tensor) -> Tensor:
         """Correlation matrices ``(..., B, B)`` from sample Gram matrices ``(..., B, B)``.
 
         The unit-norm embeddings ``e_i = q_i / max(||q_i||, eps)`` (as ``F.normalize``) enter
@@ -778,31 +790,6 @@ class CorrelationCongruence(KDLoss):
             series = series * dot + c
         scale = torch.exp(-self.gamma * squares * inverse.square())
         return scale.unsqueeze(-1) * scale.unsqueeze(-2) * series
-
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """Correlation-congruence loss.
-
-        Args:
-            student_feats: Student features, each ``(B, C_s, H_s, W_s)``.
-            teacher_feats: Teacher features, each ``(B, C_t, H_t, W_t)``.
-
-        Returns:
-            Scalar loss, the mean over pairs.
-        """
-        student, teacher = [], []
-        for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
-            self._check_batch_of_two(k, s)
-            student.append(self._gram(s))
-            teacher.append(self._teacher_value([t]))
-        stacked_s, stacked_t = _stacked(student), _stacked(teacher)
-        if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
-            diff = self._from_gram(stacked_t) - self._from_gram(stacked_s)
-            return diff.pow(2).sum(dim=(1, 2)).mean() / stacked_s.shape[1] ** 2
-        losses = []
-        for gram, value in zip(student, teacher):
-            diff = self._from_gram(value) - self._from_gram(gram)
-            losses.append(diff.pow(2).sum() / gram.shape[0] ** 2)
-        return torch.stack(losses).mean()
 
 
 @register_loss("imitation")
