@@ -71,8 +71,11 @@ def sens_reduce(coil_images: Tensor, sens_maps: Optional[Tensor]) -> Tensor:
 
 def _tracing() -> bool:
     """Whether the model is being traced or exported: keep the size-generic definition."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
     return (
-        torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or (is_exporting is not None and is_exporting())
     )
 
 
