@@ -71,7 +71,7 @@ def sens_reduce(coil_images: Tensor, sens_maps: Optional[Tensor]) -> Tensor:
 
 def _tracing() -> bool:
     """Whether the model is being traced or exported: keep the size-generic definition."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)  # 2.5+
     return (
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
