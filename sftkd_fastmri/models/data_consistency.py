@@ -173,6 +173,10 @@ class DataConsistency(nn.Module):
         Returns:
             ``(B, C, H, W)`` data-consistent image.
         """
+        if sens_maps is None and masked_kspace.shape[1] != 1:
+            raise ValueError(
+                f"multi-coil k-space ({masked_kspace.shape[1]} coils) needs sensitivity maps"
+            )
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()  # FFTs in float32 (under autocast the block may give fp16)
         height, width = masked_kspace.shape[-3], masked_kspace.shape[-2]

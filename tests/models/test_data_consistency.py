@@ -169,3 +169,10 @@ def test_traced_layer_keeps_the_size_generic_definition():
     odd_masked, odd_mask, _, _ = random_batch(height=13, width=9, seed=15)
     y = torch.randn(2, 2, 13, 9)
     torch.testing.assert_close(traced(y, odd_masked, odd_mask), dc(y, odd_masked, odd_mask))
+
+
+@pytest.mark.parametrize("height", [12, 13])
+def test_multi_coil_kspace_without_sensitivity_maps_is_refused(height):
+    masked, mask, _, _ = random_batch(coils=3, height=height, width=10, seed=16)
+    with pytest.raises(ValueError, match="3 coils.*sensitivity maps"):
+        DataConsistency(2, "hard")(torch.randn(2, 2, height, 10), masked, mask, None)
