@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from sftkd_fastmri.models import DCCNN, create_model, list_models, model_config
+from sftkd_fastmri.models.dccnn import ConvBlock
 
 from .helpers import random_batch
 
@@ -101,3 +102,67 @@ def test_input_errors_are_clear():
         model(masked[:, 0], mask, sens)
     with pytest.raises(ValueError, match="mask"):
         model(masked, mask[..., :3, :], sens)
+
+
+def _relu_ops(block, x):
+    """Names of the ReLU operators a block's forward runs."""
+    with torch.profiler.profile() as prof:
+        block(x)
+    return [e.name for e in prof.events() if e.name in ("aten::relu", "aten::relu_")]
+
+
+def test_block_relu_in_place_only_when_unobserved():
+    # No hooks: the ReLUs overwrite the convolution outputs in place; the values and gradients
+    # equal those of the out-of-place path taken when a hook observes a layer.
+    torch.manual_seed(0)
+    block = ConvBlock(2, 8, 4)
+    x = torch.randn(2, 2, 12, 10, requires_grad=True)
+    assert _relu_ops(block, x) == ["aten::relu_"] * 3
+    out = block(x)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x)
+    grads_w = torch.autograd.grad(block(x).square().sum(), list(block.parameters()))
+
+    seen = []
+    handle = block.conv1.register_forward_hook(lambda m, i, o: seen.append(o))
+    assert _relu_ops(block, x) == ["aten::relu_", "aten::relu", "aten::relu_"]
+    seen.clear()
+    hooked = block(x)
+    # the hook's tensor is the pre-activation output (negative values kept), not overwritten
+    assert (seen[0] < 0).any()
+    torch.testing.assert_close(hooked, out)
+    (hooked_grad_x,) = torch.autograd.grad(hooked.square().sum(), x)
+    torch.testing.assert_close(hooked_grad_x, grad_x)
+    handle.remove()
+    hooked_grads = torch.autograd.grad(block(x).square().sum(), list(block.parameters()))
+    for a, b in zip(hooked_grads, grads_w):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("where", ["conv", "relu", "global"])
+def test_block_relu_respects_backward_and_global_hooks(where):
+    # Full backward hooks wrap a module's outputs; writing into them in place would fail.
+    torch.manual_seed(1)
+    block = ConvBlock(2, 8, 3)
+    x = torch.randn(2, 2, 12, 10, requires_grad=True)
+    reference = block(x)
+    grads = []
+    if where == "global":
+        # a global hook observes every module's output: the convolutions' must stay intact
+        def keep_conv_outputs(module, args, output):
+            if isinstance(module, torch.nn.Conv2d):
+                grads.append(output)
+
+        handle = torch.nn.modules.module.register_module_forward_hook(keep_conv_outputs)
+    else:
+        module = block.conv0 if where == "conv" else block.relu0
+        handle = module.register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    try:
+        out = block(x)
+        out.sum().backward()
+        torch.testing.assert_close(out, reference)
+        if where == "global":
+            assert len(grads) == 3 and all((o < 0).any() for o in grads[:2])
+        else:
+            assert len(grads) == 1
+    finally:
+        handle.remove()
