@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..models.dccnn import output_only_hook
 from .deferred import tap_feature
 
 __all__ = ["FeatureCapture", "ForwardCall", "find_module"]
@@ -143,7 +144,9 @@ class FeatureCapture:
         self._calls: List[ForwardCall] = []
         self._handles: List[RemovableHandle] = []
         for name, module in modules.items():
-            self._handles.append(module.register_forward_hook(self._output_hook(name)))
+            # The hook reads only the output, so a DC-CNN block's ReLU may still run in place.
+            hook = output_only_hook(self._output_hook(name))
+            self._handles.append(module.register_forward_hook(hook))
         if record_calls:
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._call_hook))

@@ -16,7 +16,7 @@ submodule, so forward hooks can read it without a second copy of the network:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import fastmri
 import torch
@@ -26,14 +26,45 @@ from torch.nn.modules import module as _nn_module
 
 from .data_consistency import DataConsistency, complex_to_channels, sens_reduce
 
-__all__ = ["ConvBlock", "DCCNN", "DCCNNCascade", "check_inputs"]
+__all__ = [
+    "BlockReLU",
+    "ConvBlock",
+    "DCCNN",
+    "DCCNNCascade",
+    "OUTPUT_ONLY_HOOK",
+    "check_inputs",
+    "output_only_hook",
+]
+
+
+#: Attribute that marks a forward hook as reading only its module's output (not the inputs):
+#: such hooks on a block's ReLU still let it run in place (see :meth:`ConvBlock.forward`).
+OUTPUT_ONLY_HOOK = "_sftkd_reads_output_only"
+
+
+def output_only_hook(hook: Callable) -> Callable:
+    """Mark a forward hook ``hook(module, args, output)`` as not reading ``args``.
+
+    A block's ReLU observed only by such hooks still overwrites the convolution output in place
+    (its input and output are then the same tensor). Returns ``hook``.
+    """
+    setattr(hook, OUTPUT_ONLY_HOOK, True)
+    return hook
+
+
+class BlockReLU(nn.ReLU):
+    """The ReLU of a :class:`ConvBlock`: ``nn.ReLU`` whose block may request the in-place form
+    for one call (``relu(x, True)``); hooks registered on it work as on ``nn.ReLU``."""
+
+    def forward(self, input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002
+        return F.relu(input, inplace=inplace or self.inplace)
 
 
 class ConvBlock(nn.Module):
     """``depth`` 3x3 convolutions with bias, ReLU after all but the last, no normalisation.
 
     Channels: ``in_chans -> chans -> ... -> chans -> in_chans``. Submodules are named
-    ``conv0 .. conv{depth-1}`` and ``relu0 .. relu{depth-2}`` (separate, not in-place, so each
+    ``conv0 .. conv{depth-1}`` and ``relu0 .. relu{depth-2}`` (separate modules, so each
     activation can be hooked).
     """
 
@@ -46,44 +77,59 @@ class ConvBlock(nn.Module):
         for j in range(depth):
             self.add_module(f"conv{j}", nn.Conv2d(widths[j], widths[j + 1], 3, padding=1))
             if j < depth - 1:
-                self.add_module(f"relu{j}", nn.ReLU())
+                self.add_module(f"relu{j}", BlockReLU())
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_chans, H, W) -> (B, in_chans, H, W)``.
 
-        Where nothing observes a convolution's output and its ReLU (no hooks on either
-        submodule, no global module hooks), the ReLU overwrites the convolution's output in
-        place, which the convolution's backward does not need: one full-size activation less
-        to allocate and write per layer (an SFT step, which holds many cascades' activations,
-        ran ~4 % faster on CPU). With hooks (feature capture for distillation, pruning,
-        backward hooks) every layer keeps its own output, as the submodule names promise.
+        Where nothing observes a convolution's output (no hook on the convolution, no global
+        module hook) and its ReLU is observed at most by output-only forward hooks
+        (:func:`output_only_hook`, as the distillation feature capture registers), the ReLU
+        overwrites the convolution's output in place, which the convolution's backward does
+        not need: one full-size activation less to allocate and write per layer. Otherwise
+        every layer keeps its own output, as the submodule names promise.
         """
         for j in range(self.depth):
             conv = getattr(self, f"conv{j}")
             x = conv(x)
             if j < self.depth - 1:
                 relu = getattr(self, f"relu{j}")
-                if _unobserved(conv) and _unobserved(relu):
-                    x = F.relu(x, inplace=True)
-                else:
-                    x = relu(x)
+                x = relu(x, _unhooked(conv) and _observed_by_output_only(relu))
         return x
 
 
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
 )
-_GLOBAL_HOOK_DICTS = tuple(f"_global{name}" for name in _HOOK_DICTS)
 
 
-def _unobserved(module: nn.Module) -> bool:
-    """True when no forward or backward hook (of the module or global) can see its tensors."""
-    local = (getattr(module, name, None) for name in _HOOK_DICTS)
-    registered = (getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_DICTS)
-    return not any(local) and not any(registered)
+def _no_global_hooks() -> bool:
+    return not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_DICTS)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward or backward hook of the module or global ones can see its tensors."""
+    return (
+        not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not getattr(module, "_backward_hooks", None)
+        and not getattr(module, "_backward_pre_hooks", None)
+        and _no_global_hooks()
+    )
+
+
+def _observed_by_output_only(module: nn.Module) -> bool:
+    """Only output-only forward hooks (or none) observe the module; no global hooks."""
+    return (
+        all(getattr(hook, OUTPUT_ONLY_HOOK, False) for hook in module._forward_hooks.values())
+        and not module._forward_pre_hooks
+        and not getattr(module, "_backward_hooks", None)
+        and not getattr(module, "_backward_pre_hooks", None)
+        and _no_global_hooks()
+    )
 
 
 class DCCNNCascade(nn.Module):

@@ -123,3 +123,41 @@ def test_feature_capture_tap_option():
         output = student(*inputs)
         assert deferred_slot(capture[layer]) is not None
     torch.testing.assert_close(output, reference, rtol=0, atol=0)  # the values are unchanged
+
+
+def _relu_hooked_out_of_place(model):
+    """Force every block ReLU of ``model`` out of place: a forward hook that is not marked
+    output-only (it could read the ReLU's input)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1].startswith("relu"):
+            module.register_forward_hook(lambda m, args, out: None)
+
+
+@pytest.mark.parametrize("losses", [{"at": 1.0, "fsp": 1.0}, {"fitnet": 1.0, "sp": 1.0}])
+def test_kd_step_with_in_place_relus_equals_out_of_place(losses):
+    # The capture's hooks read only outputs, so hooked ReLUs still run in place; the KD terms
+    # and the gradients equal those of a student and teacher whose ReLUs keep their own outputs.
+    results = []
+    for force_out_of_place in (False, True):
+        student, teacher = _nets()
+        if force_out_of_place:
+            _relu_hooked_out_of_place(student)
+            _relu_hooked_out_of_place(teacher)
+        distiller = Distiller(student, teacher, losses)
+        distiller.attach()
+        inputs, target = _inputs()
+        with torch.profiler.profile() as prof:
+            with distiller.step():
+                output = student(*inputs)
+                kd = distiller()
+        in_place = sum(e.name == "aten::relu_" for e in prof.events())
+        (kd.total + F.l1_loss(output, target)).backward()
+        distiller.remove_hooks()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results.append((in_place, {k: v.item() for k, v in kd.terms.items()}, grads))
+    (in_place, terms, grads), (none_in_place, ref_terms, ref_grads) = results
+    assert in_place == 3 * (2 + 4) and none_in_place == 0  # every student and teacher ReLU
+    assert terms == pytest.approx(ref_terms, rel=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -166,3 +166,22 @@ def test_block_relu_respects_backward_and_global_hooks(where):
             assert len(grads) == 1
     finally:
         handle.remove()
+
+
+def test_output_only_hooks_keep_the_relu_in_place():
+    from sftkd_fastmri.models.dccnn import output_only_hook
+
+    torch.manual_seed(2)
+    block = ConvBlock(2, 8, 3)
+    x = torch.randn(2, 2, 12, 10)
+    seen = []
+    handle = block.relu0.register_forward_hook(output_only_hook(lambda m, a, o: seen.append(o)))
+    assert _relu_ops(block, x) == ["aten::relu_", "aten::relu_"]
+    assert (seen[0] >= 0).all()  # the ReLU's output
+    handle.remove()
+    # the same hook on a convolution: its output must survive, so that ReLU is not in place
+    handle = block.conv1.register_forward_hook(output_only_hook(lambda m, a, o: seen.append(o)))
+    seen.clear()
+    assert _relu_ops(block, x) == ["aten::relu_", "aten::relu"]
+    assert (seen[0] < 0).any()
+    handle.remove()
