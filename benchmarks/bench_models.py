@@ -5,7 +5,8 @@ Usage::
     python -m benchmarks.bench_models                 # D5C5 and D3C5, 320 x 320 single-coil
     python -m benchmarks.bench_models --presets dccnn_d5c5_paper dccnn_d3c5_paper --batch 4
 
-Each preset is measured in its own process (peak memory is per process: the resident-set peak
+CPU runs keep freed memory in the process as ``sftkd-fastmri`` does (``--malloc default`` for
+glibc's defaults). Each preset is measured in its own process (peak memory is per process: the resident-set peak
 on CPU, ``torch.cuda.max_memory_allocated`` on GPU), one training step = forward, L1 loss,
 backward, Adam step. Throughput is batch / median step time.
 """
@@ -18,6 +19,8 @@ import json
 import torch
 
 from benchmarks.common import (
+    add_malloc_option,
+    apply_malloc,
     default_device,
     peak_rss_mib,
     run_isolated,
@@ -70,15 +73,14 @@ def main() -> None:
     parser.add_argument("--coils", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
+    add_malloc_option(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = default_device(args.device)
     if args.worker:
-        print(
-            json.dumps(
-                measure(args.presets[0], args.batch, args.size, args.coils, device, args.repeats)
-            )
-        )
+        malloc = apply_malloc(args.malloc, device)
+        row = measure(args.presets[0], args.batch, args.size, args.coils, device, args.repeats)
+        print(json.dumps(dict(row, malloc=malloc)))
         return
     rows = []
     for preset in args.presets:
@@ -99,11 +101,14 @@ def main() -> None:
                     str(args.repeats),
                     "--device",
                     device,
+                    "--malloc",
+                    args.malloc,
                 ],
             )
         )
     print(
-        f"DC-CNN training step, {args.size}x{args.size}, coils={args.coils}, batch {args.batch}, {device}"
+        f"DC-CNN training step, {args.size}x{args.size}, coils={args.coils}, "
+        f"batch {args.batch}, {device} (malloc {rows[0].get('malloc', 'n/a')})"
     )
     print(f"{'preset':<20}{'params':>10}{'step s':>10}{'slices/s':>10}{'peak MiB':>10}")
     for r in rows:

@@ -50,3 +50,13 @@ def test_bench_kd_reports_ratios_and_memory():
     assert memory["kind"] == "peak RSS" and memory["student_only_peak_mib"] > 0
     assert set(memory["teacher_mib"]) == {"at", "fsp"}
     assert all(v > 0 for v in memory["teacher_mib"].values())  # at least the parameters
+
+
+def test_bench_models_reports_throughput_of_each_preset():
+    tiny = ("--size", "32", "--batch", "2", "--repeats", "1")
+    rows = _run("benchmarks.bench_models", *tiny, "--presets", "dccnn_d3c5", "dccnn_d5c5")
+    assert [r["preset"] for r in rows] == ["dccnn_d3c5", "dccnn_d5c5"]
+    for row in rows:
+        assert row["malloc"] in ("retain", "default (retain unavailable)")
+        assert row["slices_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+    assert rows[0]["params"] == 52_170 and rows[1]["params"] == 144_650
