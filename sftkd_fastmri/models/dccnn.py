@@ -94,7 +94,10 @@ class ConvBlock(nn.Module):
             x = conv(x)
             if j < self.depth - 1:
                 relu = getattr(self, f"relu{j}")
-                x = relu(x, _unhooked(conv) and _observed_by_output_only(relu))
+                if isinstance(relu, BlockReLU):
+                    x = relu(x, _unhooked(conv) and _observed_by_output_only(relu))
+                else:  # a block pickled whole by an older version holds nn.ReLU modules
+                    x = relu(x)
         return x
 
 

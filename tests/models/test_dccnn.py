@@ -185,3 +185,14 @@ def test_output_only_hooks_keep_the_relu_in_place():
     assert _relu_ops(block, x) == ["aten::relu_", "aten::relu"]
     assert (seen[0] < 0).any()
     handle.remove()
+
+
+def test_block_with_plain_relu_modules_still_runs():
+    # A block pickled whole by an earlier version holds nn.ReLU submodules.
+    torch.manual_seed(3)
+    block = ConvBlock(2, 8, 3)
+    x = torch.randn(2, 2, 12, 10)
+    expected = block(x)
+    for j in range(2):
+        setattr(block, f"relu{j}", torch.nn.ReLU())
+    torch.testing.assert_close(block(x), expected)
