@@ -95,7 +95,7 @@ class ConvBlock(nn.Module):
             if j < self.depth - 1:
                 relu = getattr(self, f"relu{j}")
                 if isinstance(relu, BlockReLU):
-                    x = relu(x, _unhooked(conv) and _observed_by_output_only(relu))
+                    x = relu(x, _unobserved(conv) and _unobserved(relu, output_hooks_ok=True))
                 else:  # a block pickled whole by an older version holds nn.ReLU modules
                     x = relu(x)
         return x
@@ -109,29 +109,16 @@ _GLOBAL_HOOK_DICTS = (
 )
 
 
-def _no_global_hooks() -> bool:
-    return not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_DICTS)
-
-
-def _unhooked(module: nn.Module) -> bool:
-    """No forward or backward hook of the module or global ones can see its tensors."""
+def _unobserved(module: nn.Module, output_hooks_ok: bool = False) -> bool:
+    """No hook can see the module's tensors: no global module hooks, no pre- or backward hooks
+    of the module, and no forward hooks (or, with ``output_hooks_ok``, only output-only ones)."""
+    forward_hooks = module._forward_hooks.values()
     return (
-        not module._forward_hooks
+        all(getattr(hook, OUTPUT_ONLY_HOOK, False) and output_hooks_ok for hook in forward_hooks)
         and not module._forward_pre_hooks
         and not getattr(module, "_backward_hooks", None)
         and not getattr(module, "_backward_pre_hooks", None)
-        and _no_global_hooks()
-    )
-
-
-def _observed_by_output_only(module: nn.Module) -> bool:
-    """Only output-only forward hooks (or none) observe the module; no global hooks."""
-    return (
-        all(getattr(hook, OUTPUT_ONLY_HOOK, False) for hook in module._forward_hooks.values())
-        and not module._forward_pre_hooks
-        and not getattr(module, "_backward_hooks", None)
-        and not getattr(module, "_backward_pre_hooks", None)
-        and _no_global_hooks()
+        and not any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOK_DICTS)
     )
 
 
