@@ -39,13 +39,17 @@ class DeferredGradient:
     """Gradient terms waiting for the backward pass to reach one tapped activation.
 
     Attributes:
-        terms: Callables ``grad -> grad + term``, applied in order by the tap's backward.
+        terms: Callables ``(grad, in_place) -> grad + term``, applied in order by the tap's
+            backward; with ``in_place`` they may add into ``grad``'s memory.
+        owned: Whether the gradient arriving at the tap is a fresh tensor nobody else reads
+            (see :func:`tap_feature`), so the terms may be added in place.
     """
 
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "owned")
 
-    def __init__(self) -> None:
-        self.terms: List[Callable[[Tensor], Tensor]] = []
+    def __init__(self, owned: bool = False) -> None:
+        self.terms: List[Callable[[Tensor, bool], Tensor]] = []
+        self.owned = owned
 
 
 class _Tap(torch.autograd.Function):
@@ -61,13 +65,30 @@ class _Tap(torch.autograd.Function):
         # Without a gradient from the layers after the activation (a KD-only step), autograd
         # passes zeros here, so the terms alone make the gradient.
         terms, ctx.slot.terms = ctx.slot.terms, []
+        in_place = ctx.slot.owned and _writable(grad)
         for term in terms:
-            grad = term(grad)
+            result = term(grad, in_place)
+            if result is not grad:  # a fresh result of the term is ours to add into
+                in_place = _writable(result)
+            grad = result
         return grad, None
 
 
-def tap_feature(feat: Any) -> Any:
+def _writable(grad: Tensor) -> bool:
+    """A dense, non-view tensor (a view or an expanded zero could share memory)."""
+    return grad._base is None and (
+        grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def tap_feature(feat: Any, owned_gradient: bool = False) -> Any:
     """``feat`` routed through a tap that collects deferred gradient terms.
+
+    Args:
+        feat: The activation.
+        owned_gradient: The gradient that reaches ``feat`` from the layers after it is a fresh
+            tensor that nothing else reads (e.g. the input gradient of the one convolution
+            that consumes it), so the deferred terms may be added into it in place.
 
     Returns ``feat`` itself where there is nothing to defer: not a floating tensor of float32
     or float64, no gradient required, or gradients disabled.
@@ -79,7 +100,7 @@ def tap_feature(feat: Any) -> Any:
         or not torch.is_grad_enabled()
     ):
         return feat
-    slot = DeferredGradient()
+    slot = DeferredGradient(owned=owned_gradient)
     out = _Tap.apply(feat, slot)
     setattr(out, _ATTRIBUTE, slot)
     return out

@@ -159,7 +159,11 @@ class FeatureCapture:
             if self.enabled:
                 if self.detach and hasattr(output, "detach"):
                     output = output.detach()
-                replaced = tap_feature(output) if tapped else output
+                replaced = (
+                    tap_feature(output, getattr(module, "fresh_output_gradient", False))
+                    if tapped
+                    else output
+                )
                 if self.listener is not None:
                     self.listener(name, replaced)
                 if name in self._store:

@@ -140,7 +140,11 @@ class _ChannelEnergy(torch.autograd.Function):
         factor = (2 * grad).unsqueeze(1).to(feat.dtype)
         if ctx.slot is None:
             return feat * factor, None
-        ctx.slot.terms.append(lambda incoming: torch.addcmul(incoming, feat, factor))
+        ctx.slot.terms.append(
+            lambda incoming, in_place: incoming.addcmul_(feat, factor)
+            if in_place
+            else torch.addcmul(incoming, feat, factor)
+        )
         return None, None
 
 
@@ -155,13 +159,18 @@ def _flatten_samples(feat: Tensor) -> Tensor:
     return feat.reshape(feat.shape[0], -1)
 
 
-def _add_position_product(grad: Tensor, feat: Tensor, matrix: Tensor) -> Tensor:
+def _add_position_product(
+    grad: Tensor, feat: Tensor, matrix: Tensor, in_place: bool = False
+) -> Tensor:
     """``grad + positions(feat) @ matrix`` in the layout of ``grad`` ``(B, C, H, W)``, where
-    ``positions`` is the ``(B, H*W, C_f)`` view and ``matrix`` is ``(B, C_f, C)``."""
+    ``positions`` is the ``(B, H*W, C_f)`` view and ``matrix`` is ``(B, C_f, C)``; with
+    ``in_place`` (and a channels-last ``grad``, whose positions view is dense) into ``grad``."""
     batch, chans, height, width = grad.shape
-    out = torch.baddbmm(
-        _positions_by_channels(grad), _positions_by_channels(feat), matrix.to(grad.dtype)
-    )
+    positions = _positions_by_channels(grad)
+    if in_place and positions.is_contiguous():
+        positions.baddbmm_(_positions_by_channels(feat), matrix.to(grad.dtype))
+        return grad
+    out = torch.baddbmm(positions, _positions_by_channels(feat), matrix.to(grad.dtype))
     return out.view(batch, height, width, chans).permute(0, 3, 1, 2)
 
 
@@ -184,8 +193,10 @@ class _DeferredPositionGram(torch.autograd.Function):
         first, second = ctx.saved_tensors
         slot1, slot2 = ctx.slots
         scaled = grad / (first.shape[-2] * first.shape[-1])
-        slot1.terms.append(lambda g: _add_position_product(g, second, scaled.transpose(1, 2)))
-        slot2.terms.append(lambda g: _add_position_product(g, first, scaled))
+        slot1.terms.append(
+            lambda g, in_place: _add_position_product(g, second, scaled.transpose(1, 2), in_place)
+        )
+        slot2.terms.append(lambda g, in_place: _add_position_product(g, first, scaled, in_place))
         return None, None, None, None
 
 

@@ -54,7 +54,15 @@ def output_only_hook(hook: Callable) -> Callable:
 
 class BlockReLU(nn.ReLU):
     """The ReLU of a :class:`ConvBlock`: ``nn.ReLU`` whose block may request the in-place form
-    for one call (``relu(x, True)``); hooks registered on it work as on ``nn.ReLU``."""
+    for one call (``relu(x, True)``); hooks registered on it work as on ``nn.ReLU``.
+
+    Its output is consumed by the block's next convolution alone, so the gradient arriving at
+    it is that convolution's fresh input gradient (plus, summed by autograd into a fresh
+    tensor, any loss on the activation): :attr:`fresh_output_gradient` lets gradient taps
+    (:func:`sftkd_fastmri.kd.deferred.tap_feature`) add into it in place.
+    """
+
+    fresh_output_gradient = True
 
     def forward(self, input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002
         return F.relu(input, inplace=inplace or self.inplace)

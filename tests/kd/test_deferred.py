@@ -161,3 +161,43 @@ def test_kd_step_with_in_place_relus_equals_out_of_place(losses):
     assert grads.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_block_relu_taps_add_into_the_arriving_gradient():
+    # A DC-CNN block's ReLU output is consumed by the next convolution alone, whose input
+    # gradient is fresh: the deferred terms are added into it in place (addcmul_ / baddbmm_),
+    # and the gradients still equal plain autograd (test_deferred_gradients_equal_plain_autograd).
+    student, teacher = _nets()
+    distiller = Distiller(student, teacher, {"at": 1.0, "fsp": 1.0})
+    distiller.attach()
+    inputs, target = _inputs()
+    with distiller.step():
+        output = student(*inputs)
+        kd = distiller()
+    with torch.profiler.profile() as prof:
+        (kd.total + F.l1_loss(output, target)).backward()
+    distiller.remove_hooks()
+    names = [e.name for e in prof.events()]
+    assert "aten::addcmul_" in names and "aten::baddbmm_" in names
+    assert "aten::addcmul" not in names and "aten::baddbmm" not in names
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_taps_without_an_owned_gradient_never_write_into_it(owned):
+    # t + u: autograd hands the same gradient tensor to t's tap and to u. A tap that is not
+    # told it owns the arriving gradient must leave it alone; one that is (wrongly) told so
+    # writes the deferred term into u's gradient too - which is why only a module that
+    # guarantees a fresh gradient (BlockReLU.fresh_output_gradient) sets the flag.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = [torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)]
+    u = w * 1.0  # made before the tap, so autograd runs the tap's backward first
+    feat = tap_feature(x * 1.0, owned_gradient=owned)
+    total = (feat + u).square().sum() / 2 + AttentionTransfer()([feat], teacher)
+    total.backward()
+    untouched = (x + w).detach()  # d/dw of |t + u|^2 / 2: the gradient both receive
+    if owned:
+        assert not torch.allclose(w.grad, untouched)
+    else:
+        torch.testing.assert_close(w.grad, untouched, rtol=0, atol=0)
