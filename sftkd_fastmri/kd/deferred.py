@@ -14,8 +14,12 @@ attention map; FSP: the ``(B, C1, C2)`` gradient of the Gram matrix) in the feat
 :class:`DeferredGradient`. Autograd runs the tap's backward after every consumer of the
 activation has delivered its gradient (the loss included: it consumes the tap's output), and
 the tap then adds the full-size terms to the arriving gradient with fused operations
-(``addcmul`` for AT, ``baddbmm`` for FSP). Values and gradients are those of the plain
-computation (up to floating-point summation order).
+(``addcmul`` for AT, ``baddbmm`` for FSP). Where the tapped module promises that the arriving
+gradient is a fresh tensor nobody else reads (``fresh_output_gradient``, e.g. a DC-CNN block's
+ReLU, whose output only the next convolution consumes), the terms are added into it in place
+(``addcmul_`` / ``baddbmm_``), saving a full-size copy per term; otherwise out of place, since
+autograd may hand one gradient tensor to several inputs (an addition does). Values and
+gradients are those of the plain computation (up to floating-point summation order).
 
 Used by :class:`~sftkd_fastmri.kd.distiller.Distiller` (``defer_gradients=True``) for the
 student layers of AT (``p = 2``) and FSP; the losses fall back to the plain computation for
