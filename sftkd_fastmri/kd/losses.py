@@ -141,9 +141,11 @@ class _ChannelEnergy(torch.autograd.Function):
         if ctx.slot is None:
             return feat * factor, None
         ctx.slot.terms.append(
-            lambda incoming, in_place: incoming.addcmul_(feat, factor)
-            if in_place
-            else torch.addcmul(incoming, feat, factor)
+            lambda incoming, in_place: (
+                incoming.addcmul_(feat, factor)
+                if in_place
+                else torch.addcmul(incoming, feat, factor)
+            )
         )
         return None, None
 
