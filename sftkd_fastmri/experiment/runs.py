@@ -51,9 +51,17 @@ def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
     return Path(cfg.get("out_dir") or default)
 
 
-def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbacks=()) -> str:
-    """Fit with resume from ``last.ckpt``; return the best checkpoint's path."""
+def _seed(cfg: Dict[str, Any]) -> None:
+    """Seed Python, NumPy and torch (and dataloader workers) with the stage's ``seed``."""
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
+
+
+def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbacks=()) -> str:
+    """Fit with resume from ``last.ckpt``; return the best checkpoint's path.
+
+    Seeds again before building the data, so the masks and batch order of a stage depend on
+    its seed alone (not on how many random numbers building its networks took)."""
+    _seed(cfg)
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     last = out_dir / CKPT_DIR / "last.ckpt"
@@ -79,6 +87,7 @@ def _train_single_network(
     from ..pl_modules import DCCNNModule
 
     out_dir = _out_dir(cfg, f"runs/{name}")
+    _seed(cfg)  # the initial weights follow the stage's seed, whatever ran before
     module = DCCNNModule(
         model_preset=cfg["model"],
         model_overrides=dict(cfg.get("model_overrides") or {}),
@@ -104,6 +113,7 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
     from ..sft import export_sft
 
     out_dir = _out_dir(cfg, "runs/sft")
+    _seed(cfg)  # the initial weights follow the stage's seed, whatever ran before
     module = SFTModule(
         teacher_preset=cfg["teacher"],
         student_preset=cfg["student"],

@@ -208,3 +208,24 @@ def test_example_configs_use_known_keys():
             source=str(path),
         )
         assert cfg["challenge"] in ("singlecoil", "multicoil"), path
+
+
+def test_seed_sets_the_initial_weights_whatever_ran_before(tiny_demo, tmp_path):
+    # The stage's --seed fixes the networks' initial weights: the same seed gives the same
+    # trained model even after other code consumed or reseeded torch's global generator, and
+    # another seed gives another one.
+    import torch
+
+    def trained(seed: int, name: str, disturb: int):
+        torch.manual_seed(disturb)
+        torch.rand(disturb)  # what earlier work in the process might have drawn
+        out_dir = tmp_path / name
+        argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--out-dir", str(out_dir)]
+        assert main([*argv, "--seed", str(seed), "--model-overrides", '{"chans": 4}']) == 0
+        return torch.load(out_dir / "model.pt", weights_only=True)["state_dict"]
+
+    first, again, other = trained(0, "a", 1), trained(0, "b", 7), trained(1, "c", 1)
+    assert first.keys() == again.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
