@@ -6,9 +6,9 @@ Usage::
     python -m benchmarks.bench_models --presets dccnn_d5c5_paper dccnn_d3c5_paper --batch 4
 
 CPU runs keep freed memory in the process as ``sftkd-fastmri`` does (``--malloc default`` for
-glibc's defaults). Each preset is measured in its own process (peak memory is per process: the resident-set peak
-on CPU, ``torch.cuda.max_memory_allocated`` on GPU), one training step = forward, L1 loss,
-backward, Adam step. Throughput is batch / median step time.
+glibc's defaults). Each preset is measured in its own process (peak memory is per process:
+the resident-set peak on CPU, ``torch.cuda.max_memory_allocated`` on GPU), one training step
+= forward, L1 loss, backward, Adam step. Throughput is batch / median step time.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -290,6 +290,22 @@ class KDLoss(nn.Module):
             raise self._error(None, "a group of teacher features mixes tensors and summaries")
         return self.summarize_teacher(feats)
 
+    def _reduced_pairs(
+        self,
+        student_feats: Sequence[Tensor],
+        teacher_feats: Sequence[Feature],
+        check: Callable[[int, Tensor, Feature], None],
+        reduce: Callable[[Tensor], Tensor],
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """For losses with ``teacher_group == 1``: each checked pair as ``(reduce(student),
+        teacher reduction)``, returned as two lists."""
+        student, teacher = [], []
+        for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
+            check(k, s, t)
+            student.append(reduce(s))
+            teacher.append(self._teacher_value([t]))
+        return student, teacher
+
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """Distillation loss between paired student and teacher features.
 
@@ -463,11 +479,9 @@ class AttentionTransfer(KDLoss):
         Returns:
             Scalar loss, the mean over pairs.
         """
-        student, teacher = [], []
-        for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
-            self._check_spatial(k, s, t)
-            student.append(self._energy(s))
-            teacher.append(self._teacher_value([t]))
+        student, teacher = self._reduced_pairs(
+            student_feats, teacher_feats, self._check_spatial, self._energy
+        )
         stacked_s, stacked_t = _stacked(student), _stacked(teacher)
         if stacked_s is not None and stacked_t is not None:
             # All pairs at once: (P, B, H*W); the mean over pairs of per-pair means of equal
@@ -682,11 +696,9 @@ class _SampleRelationLoss(KDLoss):
         Returns:
             Scalar loss, the mean over pairs.
         """
-        student, teacher = [], []
-        for k, (s, t) in enumerate(self._pairs(student_feats, teacher_feats)):
-            self._check_batch_of_two(k, s)
-            student.append(self._gram(s))
-            teacher.append(self._teacher_value([t]))
+        student, teacher = self._reduced_pairs(
+            student_feats, teacher_feats, lambda k, s, t: self._check_batch_of_two(k, s), self._gram
+        )
         stacked_s, stacked_t = _stacked(student), _stacked(teacher)
         if stacked_s is not None and stacked_t is not None:  # all pairs at once: (P, B, B)
             diff = self._relation(stacked_t) - self._relation(stacked_s)

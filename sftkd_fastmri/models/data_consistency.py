@@ -79,15 +79,6 @@ def _tracing() -> bool:
     )
 
 
-def _channels_to_complex_dtype(image: Tensor) -> Tensor:
-    """``(B, C, H, W)`` real, C in {1, 2} -> ``(B, H, W)`` complex (C = 1: zero imaginary)."""
-    if image.shape[1] == 2:
-        return torch.view_as_complex(image.permute(0, 2, 3, 1).contiguous())
-    if image.shape[1] == 1:
-        return image[:, 0].to(torch.complex128 if image.dtype == torch.float64 else torch.complex64)
-    raise ValueError(f"expected an image of 1 or 2 channels (B, C, H, W), got {tuple(image.shape)}")
-
-
 def _uncentred_measurements(masked_kspace: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """Acquired k-space and sampling mask moved to the uncentred DFT layout (even sizes).
 
@@ -217,7 +208,7 @@ class DataConsistency(nn.Module):
         the image before and after every FFT, in the forward and the backward pass; the
         multi-coil case works per coil image the same way.
         """
-        x = _channels_to_complex_dtype(image)  # (B, H, W) complex
+        x = torch.view_as_complex(channels_to_complex(image).contiguous())  # (B, H, W)
         if sens_maps is None:
             coils = x.unsqueeze(1)
         else:
@@ -227,9 +218,7 @@ class DataConsistency(nn.Module):
         acquired, sampled = _uncentred_measurements(masked_kspace, mask)
         coils = torch.fft.ifft2(self._mix(estimate, acquired, sampled), norm="ortho")
         combined = coils[:, 0] if sens_maps is None else (coils * sens.conj()).sum(dim=1)
-        if self.chans == 1:
-            return combined.real.unsqueeze(1)
-        return torch.view_as_real(combined).permute(0, 3, 1, 2)
+        return complex_to_channels(torch.view_as_real(combined), self.chans)
 
     def extra_repr(self) -> str:
         return f"chans={self.chans}, mode={self.mode!r}"
