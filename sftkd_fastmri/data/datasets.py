@@ -99,6 +99,21 @@ class CheckedSliceDataset(SliceDataset):
         if len(self.raw_samples) == 0:
             raise DataError(f"data folder {root} holds no slices")
 
+    def __getitem__(self, i: int):
+        """fastMRI's slice, with errors from reading or transforming it naming the file's path
+        (fastMRI hands transforms the file name alone)."""
+        fname, dataslice = self.raw_samples[i][0], self.raw_samples[i][1]
+        try:
+            return super().__getitem__(i)
+        except DataError as err:
+            message = str(err)
+            name = Path(fname).name
+            if message.startswith(name):
+                message = str(fname) + message[len(name) :]
+            raise DataError(message) from err
+        except (OSError, KeyError) as err:  # a file changed or damaged since the scan
+            raise DataError(f"{fname} slice {dataslice}: cannot read it: {err}") from err
+
     def _retrieve_metadata(self, fname):
         check_volume(Path(fname), self._challenge, self._require_target)
         try:

@@ -1,3 +1,5 @@
+import re
+
 import fastmri
 import h5py
 import numpy as np
@@ -191,3 +193,27 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
         CheckedSliceDataset(tmp_path / "nowhere", "singlecoil")
     with pytest.raises(DataError, match=r"multicoil data must be \(slices, coils, H, W\)"):
         CheckedSliceDataset(demo_root / "singlecoil_val", "multicoil")
+
+
+def test_checked_dataset_slice_errors_name_the_path(demo_root, tmp_path):
+    src = sorted((demo_root / "singlecoil_val").glob("*.h5"))[0]
+    folder = tmp_path / "singlecoil_val"
+    folder.mkdir()
+    bad = folder / "nan.h5"
+    with h5py.File(src, "r") as hin, h5py.File(bad, "w") as hout:
+        for key in hin:
+            hout.create_dataset(key, data=hin[key][()])
+        hout.attrs.update(dict(hin.attrs))
+        kspace = hout["kspace"]
+        value = kspace[1]
+        value[0, 0] = np.nan
+        kspace[1] = value
+    transform = DCCNNDataTransform(RandomMaskFunc([0.08], [4]))
+    ds = CheckedSliceDataset(folder, "singlecoil", transform=transform)
+    ds[0]
+    with pytest.raises(DataError, match=f"^{re.escape(str(bad))} slice 1: 'kspace' holds NaN"):
+        ds[1]
+    with h5py.File(bad, "a") as h:  # damaged after the scan
+        del h["kspace"]
+    with pytest.raises(DataError, match=f"^{re.escape(str(bad))} slice 0: cannot read it"):
+        ds[0]
