@@ -52,7 +52,9 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
         raise CheckpointError(
-            f"cannot read {path} as a PyTorch checkpoint with weights_only=True: {err}"
+            f"cannot read {path} as a PyTorch checkpoint with weights_only=True (expected a "
+            f"file written by torch.save or Lightning holding tensors, numbers, strings and "
+            f"containers only; {type(err).__name__}: {err})"
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")

@@ -46,8 +46,12 @@ def test_unreadable_files(tmp_path):
         load_model(tmp_path / "nope.pt")
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match="junk.pt.*expected a file written by torch.save"):
         load_model(junk)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a whole module: needs pickle
+    with pytest.raises(CheckpointError, match="pickled.pt.*weights_only=True"):
+        load_model(pickled)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(CheckpointError, match="not a sftkd_fastmri checkpoint"):
