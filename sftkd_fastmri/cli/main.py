@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -342,6 +343,17 @@ def _tune_cpu_allocator() -> None:
         retain_freed_memory()
 
 
+def _worker_message(text: str) -> str:
+    """The original message of an error re-raised from a DataLoader worker (PyTorch wraps it
+    as ``Caught X in DataLoader worker process N.`` + the worker's traceback)."""
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, original = last.partition(": ")
+    worker = text.splitlines()[0][len("Caught ") :].rstrip(".")
+    return f"{original} ({worker.split(' in ', 1)[-1]})" if sep else text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -349,12 +361,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 1
     _tune_cpu_allocator()
+    # Lightning 2.x's own use of a torch pytree API deprecated in recent torch; nothing a user
+    # of this command can act on, printed once per run otherwise.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         # Bad input (missing files, wrong keys, mismatched checkpoints): say what, not a trace.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_worker_message(str(message))}", file=sys.stderr)
         return 2
 
 

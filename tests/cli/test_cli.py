@@ -173,6 +173,27 @@ def test_bad_input_gives_a_clear_error(tiny_demo, tmp_path, capsys):
         main(["train", "--config", str(bad_cfg), "--data-path", str(tiny_demo)])
 
 
+def test_bad_slice_in_a_dataloader_worker_gives_a_clear_error(tiny_demo, tmp_path, capsys):
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo, data)
+    volume = sorted((data / "multicoil_train").glob("*.h5"))[0]
+    with h5py.File(volume, "a") as f:
+        kspace = f["kspace"][()]
+        kspace[:] = np.nan
+        f["kspace"][...] = kspace
+    argv = ["train", *_common(data, "multicoil"), "--num-workers", "1"]
+    assert main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    last = [line for line in err.splitlines() if line.startswith("error: ")][-1]
+    assert str(volume) in last and "'kspace' holds NaN or Inf values" in last
+    assert "DataLoader worker" in last and "Traceback" not in last
+
+
 def test_parser_accepts_underscore_and_dash_flags():
     parser = build_parser()
     a = parser.parse_args(["train", "--data_path", "x", "--max-epochs", "3"])
