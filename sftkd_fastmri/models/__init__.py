@@ -1,4 +1,4 @@
-"""DC-CNN models, data-consistency layers, presets and checkpoint helpers (no Lightning)."""
+"""DC-CNN models, the VarNet cascade adapter, data-consistency layers, presets and checkpoint helpers (no Lightning)."""
 
 from .checkpoint import (
     CheckpointError,
@@ -10,14 +10,17 @@ from .checkpoint import (
 from .data_consistency import DataConsistency, sens_expand, sens_reduce
 from .dccnn import DCCNN, ConvBlock, DCCNNCascade, check_inputs
 from .registry import create_model, list_models, model_config, register_model
+from .varnet import CascadedVarNet, check_varnet_inputs
 
 __all__ = [
     "DCCNN",
+    "CascadedVarNet",
     "CheckpointError",
     "ConvBlock",
     "DCCNNCascade",
     "DataConsistency",
     "check_inputs",
+    "check_varnet_inputs",
     "create_model",
     "list_models",
     "load_model",

@@ -7,9 +7,10 @@ A cascaded reconstruction network is seen as a sequence of state updates::
     image   = model.final_image(state_N)                      # (B, H, W)
 
 :class:`~sftkd_fastmri.models.DCCNN` implements it directly (its state is the image
-``(B, C, H, W)``). Another cascaded model, e.g. fastMRI's :class:`fastmri.models.VarNet` (whose
-state would be the k-space estimate and whose sensitivity network would run in
-``initial_state``), can be served by a thin adapter implementing the same four members.
+``(B, C, H, W)``). :class:`~sftkd_fastmri.models.CascadedVarNet` serves fastMRI's
+:class:`fastmri.models.VarNet` through a thin adapter (its state is the k-space estimate and
+the coil maps its sensitivity network computes in ``initial_state``); another cascaded model
+needs the same four members.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class CascadeModel(Protocol):
         cascades: the cascades in order (an :class:`torch.nn.ModuleList`); ``len(cascades)``
             is the number ``N`` of cascades, and calling ``cascade_step(i, ...)`` must run
             ``cascades[i]`` (so forward hooks on a cascade see every use of it).
+
+    Optional: a method ``check_inputs(masked_kspace, mask, sens_maps)`` raising ``ValueError``
+    on inputs the model cannot take; the wrapper calls it before driving the cascades
+    (models without it get the DC-CNN checks, which require ``sens_maps`` for multi-coil
+    k-space).
 
     Note:
         ``isinstance(model, CascadeModel)`` works on Python 3.11, but from Python 3.12 on the

@@ -186,7 +186,7 @@ class StudentFriendlyTeacher(nn.Module):
         """
         # The training path drives the cascades directly and so bypasses the model's own input
         # checks; these catch layout errors that would otherwise surface deep inside an FFT.
-        check_inputs(masked_kspace, mask, sens_maps)
+        self._check_inputs(masked_kspace, mask, sens_maps)
         teacher_states = [self.teacher.initial_state(masked_kspace, mask, sens_maps)]
         for i in range(self.num_cascades):
             teacher_states.append(
@@ -194,6 +194,13 @@ class StudentFriendlyTeacher(nn.Module):
             )
         branches = self._run_branches(teacher_states, masked_kspace, mask, sens_maps)
         return SFTStates(teacher=teacher_states, branches=branches)
+
+    def _check_inputs(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]):
+        """Each model's own ``check_inputs`` where it has one, else the DC-CNN checks."""
+        checks = [getattr(m, "check_inputs", None) for m in (self.teacher, self.student)]
+        checks = [c for c in checks if callable(c)] or [check_inputs]
+        for check in checks:
+            check(masked_kspace, mask, sens_maps)
 
     def _run_branches(
         self,

@@ -1,0 +1,140 @@
+"""fastMRI's end-to-end VarNet seen through the cascade protocol, so that it can be a teacher or
+a student of :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`.
+
+Sriram, Zbontar, Murrell, Defazio, Zitnick, Yakubova, Knoll, Johnson, "End-to-End Variational
+Networks for Accelerated MRI Reconstruction", MICCAI 2020 (the model, fastMRI's
+:class:`fastmri.models.VarNet`, reused as it is); the unfolded-branch training it enables is
+that of Matcha et al., "SFT-KD-Recon", MIDL 2023.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import fastmri
+import torch
+from fastmri.models import VarNet
+from torch import Tensor, nn
+
+__all__ = ["CascadedVarNet", "check_varnet_inputs"]
+
+
+def check_varnet_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
+    """Check the fastMRI layout of a VarNet's inputs, with messages naming the shapes.
+
+    ``masked_kspace`` ``(B, coils, H, W, 2)``; ``mask`` ``(B, 1, 1, W, 1)`` (fastMRI's
+    sensitivity network reads the sampled centre from it per sample); ``sens_maps``, if given,
+    the k-space's shape.
+
+    Raises:
+        ValueError: On any mismatch.
+    """
+    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+        raise ValueError(
+            "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "
+            f"got {tuple(masked_kspace.shape)}"
+        )
+    batch, _, _, width, _ = masked_kspace.shape
+    if mask.ndim != 5 or mask.shape[0] != batch or mask.shape[3] != width:
+        raise ValueError(
+            f"a VarNet needs the mask as (B, 1, 1, W, 1) = (_, 1, 1, {width}, 1) with the batch "
+            f"of the k-space ({batch}), got {tuple(mask.shape)}"
+        )
+    if sens_maps is not None and sens_maps.shape != masked_kspace.shape:
+        raise ValueError(
+            f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"
+        )
+
+
+class CascadedVarNet(nn.Module):
+    """A :class:`fastmri.models.VarNet` exposed through the cascade protocol
+    (:class:`~sftkd_fastmri.sft.CascadeModel`).
+
+    Sriram et al., "End-to-End Variational Networks for Accelerated MRI Reconstruction",
+    MICCAI 2020. The network is fastMRI's own (``self.varnet``, its parameters under the
+    ``varnet.`` prefix, so a VarNet state dict loads into ``self.varnet``); this class only
+    names its stages:
+
+    * ``initial_state``: the sensitivity network's maps ``S`` (or ``sens_maps`` if given) and
+      the k-space estimate, starting at the acquired k-space;
+    * ``cascade_step(i, ...)``: VarNet block ``i`` (U-Net regulariser and soft DC);
+    * ``final_image``: root-sum-of-squares of the coil images, ``(B, H, W)``.
+
+    The state is the k-space estimate and the maps concatenated along the coil axis,
+    ``(B, 2 * coils, H, W, 2)``, so a student branch of
+    :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` that starts from a teacher state runs
+    its blocks with the *teacher's* maps. The student's own sensitivity network is therefore
+    trained in the SFT stage only by branch 0 (``train_first_student_cascade=True``, the
+    student's own forward), as its first cascade is; the distillation stage trains all of it.
+
+    The model's forward is the wrapped VarNet's forward (masks converted to ``bool``), so the
+    eval output of an SFT wrapper around two of these equals the plain teacher VarNet.
+
+    Args:
+        varnet: The network (e.g. ``VarNet(num_cascades=12)``).
+        num_low_frequencies: Passed to fastMRI's sensitivity network (``None``: read the fully
+            sampled centre from each mask).
+    """
+
+    def __init__(self, varnet: VarNet, num_low_frequencies: Optional[int] = None):
+        super().__init__()
+        if not isinstance(varnet, nn.Module) or not hasattr(varnet, "sens_net"):
+            raise TypeError(
+                f"expected a fastmri.models.VarNet (with sens_net and cascades), got "
+                f"{type(varnet).__name__}"
+            )
+        self.varnet = varnet
+        self.num_low_frequencies = num_low_frequencies
+
+    @property
+    def cascades(self) -> nn.ModuleList:
+        """The VarNet blocks (``self.varnet.cascades``)."""
+        return self.varnet.cascades
+
+    # -- cascade protocol -------------------------------------------------------------------
+    def check_inputs(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]):
+        """:func:`check_varnet_inputs` (the maps are optional: the network estimates them)."""
+        check_varnet_inputs(masked_kspace, mask, sens_maps)
+
+    def initial_state(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
+        """``(B, 2 * coils, H, W, 2)``: the acquired k-space and the coil maps."""
+        if sens_maps is None:
+            sens_maps = self.varnet.sens_net(masked_kspace, mask.bool(), self.num_low_frequencies)
+        return torch.cat([masked_kspace, sens_maps], dim=1)
+
+    def cascade_step(
+        self,
+        index: int,
+        state: Tensor,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+    ) -> Tensor:
+        """VarNet block ``index`` on the k-space half of ``state``; the maps carry over."""
+        coils = state.shape[1] // 2
+        kspace, maps = state[:, :coils], state[:, coils:]
+        kspace = self.varnet.cascades[index](kspace, masked_kspace, mask.bool(), maps)
+        return torch.cat([kspace, maps], dim=1)
+
+    def final_image(self, state: Tensor) -> Tensor:
+        """Root-sum-of-squares image ``(B, H, W)`` of the state's k-space estimate."""
+        kspace = state[:, : state.shape[1] // 2]
+        return fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(kspace)), dim=1)
+
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
+        """The VarNet's reconstruction ``(B, H, W)``; with ``sens_maps`` given, those maps
+        replace the sensitivity network's."""
+        check_varnet_inputs(masked_kspace, mask, sens_maps)
+        if sens_maps is None:
+            return self.varnet(masked_kspace, mask.bool(), self.num_low_frequencies)
+        state = self.initial_state(masked_kspace, mask, sens_maps)
+        for index in range(len(self.cascades)):
+            state = self.cascade_step(index, state, masked_kspace, mask)
+        return self.final_image(state)
+
+    def extra_repr(self) -> str:
+        return f"num_cascades={len(self.cascades)}, num_low_frequencies={self.num_low_frequencies}"

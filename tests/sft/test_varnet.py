@@ -1,0 +1,110 @@
+"""fastMRI's VarNet through the cascade protocol, as SFT teacher and student."""
+
+import fastmri
+import pytest
+import torch
+from fastmri.models import VarNet
+
+from sftkd_fastmri.models import CascadedVarNet
+from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
+
+N = 3
+
+
+def _varnet(chans: int, seed: int) -> VarNet:
+    torch.manual_seed(seed)
+    return VarNet(num_cascades=N, sens_chans=4, sens_pools=2, chans=chans, pools=2)
+
+
+def _inputs(batch=2, coils=3, h=20, w=18, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kspace = torch.randn(batch, coils, h, w, 2, generator=g)
+    lines = torch.rand(batch, 1, 1, w, 1, generator=g) < 0.4
+    lines[:, :, :, w // 2 - 2 : w // 2 + 2] = True  # fully sampled centre for the maps
+    mask = lines.float()
+    target = torch.rand(batch, h, w, generator=g)
+    return kspace * mask, mask, target
+
+
+def _pair(**kwargs):
+    teacher, student = CascadedVarNet(_varnet(8, 0)), CascadedVarNet(_varnet(4, 1))
+    return teacher, student, StudentFriendlyTeacher(teacher, student, **kwargs)
+
+
+def test_protocol_path_equals_fastmri_varnet():
+    varnet = _varnet(8, 0)
+    model = CascadedVarNet(varnet)
+    masked, mask, _ = _inputs()
+    expected = varnet(masked, mask.bool())
+    assert torch.equal(model(masked, mask), expected)
+    state = model.initial_state(masked, mask)
+    assert state.shape == (2, 6, 20, 18, 2)
+    for i in range(N):
+        state = model.cascade_step(i, state, masked, mask)
+    torch.testing.assert_close(model.final_image(state), expected, rtol=0, atol=1e-6)
+
+
+def test_given_maps_replace_the_sensitivity_network():
+    model = CascadedVarNet(_varnet(8, 0))
+    masked, mask, _ = _inputs()
+    maps = model.varnet.sens_net(masked, mask.bool())
+    torch.testing.assert_close(model(masked, mask, maps), model(masked, mask), rtol=0, atol=1e-6)
+    other = fastmri.complex_conj(maps)  # other maps, another image
+    assert not torch.allclose(model(masked, mask, other), model(masked, mask), atol=1e-4)
+
+
+def test_sft_wrapper_drives_varnets():
+    teacher, student, sft = _pair()
+    masked, mask, target = _inputs()
+    sft.eval()
+    assert torch.equal(sft(masked, mask), teacher.varnet(masked, mask.bool()))
+    sft.train()
+    out = sft(masked, mask)
+    assert len(out.branches) == N - 1
+    # branch i: teacher state after cascade i (k-space and the teacher's maps), then S_{i+1}..S_N
+    states = sft.forward_states(masked, mask)
+    for b, start in enumerate(sft.branch_starts):
+        state = states.teacher[start]
+        for k in range(start, N):
+            state = student.cascade_step(k, state, masked, mask)
+        torch.testing.assert_close(out.branches[b], student.final_image(state))
+    # the branch losses reach the teacher's first N-1 blocks and its sensitivity network, not
+    # the student's sensitivity network (no branch 0)
+    losses = SFTLoss(teacher_weight=0.0, imitation_weight=0.0)(out, target)
+    losses.total.backward()
+    for i in range(N - 1):
+        grads = [p.grad for p in teacher.cascades[i].parameters()]
+        # (block 0's DC weight multiplies acquired - acquired = 0: a zero gradient is right)
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, i
+    assert all(p.grad is None for p in teacher.cascades[N - 1].parameters())
+    assert all(p.grad is not None for p in teacher.varnet.sens_net.parameters())
+    assert all(p.grad is None for p in student.varnet.sens_net.parameters())
+
+
+def test_branch_zero_trains_the_student_sensitivity_network():
+    _, student, sft = _pair(train_first_student_cascade=True)
+    masked, mask, target = _inputs()
+    out = sft.train()(masked, mask)
+    torch.testing.assert_close(out.branches[0], student.varnet(masked, mask.bool()))
+    SFTLoss()(out, target).total.backward()
+    assert all(p.grad is not None for p in student.varnet.sens_net.parameters())
+
+
+def test_batched_branches_equal_sequential():
+    masked, mask, _ = _inputs()
+    _, _, seq = _pair(batch_branches=False)
+    _, _, bat = _pair(batch_branches=True)
+    a, b = seq.train()(masked, mask), bat.train()(masked, mask)
+    for x, y in zip(a.branches, b.branches):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused_with_the_shapes():
+    _, _, sft = _pair()
+    masked, mask, _ = _inputs()
+    with pytest.raises(ValueError, match=r"mask as \(B, 1, 1, W, 1\).*got \(1, 1, 1, 18, 1\)"):
+        sft.train()(masked, mask[:1])
+    with pytest.raises(ValueError, match=r"masked_kspace must be \(B, coils, H, W, 2\)"):
+        sft(masked[..., 0], mask)
+    with pytest.raises(TypeError, match="expected a fastmri.models.VarNet"):
+        CascadedVarNet(torch.nn.Linear(2, 2))
