@@ -282,11 +282,18 @@ class DCCNN(nn.Module):
         return f"D{c['depth']}C{c['num_cascades']}, chans={c['chans']}, in_chans={c['in_chans']}"
 
 
-def check_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
+def check_inputs(
+    masked_kspace: Tensor,
+    mask: Tensor,
+    sens_maps: Optional[Tensor],
+    *,
+    require_sens_maps: bool = True,
+) -> None:
     """Check the fastMRI layout of a cascade model's inputs, with messages naming the shapes.
 
     ``masked_kspace`` ``(B, coils, H, W, 2)``; ``mask`` broadcastable to it (e.g.
-    ``(B, 1, 1, W, 1)``); ``sens_maps`` the k-space's shape, required when ``coils > 1``.
+    ``(B, 1, 1, W, 1)``); ``sens_maps`` the k-space's shape, required when ``coils > 1``
+    unless ``require_sens_maps=False`` (a model that estimates them).
 
     Raises:
         ValueError: On any mismatch.
@@ -307,7 +314,7 @@ def check_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor
         raise ValueError(
             f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"
         )
-    if sens_maps is None and masked_kspace.shape[1] != 1:
+    if require_sens_maps and sens_maps is None and masked_kspace.shape[1] != 1:
         raise ValueError(
             f"k-space has {masked_kspace.shape[1]} coils: multi-coil data need sens_maps"
         )

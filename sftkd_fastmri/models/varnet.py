@@ -16,6 +16,8 @@ import torch
 from fastmri.models import VarNet
 from torch import Tensor, nn
 
+from .dccnn import check_inputs
+
 __all__ = ["CascadedVarNet", "check_varnet_inputs"]
 
 
@@ -29,20 +31,12 @@ def check_varnet_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional
     Raises:
         ValueError: On any mismatch.
     """
-    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
-        raise ValueError(
-            "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "
-            f"got {tuple(masked_kspace.shape)}"
-        )
+    check_inputs(masked_kspace, mask, sens_maps, require_sens_maps=False)
     batch, _, _, width, _ = masked_kspace.shape
     if mask.ndim != 5 or mask.shape[0] != batch or mask.shape[3] != width:
         raise ValueError(
             f"a VarNet needs the mask as (B, 1, 1, W, 1) = (_, 1, 1, {width}, 1) with the batch "
             f"of the k-space ({batch}), got {tuple(mask.shape)}"
-        )
-    if sens_maps is not None and sens_maps.shape != masked_kspace.shape:
-        raise ValueError(
-            f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"
         )
 
 
