@@ -49,8 +49,9 @@ class CascadedVarNet(nn.Module):
     ``varnet.`` prefix, so a VarNet state dict loads into ``self.varnet``); this class only
     names its stages:
 
-    * ``initial_state``: the sensitivity network's maps ``S`` (or ``sens_maps`` if given) and
-      the k-space estimate, starting at the acquired k-space;
+    * ``initial_state``: the coil maps of the sensitivity network (or the ``sens_maps``
+      passed in, with ``use_given_sens_maps=True``) and the k-space estimate, starting at the
+      acquired k-space;
     * ``cascade_step(i, ...)``: VarNet block ``i`` (U-Net regulariser and soft DC);
     * ``final_image``: root-sum-of-squares of the coil images, ``(B, H, W)``.
 
@@ -68,9 +69,18 @@ class CascadedVarNet(nn.Module):
         varnet: The network (e.g. ``VarNet(num_cascades=12)``).
         num_low_frequencies: Passed to fastMRI's sensitivity network (``None``: read the fully
             sampled centre from each mask).
+        use_given_sens_maps: Use the ``sens_maps`` passed to the model (e.g. the ACS estimates
+            of :class:`~sftkd_fastmri.data.DCCNNDataTransform`) instead of the sensitivity
+            network's. Default ``False``: like fastMRI's VarNet, estimate them and ignore any
+            given, so the model drops into pipelines that supply maps for DC-CNNs.
     """
 
-    def __init__(self, varnet: VarNet, num_low_frequencies: Optional[int] = None):
+    def __init__(
+        self,
+        varnet: VarNet,
+        num_low_frequencies: Optional[int] = None,
+        use_given_sens_maps: bool = False,
+    ):
         super().__init__()
         if not isinstance(varnet, nn.Module) or not hasattr(varnet, "sens_net"):
             raise TypeError(
@@ -79,6 +89,7 @@ class CascadedVarNet(nn.Module):
             )
         self.varnet = varnet
         self.num_low_frequencies = num_low_frequencies
+        self.use_given_sens_maps = bool(use_given_sens_maps)
 
     @property
     def cascades(self) -> nn.ModuleList:
@@ -94,7 +105,7 @@ class CascadedVarNet(nn.Module):
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
     ) -> Tensor:
         """``(B, 2 * coils, H, W, 2)``: the acquired k-space and the coil maps."""
-        if sens_maps is None:
+        if sens_maps is None or not self.use_given_sens_maps:
             sens_maps = self.varnet.sens_net(masked_kspace, mask.bool(), self.num_low_frequencies)
         return torch.cat([masked_kspace, sens_maps], dim=1)
 
@@ -120,10 +131,10 @@ class CascadedVarNet(nn.Module):
     def forward(
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
     ) -> Tensor:
-        """The VarNet's reconstruction ``(B, H, W)``; with ``sens_maps`` given, those maps
-        replace the sensitivity network's."""
+        """The VarNet's reconstruction ``(B, H, W)`` (with ``use_given_sens_maps``, the given
+        ``sens_maps`` replace the sensitivity network's)."""
         check_varnet_inputs(masked_kspace, mask, sens_maps)
-        if sens_maps is None:
+        if sens_maps is None or not self.use_given_sens_maps:
             return self.varnet(masked_kspace, mask.bool(), self.num_low_frequencies)
         state = self.initial_state(masked_kspace, mask, sens_maps)
         for index in range(len(self.cascades)):
@@ -131,4 +142,7 @@ class CascadedVarNet(nn.Module):
         return self.final_image(state)
 
     def extra_repr(self) -> str:
-        return f"num_cascades={len(self.cascades)}, num_low_frequencies={self.num_low_frequencies}"
+        return (
+            f"num_cascades={len(self.cascades)}, num_low_frequencies={self.num_low_frequencies}, "
+            f"use_given_sens_maps={self.use_given_sens_maps}"
+        )

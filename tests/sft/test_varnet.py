@@ -44,13 +44,20 @@ def test_protocol_path_equals_fastmri_varnet():
     torch.testing.assert_close(model.final_image(state), expected, rtol=0, atol=1e-6)
 
 
-def test_given_maps_replace_the_sensitivity_network():
-    model = CascadedVarNet(_varnet(8, 0))
+def test_given_maps_are_ignored_unless_asked_for():
+    varnet = _varnet(8, 0)
     masked, mask, _ = _inputs()
-    maps = model.varnet.sens_net(masked, mask.bool())
-    torch.testing.assert_close(model(masked, mask, maps), model(masked, mask), rtol=0, atol=1e-6)
+    maps = varnet.sens_net(masked, mask.bool())
     other = fastmri.complex_conj(maps)  # other maps, another image
-    assert not torch.allclose(model(masked, mask, other), model(masked, mask), atol=1e-4)
+    default = CascadedVarNet(varnet)
+    assert torch.equal(default(masked, mask, other), default(masked, mask))
+    assert torch.equal(
+        default.initial_state(masked, mask, other), default.initial_state(masked, mask)
+    )
+    given = CascadedVarNet(varnet, use_given_sens_maps=True)
+    torch.testing.assert_close(given(masked, mask, maps), default(masked, mask), rtol=0, atol=1e-6)
+    assert not torch.allclose(given(masked, mask, other), default(masked, mask), atol=1e-4)
+    assert torch.equal(given.initial_state(masked, mask, other)[:, 3:], other)
 
 
 def test_sft_wrapper_drives_varnets():
