@@ -105,6 +105,15 @@ class SFTModule(ReconModule):
         num_log_images: validation slices logged as images (TensorBoard only; teacher).
         output_dir: folder for test reconstructions (default: the trainer's
             ``default_root_dir``).
+        teacher: a model instance implementing the cascade protocol (e.g.
+            :class:`~sftkd_fastmri.models.CascadedVarNet` around fastMRI's VarNet) to use
+            instead of a preset; its preset is then recorded as ``None`` and its config as
+            its ``config`` attribute (``None`` where it has none, e.g. a VarNet: such a
+            checkpoint is reloaded with ``SFTModule.load_from_checkpoint(path, teacher=...,
+            student=...)``, and its networks' weights are its ``sft.teacher.*`` /
+            ``sft.student.*`` entries; :func:`~sftkd_fastmri.sft.export_sft` exports
+            DC-CNNs only).
+        student: likewise for the student.
 
     Raises:
         ValueError: ``loss`` is not ``"l1"``, ``"l2"`` or ``"mse"``, invalid loss weights, or models that
@@ -134,6 +143,8 @@ class SFTModule(ReconModule):
         student_config: Optional[Dict[str, Any]] = None,
         num_log_images: int = 4,
         output_dir: Optional[PathLike] = None,
+        teacher: Optional[nn.Module] = None,
+        student: Optional[nn.Module] = None,
     ):
         distance = _DISTANCE_ALIASES.get(loss, loss)
         if distance not in SFT_LOSSES:
@@ -152,8 +163,14 @@ class SFTModule(ReconModule):
             num_log_images=num_log_images,
             output_dir=output_dir,
         )
-        teacher = _build_model("teacher", teacher_preset, teacher_overrides, teacher_config)
-        student = _build_model("student", student_preset, student_overrides, student_config)
+        if teacher is None:
+            teacher = _build_model("teacher", teacher_preset, teacher_overrides, teacher_config)
+        else:
+            teacher_preset, teacher_overrides = None, None
+        if student is None:
+            student = _build_model("student", student_preset, student_overrides, student_config)
+        else:
+            student_preset, student_overrides = None, None
         self.sft = StudentFriendlyTeacher(
             teacher,
             student,
@@ -171,11 +188,19 @@ class SFTModule(ReconModule):
         self.val_branch_metrics = bool(val_branch_metrics)
         for param in self.unused_parameters():
             param.requires_grad_(False)
-        self.save_hyperparameters(ignore=["output_dir", "teacher_config", "student_config"])
+        self.save_hyperparameters(
+            ignore=["output_dir", "teacher_config", "student_config", "teacher", "student"]
+        )
         # The full configs, not just preset + overrides: export and reloading rebuild the
-        # networks from them even if a preset's definition changes later.
-        self.hparams["teacher_config"] = dict(teacher.config)
-        self.hparams["student_config"] = dict(student.config)
+        # networks from them even if a preset's definition changes later. Model instances
+        # record what they are (a preset of None, and their config where they have one).
+        for role, model, preset in (
+            ("teacher", teacher, teacher_preset),
+            ("student", student, student_preset),
+        ):
+            config = getattr(model, "config", None)
+            self.hparams[f"{role}_preset"] = preset
+            self.hparams[f"{role}_config"] = dict(config) if config is not None else None
 
     # -- models -----------------------------------------------------------------------------
     @property
@@ -196,22 +221,25 @@ class SFTModule(ReconModule):
     def unused_parameters(self) -> List[nn.Parameter]:
         """Parameters that no weighted SFT term reaches (frozen at construction).
 
-        The student's first cascade without branch 0 (the paper's setting); also the whole
-        student when both branch weights are 0, and the last teacher cascade when only the
-        branch reconstruction term is on (with a detached or unweighted imitation target).
+        Without branch 0 (the paper's setting) every student parameter outside the cascades
+        ``S_2 .. S_N`` that the branches run: the first cascade, and whatever the student's
+        ``initial_state`` uses (a VarNet's sensitivity network); the whole student when both
+        branch weights are 0; the last teacher cascade when only the branch reconstruction
+        term is on (with a detached or unweighted imitation target).
         """
         sft, loss = self.sft, self.sft_loss
-        modules: List[nn.Module] = []
+        unused: List[nn.Parameter] = []
         if loss.branch_weight == 0 and loss.imitation_weight == 0:
-            modules.append(sft.student)
+            unused += list(sft.student.parameters())
         elif not sft.train_first_student_cascade:
-            modules.append(sft.student.cascades[0])
+            run = {id(p) for k in sft.branch_starts for p in sft.student.cascades[k].parameters()}
+            unused += [p for p in sft.student.parameters() if id(p) not in run]
         imitation_reaches_teacher = (
             loss.imitation_weight > 0 and not loss.detach_teacher_in_imitation
         )
         if loss.teacher_weight == 0 and not imitation_reaches_teacher:
-            modules.append(sft.teacher.cascades[sft.num_cascades - 1])
-        return [p for module in modules for p in module.parameters()]
+            unused += list(sft.teacher.cascades[sft.num_cascades - 1].parameters())
+        return unused
 
     # -- forward ----------------------------------------------------------------------------
     def forward(

@@ -248,7 +248,9 @@ def _resolve_config(
             # A preset name alone would lose overrides such as chans=16 for a trained model.
             raise CheckpointError(
                 f"{where}: no config for the {role}; pass {role}_config (or {role}_preset "
-                "for an unmodified preset)"
+                "for an unmodified preset). A checkpoint of an SFTModule given a model "
+                f"instance other than a DC-CNN (e.g. a CascadedVarNet) cannot be exported as "
+                f"a DC-CNN: its {role}'s weights are the 'sft.{role}.' entries of its state_dict"
             )
         try:
             config = model_config(preset)

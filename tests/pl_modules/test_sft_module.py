@@ -286,3 +286,41 @@ def test_multicoil_step_with_branch_zero_and_batched_branches(demo_root, tmp_pat
         assert torch.isfinite(torch.as_tensor(logged[name])), name
     assert np.isfinite(module.val_metrics["branch0/psnr"])
     assert np.isfinite(module.val_metrics["psnr"])
+
+
+def test_varnet_instances_train_and_reload(demo_root, tmp_path):
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.models import CascadedVarNet, CheckpointError
+
+    def varnet(chans):
+        return CascadedVarNet(
+            VarNet(num_cascades=3, sens_chans=2, sens_pools=2, chans=chans, pools=2)
+        )
+
+    pl.seed_everything(0, verbose=False)
+    teacher, student = varnet(6), varnet(3)
+    module = SFTModule(teacher=teacher, student=student)
+    frozen = {id(p) for p in module.unused_parameters()}
+    # without branch 0 the branches run S_2..S_N with the teacher's coil maps: the student's
+    # first block and its sensitivity network get no gradient and are frozen
+    expected = list(student.cascades[0].parameters()) + list(student.varnet.sens_net.parameters())
+    assert frozen == {id(p) for p in expected}
+    assert all(not p.requires_grad for p in expected)
+    assert module.hparams["teacher_preset"] is None and module.hparams["teacher_config"] is None
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    datamodule = FastMRIDataModule(demo_root, "multicoil", batch_size=2, seed=0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    with _one_thread():
+        trainer.fit(module, datamodule=datamodule)
+    assert any(not torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert np.isfinite(module.val_metrics["psnr"]) and np.isfinite(
+        module.val_metrics["branch2/psnr"]
+    )
+    ckpt = tmp_path / "varnet_sft.ckpt"
+    trainer.save_checkpoint(ckpt)
+    reloaded = SFTModule.load_from_checkpoint(ckpt, teacher=varnet(6), student=varnet(3))
+    for k, v in module.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="no config for the teacher.*model instance"):
+        export_sft(ckpt, tmp_path / "out")
