@@ -65,6 +65,12 @@ class CascadedVarNet(nn.Module):
     The model's forward is the wrapped VarNet's forward (masks converted to ``bool``), so the
     eval output of an SFT wrapper around two of these equals the plain teacher VarNet.
 
+    After SFT, distil into fastMRI's ``VarNetModule`` (through
+    :mod:`sftkd_fastmri.pl_modules.fastmri_compat`) with the plain networks: the teacher
+    ``DistillationCallback(sft_module.teacher.varnet, ...)`` (the callback calls the teacher
+    with the student's own arguments), the student initialised with
+    ``module.varnet.load_state_dict(sft_module.student.varnet.state_dict())``.
+
     Args:
         varnet: The network (e.g. ``VarNet(num_cascades=12)``).
         num_low_frequencies: Passed to fastMRI's sensitivity network (``None``: read the fully
