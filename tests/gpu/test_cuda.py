@@ -204,3 +204,29 @@ def test_sft_stage_on_gpu(demo_root, tmp_path, challenge):
     )
     after = module.teacher.state_dict()
     assert any(not torch.equal(after[k].cpu(), v.cpu()) for k, v in teacher_before.items())
+
+
+def test_sft_with_varnets_on_cuda_matches_cpu():
+    """fastMRI's VarNet through :class:`CascadedVarNet`: batched branches on CUDA equal the
+    sequential branches on the CPU, and the gradients reach the teacher on the GPU."""
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.models import CascadedVarNet
+    from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
+
+    torch.manual_seed(0)
+
+    def varnet(chans):
+        return CascadedVarNet(
+            VarNet(num_cascades=3, sens_chans=4, sens_pools=2, chans=chans, pools=2)
+        )
+
+    sft = StudentFriendlyTeacher(varnet(8), varnet(4))
+    masked, mask, _ = _batch(4)
+    want = sft(masked, mask)
+    gpu = copy.deepcopy(sft).cuda()
+    got = gpu(*_cuda(masked, mask))
+    for g_, w in zip([got.teacher, *got.branches], [want.teacher, *want.branches]):
+        torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-4)
+    SFTLoss()(got, torch.rand_like(got.teacher)).total.backward()
+    assert all(p.grad is not None for p in gpu.teacher.varnet.sens_net.parameters())
