@@ -227,6 +227,11 @@ class DCCNN(nn.Module):
         )
 
     # -- cascade protocol -------------------------------------------------------------------
+    @property
+    def state_layout(self) -> str:
+        """What a state is (SFT pairs only models whose layouts agree)."""
+        return f"image (B, {self.in_chans}, H, W)"
+
     def initial_state(
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
     ) -> Tensor:

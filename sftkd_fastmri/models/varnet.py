@@ -97,6 +97,9 @@ class CascadedVarNet(nn.Module):
         self.num_low_frequencies = num_low_frequencies
         self.use_given_sens_maps = bool(use_given_sens_maps)
 
+    #: What a state is (SFT pairs only models whose layouts agree).
+    state_layout = "k-space and coil maps (B, 2 * coils, H, W, 2)"
+
     @property
     def cascades(self) -> nn.ModuleList:
         """The VarNet blocks (``self.varnet.cascades``)."""

@@ -43,7 +43,8 @@ class CascadeModel(Protocol):
     Optional: a method ``check_inputs(masked_kspace, mask, sens_maps)`` raising ``ValueError``
     on inputs the model cannot take; the wrapper calls it before driving the cascades
     (models without it get the DC-CNN checks, which require ``sens_maps`` for multi-coil
-    k-space).
+    k-space); an attribute ``state_layout`` (a string saying what a state is): the wrapper
+    refuses a teacher and a student whose layouts differ.
 
     Note:
         ``isinstance(model, CascadeModel)`` works on Python 3.11, but from Python 3.12 on the

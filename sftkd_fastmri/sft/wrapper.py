@@ -130,6 +130,14 @@ class StudentFriendlyTeacher(nn.Module):
                 f"teacher has in_chans={t_chans} but student has in_chans={s_chans}: a student "
                 "branch starts from a teacher state, so both need the same image channels"
             )
+        t_layout = getattr(teacher, "state_layout", None)
+        s_layout = getattr(student, "state_layout", None)
+        if t_layout is not None and s_layout is not None and t_layout != s_layout:
+            raise ValueError(
+                f"teacher ({type(teacher).__name__}) states are {t_layout} but student "
+                f"({type(student).__name__}) states are {s_layout}: a student branch starts "
+                "from a teacher state, so both need the same state layout"
+            )
         self.teacher = teacher
         self.student = student
         self.num_cascades = n_teacher

@@ -115,3 +115,11 @@ def test_bad_inputs_are_refused_with_the_shapes():
         sft(masked[..., 0], mask)
     with pytest.raises(TypeError, match="expected a fastmri.models.VarNet"):
         CascadedVarNet(torch.nn.Linear(2, 2))
+
+
+def test_a_dccnn_and_a_varnet_are_not_paired():
+    from sftkd_fastmri.models import create_model
+
+    dccnn = create_model("dccnn_d3c5", num_cascades=N, chans=4)
+    with pytest.raises(ValueError, match=r"states are image \(B, 2, H, W\) but student"):
+        StudentFriendlyTeacher(dccnn, CascadedVarNet(_varnet(4, 1)))
