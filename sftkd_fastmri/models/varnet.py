@@ -9,7 +9,7 @@ that of Matcha et al., "SFT-KD-Recon", MIDL 2023.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import fastmri
 import torch
@@ -66,9 +66,10 @@ class CascadedVarNet(nn.Module):
     eval output of an SFT wrapper around two of these equals the plain teacher VarNet.
 
     After SFT, distil into fastMRI's ``VarNetModule`` (through
-    :mod:`sftkd_fastmri.pl_modules.fastmri_compat`) with the plain networks: the teacher
-    ``DistillationCallback(sft_module.teacher.varnet, ...)`` (the callback calls the teacher
-    with the student's own arguments), the student initialised with
+    :mod:`sftkd_fastmri.pl_modules.fastmri_compat`): the teacher
+    ``DistillationCallback(sft_module.teacher, ...)`` (the callback calls the teacher with the
+    student's own arguments, which this forward also takes) or its plain
+    ``sft_module.teacher.varnet``, the student initialised with
     ``module.varnet.load_state_dict(sft_module.student.varnet.state_dict())``.
 
     Args:
@@ -138,13 +139,28 @@ class CascadedVarNet(nn.Module):
         return fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(kspace)), dim=1)
 
     def forward(
-        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Union[Tensor, int]] = None,
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> Tensor:
         """The VarNet's reconstruction ``(B, H, W)`` (with ``use_given_sens_maps``, the given
-        ``sens_maps`` replace the sensitivity network's)."""
+        ``sens_maps`` replace the sensitivity network's).
+
+        Also takes fastMRI VarNet's own arguments ``(masked_kspace, mask,
+        num_low_frequencies)``: a third argument that is not a ``(B, coils, H, W, 2)`` tensor
+        is the number of low frequencies, so the model can stand in for the VarNet it wraps
+        (e.g. as the teacher of a ``VarNetModule`` student). ``num_low_frequencies`` given
+        here overrides the constructor's.
+        """
+        if sens_maps is not None and not (isinstance(sens_maps, Tensor) and sens_maps.ndim == 5):
+            sens_maps, num_low_frequencies = None, sens_maps
+        if num_low_frequencies is None:
+            num_low_frequencies = self.num_low_frequencies
         check_varnet_inputs(masked_kspace, mask, sens_maps)
         if sens_maps is None or not self.use_given_sens_maps:
-            return self.varnet(masked_kspace, mask.bool(), self.num_low_frequencies)
+            return self.varnet(masked_kspace, mask.bool(), num_low_frequencies)
         state = self.initial_state(masked_kspace, mask, sens_maps)
         for index in range(len(self.cascades)):
             state = self.cascade_step(index, state, masked_kspace, mask)

@@ -44,6 +44,17 @@ def test_protocol_path_equals_fastmri_varnet():
     torch.testing.assert_close(model.final_image(state), expected, rtol=0, atol=1e-6)
 
 
+def test_takes_fastmri_varnet_arguments():
+    varnet = _varnet(8, 0)
+    model = CascadedVarNet(varnet)
+    masked, mask, _ = _inputs()
+    low = torch.tensor([4])  # as fastMRI collates it at its VarNet batch size of 1
+    assert torch.equal(model(masked, mask, low), varnet(masked, mask.bool(), low))
+    assert torch.equal(model(masked, mask, 2), varnet(masked, mask.bool(), 2))
+    assert not torch.allclose(model(masked, mask, 2), model(masked, mask), atol=1e-5)
+    assert torch.equal(model(masked, mask, num_low_frequencies=2), model(masked, mask, 2))
+
+
 def test_given_maps_are_ignored_unless_asked_for():
     varnet = _varnet(8, 0)
     masked, mask, _ = _inputs()
