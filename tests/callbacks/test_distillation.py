@@ -449,6 +449,39 @@ def test_varnet_module_via_compat_adapter(demo_root, tmp_path):
     assert "training_step" not in student.__dict__
 
 
+def test_cascaded_varnet_teacher_serves_a_varnet_module_student(demo_root, tmp_path):
+    """An SFT-style teacher (fastMRI's VarNet in :class:`CascadedVarNet`) is called with the
+    VarNetModule student's own arguments (``masked_kspace, mask, num_low_frequencies``)."""
+    from fastmri.data import SliceDataset
+    from fastmri.data.subsample import RandomMaskFunc
+    from fastmri.data.transforms import VarNetDataTransform
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.models import CascadedVarNet
+    from sftkd_fastmri.pl_modules import VarNetModule2
+
+    pl.seed_everything(0)
+    transform = VarNetDataTransform(RandomMaskFunc([0.08], [4]), use_seed=False)
+    dataset = SliceDataset(demo_root / "multicoil_train", "multicoil", transform=transform)
+    loader = DataLoader(dataset, batch_size=1)
+    student = VarNetModule2(num_cascades=1, chans=4, sens_chans=4, pools=2, sens_pools=2)
+    varnet = VarNet(num_cascades=2, chans=8, sens_chans=4, pools=2, sens_pools=2)
+    teacher = CascadedVarNet(varnet)
+    kd = DistillationCallback(teacher, {"imitation": 1.0})
+    recorder = Recorder(teacher)
+    trainer = _trainer(tmp_path, [kd, recorder], limit_train_batches=1)
+    trainer.fit(student, loader)
+    assert len(recorder.teacher_calls) == 1
+    logged = recorder.metrics[0]
+    # the imitation term is the L1 distance to the wrapped VarNet's own output
+    batch = next(iter(loader))
+    with torch.no_grad():
+        want = varnet(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+        got = teacher(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+    assert torch.equal(got, want)
+    assert torch.isfinite(torch.as_tensor(logged["kd/imitation_step"]))
+
+
 class _Weights(pl.Callback):
     """Keeps rank 0's final student and KD-regressor weights (ddp_spawn runs in children)."""
 
