@@ -1,4 +1,5 @@
-"""DC-CNN models, the VarNet cascade adapter, data-consistency layers, presets and checkpoint helpers (no Lightning)."""
+"""DC-CNN models, the VarNet cascade adapter, data-consistency layers, presets and checkpoint
+helpers (no Lightning)."""
 
 from .checkpoint import (
     CheckpointError,

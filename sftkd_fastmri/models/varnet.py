@@ -58,7 +58,8 @@ class CascadedVarNet(nn.Module):
     The state is the k-space estimate and the maps concatenated along the coil axis,
     ``(B, 2 * coils, H, W, 2)``, so a student branch of
     :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` that starts from a teacher state runs
-    its blocks with the *teacher's* maps. The student's own sensitivity network is therefore
+    its blocks with the *teacher's* maps. Carrying the maps costs one copy of them per cascade
+    (the state is rebuilt by concatenation), small beside a block's FFTs and U-Net. The student's own sensitivity network is therefore
     trained in the SFT stage only by branch 0 (``train_first_student_cascade=True``, the
     student's own forward), as its first cascade is; the distillation stage trains all of it.
 
@@ -107,9 +108,8 @@ class CascadedVarNet(nn.Module):
         return self.varnet.cascades
 
     # -- cascade protocol -------------------------------------------------------------------
-    def check_inputs(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]):
-        """:func:`check_varnet_inputs` (the maps are optional: the network estimates them)."""
-        check_varnet_inputs(masked_kspace, mask, sens_maps)
+    #: The protocol's input check: :func:`check_varnet_inputs` (maps optional).
+    check_inputs = staticmethod(check_varnet_inputs)
 
     def initial_state(
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
