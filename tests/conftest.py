@@ -21,3 +21,24 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     write_demo_data(root, seed=0, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def mixed_root(tmp_path_factory):
+    """fastMRI-layout splits whose volumes differ in k-space width (24 and 28 columns) and,
+    multi-coil, in coil count (4 and 3), as fastMRI's knee and brain volumes do. Per split:
+    two volumes of the first shape and one of the second, 3 slices each."""
+    import shutil
+
+    from sftkd_fastmri.data.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("mixed_shapes")
+    common = dict(slices_per_volume=3, progress=False, backend="phantom")
+    write_demo_data(root, seed=0, image_size=(32, 24), num_coils=4, volumes_per_split=2, **common)
+    other = tmp_path_factory.mktemp("mixed_shapes_other")
+    write_demo_data(other, seed=1, image_size=(32, 28), num_coils=3, volumes_per_split=1, **common)
+    for split in other.iterdir():
+        if split.is_dir():
+            for volume in split.iterdir():
+                shutil.copy(volume, root / split.name / f"wide_{volume.name}")
+    return root

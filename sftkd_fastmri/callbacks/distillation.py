@@ -60,6 +60,12 @@ Logged every training step (and as epoch means): ``kd/{name}`` (unweighted terms
 ``kd/total`` (their weighted sum), ``kd/recon`` (the module's loss), ``kd/loss`` (what is
 optimised) and ``kd/stage`` (1 = distillation, 2 = reconstruction only).
 
+SP and CC relate the samples of a batch to each other and are undefined on one sample (the last
+batch of an epoch, or of a k-space shape, when the slice count leaves a remainder of 1): such a
+step leaves them out (a warning, once per loss) and trains with the other terms; a two-stage
+KD-only step with no term left is skipped (under DDP it returns a zero loss, so every rank
+still runs its backward).
+
 Student initialisation (from the SFT stage's exported student, or from scratch) belongs to the
 module: ``DCCNNModule(model_preset=..., init_checkpoint=path, init_checkpoint_prefix=...)``.
 """
@@ -234,6 +240,7 @@ class DistillationCallback(Callback):
         self._had_instance_step = False
         self._teacher_device: Optional[torch.device] = None
         self._warned_train_mode = False
+        self._warned_skipped: set = set()
 
     # -- schedule ---------------------------------------------------------------------------
     def stage_at(self, epoch: int) -> int:
@@ -418,12 +425,20 @@ class DistillationCallback(Callback):
                     f"{type(pl_module).__name__}.training_step must return a loss tensor or a "
                     f"dict with 'loss' for DistillationCallback, got {type(output).__name__}"
                 )
-            kd = distiller()
+            kd = distiller(skip_small_batches=True)
             batch_size = _batch_size(kd.teacher_output)
         finally:
             distiller.end_step()
         two_stage_kd = self.schedule == "two_stage"
-        loss = kd.total if two_stage_kd else recon + kd.total
+        if kd.skipped:
+            self._warn_skipped(kd.skipped, batch_size)
+            if two_stage_kd and not kd.terms and trainer.world_size == 1:
+                return None  # a KD-only step with no KD term defined: skip the batch
+            # (under DDP every rank must run its backward: the step's loss is a zero then)
+        if two_stage_kd:
+            loss = kd.total if kd.terms else recon * 0.0
+        else:
+            loss = recon + kd.total
         for name, term in kd.terms.items():
             pl_module.log(f"kd/{name}", term.detach(), batch_size=batch_size, **log)
         pl_module.log(
@@ -437,6 +452,18 @@ class DistillationCallback(Callback):
             output["loss"] = loss
             return output
         return loss
+
+    def _warn_skipped(self, names: Sequence[str], batch_size: Optional[int]) -> None:
+        new = [name for name in names if name not in self._warned_skipped]
+        if new:
+            self._warned_skipped.update(new)
+            rank_zero_warn(
+                f"KD loss(es) {', '.join(new)} left out of a training step with a batch of "
+                f"{batch_size} sample(s): they relate the samples of a batch to each other and "
+                "need at least 2 (such a batch is the last of an epoch, or of a k-space shape, "
+                "when the slice count leaves a remainder of 1); the step trains with the other "
+                "terms. Warned once per loss."
+            )
 
 
 def _batch_size(output: Any) -> Optional[int]:

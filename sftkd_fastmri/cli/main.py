@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from .._io import atomic_write_text
 from .options import add_options, load_config, mapping_option, resolve
 
 DESCRIPTION = """\
@@ -31,6 +32,7 @@ Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{trai
 """
 
 TRAIN_GROUPS = ("data", "optim", "trainer", "runtime")
+STUDENT_PRESET = "dccnn_d3c5"  # the model `distill` trains unless told otherwise
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +126,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"))
     if "model" not in vars(args) and "model" not in load_config(args.config):
-        cfg["model"] = "dccnn_d3c5"  # distillation trains a student
+        cfg["model"] = STUDENT_PRESET  # distillation trains a student
     result = run_distill(cfg)
     print(f"best checkpoint: {result.best_checkpoint}\nstudent export:  {result.exports['model']}")
     return 0
@@ -142,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(result.table())
     if out_dir is not None:
         rows = [m.as_dict() for m in result.metrics]
-        (out_dir / "metrics.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=2))
         print(f"reconstructions and metrics.json in {out_dir}")
     return 0
 
@@ -281,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distil a teacher into a student (AT, FitNets, FSP, SP, CC, output imitation)",
     )
     _add_config(p)
-    add_options(p, ("distill", "model") + TRAIN_GROUPS)
+    add_options(p, ("distill", "model") + TRAIN_GROUPS, shown_defaults={"model": STUDENT_PRESET})
     _add_distill_short_forms(p)
 
     p = command(

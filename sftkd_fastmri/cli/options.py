@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import yaml
 
@@ -192,16 +192,24 @@ GROUPS: Dict[str, List[Option]] = {
 OPTIONS: Dict[str, Option] = {o.name: o for group in GROUPS.values() for o in group}
 
 
-def add_options(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
+def add_options(
+    parser: argparse.ArgumentParser,
+    groups: Iterable[str],
+    shown_defaults: Optional[Mapping[str, Any]] = None,
+) -> None:
     """Add the options of ``groups`` to ``parser`` with SUPPRESS defaults, so only flags the
-    user typed appear in the namespace (the rest come from the config file or defaults)."""
+    user typed appear in the namespace (the rest come from the config file or defaults).
+    ``shown_defaults`` replaces the default the help shows for a command that applies its own
+    (``distill`` trains a ``dccnn_d3c5`` student by default)."""
+    shown_defaults = dict(shown_defaults or {})
     for group_name in groups:
         group = parser.add_argument_group(group_name)
         for opt in GROUPS[group_name]:
             flags = [f"--{opt.name.replace('_', '-')}"]
             if "_" in opt.name:
                 flags.append(f"--{opt.name}")
-            default_text = "" if opt.default in (None, {}) else f" (default: {opt.default})"
+            default = shown_defaults.get(opt.name, opt.default)
+            default_text = "" if default in (None, {}) else f" (default: {default})"
             kwargs: Dict[str, Any] = dict(
                 dest=opt.name, default=argparse.SUPPRESS, help=opt.help + default_text
             )

@@ -1,5 +1,6 @@
 """Data path: fastMRI transforms, mask functions, checked dataset reader, demo data."""
 
+from .batching import ShapeBatchSampler, slice_shapes
 from .datasets import CheckedSliceDataset, check_volume, split_dir
 from .demo import DemoDataInfo, write_demo_data
 from .masks import MASK_TYPES, FixedMaskFunc, create_mask_func, num_low_frequencies_of
@@ -16,6 +17,7 @@ __all__ = [
     "FixedMaskFunc",
     "DemoDataInfo",
     "HoldoutSplit",
+    "ShapeBatchSampler",
     "check_volume",
     "create_mask_func",
     "crop_readout",
@@ -23,6 +25,7 @@ __all__ = [
     "holdout_split",
     "model_inputs",
     "num_low_frequencies_of",
+    "slice_shapes",
     "split_dir",
     "write_demo_data",
 ]

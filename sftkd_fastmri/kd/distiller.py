@@ -89,11 +89,14 @@ class KDOutput:
             parameters).
         terms: Unweighted scalar term of each loss, by name.
         teacher_output: The teacher's output for the step (no gradients).
+        skipped: Losses left out of this step because its batch is smaller than they are
+            defined on (``skip_small_batches=True``; SP and CC on a batch of one sample).
     """
 
     total: Tensor
     terms: Dict[str, Tensor]
     teacher_output: Any = None
+    skipped: Tuple[str, ...] = ()
 
 
 class Distiller(nn.Module):
@@ -413,12 +416,20 @@ class Distiller(nn.Module):
                 out.append(TeacherSummary(value if pos % loss.teacher_group == 0 else None, shape))
         return out
 
-    def compute_terms(self) -> Dict[str, Tensor]:
-        """Unweighted KD term of every loss from the features recorded in this step."""
+    def compute_terms(self, skip_small_batches: bool = False) -> Dict[str, Tensor]:
+        """Unweighted KD term of every loss from the features recorded in this step.
+
+        Args:
+            skip_small_batches: Leave out a loss whose batch is smaller than its
+                :attr:`~sftkd_fastmri.kd.KDLoss.min_batch_size` (SP and CC on one sample)
+                instead of raising its error.
+        """
         self._require_attached()
         terms = {}
         for name, pairs in self.pairings.items():
             student_feats = [self._student_capture[s] for s, _ in pairs]
+            if skip_small_batches and _batch_of(student_feats) < self.losses[name].min_batch_size:
+                continue
             if name in self._summarized:
                 teacher_feats = self._teacher_summaries(name, pairs)
             else:
@@ -430,18 +441,44 @@ class Distiller(nn.Module):
         """``sum(weight * term)`` over ``terms``."""
         return sum(self.weights[name] * term for name, term in terms.items())
 
-    def forward(self) -> KDOutput:
+    def forward(self, skip_small_batches: bool = False) -> KDOutput:
         """Teacher forward on the student's arguments, then the weighted KD loss.
 
         Call after the student's forward, inside :meth:`step` (or after :meth:`begin_step`).
+
+        Args:
+            skip_small_batches: Leave out losses not defined on this step's batch size (SP and
+                CC on one sample; listed in :attr:`KDOutput.skipped`) instead of raising. If
+                every loss is left out, the total is a zero without gradient.
 
         Returns:
             :class:`KDOutput` with the weighted total, the unweighted terms and the teacher's
             output.
         """
         teacher_output = self.run_teacher()
-        terms = self.compute_terms()
-        return KDOutput(self.weighted_total(terms), terms, teacher_output)
+        terms = self.compute_terms(skip_small_batches)
+        skipped = tuple(name for name in self.pairings if name not in terms)
+        if terms:
+            total = self.weighted_total(terms)
+        else:
+            total = _zero_like(teacher_output)
+        return KDOutput(total, terms, teacher_output, skipped)
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, pairings={ {k: len(v) for k, v in self.pairings.items()} }"
+
+
+def _batch_of(feats: Sequence[Any]) -> int:
+    """Batch size of the first tensor feature (a large number when there is none, so that
+    nothing is skipped and the loss reports the problem itself)."""
+    for feat in feats:
+        if isinstance(feat, Tensor) and feat.dim() > 0:
+            return int(feat.shape[0])
+    return 1 << 30
+
+
+def _zero_like(output: Any) -> Tensor:
+    """A scalar zero on the device of the teacher's output."""
+    if isinstance(output, Tensor):
+        return output.new_zeros((), dtype=torch.float32)
+    return torch.zeros(())

@@ -256,11 +256,14 @@ class KDLoss(nn.Module):
         requires_4d: Whether every feature must be a ``(B, C, H, W)`` tensor.
         teacher_group: 0 (the loss needs the teacher features themselves), or how many
             consecutive teacher features :meth:`summarize_teacher` reduces at once.
+        min_batch_size: The smallest batch the loss is defined on (2 for losses that relate
+            the samples of a batch to each other).
     """
 
     name: ClassVar[str] = ""
     requires_4d: ClassVar[bool] = True
     teacher_group: ClassVar[int] = 0
+    min_batch_size: ClassVar[int] = 1
 
     @property
     def defers_gradients(self) -> bool:
@@ -673,6 +676,7 @@ class _SampleRelationLoss(KDLoss):
     """
 
     teacher_group = 1
+    min_batch_size = 2
 
     def summarize_teacher(self, teacher_feats: Sequence[Tensor]) -> Tensor:
         """The teacher's ``(B, B)`` sample Gram matrix (turned into the relation matrix in

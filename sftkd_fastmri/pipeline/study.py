@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
+from .._io import atomic_write_text
 from ..evaluation import evaluate_model
 from ..evaluation.profile import profile_model
 from ..evaluation.report import ModelEntry, Report, build_report, write_report
@@ -246,7 +247,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     report = build_report(entries, meta)
     files = dict(write_report(report, out_dir))
     files.update(_figures(report, entries, recons, loader, out_dir))
-    (out_dir / "stages.log").write_text("\n".join(log) + "\n")
+    atomic_write_text(out_dir / "stages.log", "\n".join(log) + "\n")
     return StudyResult(report, out_dir, files)
 
 

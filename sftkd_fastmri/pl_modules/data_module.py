@@ -18,9 +18,16 @@ import pytorch_lightning as pl
 import torch
 from fastmri.data import VolumeSampler
 from fastmri.data.mri_data import fetch_dir as _fastmri_fetch_dir
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from ..data import CheckedSliceDataset, DCCNNDataTransform, create_mask_func, split_dir
+from ..data import (
+    CheckedSliceDataset,
+    DCCNNDataTransform,
+    ShapeBatchSampler,
+    create_mask_func,
+    slice_shapes,
+    split_dir,
+)
 from ..data.datasets import TARGET_KEYS
 
 __all__ = ["FastMRIDataModule", "fetch_dir", "split_has_targets"]
@@ -87,7 +94,10 @@ class FastMRIDataModule(pl.LightningDataModule):
         fixed_mask: one mask for every slice (the SFT-KD-Recon protocol).
         mask_path: ``.npy`` 1-D fixed mask (overrides the mask arguments).
         seed: seed of the training masks and of the fixed mask.
-        batch_size: batch size of every loader.
+        batch_size: batch size of every loader. Where a split holds volumes of several
+            shapes (fastMRI knee widths, brain coil counts and matrix sizes), each batch takes
+            slices of one shape (:class:`~sftkd_fastmri.data.ShapeBatchSampler`); a shape's
+            last batch of an epoch may be smaller.
         num_workers: DataLoader workers.
         sample_rate: fraction of training slices to use (``None``: all).
         kspace_from_target: build single-coil k-space from the target magnitude (the paper's
@@ -218,15 +228,31 @@ class FastMRIDataModule(pl.LightningDataModule):
                 if training
                 else VolumeSampler(dataset, shuffle=False)
             )
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        shapes = self.batch_shapes(stage) if self.batch_size > 1 else None
+        if shapes is not None and len(set(shapes)) > 1:
+            # Volumes of several shapes (fastMRI knee widths, brain coil counts): batches of
+            # one shape each, or the default collate fails on the first mixed batch.
+            if sampler is None:
+                sampler = RandomSampler(dataset) if training else SequentialSampler(dataset)
+            batches = ShapeBatchSampler(sampler, self.batch_size, drop_last=False, shapes=shapes)
+            return DataLoader(dataset, batch_sampler=batches, **workers)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=training and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             drop_last=False,
+            **workers,
         )
+
+    def batch_shapes(self, stage: str) -> list:
+        """Shape key of every slice of ``stage``'s dataset: slices with equal keys give
+        samples that stack into one batch (see :class:`~sftkd_fastmri.data.ShapeBatchSampler`)."""
+        shapes = slice_shapes(self.dataset(stage))
+        if self.kspace_from_target:  # k-space is computed from the target: its shape decides
+            return [target for _, target in shapes]
+        return shapes
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

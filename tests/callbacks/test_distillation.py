@@ -524,3 +524,33 @@ def test_ddp_two_processes_joint_then_two_stage(tmp_path):
     assert any(not torch.equal(state[f"model.{k}"], v) for k, v in student_before.items())
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, teacher_before[k])
+
+
+def test_relational_losses_skip_single_sample_batches_with_one_warning(tmp_path):
+    # 5 samples in batches of 2: the last batch holds one sample, on which SP is undefined.
+    student, teacher = _nets()
+    kd = DistillationCallback(teacher, {"sp": 1.0, "imitation": 1.0})
+    recorder = Recorder(teacher)
+    with pytest.warns(UserWarning, match=r"sp left out of a training step with a batch of 1") as w:
+        _trainer(tmp_path, [kd, recorder], max_epochs=2).fit(
+            ToyRecon(student), _loader(n=5, batch_size=2)
+        )
+    assert sum("left out of a training step" in str(x.message) for x in w) == 1
+    assert len(recorder.losses) == 6  # every batch trained, the single-sample one included
+    last = recorder.metrics[-1]  # the single-sample step: recon + imitation alone
+    assert recorder.losses[-1] == pytest.approx(last["kd/recon_step"] + last["kd/imitation_step"])
+
+
+def test_two_stage_kd_only_step_without_a_defined_term_is_skipped(tmp_path):
+    student, teacher = _nets()
+    kd = DistillationCallback(teacher, {"sp": 1.0}, schedule="two_stage", kd_epochs=1)
+    skipped = []
+
+    class Outputs(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            skipped.append("loss" not in (outputs or {}))
+
+    trainer = _trainer(tmp_path, [kd, Outputs()], max_epochs=1)
+    with pytest.warns(UserWarning, match="left out"):
+        trainer.fit(ToyRecon(student), _loader(n=5, batch_size=2))
+    assert skipped == [False, False, True]  # the single-sample batch gets no KD-only step

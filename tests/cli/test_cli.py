@@ -250,3 +250,37 @@ def test_seed_sets_the_initial_weights_whatever_ran_before(tiny_demo, tmp_path):
     for key in first:
         torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_volumes_of_several_shapes_train_distill_and_evaluate_in_batches(mixed_root, tmp_path):
+    # fastMRI data mixes k-space widths and coil counts; batches above 1 used to fail in the
+    # collate. Evaluation must not depend on how slices are batched.
+    import h5py
+    import numpy as np
+
+    common = ["--data-path", str(mixed_root), "--challenge", "multicoil", "--progress", "false"]
+    tiny = ["--max-epochs", "1", "--accelerator", "cpu", "--batch-size", "4"]
+    train_dir = tmp_path / "train"
+    argv = ["train", *common, *tiny, "--model", "dccnn_d3c5", "--out-dir", str(train_dir)]
+    assert main([*argv, "--model-overrides", '{"chans": 4}']) == 0
+    model = str(train_dir / "model.pt")
+    kd = ["distill", *common, *tiny, "--teacher", model, "--method", "sp", "--method", "at"]
+    kd += ["--model-overrides", '{"chans": 4}', "--out-dir", str(tmp_path / "kd")]
+    assert main(kd) == 0
+
+    results = {}
+    for batch in ("1", "4"):
+        out = tmp_path / f"eval{batch}"
+        argv = ["evaluate", *common, "--checkpoint", model, "--split", "test_full"]
+        assert main([*argv, "--batch-size", batch, "--eval-out-dir", str(out)]) == 0
+        rows = json.loads((out / "metrics.json").read_text())
+        results[batch] = (rows, sorted(p.name for p in (out / "reconstructions").glob("*.h5")))
+    rows, files = results["4"]
+    assert len(rows) == len(files) == 3  # every volume, of both shapes
+    assert rows == results["1"][0] and files == results["1"][1]
+    for name in files:
+        with h5py.File(tmp_path / "eval1" / "reconstructions" / name, "r") as a:
+            with h5py.File(tmp_path / "eval4" / "reconstructions" / name, "r") as b:
+                np.testing.assert_allclose(
+                    a["reconstruction"][()], b["reconstruction"][()], atol=1e-6
+                )

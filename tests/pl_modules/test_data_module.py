@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch.utils.data import BatchSampler, RandomSampler
 
+from sftkd_fastmri.data import ShapeBatchSampler
 from sftkd_fastmri.pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
 
@@ -90,6 +95,30 @@ def test_multicoil_batches_carry_sensitivities(demo_root):
     assert kspace.ndim == 5 and kspace.shape[1] > 1 and batch.sens_maps.shape == kspace.shape
 
 
+@pytest.mark.parametrize("challenge", ["singlecoil", "multicoil"])
+def test_volumes_of_several_shapes_are_batched_by_shape(mixed_root, challenge):
+    # fastMRI knee widths and brain coil counts differ between volumes: every batch must stack,
+    # and every slice of a split must still come exactly once.
+    data = FastMRIDataModule(mixed_root, challenge, batch_size=2, kspace_from_target=False)
+    data.setup("fit")
+    for loader in (data.train_dataloader(), data.val_dataloader(), data.test_dataloader()):
+        assert isinstance(loader.batch_sampler, ShapeBatchSampler)
+        slices, widths = [], set()
+        for batch in loader:
+            slices += [(f, int(s)) for f, s in zip(batch.fname, batch.slice_num)]
+            widths.add(batch.masked_kspace.shape[-2])
+        expected = [(sample[0].name, sample[1]) for sample in loader.dataset.raw_samples]
+        assert len(expected) == 9 and sorted(slices) == sorted(expected)
+        assert widths == {24, 28}
+    assert isinstance(data.train_dataloader().batch_sampler.sampler, RandomSampler)
+
+
+def test_one_shape_keeps_pytorchs_batching(demo_root):
+    data = FastMRIDataModule(demo_root, "singlecoil", batch_size=4)
+    assert type(data.train_dataloader().batch_sampler) is BatchSampler
+    assert type(data.val_dataloader().batch_sampler) is BatchSampler
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="challenge"):
         FastMRIDataModule("x", "dualcoil")
@@ -107,3 +136,63 @@ def test_fetch_dir(tmp_path):
     with pytest.raises(FileNotFoundError):
         fetch_dir("knee_path", missing)
     assert not missing.exists()  # fastMRI would have written a placeholder template
+
+
+class _SeenSlices(pl.Callback):
+    """Writes, per rank, the sampler in use and the training slices of every step."""
+
+    def __init__(self, out_dir) -> None:
+        self.out_dir = out_dir
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append([[f, int(s)] for f, s in zip(batch.fname, batch.slice_num)])
+
+    def on_train_end(self, trainer, pl_module):
+        loader = trainer.train_dataloader
+        record = {
+            "sampler": type(loader.batch_sampler.sampler).__name__,
+            "batch_sampler": type(loader.batch_sampler).__name__,
+            "steps": self.steps,
+        }
+        path = self.out_dir / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("own_sampler", [False, True])
+def test_ddp_ranks_run_equal_steps_over_volumes_of_several_shapes(
+    mixed_root, tmp_path, own_sampler
+):
+    """2 CPU processes: Lightning's injected DistributedSampler (or the data module's own)
+    under the shape batch sampler; unequal step counts per rank would hang the run."""
+    from sftkd_fastmri.pl_modules import DCCNNModule
+
+    data = FastMRIDataModule(
+        mixed_root, "singlecoil", batch_size=2, distributed_sampler=own_sampler
+    )
+    module = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4, "num_cascades": 2})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=not own_sampler,
+        default_root_dir=tmp_path,
+        callbacks=[_SeenSlices(tmp_path)],
+    )
+    trainer.fit(module, datamodule=data)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in ranks:
+        assert record["batch_sampler"] == "ShapeBatchSampler"
+        assert record["sampler"] == "DistributedSampler"
+    steps = [record["steps"] for record in ranks]
+    # 6 slices of one shape, 3 of the other: batches 2+2+2 and 2+1, padded to 6 for 2 ranks
+    assert len(steps[0]) == len(steps[1]) == 3
+    seen = {tuple(s) for rank in steps for batch in rank for s in batch}
+    assert len(seen) == 9  # every training slice on some rank

@@ -1,0 +1,102 @@
+"""ShapeBatchSampler: batches of one k-space shape, every slice once, DDP-equal batch counts."""
+
+from __future__ import annotations
+
+import h5py
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
+
+from sftkd_fastmri.data import CheckedSliceDataset, ShapeBatchSampler, slice_shapes
+
+SHAPES = ["a"] * 7 + ["b"] * 5 + ["c"] * 2  # 14 indices, three shapes
+
+
+def _random(n, seed):
+    return RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+
+
+def _check_partition(batches, shapes, batch_size):
+    seen = [i for batch in batches for i in batch]
+    assert sorted(seen) == list(range(len(shapes)))  # every index exactly once
+    for batch in batches:
+        assert 1 <= len(batch) <= batch_size
+        assert len({shapes[i] for i in batch}) == 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 4, 20])
+def test_batches_hold_one_shape_and_every_index_once(batch_size):
+    sampler = ShapeBatchSampler(_random(len(SHAPES), 0), batch_size, shapes=SHAPES)
+    batches = list(sampler)
+    _check_partition(batches, SHAPES, batch_size)
+    assert len(sampler) == len(batches)
+    # one partial batch per shape at most: ceil(7/b) + ceil(5/b) + ceil(2/b)
+    assert len(batches) == sum(-(-n // batch_size) for n in (7, 5, 2))
+
+
+def test_order_follows_the_sampler_and_drop_last_drops_partial_batches():
+    sampler = ShapeBatchSampler(SequentialSampler(range(len(SHAPES))), 3, shapes=SHAPES)
+    # full batches as they fill; partial ones at the end, in the order their shapes appeared
+    assert list(sampler) == [[0, 1, 2], [3, 4, 5], [7, 8, 9], [6], [10, 11], [12, 13]]
+    interleaved = ["a", "b", "a", "b", "a", "a", "b"]
+    got = list(ShapeBatchSampler(SequentialSampler(range(7)), 2, shapes=interleaved))
+    assert got == [[0, 2], [1, 3], [4, 5], [6]]
+    dropped = ShapeBatchSampler(SequentialSampler(range(7)), 2, drop_last=True, shapes=interleaved)
+    assert list(dropped) == [[0, 2], [1, 3], [4, 5]] and len(dropped) == 3
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_one_shape_gives_pytorchs_batches(drop_last):
+    for seed in (0, 1):
+        ours = ShapeBatchSampler(_random(10, seed), 4, drop_last, shapes=["x"] * 10)
+        theirs = BatchSampler(_random(10, seed), 4, drop_last)
+        assert list(ours) == list(theirs) and len(ours) == len(theirs)
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 5])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_distributed_ranks_get_equal_batch_counts_covering_every_index(replicas, shuffle):
+    data = list(range(len(SHAPES)))
+    per_rank = []
+    for rank in range(replicas):
+        dist = DistributedSampler(data, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=3)
+        sampler = ShapeBatchSampler(dist, 4, shapes=SHAPES)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        per_rank.append(batches)
+    assert len({len(b) for b in per_rank}) == 1  # every rank runs the same number of steps
+    everything = [batch for batches in per_rank for batch in batches]
+    for batch in everything:
+        assert len({SHAPES[i] for i in batch}) == 1
+    assert {i for batch in everything for i in batch} == set(data)
+    # padding repeats whole batches only as far as needed to even out the ranks
+    assert len(everything) - sum(-(-n // 4) for n in (7, 5, 2)) < replicas
+
+
+def test_distributed_order_changes_with_the_epoch_like_distributed_sampler():
+    data = list(range(len(SHAPES)))
+    dist = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=0)
+    sampler = ShapeBatchSampler(dist, 3, shapes=SHAPES)
+    first, again = list(sampler), list(sampler)
+    dist.set_epoch(1)  # what Lightning calls on batch_sampler.sampler every epoch
+    assert first == again and list(sampler) != first
+
+
+def test_shapes_are_read_from_the_dataset(mixed_root):
+    folder = mixed_root / "multicoil_train"
+    dataset = CheckedSliceDataset(folder, "multicoil")
+    shapes = slice_shapes(dataset)
+    assert len(shapes) == len(dataset.raw_samples) == 9
+    for (fname, _, _), key in zip(dataset.raw_samples, shapes):
+        with h5py.File(fname, "r") as hf:
+            assert key == (hf["kspace"].shape[1:], hf["reconstruction_rss"].shape[1:])
+    assert len(set(shapes)) == 2
+    assert slice_shapes(dataset) is shapes  # cached
+    # as Lightning re-creates a custom batch sampler around its DistributedSampler:
+    rebuilt = ShapeBatchSampler(DistributedSampler(dataset, num_replicas=2, rank=1), 4)
+    assert rebuilt.shapes == shapes
+
+
+def test_a_dataset_without_shapes_is_refused_clearly():
+    with pytest.raises(TypeError, match="pass shapes="):
+        ShapeBatchSampler(SequentialSampler(range(4)), 2)

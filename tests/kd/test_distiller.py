@@ -1,0 +1,55 @@
+"""Distiller: losses not defined on a step's batch size are left out on request."""
+
+from __future__ import annotations
+
+import fastmri
+import pytest
+import torch
+
+from sftkd_fastmri.kd import Distiller, available_losses, create_loss
+from sftkd_fastmri.models import create_model
+
+H, W = 12, 10
+
+
+def _inputs(batch: int):
+    g = torch.Generator().manual_seed(batch)
+    image = torch.randn(batch, 1, H, W, 2, generator=g)
+    mask = torch.zeros(batch, 1, 1, W, 1, dtype=torch.bool)
+    mask[..., ::2, :] = True
+    return fastmri.fft2c(image) * mask, mask
+
+
+def _kd(losses, batch: int, **options):
+    torch.manual_seed(0)
+    student = create_model("dccnn_d3c5", chans=4, num_cascades=2)
+    teacher = create_model("dccnn_d5c5", chans=4, num_cascades=2)
+    with Distiller(student, teacher, losses) as distiller:
+        with distiller.step():
+            student(*_inputs(batch))
+            return distiller(**options)
+
+
+def test_min_batch_size_of_each_loss():
+    sizes = {name: create_loss(name).min_batch_size for name in available_losses()}
+    assert sizes == {"at": 1, "cc": 2, "fitnet": 1, "fsp": 1, "imitation": 1, "sp": 2}
+
+
+def test_relational_losses_are_left_out_of_single_sample_steps_on_request():
+    losses = {"sp": 1.0, "cc": 0.5, "imitation": 2.0}
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        _kd(losses, batch=1)
+    kd = _kd(losses, batch=1, skip_small_batches=True)
+    assert kd.skipped == ("sp", "cc") and set(kd.terms) == {"imitation"}
+    torch.testing.assert_close(kd.total, 2.0 * kd.terms["imitation"])
+    assert kd.total.requires_grad
+    # a batch of two: nothing left out, same result as without the option
+    full, plain = _kd(losses, batch=2, skip_small_batches=True), _kd(losses, batch=2)
+    assert full.skipped == () and set(full.terms) == set(losses)
+    torch.testing.assert_close(full.total, plain.total)
+
+
+def test_every_loss_left_out_gives_a_zero_total():
+    kd = _kd({"sp": 1.0}, batch=1, skip_small_batches=True)
+    assert kd.skipped == ("sp",) and kd.terms == {}
+    assert kd.total.item() == 0.0 and kd.total.dim() == 0
