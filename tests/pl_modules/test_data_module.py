@@ -152,6 +152,7 @@ class _SeenSlices(pl.Callback):
         loader = trainer.train_dataloader
         record = {
             "sampler": type(loader.batch_sampler.sampler).__name__,
+            "shuffle": loader.batch_sampler.sampler.shuffle,
             "batch_sampler": type(loader.batch_sampler).__name__,
             "steps": self.steps,
         }
@@ -190,7 +191,7 @@ def test_ddp_ranks_run_equal_steps_over_volumes_of_several_shapes(
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in ranks:
         assert record["batch_sampler"] == "ShapeBatchSampler"
-        assert record["sampler"] == "DistributedSampler"
+        assert record["sampler"] == "DistributedSampler" and record["shuffle"] is True
     steps = [record["steps"] for record in ranks]
     # 6 slices of one shape, 3 of the other: batches 2+2+2 and 2+1, padded to 6 for 2 ranks
     assert len(steps[0]) == len(steps[1]) == 3
