@@ -30,6 +30,11 @@ def split_dir(root: Union[str, os.PathLike], challenge: str, split: str) -> Path
 
 def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
     """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume."""
+    if fname.is_dir():
+        raise DataError(
+            f"{fname}: a folder inside a split folder; fastMRI's reader takes every entry of a "
+            "split folder as a .h5 volume (move the folder elsewhere)"
+        )
     if not h5py.is_hdf5(fname):
         raise DataError(
             f"{fname}: not an HDF5 file; every entry of a fastMRI split folder must be a "

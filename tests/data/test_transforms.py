@@ -178,6 +178,10 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
     with pytest.raises(DataError, match="notes.txt: not an HDF5 file"):
         CheckedSliceDataset(folder, "singlecoil")
     (folder / "notes.txt").unlink()
+    (folder / "extra").mkdir()
+    with pytest.raises(DataError, match="extra: a folder inside a split folder"):
+        CheckedSliceDataset(folder, "singlecoil")
+    (folder / "extra").rmdir()
     broken = folder / "broken.h5"
     with h5py.File(src, "r") as hin, h5py.File(broken, "w") as hout:
         hout.create_dataset("kspace", data=hin["kspace"][()])
