@@ -143,5 +143,17 @@ class FixedMaskFunc(MaskFunc):
         return self.reshape_mask(mask.astype(np.float32), shape), num_low
 
     def save(self, path: Union[str, os.PathLike], num_cols: int) -> None:
-        """Save the mask for width ``num_cols`` as ``.npy`` (loadable by :meth:`from_file`)."""
-        np.save(path, self.mask_for_width(num_cols)[0])
+        """Save the mask for width ``num_cols`` as ``.npy`` (loadable by :meth:`from_file`;
+        ``.npy`` is appended as :func:`numpy.save` does). Written to a temporary file and
+        renamed, so an interrupted save leaves no half-written mask."""
+        path = Path(path)
+        if path.suffix != ".npy":
+            path = path.with_name(path.name + ".npy")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, self.mask_for_width(num_cols)[0])
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

@@ -12,12 +12,12 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from fastmri import save_reconstructions
 from fastmri.data.transforms import center_crop
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .._io import save_reconstructions_atomic
 from ..data.transforms import model_inputs
 from .metrics import VolumeMetrics, volume_metrics
 
@@ -79,7 +79,7 @@ def evaluate_model(
             reconstructed).
         device: where to run.
         out_dir: when given, reconstructions are written to ``out_dir/reconstructions``
-            with :func:`fastmri.save_reconstructions`.
+            with :func:`fastmri.save_reconstructions` (each file whole or absent).
         progress: show a progress bar.
         reconstruct: custom ``(model, batch, device) -> (B, h, w)`` function.
 
@@ -115,5 +115,5 @@ def evaluate_model(
         gt = np.stack([targets[fname][k] for k in sorted(targets[fname])])
         metrics.append(volume_metrics(fname, gt, reconstructions[fname], max_values[fname]))
     if out_dir is not None:
-        save_reconstructions(reconstructions, Path(out_dir) / "reconstructions")
+        save_reconstructions_atomic(reconstructions, Path(out_dir) / "reconstructions")
     return EvaluationResult(metrics, reconstructions)

@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import fastmri
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -38,6 +37,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from .._io import save_reconstructions_atomic
 from ..data import model_inputs  # one definition, re-exported for subclasses
 from .losses import create_loss
 
@@ -228,7 +228,8 @@ class ReconstructionStore:
 
     def save(self, out_dir: Union[str, os.PathLike]) -> Optional[Path]:
         """Write ``out_dir/<fname>`` (dataset ``reconstruction``) with
-        :func:`fastmri.save_reconstructions`; under DDP, rank 0 writes every rank's slices.
+        :func:`fastmri.save_reconstructions` (each file whole or absent); under DDP, rank 0
+        writes every rank's slices.
 
         Returns:
             ``out_dir`` on the writing rank, ``None`` on the others.
@@ -241,8 +242,7 @@ class ReconstructionStore:
             for fname, slices in volumes.items():
                 merged.volumes.setdefault(fname, {}).update(slices)
         out_dir = Path(out_dir)
-        fastmri.save_reconstructions(merged.stacked(), out_dir)
-        return out_dir
+        return save_reconstructions_atomic(merged.stacked(), out_dir)
 
 
 # -- the Lightning side -----------------------------------------------------------------------

@@ -61,6 +61,8 @@ def test_fixed_mask_is_the_same_for_every_slice_and_seeded(tmp_path):
     assert torch.equal(loaded((1, 30, 64, 2))[0], a)
     with pytest.raises(ValueError, match="width 64.*63 columns"):
         loaded((1, 30, 63, 2))
+    func.save(tmp_path / "plain", 64)  # numpy.save's naming: .npy appended, no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.npy", "plain.npy"]
 
 
 def test_num_low_frequencies_of():

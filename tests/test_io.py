@@ -1,0 +1,56 @@
+"""Whole-file-or-nothing writers (sftkd_fastmri._io)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from sftkd_fastmri._io import atomic_write_text, save_reconstructions_atomic
+
+
+def _volumes(value: float, names=("a.h5", "b.h5", "c.h5")):
+    return {name: np.full((2, 4, 3), value, dtype=np.float32) for name in names}
+
+
+def _read(path):
+    with h5py.File(path, "r") as hf:
+        return hf["reconstruction"][()]
+
+
+def test_reconstructions_are_written_in_fastmris_format(tmp_path):
+    out = save_reconstructions_atomic(_volumes(1.0), tmp_path / "recons")
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.h5", "c.h5"]  # no leftovers
+    np.testing.assert_array_equal(_read(out / "b.h5"), np.ones((2, 4, 3), np.float32))
+
+
+def test_an_interrupted_write_leaves_whole_files_only(tmp_path, monkeypatch):
+    out = tmp_path / "recons"
+    save_reconstructions_atomic(_volumes(1.0, ("a.h5", "b.h5")), out)
+    real_create = h5py.Group.create_dataset
+    calls = []
+
+    def failing_create(self, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:  # the second file: its dataset is never written
+            raise KeyboardInterrupt
+        return real_create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing_create)
+    with pytest.raises(KeyboardInterrupt):
+        save_reconstructions_atomic(_volumes(2.0), out)
+    monkeypatch.undo()
+    # no partial file and no staging folder; every file readable, old or new but whole
+    assert sorted(p.name for p in out.iterdir()) == ["a.h5", "b.h5"]
+    for name in ("a.h5", "b.h5"):
+        assert _read(out / name).shape == (2, 4, 3)
+    np.testing.assert_array_equal(_read(out / "b.h5"), np.ones((2, 4, 3), np.float32))
+
+
+def test_atomic_text_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "metrics.json"
+    atomic_write_text(path, "old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == [path.name]
