@@ -81,9 +81,11 @@ import torch
 from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ..kd.distiller import Distiller, check_loss_weights
 from ..kd.pairings import check_pairing
+from ..kd.registry import loss_class
 from ..models import load_model
 
 __all__ = ["DistillationCallback", "find_network"]
@@ -315,6 +317,9 @@ class DistillationCallback(Callback):
         self.stage = self.stage_at(trainer.current_epoch)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        size = _loader_batch_size(trainer.train_dataloader)
+        if size is not None:
+            check_batch_size(self.losses, size, "the training loader's batch size")
         # A configure_optimizers over e.g. self.model.parameters() would leave learned KD
         # parameters at their random initialisation: say so rather than train silently.
         optimised = {
@@ -464,6 +469,34 @@ class DistillationCallback(Callback):
                 "when the slice count leaves a remainder of 1); the step trains with the other "
                 "terms. Warned once per loss."
             )
+
+
+def check_batch_size(losses: Mapping[str, Any], batch_size: int, what: str = "batch size") -> None:
+    """Raise unless every loss in ``losses`` (names) is defined on batches of ``batch_size``
+    (SP and CC relate the samples of a batch to each other and need at least 2), so a run does
+    not train for its whole length with a KD term that no step can compute.
+
+    Raises:
+        ValueError: naming the losses, what they need and ``what`` was given.
+    """
+    needs = {name: loss_class(name).min_batch_size for name in losses}
+    too_small = sorted(name for name, n in needs.items() if n > batch_size)
+    if too_small:
+        raise ValueError(
+            f"KD loss(es) {', '.join(too_small)} relate the samples of a batch to each other and "
+            f"need batches of at least {max(needs[n] for n in too_small)}; {what} is "
+            f"{batch_size} (use a larger batch size or other methods)"
+        )
+
+
+def _loader_batch_size(loader: Any) -> Optional[int]:
+    """The configured batch size of a DataLoader (also behind a batch sampler), else None."""
+    if not isinstance(loader, DataLoader):
+        return None
+    if loader.batch_size is not None:
+        return int(loader.batch_size)
+    size = getattr(loader.batch_sampler, "batch_size", None)
+    return int(size) if isinstance(size, int) else None
 
 
 def _batch_size(output: Any) -> Optional[int]:

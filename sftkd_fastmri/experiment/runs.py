@@ -137,9 +137,11 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
     """Distil ``cfg["teacher_checkpoint"]`` into a ``cfg["model"]`` student (optionally
     initialised from ``cfg["init_checkpoint"]``, e.g. an SFT student export)."""
     from ..callbacks import DistillationCallback
+    from ..callbacks.distillation import check_batch_size
 
     if not cfg.get("teacher_checkpoint"):
         raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
+    check_batch_size(cfg["methods"], cfg["batch_size"], "--batch-size")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
     callback = DistillationCallback(
         teacher,

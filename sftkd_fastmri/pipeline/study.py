@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write_text
+from ..callbacks.distillation import check_batch_size
 from ..evaluation import evaluate_model
 from ..evaluation.profile import profile_model
 from ..evaluation.report import ModelEntry, Report, build_report, write_report
@@ -198,6 +199,9 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     """Run the whole study described by ``cfg`` (see :data:`STUDY_DEFAULTS` and the CLI
     options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``."""
     cfg = {**STUDY_DEFAULTS, **cfg}
+    # before any stage trains: a KD method that no batch can compute would fail only after
+    # the teacher, student and SFT stages
+    check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
     out_dir = Path(cfg.get("out_dir") or "runs/study")
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]

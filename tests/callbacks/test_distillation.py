@@ -554,3 +554,10 @@ def test_two_stage_kd_only_step_without_a_defined_term_is_skipped(tmp_path):
     with pytest.warns(UserWarning, match="left out"):
         trainer.fit(ToyRecon(student), _loader(n=5, batch_size=2))
     assert skipped == [False, False, True]  # the single-sample batch gets no KD-only step
+
+
+def test_a_loader_of_single_sample_batches_is_refused_for_relational_losses(tmp_path):
+    student, teacher = _nets()
+    kd = DistillationCallback(teacher, {"cc": 1.0, "imitation": 1.0})
+    with pytest.raises(ValueError, match=r"cc relate the samples.*batch size is 1"):
+        _trainer(tmp_path, [kd]).fit(ToyRecon(student), _loader(n=4, batch_size=1))

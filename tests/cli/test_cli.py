@@ -284,3 +284,20 @@ def test_volumes_of_several_shapes_train_distill_and_evaluate_in_batches(mixed_r
                 np.testing.assert_allclose(
                     a["reconstruction"][()], b["reconstruction"][()], atol=1e-6
                 )
+
+
+def test_relational_kd_with_batches_of_one_is_refused_before_training(tiny_demo, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    save_model_checkpoint(create_model("dccnn_d5c5", chans=4), teacher)
+    out = tmp_path / "kd"
+    argv = ["distill", *_common(tiny_demo), "--teacher", str(teacher), "--method", "at"]
+    assert main([*argv, "--method", "sp", "--batch-size", "1", "--out-dir", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: KD loss(es) sp relate the samples of a batch")
+    assert "--batch-size is 1" in last and not out.exists()
+    # the study checks it before its first stage
+    from sftkd_fastmri.pipeline import run_study
+
+    with pytest.raises(ValueError, match="cc relate the samples.*batch_size is 1"):
+        run_study({"methods": {"cc": 1.0}, "batch_size": 1, "out_dir": str(tmp_path / "s")})
+    assert not (tmp_path / "s").exists()
