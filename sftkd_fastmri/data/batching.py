@@ -112,8 +112,8 @@ class ShapeBatchSampler(BatchSampler):
         shapes: Optional[Sequence[Hashable]] = None,
     ) -> None:
         super().__init__(sampler, batch_size, drop_last)
+        dataset = getattr(sampler, "dataset", getattr(sampler, "data_source", None))
         if shapes is None:
-            dataset = getattr(sampler, "dataset", getattr(sampler, "data_source", None))
             if dataset is None:
                 raise TypeError(
                     f"cannot find the dataset of {type(sampler).__name__}; pass shapes= (one "
@@ -121,6 +121,12 @@ class ShapeBatchSampler(BatchSampler):
                 )
             shapes = slice_shapes(dataset)
         self.shapes = list(shapes)
+        if dataset is not None and hasattr(dataset, "__len__"):
+            if len(self.shapes) != len(dataset):
+                raise ValueError(
+                    f"shapes has {len(self.shapes)} entries for a dataset of {len(dataset)} "
+                    "samples; expected one shape key per dataset index"
+                )
 
     # -- grouping -------------------------------------------------------------------------
     def _group(self, indices) -> Iterator[List[int]]:

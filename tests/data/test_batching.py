@@ -100,3 +100,5 @@ def test_shapes_are_read_from_the_dataset(mixed_root):
 def test_a_dataset_without_shapes_is_refused_clearly():
     with pytest.raises(TypeError, match="pass shapes="):
         ShapeBatchSampler(SequentialSampler(range(4)), 2)
+    with pytest.raises(ValueError, match="shapes has 3 entries for a dataset of 4 samples"):
+        ShapeBatchSampler(SequentialSampler(range(4)), 2, shapes=["a", "b", "a"])
