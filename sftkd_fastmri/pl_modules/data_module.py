@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from fastmri.data import VolumeSampler
 from fastmri.data.mri_data import fetch_dir as _fastmri_fetch_dir
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from ..data import (
@@ -235,6 +236,10 @@ class FastMRIDataModule(pl.LightningDataModule):
             # one shape each, or the default collate fails on the first mixed batch.
             if sampler is None:
                 sampler = RandomSampler(dataset) if training else SequentialSampler(dataset)
+            rank_zero_info(
+                f"{self.split_folder(stage)}: {len(set(shapes))} k-space shapes among "
+                f"{len(shapes)} slices; each batch of {self.batch_size} takes slices of one shape"
+            )
             batches = ShapeBatchSampler(sampler, self.batch_size, drop_last=False, shapes=shapes)
             return DataLoader(dataset, batch_sampler=batches, **workers)
         return DataLoader(
