@@ -114,6 +114,12 @@ GROUPS: Dict[str, List[Option]] = {
             _bool,
         ),
         _O("sample_rate", 1.0, "fraction of training slices to use", float),
+        _O(
+            "volume_sample_rate",
+            None,
+            "fraction of training volumes to use (all their slices); not with --sample-rate",
+            float,
+        ),
         _O("batch_size", 4, "batch size", int),
         _O("num_workers", 0, "DataLoader workers", int),
         _O("seed", 0, "random seed (weights, masks, shuffling)", int),

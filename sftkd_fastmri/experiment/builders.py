@@ -53,6 +53,7 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
         sample_rate=cfg["sample_rate"],
+        volume_sample_rate=cfg.get("volume_sample_rate"),
         kspace_from_target=cfg["kspace_from_target"],
         train_split=cfg["train_split"],
         val_split=cfg["val_split"],

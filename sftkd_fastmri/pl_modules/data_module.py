@@ -10,6 +10,7 @@ No ``worker_init_fn`` is needed: the training transform seeds every mask from
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -100,7 +101,9 @@ class FastMRIDataModule(pl.LightningDataModule):
             slices of one shape (:class:`~sftkd_fastmri.data.ShapeBatchSampler`); a shape's
             last batch of an epoch may be smaller.
         num_workers: DataLoader workers.
-        sample_rate: fraction of training slices to use (``None``: all).
+        sample_rate: fraction of training slices to use (``None``: all), drawn from ``seed``.
+        volume_sample_rate: fraction of training volumes to use, all slices of each (``None``:
+            all), drawn from ``seed``; not together with ``sample_rate``.
         kspace_from_target: build single-coil k-space from the target magnitude (the paper's
             retrospective protocol) instead of the stored k-space.
         crop_readout: remove readout oversampling (exact; halves the work).
@@ -127,6 +130,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         sample_rate: Optional[float] = None,
+        volume_sample_rate: Optional[float] = None,
         kspace_from_target: bool = False,
         crop_readout: bool = True,
         train_split: str = "train",
@@ -141,14 +145,24 @@ class FastMRIDataModule(pl.LightningDataModule):
             raise ValueError(f"challenge must be 'singlecoil' or 'multicoil', got {challenge!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if sample_rate is not None and not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        for name, rate in (
+            ("sample_rate", sample_rate),
+            ("volume_sample_rate", volume_sample_rate),
+        ):
+            if rate is not None and not 0.0 < rate <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {rate}")
+        if sample_rate not in (None, 1.0) and volume_sample_rate not in (None, 1.0):
+            raise ValueError(
+                f"give sample_rate ({sample_rate}, a fraction of slices) or volume_sample_rate "
+                f"({volume_sample_rate}, a fraction of volumes), not both"
+            )
         self.data_path = Path(data_path)
         self.challenge = challenge
         self.seed = seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.sample_rate = sample_rate
+        self.volume_sample_rate = volume_sample_rate
         self.kspace_from_target = kspace_from_target
         self.crop_readout = crop_readout
         self.splits = {
@@ -198,13 +212,26 @@ class FastMRIDataModule(pl.LightningDataModule):
         if stage not in self.datasets:
             folder = self.split_folder(stage)
             require_target = stage in ("train", "val") or split_has_targets(folder, self.challenge)
-            self.datasets[stage] = CheckedSliceDataset(
-                folder,
-                self.challenge,
-                transform=self.transform(stage),
-                require_target=require_target,
-                sample_rate=self.sample_rate if stage == "train" else None,
-            )
+            rates = {}  # fastMRI takes one of the two
+            if stage == "train" and self.volume_sample_rate not in (None, 1.0):
+                rates = dict(volume_sample_rate=self.volume_sample_rate)
+            elif stage == "train":
+                rates = dict(sample_rate=self.sample_rate)
+            # fastMRI draws the subset with Python's global `random`: draw it from this module's
+            # seed instead, so every run (and every stage of a study) trains on the same subset
+            # whatever ran before, and leave the global state as it was.
+            state = random.getstate()
+            random.seed(self.seed)
+            try:
+                self.datasets[stage] = CheckedSliceDataset(
+                    folder,
+                    self.challenge,
+                    transform=self.transform(stage),
+                    require_target=require_target,
+                    **rates,
+                )
+            finally:
+                random.setstate(state)
         return self.datasets[stage]
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -88,6 +88,39 @@ def test_sample_rate_applies_to_training_only(demo_root):
     assert len(data.dataset("val")) == 12
 
 
+def test_volume_sample_rate_keeps_whole_volumes_drawn_from_the_seed(demo_root):
+    import random
+    from collections import Counter
+
+    def subset(seed, disturb):
+        random.seed(disturb)  # whatever ran before must not change the subset
+        data = FastMRIDataModule(demo_root, "singlecoil", volume_sample_rate=0.5, seed=seed)
+        samples = data.dataset("train").raw_samples
+        return Counter(sample[0].name for sample in samples)
+
+    first = subset(0, 1)
+    assert len(first) == 2 and set(first.values()) == {10}  # 2 of 4 volumes, every slice
+    assert subset(0, 2) == first
+    assert any(subset(seed, 1) != first for seed in range(1, 6))
+    assert (
+        len(FastMRIDataModule(demo_root, "singlecoil", volume_sample_rate=0.5).dataset("val")) == 12
+    )
+    with pytest.raises(ValueError, match="not both"):
+        FastMRIDataModule(demo_root, "singlecoil", sample_rate=0.5, volume_sample_rate=0.5)
+    with pytest.raises(ValueError, match="volume_sample_rate must be in"):
+        FastMRIDataModule(demo_root, "singlecoil", volume_sample_rate=0.0)
+
+
+def test_subsets_leave_pythons_random_state_alone(demo_root):
+    import random
+
+    random.seed(7)
+    expected = [random.random() for _ in range(3)]
+    random.seed(7)
+    FastMRIDataModule(demo_root, "singlecoil", sample_rate=0.5).dataset("train")
+    assert [random.random() for _ in range(3)] == expected
+
+
 def test_multicoil_batches_carry_sensitivities(demo_root):
     data = FastMRIDataModule(demo_root, "multicoil", batch_size=2)
     batch = next(iter(data.val_dataloader()))
