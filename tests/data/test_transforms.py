@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from fastmri.data.subsample import RandomMaskFunc
+from fastmri.data.transforms import center_crop, to_tensor
 
 from sftkd_fastmri.data import (
     CheckedSliceDataset,
@@ -223,3 +224,58 @@ def test_checked_dataset_slice_errors_name_the_path(demo_root, tmp_path):
         del h["kspace"]
     with pytest.raises(DataError, match=f"^{re.escape(str(bad))} slice 0: cannot read it"):
         ds[0]
+
+
+def _reference_sample(kspace, target, sampled, num_low):
+    """The transform's outputs recomputed with fastMRI's own functions (2-D centred FFTs,
+    complex_mul, rss_complex, center_crop), from the sample's mask."""
+    k = to_tensor(kspace).float()
+    if k.dim() == 3:
+        k = k.unsqueeze(0)
+    height, width = target.shape
+    if k.shape[-3] > height:  # readout oversampling: crop the image along H
+        image = fastmri.ifft2c(k)
+        top = (k.shape[-3] - height) // 2
+        k = fastmri.fft2c(image[:, top : top + height])
+    masked = k * sampled.float()
+    coil_images = fastmri.ifft2c(masked)
+    if k.shape[0] > 1:
+        start = (k.shape[-2] - num_low + 1) // 2
+        acs = torch.zeros_like(masked)
+        acs[..., start : start + num_low, :] = masked[..., start : start + num_low, :]
+        low = fastmri.ifft2c(acs)
+        rss = fastmri.rss_complex(low, dim=0)
+        sens = low / rss.clamp_min(1e-6 * rss.max()).unsqueeze(0).unsqueeze(-1)
+        combined = fastmri.complex_mul(coil_images, fastmri.complex_conj(sens)).sum(0)
+    else:
+        sens, combined = None, coil_images[0]
+    zero_filled = center_crop(fastmri.complex_abs(combined), (height, width))
+    return masked, sens, zero_filled
+
+
+@pytest.mark.parametrize(
+    "coils, h, w, training",
+    [
+        (None, 48, 18, True),
+        (None, 47, 17, False),
+        (5, 48, 18, False),
+        (4, 40, 21, True),
+        (3, 37, 16, False),
+    ],
+)
+def test_transform_equals_fastmris_centred_definitions(coils, h, w, training):
+    # even and odd sizes, with and without readout oversampling (target height h // 2 or h)
+    kspace, _, attrs = _slice(coils=coils, h=h, w=w, seed=h + w)
+    rng = np.random.default_rng(1)
+    height = h // 2 if h % 4 == 0 else h
+    target = np.abs(rng.standard_normal((height, w))).astype(np.float32)
+    transform = DCCNNDataTransform(RandomMaskFunc([0.3], [3]), training=training, seed=5)
+    s = transform(kspace, None, target, attrs, "file_b.h5", 1)
+    masked, sens, zero_filled = _reference_sample(kspace, target, s.mask, s.num_low_frequencies)
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s.masked_kspace * s.scale, masked, **tol)
+    assert torch.count_nonzero(s.masked_kspace * ~s.mask) == 0
+    torch.testing.assert_close(s.zero_filled * s.scale, zero_filled, **tol)
+    assert s.scale == pytest.approx(float(zero_filled.max()), rel=1e-5)
+    if sens is not None:
+        torch.testing.assert_close(s.sens_maps, sens, **tol)
