@@ -27,4 +27,5 @@ run bench_kd_b16 python3 -m benchmarks.bench_kd --device "$device" --rounds 10 -
 run profile_kd_at python3 -m benchmarks.bench_kd --device "$device" --profile at
 run profile_kd_fsp python3 -m benchmarks.bench_kd --device "$device" --profile fsp
 run bench_models python3 -m benchmarks.bench_models --device "$device"
+run bench_data python3 -m benchmarks.bench_data  # CPU work of the DataLoader workers
 exit $status

@@ -60,3 +60,11 @@ def test_bench_models_reports_throughput_of_each_preset():
         assert row["malloc"] in ("retain", "default (retain unavailable)")
         assert row["slices_per_s"] == pytest.approx(row["batch"] / row["step_s"])
     assert rows[0]["params"] == 52_170 and rows[1]["params"] == 144_650
+
+
+def test_bench_data_times_the_transform_against_fastmris_plain_steps():
+    out = _run("benchmarks.bench_data", "--cases", "knee_1", "--rounds", "1", "--warmup", "0")
+    (row,) = out["rows"]
+    assert row["case"] == "knee_1" and row["kspace"] == [640, 368]
+    assert row["speedup"] == pytest.approx(row["reference_ms"] / row["transform_ms"])
+    assert row["max_abs_difference"] < 1e-5  # both compute the same sample

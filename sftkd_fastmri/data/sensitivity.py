@@ -13,6 +13,8 @@ import fastmri
 import torch
 from torch import Tensor
 
+from .fourier import ifft2c_columns
+
 __all__ = ["estimate_sensitivity_maps"]
 
 
@@ -37,10 +39,11 @@ def estimate_sensitivity_maps(
         num_low = max(8, num_cols // 16)
     num_low = min(num_low, num_cols)
     start = (num_cols - num_low + 1) // 2  # fastMRI's centre-mask placement
-    acs = torch.zeros_like(masked_kspace)
-    acs[..., start : start + num_low, :] = masked_kspace[..., start : start + num_low, :]
-    acs = acs * mask.to(acs.dtype)
-    coil_images = fastmri.ifft2c(acs)
-    rss = fastmri.rss_complex(coil_images, dim=0)
+    columns = torch.arange(start, start + num_low, device=masked_kspace.device)
+    sampled = mask.reshape(-1).to(torch.bool)[columns]
+    columns = columns[sampled]  # ACS columns the mask really acquired
+    k = torch.view_as_complex(masked_kspace.contiguous())
+    coil_images = ifft2c_columns(k, columns)  # low-resolution coil images (coils, H, W)
+    rss = fastmri.rss_complex(torch.view_as_real(coil_images), dim=0)
     floor = eps * rss.max().clamp_min(torch.finfo(rss.dtype).tiny)
-    return coil_images / rss.clamp_min(floor).unsqueeze(0).unsqueeze(-1)
+    return torch.view_as_real(coil_images / rss.clamp_min(floor))
