@@ -227,7 +227,10 @@ class DCCNNDataTransform:
                 kspace_t = crop_readout(kspace_t, crop_size[0])
         else:
             # complex64 as stored (fastMRI's to_tensor would copy it into real pairs first)
-            kspace_c = torch.from_numpy(np.ascontiguousarray(kspace, dtype=np.complex64))
+            array = np.ascontiguousarray(kspace, dtype=np.complex64)
+            if not array.flags.writeable:  # e.g. a memory-mapped file: torch needs its own
+                array = array.copy()
+            kspace_c = torch.from_numpy(array)
             if kspace.ndim == 2:
                 kspace_c = kspace_c.unsqueeze(0)
             if self.crop_readout:
