@@ -263,9 +263,11 @@ def _reference_sample(kspace, target, sampled, num_low):
         (3, 37, 16, False),
     ],
 )
+@pytest.mark.filterwarnings("error::UserWarning")  # read-only input: no torch warning
 def test_transform_equals_fastmris_centred_definitions(coils, h, w, training):
     # even and odd sizes, with and without readout oversampling (target height h // 2 or h)
     kspace, _, attrs = _slice(coils=coils, h=h, w=w, seed=h + w)
+    kspace.setflags(write=False)  # as from a memory-mapped file
     rng = np.random.default_rng(1)
     height = h // 2 if h % 4 == 0 else h
     target = np.abs(rng.standard_normal((height, w))).astype(np.float32)
