@@ -7,7 +7,7 @@ paths compute with fewer passes: the readout crop transforms along H only, the i
 transforms run on acquired columns only (:func:`~sftkd_fastmri.data.fourier.ifft2c_columns`),
 and coils are combined in native complex arithmetic. ``tests/data/test_transforms.py`` checks
 every output against fastMRI's 2-D definitions; ``python -m benchmarks.bench_data`` times both
-(1.4-1.5x faster per multi-coil slice here).
+(about 1.4x faster per multi-coil slice here).
 
 What it does, per slice:
 
