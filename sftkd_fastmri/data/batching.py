@@ -166,7 +166,7 @@ class ShapeBatchSampler(BatchSampler):
         return batches[sampler.rank :: ranks]
 
     def _distributed_len(self, sampler: DistributedSampler) -> int:
-        total = self._batches_of(Counter(self.shapes[: len(sampler.dataset)]))
+        total = self._batches_of(Counter(self.shapes))
         ranks = sampler.num_replicas
         return total // ranks if sampler.drop_last else -(-total // ranks)
 
@@ -188,7 +188,7 @@ class ShapeBatchSampler(BatchSampler):
         ):
             # every index once, whatever the order: no need to draw a permutation (drawing
             # one would consume the random state the epoch's own shuffle uses)
-            counts = Counter(self.shapes[: len(sampler.data_source)])
+            counts = Counter(self.shapes)  # one key per dataset index (checked in __init__)
         else:
             counts = Counter(self.shapes[i] for i in sampler)
         return self._batches_of(counts)
