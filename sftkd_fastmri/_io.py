@@ -10,7 +10,38 @@ from typing import Mapping, Union
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "save_reconstructions_atomic"]
+__all__ = [
+    "atomic_write_text",
+    "make_temp_dir",
+    "make_temp_file",
+    "save_reconstructions_atomic",
+]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_file(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Path:
+    """An empty temporary file beside ``path`` (a hidden name, unique), to be renamed onto
+    ``path`` once written. ``tempfile.mkstemp`` makes files private (0600); this one gets the
+    permissions a plain ``open()`` would give (0666 minus the umask), so a renamed output is as
+    readable as any other file the user writes."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def make_temp_dir(parent: Union[str, os.PathLike], prefix: str) -> Path:
+    """A temporary folder in ``parent`` with the permissions ``mkdir`` would give (0777 minus
+    the umask; ``tempfile.mkdtemp`` makes it private)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return Path(tmp)
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
@@ -18,9 +49,9 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     interrupted write never leaves a half-written file (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = make_temp_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -43,7 +74,7 @@ def save_reconstructions_atomic(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
+    staging = make_temp_dir(out_dir, ".partial-")
     try:
         save_reconstructions(dict(reconstructions), staging)
         for fname in reconstructions:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import h5py
 import numpy as np
 import pytest
@@ -54,3 +57,40 @@ def test_atomic_text_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(path, "new")
     assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_written_files_and_folders_get_the_umasks_permissions(tmp_path, umask_022):
+    """Temporary names are private (mkstemp: 0600); the renamed outputs must be as readable
+    as a plain open() / mkdir() makes them, so other users and services can read results."""
+    import torch
+
+    from sftkd_fastmri.data import holdout_split
+    from sftkd_fastmri.evaluation import figures
+    from sftkd_fastmri.models.checkpoint import atomic_torch_save
+
+    atomic_write_text(tmp_path / "report.md", "x")
+    atomic_torch_save({"a": torch.zeros(1)}, tmp_path / "model.pt")
+    recons = save_reconstructions_atomic(_volumes(1.0, ("a.h5",)), tmp_path / "recons")
+    val = tmp_path / "singlecoil_val"
+    val.mkdir()
+    for i in range(4):
+        with h5py.File(val / f"f{i}.h5", "w") as hf:
+            hf["x"] = np.arange(3)
+    holdout_split(tmp_path, "singlecoil", fraction=0.5, mode="copy")
+    paths = [tmp_path / "report.md", tmp_path / "model.pt", recons / "a.h5"]
+    try:
+        figures._save(figures._figure(figsize=(1, 1)), tmp_path / "psnr.png", dpi=10)
+        paths.append(tmp_path / "psnr.png")
+    except ImportError:  # matplotlib is an optional extra
+        pass
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    for folder in (tmp_path / "singlecoil_test_heldout", tmp_path / "singlecoil_val_select"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Union
@@ -27,7 +26,7 @@ from typing import List, Union
 import h5py
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, make_temp_dir
 from .datasets import split_dir
 from .transforms import DataError
 
@@ -152,11 +151,12 @@ def holdout_split(
 
 def _write_folder(dest: Path, members: List[Path], mode: str) -> None:
     """Fill a temporary sibling of ``dest`` and rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.")
     try:
         for f in members:
             if mode == "link":
-                os.symlink(os.path.abspath(f), tmp / f.name)
+                # Relative links: the folder can be moved or mounted elsewhere as a whole.
+                os.symlink(os.path.relpath(os.path.abspath(f), os.path.abspath(dest)), tmp / f.name)
             else:
                 shutil.copy2(f, tmp / f.name)
         if dest.exists():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .._io import make_temp_file
 
 __all__ = ["auto_zoom_box", "paper_panel", "psnr_plot", "slice_psnr"]
 
@@ -43,8 +44,7 @@ def _save(fig, out_path: PathLike, dpi: int) -> Path:
     """Save ``fig`` as PNG via a temporary file renamed over ``out_path``."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
+    tmp = make_temp_file(out_path, suffix=".png")
     try:
         fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
         os.replace(tmp, out_path)

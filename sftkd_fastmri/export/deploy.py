@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._io import make_temp_file
 from ..models import load_model, read_checkpoint
 from ..models.checkpoint import FORMAT_KEY, save_model_checkpoint
 from .loading import ROLES, checkpoint_kind, load_reconstruction_model
@@ -560,16 +561,11 @@ def _check_close(got: Tensor, expected: Tensor, atol: float, what: str) -> None:
 @contextlib.contextmanager
 def _atomic_output(out: Path) -> Iterator[Path]:
     """A temporary path beside ``out``, renamed onto it only if the block succeeds."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
+    # Readable as a plain open() would leave it, so a deployment service running as another
+    # user can read it.
+    tmp = make_temp_file(out)
     try:
         yield tmp
-        # mkstemp creates the file private (0600); give it the permissions a plain open()
-        # would, so a deployment service running as another user can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

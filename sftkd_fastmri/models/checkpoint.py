@@ -19,12 +19,13 @@ model built with :func:`~sftkd_fastmri.models.create_model`.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from .._io import make_temp_file
 
 __all__ = [
     "CheckpointError",
@@ -104,8 +105,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = make_temp_file(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -85,3 +85,14 @@ def test_cli_split_is_read_by_slicedataset(demo_root, tmp_path, capsys):
     assert len(held) + len(kept) == len(SliceDataset(val, challenge="multicoil"))
     assert main(argv) == 2  # exists already: a clear error, not a trace
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_linked_split_survives_moving_the_data_folder(tmp_path):
+    _fake_split(tmp_path / "a", 4)
+    holdout_split(tmp_path / "a", "singlecoil", fraction=0.5)
+    os.rename(tmp_path / "a", tmp_path / "b")  # a data folder moved or mounted elsewhere
+    for name in ("singlecoil_test_heldout", "singlecoil_val_select"):
+        for link in (tmp_path / "b" / name).iterdir():
+            assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+            with h5py.File(link, "r") as hf:
+                np.testing.assert_array_equal(hf["x"][()], np.arange(3))
