@@ -35,6 +35,12 @@ def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
             f"{fname}: a folder inside a split folder; fastMRI's reader takes every entry of a "
             "split folder as a .h5 volume (move the folder elsewhere)"
         )
+    if fname.is_symlink() and not fname.exists():
+        raise DataError(
+            f"{fname}: a broken link (it points to {os.readlink(fname)}, which does not exist); "
+            "was the data folder it points into moved? Recreate the split (e.g. "
+            "sftkd-fastmri holdout-split ... --overwrite) or remove the link"
+        )
     if not h5py.is_hdf5(fname):
         raise DataError(
             f"{fname}: not an HDF5 file; every entry of a fastMRI split folder must be a "

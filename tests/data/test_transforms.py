@@ -185,6 +185,10 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
     with pytest.raises(DataError, match="extra: a folder inside a split folder"):
         CheckedSliceDataset(folder, "singlecoil")
     (folder / "extra").rmdir()
+    (folder / "moved.h5").symlink_to(tmp_path / "elsewhere" / "moved.h5")
+    with pytest.raises(DataError, match="moved.h5: a broken link .*elsewhere"):
+        CheckedSliceDataset(folder, "singlecoil")
+    (folder / "moved.h5").unlink()
     broken = folder / "broken.h5"
     with h5py.File(src, "r") as hin, h5py.File(broken, "w") as hout:
         hout.create_dataset("kspace", data=hin["kspace"][()])
