@@ -20,6 +20,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "add_options",
+    "fraction_or_count",
     "load_config",
     "mapping_option",
     "resolve",
@@ -33,6 +34,16 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def fraction_or_count(text: Any):
+    """argparse type of ``--limit-*-batches`` (see :func:`..experiment.builders.batch_limit`)."""
+    from ..experiment.builders import batch_limit
+
+    try:
+        return batch_limit(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def mapping_option(text: str) -> Dict[str, Any]:
@@ -134,8 +145,18 @@ GROUPS: Dict[str, List[Option]] = {
     "trainer": [
         _O("out_dir", None, "output folder (checkpoints, logs, exports)", str),
         _O("max_epochs", 150, "training epochs", int),
-        _O("limit_train_batches", 1.0, "fraction or number of training batches per epoch", float),
-        _O("limit_val_batches", 1.0, "fraction or number of validation batches", float),
+        _O(
+            "limit_train_batches",
+            1.0,
+            "training batches per epoch: a fraction (0.5; 1.0 = all) or a number (1 = one batch)",
+            fraction_or_count,
+        ),
+        _O(
+            "limit_val_batches",
+            1.0,
+            "validation batches: a fraction (0.5; 1.0 = all) or a number (1 = one batch)",
+            fraction_or_count,
+        ),
         _O("accumulate_grad_batches", 1, "gradient accumulation", int),
         _O("resume", True, "resume from out_dir/checkpoints/last.ckpt when it exists", _bool),
         _O(
@@ -239,7 +260,8 @@ def load_config(path: Optional[str]) -> Dict[str, Any]:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"error: {p} must hold a mapping of option: value")
-    return data
+    # Keys may be written like the flags (max-epochs) or like Python names (max_epochs).
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
 def resolve(

@@ -63,10 +63,28 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
     return FastMRIDataModule(**kwargs)
 
 
-def _limit(value: Any):
-    # Lightning: a float is a fraction, an int a number of batches
-    value = float(value)
-    return int(value) if value > 1 or (value == int(value) and value != 1.0) else value
+def batch_limit(value: Any):
+    """Lightning's ``limit_*_batches`` from a flag or config value: a fraction written with a
+    decimal point (``0.25``; ``1.0`` = every batch) or a whole number of batches (``1`` = one
+    batch, as Lightning reads an int). Raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a fraction or a number of batches, got {value}")
+    if not isinstance(value, (int, float)):
+        word = str(value).strip()
+        try:
+            value = int(word) if word.lstrip("+").isdigit() else float(word)
+        except ValueError:
+            raise ValueError(
+                "expected a fraction (e.g. 0.5; 1.0 = all) or a number of batches (e.g. 10), "
+                f"got {word!r}"
+            ) from None
+    if isinstance(value, float) and value > 1 and value == int(value):
+        value = int(value)  # "5.0 batches"
+    if value < 0 or (isinstance(value, float) and not value <= 1.0):  # also NaN
+        raise ValueError(
+            f"expected a fraction in [0, 1] or a whole number of batches >= 0, got {value!r}"
+        )
+    return value
 
 
 def build_trainer(
@@ -99,8 +117,8 @@ def build_trainer(
         accelerator=cfg["accelerator"],
         devices=cfg["devices"],
         precision=cfg["precision"],
-        limit_train_batches=_limit(cfg["limit_train_batches"]),
-        limit_val_batches=_limit(cfg["limit_val_batches"]),
+        limit_train_batches=batch_limit(cfg["limit_train_batches"]),
+        limit_val_batches=batch_limit(cfg["limit_val_batches"]),
         accumulate_grad_batches=cfg["accumulate_grad_batches"],
         callbacks=[checkpoint, *(callbacks or [])],
         logger=logger,

@@ -200,6 +200,35 @@ def test_parser_accepts_underscore_and_dash_flags():
     assert a.data_path == "x" and a.max_epochs == 3
 
 
+def test_batch_limits_read_as_lightning_does(tmp_path, capsys):
+    from sftkd_fastmri.cli.options import load_config
+    from sftkd_fastmri.experiment.builders import batch_limit, build_trainer
+
+    parser = build_parser()
+    a = parser.parse_args(["train", "--limit-train-batches", "1", "--limit-val-batches", "1.0"])
+    assert a.limit_train_batches == 1 and isinstance(a.limit_train_batches, int)  # one batch
+    assert a.limit_val_batches == 1.0 and isinstance(a.limit_val_batches, float)  # all
+    assert parser.parse_args(["train", "--limit-val-batches", "0.25"]).limit_val_batches == 0.25
+    for bad in ("1.5", "-2", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--limit-train-batches", bad])
+        assert "limit-train-batches" in capsys.readouterr().err
+    # config values (YAML ints and floats) the same way; keys also written like the flags
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("limit-train-batches: 1\nlimit_val_batches: 5.0\n")
+    cfg = load_config(str(cfg_file))
+    assert cfg == {"limit_train_batches": 1, "limit_val_batches": 5.0}
+    trainer = build_trainer(
+        {**cfg, "max_epochs": 1, "accumulate_grad_batches": 1, "logger": "none",
+         "accelerator": "cpu", "devices": 1, "precision": "32-true", "progress": False,
+         "seed": 0},
+        tmp_path / "run",
+    )  # fmt: skip
+    assert trainer.limit_train_batches == 1 and trainer.limit_val_batches == 5
+    with pytest.raises(ValueError, match="fraction in \\[0, 1\\]"):
+        batch_limit(2.5)
+
+
 def test_distill_short_forms():
     parser = build_parser()
     a = parser.parse_args(
