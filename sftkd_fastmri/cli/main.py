@@ -23,11 +23,14 @@ teacher (SFT), distil it into a small student (KD), and compare them.
 Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{train,val,test}):
 
   sftkd-fastmri make-demo-data demo_data                 # offline demo data (no download)
-  sftkd-fastmri train --data-path demo_data --model dccnn_d5c5 --out-dir runs/teacher
-  sftkd-fastmri evaluate --checkpoint runs/teacher/model.pt --data-path demo_data
-  sftkd-fastmri sft --data-path demo_data --out-dir runs/sft
-  sftkd-fastmri distill --data-path demo_data --teacher runs/sft/sft_teacher.ckpt \\
-      --init-student runs/sft/sft_student_init.ckpt --method at --method imitation
+  sftkd-fastmri train --data-path demo_data --challenge multicoil --model dccnn_d5c5 \\
+      --out-dir runs/teacher
+  sftkd-fastmri evaluate --data-path demo_data --challenge multicoil \\
+      --checkpoint runs/teacher/model.pt --split test_full     # a split with targets
+  sftkd-fastmri sft --data-path demo_data --challenge multicoil --out-dir runs/sft
+  sftkd-fastmri distill --data-path demo_data --challenge multicoil \\
+      --teacher runs/sft/sft_teacher.ckpt --init-student runs/sft/sft_student_init.ckpt \\
+      --method at --method imitation --out-dir runs/kd_at
   sftkd-fastmri holdout-split /data/knee --challenge singlecoil   # a test split for real data
 """
 
@@ -133,13 +136,28 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..experiment import run_evaluate
+    from ..experiment import check_scored_split, run_evaluate
 
     cfg = _cfg(args, ("data", "runtime"))
     split = args.split or cfg["test_split"]
     out_dir = Path(args.out_dir) if args.out_dir else None
+    try:  # before loading anything: a split without targets has nothing to score
+        check_scored_split(cfg, split, "evaluate")
+        scored = True
+    except ValueError as err:
+        if out_dir is None:
+            raise ValueError(
+                f"{err}; or pass --eval-out-dir DIR to write its reconstructions only"
+            ) from None
+        scored = False
     result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=out_dir)
     label = args.checkpoint or "zero-filled"
+    if not scored:
+        print(
+            f"{label} on {cfg['challenge']}_{split}: no targets, so no scores; "
+            f"{len(result.reconstructions)} reconstructions in {out_dir / 'reconstructions'}"
+        )
+        return 0
     print(f"{label} on {cfg['challenge']}_{split}:")
     print(result.table())
     if out_dir is not None:
@@ -356,6 +374,14 @@ def _worker_message(text: str) -> str:
     return f"{original} ({worker.split(' in ', 1)[-1]})" if sep else text
 
 
+def _is_input_error(err: Exception) -> bool:
+    """Errors that describe the user's input or settings (printed as one ``error:`` line)."""
+    if isinstance(err, (FileNotFoundError, FileExistsError, ValueError, KeyError)):
+        return True
+    # Lightning's refusal of a setting, e.g. ``accelerator: gpu`` on a machine without one
+    return type(err).__name__ == "MisconfigurationException"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -372,7 +398,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except Exception as err:
+        if not _is_input_error(err):
+            raise
         # Bad input (missing files, wrong keys, mismatched checkpoints): say what, not a trace.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {_worker_message(str(message))}", file=sys.stderr)

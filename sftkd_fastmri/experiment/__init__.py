@@ -4,10 +4,11 @@ The CLI, the example scripts and the end-to-end pipeline all call these function
 them holds training logic of its own.
 """
 
-from .builders import build_datamodule, build_trainer, resolve_data_path
+from .builders import build_datamodule, build_trainer, check_scored_split, resolve_data_path
 from .runs import StageResult, run_distill, run_evaluate, run_sft, run_train
 
 __all__ = [
+    "check_scored_split",
     "StageResult",
     "build_datamodule",
     "build_trainer",

@@ -9,9 +9,16 @@ from typing import Any, Dict, List, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from ..pl_modules import FastMRIDataModule
+from ..data.datasets import TARGET_KEYS
+from ..pl_modules import FastMRIDataModule, split_has_targets
 
-__all__ = ["build_datamodule", "build_trainer", "resolve_data_path", "CKPT_DIR"]
+__all__ = [
+    "build_datamodule",
+    "build_trainer",
+    "check_scored_split",
+    "resolve_data_path",
+    "CKPT_DIR",
+]
 
 CKPT_DIR = "checkpoints"
 
@@ -61,6 +68,25 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
     )
     kwargs.update(overrides)
     return FastMRIDataModule(**kwargs)
+
+
+def check_scored_split(cfg: Dict[str, Any], split: str, purpose: str) -> Path:
+    """The folder of ``split``, or a clear error when it is missing or has no targets to
+    score against (fastMRI's public ``*_test`` files carry none). Cheap: reads file headers
+    only, so commands call it before loading or training anything."""
+    challenge = cfg["challenge"]
+    folder = resolve_data_path(cfg) / f"{challenge}_{split}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{purpose}: split folder {folder} does not exist")
+    if not split_has_targets(folder, challenge):
+        raise ValueError(
+            f"{purpose}: {folder} has no target ('{TARGET_KEYS[challenge]}') in some or all of "
+            "its volumes (fastMRI's public test files carry none), so there is nothing to score "
+            "against. Evaluate a split with targets (e.g. --split val), or hold one out of a "
+            "split with targets: sftkd-fastmri holdout-split DATA_PATH --challenge "
+            f"{challenge} (then --test-split test_heldout)"
+        )
+    return folder
 
 
 def batch_limit(value: Any):

@@ -29,7 +29,15 @@ from ..callbacks.distillation import check_batch_size
 from ..evaluation import evaluate_model
 from ..evaluation.profile import profile_model
 from ..evaluation.report import ModelEntry, Report, build_report, write_report
-from ..experiment import StageResult, build_datamodule, run_distill, run_sft, run_train
+from ..experiment import (
+    StageResult,
+    build_datamodule,
+    check_scored_split,
+    resolve_data_path,
+    run_distill,
+    run_sft,
+    run_train,
+)
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses
 
@@ -202,6 +210,12 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     # before any stage trains: a KD method that no batch can compute would fail only after
     # the teacher, student and SFT stages
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
+    # ... and the held-out split must have targets to score, and the training splits exist
+    check_scored_split(cfg, cfg["test_split"], "the study's test_split")
+    for key in ("train_split", "val_split"):
+        folder = resolve_data_path(cfg) / f"{cfg['challenge']}_{cfg[key]}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the study's {key}: split folder {folder} does not exist")
     out_dir = Path(cfg.get("out_dir") or "runs/study")
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]

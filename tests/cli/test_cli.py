@@ -330,3 +330,42 @@ def test_relational_kd_with_batches_of_one_is_refused_before_training(tiny_demo,
     with pytest.raises(ValueError, match="cc relate the samples.*batch_size is 1"):
         run_study({"methods": {"cc": 1.0}, "batch_size": 1, "out_dir": str(tmp_path / "s")})
     assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_on_a_split_without_targets(tiny_demo, tmp_path, capsys):
+    """fastMRI's public test files carry no targets: scoring them is refused with a hint
+    before anything loads; with --eval-out-dir the reconstructions alone are written."""
+    ckpt = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "s.pt")
+    args = ["evaluate", "--data-path", str(tiny_demo), "--challenge", "multicoil",
+            "--progress", "false", "--checkpoint", str(ckpt)]  # fmt: skip
+    assert main([*args, "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "multicoil_test has no target ('reconstruction_rss')" in err
+    assert "holdout-split" in err and "--eval-out-dir" in err
+    out = tmp_path / "ev"
+    assert main([*args, "--split", "test", "--eval-out-dir", str(out)]) == 0
+    assert "no targets, so no scores; 1 reconstructions" in capsys.readouterr().out
+    assert len(list((out / "reconstructions").glob("*.h5"))) == 1
+    assert not (out / "metrics.json").exists()
+    assert main([*args, "--split", "test_full"]) == 0  # with targets: a table of scores
+    assert "PSNR" in capsys.readouterr().out.upper()
+
+
+def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "study"
+    base = ["pipeline", *_common(tiny_demo, "multicoil"), "--out-dir", str(out)]
+    assert main([*base, "--test-split", "test"]) == 2
+    assert "test_split" in capsys.readouterr().err and not out.exists()  # nothing trained
+    assert main([*base, "--test-split", "test_full", "--val-split", "nope"]) == 2
+    assert "multicoil_nope does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_setting_lightning_refuses_is_one_error_line(tiny_demo, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    args = ["train", "--data-path", str(tiny_demo), "--max-epochs", "1", "--progress", "false"]
+    assert main([*args, "--accelerator", "gpu", "--out-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "gpu" in err.lower() and "Traceback" not in err
