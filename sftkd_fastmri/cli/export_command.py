@@ -19,6 +19,7 @@ from ..export.deploy import (
     export_model,
     load_torchscript_export,
 )
+from ..export.loading import check_role_applies
 
 __all__ = ["cmd_export", "register"]
 
@@ -30,6 +31,7 @@ HELP = (
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the selected network and say what was written."""
+    check_role_applies(args.checkpoint, args.role)
     out = (
         Path(args.out) if args.out else default_export_path(args.checkpoint, args.format, args.role)
     )
@@ -60,6 +62,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"  {meta.get('role')} ({meta.get('preset')}), {how}, "
             f"inputs ({', '.join(meta.get('inputs', []))}), {sizes}"
         )
+        if args.coils is None and "challenge" not in meta:
+            print(
+                "  the checkpoint does not record its data's challenge: single-coil inputs; "
+                "pass --coils N for a multi-coil export"
+            )
     return 0
 
 
@@ -93,14 +100,17 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        help="k-space size to trace and check the export at (default: recorded in the "
-        "checkpoint, else {} x {})".format(*DEFAULT_EXAMPLE_SHAPE),
+        help="k-space size to trace and check the export at (default: the size an earlier "
+        "export recorded, else {} x {}; the export's metadata says whether other sizes "
+        "work)".format(*DEFAULT_EXAMPLE_SHAPE),
     )
     p.add_argument(
         "--coils",
         type=int,
-        default=1,
-        help="1: single-coil inputs (kspace, mask); more: multi-coil (kspace, mask, sens_maps)",
+        default=None,
+        help="1: single-coil inputs (kspace, mask); more: multi-coil (kspace, mask, sens_maps), "
+        "any coil count (default: from the data the checkpoint was trained on, when it "
+        "records it; else 1)",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     return p

@@ -137,10 +137,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..experiment import check_scored_split, run_evaluate
+    from ..export.loading import check_role_applies
 
     cfg = _cfg(args, ("data", "runtime"))
     split = args.split or cfg["test_split"]
     out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.checkpoint:
+        check_role_applies(args.checkpoint, args.role)
     try:  # before loading anything: a split without targets has nothing to score
         check_scored_split(cfg, split, "evaluate")
         scored = True

@@ -96,7 +96,9 @@ def _train_single_network(
     )
     best = _fit(cfg, module, out_dir, callbacks)
     model = load_reconstruction_model(best)
-    model_path = save_model_checkpoint(model, out_dir / "model.pt", role=role)
+    model_path = save_model_checkpoint(
+        model, out_dir / "model.pt", role=role, extra={"challenge": cfg["challenge"]}
+    )
     result = StageResult(name, str(out_dir), best, {"model": str(model_path)})
     result.save()
     return result
@@ -126,7 +128,7 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         **_optim(cfg),
     )
     best = _fit(cfg, module, out_dir)
-    teacher_path, student_path = export_sft(best, out_dir)
+    teacher_path, student_path = export_sft(best, out_dir, extra={"challenge": cfg["challenge"]})
     exports = {"teacher": str(teacher_path), "student_init": str(student_path)}
     result = StageResult("sft", str(out_dir), best, exports)
     result.save()

@@ -62,6 +62,8 @@ PathLike = Union[str, os.PathLike]
 EXPORT_FORMATS: Tuple[str, ...] = ("state_dict", "torchscript", "onnx")
 #: File suffix per format (``<stem>.<role><suffix>`` next to the checkpoint by default).
 SUFFIXES: Dict[str, str] = {"state_dict": ".pt", "torchscript": ".ts.pt", "onnx": ".onnx"}
+#: Coils of the example k-space a multi-coil export is traced and checked with.
+MULTICOIL_EXAMPLE_COILS = 4
 #: Example (H, W) for tracing when neither the caller nor the checkpoint gives one.
 DEFAULT_EXAMPLE_SHAPE: Tuple[int, int] = (320, 320)
 #: Name of the JSON metadata stored in TorchScript ``_extra_files`` and ONNX metadata_props.
@@ -105,10 +107,14 @@ def _role_of(ckpt: Dict[str, Any], role: str) -> str:
 
 
 def default_export_path(checkpoint: PathLike, format: str, role: str = "auto") -> Path:
-    """``<folder>/<stem>.<role>.{pt,ts.pt,onnx}`` next to ``checkpoint``."""
+    """``<folder>/<stem>.<role>.{pt,ts.pt,onnx}`` next to ``checkpoint`` (``<stem>.ts.pt`` /
+    ``<stem>.onnx`` for a network without a teacher or student role)."""
     _check_format(format)
     path = Path(checkpoint)
-    return path.with_name(f"{path.stem}.{resolve_role(path, role)}{SUFFIXES[format]}")
+    name = resolve_role(path, role)
+    if name == "model" and format != "state_dict":  # model.pt -> model.ts.pt, not model.model.
+        return path.with_name(f"{path.stem}{SUFFIXES[format]}")
+    return path.with_name(f"{path.stem}.{name}{SUFFIXES[format]}")
 
 
 # -- public entry point -------------------------------------------------------------------
@@ -118,7 +124,7 @@ def export_model(
     format: str = "state_dict",
     role: str = "auto",
     example_shape: Optional[Sequence[int]] = None,
-    coils: int = 1,
+    coils: Optional[int] = None,
     opset: Optional[int] = None,
 ) -> Path:
     """Write the teacher or the student of ``checkpoint`` alone, for deployment.
@@ -139,7 +145,10 @@ def export_model(
             second size too; the metadata says whether other sizes are accepted.
         coils: coils of the k-space the export will see; 1 gives the single-coil signature
             ``(masked_kspace, mask)``, more the SENSE one ``(masked_kspace, mask,
-            sens_maps)``.
+            sens_maps)`` (TorchScript and ONNX exports then accept any coil count). Default:
+            from the ``challenge`` the checkpoint records (the commands record it:
+            ``multicoil`` -> :data:`MULTICOIL_EXAMPLE_COILS`), else 1. TorchScript exports
+            check their inputs and refuse k-space of another kind.
         opset: ONNX opset (default: the exporter's).
 
     Returns:
@@ -153,13 +162,15 @@ def export_model(
     """
     _check_format(format)
     _check_role(role)
-    if coils < 1:
+    if coils is not None and coils < 1:
         raise ValueError(f"coils must be >= 1, got {coils}")
     out = Path(out_path)
     if not isinstance(checkpoint, nn.Module) and _same_file(out, Path(checkpoint)):
         raise ValueError(f"refusing to overwrite the source checkpoint {checkpoint}")
 
     model, meta, recorded_shape = _load(checkpoint, role)
+    if coils is None:
+        coils = MULTICOIL_EXAMPLE_COILS if meta.get("challenge") == "multicoil" else 1
     if example_shape is None:
         shape = recorded_shape or DEFAULT_EXAMPLE_SHAPE
     else:
@@ -194,7 +205,7 @@ def _load(
     if isinstance(checkpoint, nn.Module):
         # A CPU copy: the caller's module keeps its device and training mode.
         model = copy.deepcopy(checkpoint).cpu()
-        source, recorded = type(checkpoint).__name__, None
+        source, recorded, challenge = type(checkpoint).__name__, None, None
         role_name = resolve_role(checkpoint, role)
     else:
         # The loader reads the file again: checkpoints of a DC-CNN are small.
@@ -202,6 +213,7 @@ def _load(
         recorded, role_name = _recorded_shape(ckpt), _role_of(ckpt, role)
         model = load_reconstruction_model(checkpoint, role=role)
         source = str(checkpoint)
+        challenge = _recorded_challenge(ckpt)
     meta = {
         "role": role_name,
         "preset": getattr(model, "preset", None),
@@ -209,7 +221,23 @@ def _load(
         "source": source,
         "torch_version": torch.__version__,
     }
+    if challenge is not None:
+        meta["challenge"] = challenge
     return model, meta, recorded
+
+
+def _recorded_challenge(ckpt: Dict[str, Any]) -> Optional[str]:
+    """``singlecoil`` / ``multicoil`` as the commands record it beside the weights."""
+    places = (
+        (ckpt.get(FORMAT_KEY) or {}).get("extra") or {},
+        ckpt.get("hyper_parameters") or {},
+        ckpt.get("datamodule_hyper_parameters") or {},
+    )
+    for place in places:
+        value = place.get("challenge") if isinstance(place, dict) else None
+        if value in ("singlecoil", "multicoil"):
+            return value
+    return None
 
 
 def _recorded_shape(ckpt: Dict[str, Any]) -> Optional[Tuple[int, int]]:
@@ -233,6 +261,8 @@ def _export_state_dict(
     model: nn.Module, out: Path, meta: Dict[str, Any], example_shape: Optional[Sequence[int]]
 ) -> None:
     extra = {"exported_from": meta["source"]}
+    if "challenge" in meta:
+        extra["challenge"] = meta["challenge"]
     if example_shape is not None:
         extra["example_shape"] = list(_check_shape(example_shape))
     with _atomic_output(out) as tmp:
@@ -265,6 +295,64 @@ class _MultiCoil(nn.Module):
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
         return self.model(masked_kspace, mask, sens_maps)
+
+
+class _SingleCoilGuard(nn.Module):
+    """Checks a single-coil export's inputs before the (possibly traced) network runs: a
+    trace keeps no Python checks, and would otherwise reconstruct multi-coil k-space from
+    its first coil without a word."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor) -> Tensor:
+        if masked_kspace.dim() != 5 or masked_kspace.size(-1) != 2:
+            raise ValueError(
+                f"masked_kspace must be (B, coils, H, W, 2), got shape {masked_kspace.shape}"
+            )
+        if masked_kspace.size(1) != 1:
+            raise ValueError(
+                "this export is single-coil (inputs masked_kspace, mask) but masked_kspace "
+                f"has {masked_kspace.size(1)} coils; multi-coil data need an export with sens_maps "
+                "(export --coils N)"
+            )
+        if mask.dim() != 5 or mask.size(3) != masked_kspace.size(3):
+            raise ValueError(
+                f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, got shape {mask.shape}"
+            )
+        return self.inner(masked_kspace, mask)
+
+
+class _MultiCoilGuard(nn.Module):
+    """Checks a multi-coil export's inputs (see :class:`_SingleCoilGuard`)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
+        if masked_kspace.dim() != 5 or masked_kspace.size(-1) != 2:
+            raise ValueError(
+                f"masked_kspace must be (B, coils, H, W, 2), got shape {masked_kspace.shape}"
+            )
+        if sens_maps.shape != masked_kspace.shape:
+            raise ValueError(
+                f"sens_maps must have the k-space's shape {masked_kspace.shape}, got {sens_maps.shape}"
+            )
+        if mask.dim() != 5 or mask.size(3) != masked_kspace.size(3):
+            raise ValueError(
+                f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, got shape {mask.shape}"
+            )
+        return self.inner(masked_kspace, mask, sens_maps)
+
+
+def _guarded(module: nn.Module, coils: int) -> torch.jit.ScriptModule:
+    """``module`` (scripted or traced) behind a scripted check of its inputs."""
+    guard = _SingleCoilGuard(module) if coils == 1 else _MultiCoilGuard(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
+        return torch.jit.script(guard)
 
 
 def _wrap(model: nn.Module, coils: int) -> nn.Module:
@@ -359,6 +447,7 @@ def _export_torchscript(
     wrapper = _wrap(model, coils)
     inputs = _example_inputs(shape, coils)
     module, method, script_error = _script_or_trace(wrapper, inputs)
+    module = _guarded(module, coils)
     expected = _forward(wrapper, inputs)
     _check_close(_forward(module, inputs), expected, TORCHSCRIPT_ATOL, f"TorchScript ({method})")
 

@@ -144,6 +144,7 @@ def export_sft(
     teacher_config: Optional[Dict[str, Any]] = None,
     student_preset: Optional[str] = None,
     student_config: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
 ) -> Tuple[Path, Path]:
     """Write the SFT teacher and student initialisation as two model checkpoints.
 
@@ -162,6 +163,8 @@ def export_sft(
         teacher_filename, student_filename: names of the two files in ``out_dir``.
         teacher_preset, teacher_config, student_preset, student_config: see
             :func:`load_sft_models`.
+        extra: more metadata for both files (the commands record the data's ``challenge``,
+            from which the deployment export picks its input signature).
 
     Returns:
         ``(teacher_path, student_path)``.
@@ -179,7 +182,7 @@ def export_sft(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extra = {"stage": "sft", "sft_source": info["source"]}
+    extra = {**(extra or {}), "stage": "sft", "sft_source": info["source"]}
     teacher_path = save_model_checkpoint(
         teacher, out_dir / teacher_filename, role="teacher", extra=extra
     )

@@ -130,6 +130,15 @@ def test_sft_then_distill_multicoil(tiny_demo, tmp_path, capsys):
     metrics = (kd_dir / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "kd/at" in metrics and "kd/imitation" in metrics
     assert (kd_dir / "model.pt").is_file()
+    # the data's challenge is recorded beside the weights (the export's default signature)
+    from sftkd_fastmri.models import read_checkpoint
+
+    for path in (teacher, student, kd_dir / "model.pt"):
+        assert read_checkpoint(path)["sftkd_fastmri"]["extra"]["challenge"] == "multicoil"
+    assert main(["export", str(kd_dir / "model.pt"), "--format", "torchscript"]) == 0
+    assert "inputs (masked_kspace, mask, sens_maps)" in capsys.readouterr().out
+    assert main(["export", str(kd_dir / "model.pt"), "--role", "teacher"]) == 2
+    assert "holds one network" in capsys.readouterr().err
 
 
 def test_bad_input_gives_a_clear_error(tiny_demo, tmp_path, capsys):

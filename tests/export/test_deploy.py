@@ -243,3 +243,44 @@ def test_cli_state_dict_to_chosen_path(sources, tmp_path, capsys):
     assert main(["export", str(ckpt), "--format", "state_dict", "--out", str(out)]) == 0
     assert _same_weights(load_model(out), expected)
     assert str(out) in capsys.readouterr().out
+
+
+def test_torchscript_exports_check_their_inputs_and_follow_the_recorded_challenge(tmp_path):
+    """A trace keeps no Python checks: without the export's own guard, a single-coil export
+    reconstructs multi-coil k-space from its first coil without a word."""
+    torch.manual_seed(0)
+    net = create_model("dccnn_d3c5", chans=4)
+    plain = save_model_checkpoint(net, tmp_path / "plain.pt")
+    multi = save_model_checkpoint(net, tmp_path / "mc.pt", extra={"challenge": "multicoil"})
+
+    single_ts = export_model(plain, tmp_path / "single.ts.pt", format="torchscript")
+    module, meta = load_torchscript_export(single_ts)
+    assert meta["inputs"] == ["masked_kspace", "mask"] and "challenge" not in meta
+    kspace, mask, sens = _inputs(coils=3)
+    with pytest.raises(Exception, match="single-coil .* has 3 coils"):
+        module(kspace, mask)
+    with pytest.raises(Exception, match="mask must be"):
+        module(*_inputs(coils=1)[:1], mask[..., :5, :])
+
+    multi_ts = export_model(multi, tmp_path / "multi.ts.pt", format="torchscript")
+    module, meta = load_torchscript_export(multi_ts)
+    assert meta["inputs"] == ["masked_kspace", "mask", "sens_maps"]
+    assert meta["challenge"] == "multicoil"
+    torch.testing.assert_close(module(kspace, mask, sens), _eager(net, (kspace, mask, sens)))
+    with pytest.raises(Exception, match="sens_maps must have the k-space's shape"):
+        module(kspace, mask, sens[:, :2])
+    # an explicit coil count wins over the record
+    assert export_model(multi, tmp_path / "s2.ts.pt", format="torchscript", coils=1)
+    assert load_torchscript_export(tmp_path / "s2.ts.pt")[1]["inputs"] == ["masked_kspace", "mask"]
+
+
+def test_commands_record_the_challenge_beside_the_weights(tmp_path):
+    from sftkd_fastmri.models import read_checkpoint
+
+    torch.manual_seed(0)
+    net = create_model("dccnn_d3c5", chans=4)
+    ckpt = save_model_checkpoint(net, tmp_path / "m.pt", extra={"challenge": "multicoil"})
+    out = export_model(ckpt, tmp_path / "again.pt")  # a state-dict re-export keeps it
+    assert read_checkpoint(out)["sftkd_fastmri"]["extra"]["challenge"] == "multicoil"
+    plain = save_model_checkpoint(net, tmp_path / "model.pt")  # role "model"
+    assert default_export_path(plain, "torchscript").name == "model.ts.pt"
