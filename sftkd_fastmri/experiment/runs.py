@@ -2,8 +2,13 @@
 
 Every stage writes into its own ``out_dir``: Lightning checkpoints (``checkpoints/best.ckpt``
 chosen on the validation split, ``checkpoints/last.ckpt`` for resuming), plain model exports
-(``model.pt``; for SFT ``teacher.pt`` and ``student_init.pt``) and, last, ``done.json``. A
-stage whose ``done.json`` exists is complete; an interrupted one resumes from ``last.ckpt``.
+(``model.pt``; for SFT ``sft_teacher.ckpt`` and ``sft_student_init.ckpt``) and, last,
+``done.json``. A stage whose ``done.json`` exists is complete; an interrupted one resumes
+from ``last.ckpt``. ``run_config.json`` records the settings a run started with: resuming
+with other settings (another model, loss, KD method, learning rate, mask ...) is refused
+with the differences listed, rather than failing deep in Lightning or silently mixing two
+runs; the options in :data:`RUN_IDENTITY_KEYS` are compared, the others (epochs, devices,
+workers, paths, logging) may change between sessions.
 """
 
 from __future__ import annotations
@@ -22,9 +27,88 @@ from ..export.loading import load_reconstruction_model
 from ..models import save_model_checkpoint
 from .builders import CKPT_DIR, build_datamodule, build_trainer
 
-__all__ = ["StageResult", "run_distill", "run_evaluate", "run_sft", "run_train", "DONE_FILE"]
+__all__ = [
+    "DONE_FILE",
+    "RUN_IDENTITY_KEYS",
+    "RUN_CONFIG_FILE",
+    "StageResult",
+    "run_distill",
+    "run_evaluate",
+    "run_sft",
+    "run_train",
+]
 
 DONE_FILE = "done.json"
+RUN_CONFIG_FILE = "run_config.json"
+#: Options that define what a run trains: resuming from ``last.ckpt`` with any of them changed
+#: is refused. The rest (epochs, batch limits, devices, workers, paths, logging) may change.
+RUN_IDENTITY_KEYS = (
+    "challenge",
+    "train_split",
+    "val_split",
+    "mask_type",
+    "center_fractions",
+    "accelerations",
+    "fixed_mask",
+    "mask_path",
+    "kspace_from_target",
+    "sample_rate",
+    "volume_sample_rate",
+    "batch_size",
+    "seed",
+    "lr",
+    "lr_step_size",
+    "lr_gamma",
+    "weight_decay",
+    "loss",
+    "accumulate_grad_batches",
+    "model",
+    "model_overrides",
+    "init_checkpoint",
+    "teacher",
+    "student",
+    "teacher_overrides",
+    "student_overrides",
+    "train_first_student_cascade",
+    "teacher_weight",
+    "branch_weight",
+    "imitation_weight",
+    "teacher_checkpoint",
+    "methods",
+    "kd_schedule",
+    "kd_epochs",
+    "layers",
+    "loss_options",
+)
+#: Compared only for distillation runs (a study hands its KD options to every stage).
+_KD_KEYS = ("methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
+
+
+def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return json.loads(json.dumps(cfg, default=str, sort_keys=True))
+
+
+def _check_resume(cfg: Dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume a run in ``out_dir`` that was started with other settings."""
+    path = out_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return  # a run from before the record existed: nothing to compare
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        return
+    now = _jsonable(cfg)
+    keys = [k for k in RUN_IDENTITY_KEYS if cfg.get("teacher_checkpoint") or k not in _KD_KEYS]
+    changed = [k for k in keys if before.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
+        more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ValueError(
+            f"{out_dir} holds a run started with other settings ({shown}{more}), and resuming "
+            "it would continue that run. Use the same settings to resume it, another "
+            "--out-dir for a new run, or --resume false to start over there (its checkpoints "
+            "are replaced)"
+        )
 
 
 @dataclass
@@ -62,10 +146,15 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     Seeds again before building the data, so the masks and batch order of a stage depend on
     its seed alone (not on how many random numbers building its networks took)."""
     _seed(cfg)
-    datamodule = build_datamodule(cfg)
-    trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     last = out_dir / CKPT_DIR / "last.ckpt"
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
+    if resume:
+        _check_resume(cfg, out_dir)
+        _say_if_finished(last, int(cfg["max_epochs"]))
+    datamodule = build_datamodule(cfg)
+    trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
+    if not resume:
+        atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(_jsonable(cfg), indent=2))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     best = trainer.checkpoint_callback.best_model_path
     if not best or not Path(best).is_file():
@@ -73,6 +162,22 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     if not Path(best).is_file():
         raise RuntimeError(f"training in {out_dir} produced no checkpoint")
     return best
+
+
+def _say_if_finished(last: Path, max_epochs: int) -> None:
+    """Say so when the run to resume has already trained ``max_epochs`` epochs (Lightning's
+    final ``last.ckpt`` records ``epoch`` = the epochs trained)."""
+    try:
+        epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
+    except Exception:  # Lightning reports an unreadable checkpoint itself
+        return
+    if epoch >= max_epochs:
+        print(
+            f"{last.parent.parent}: this run has already trained max_epochs={max_epochs} "
+            "epochs; nothing to train (raise --max-epochs to train on, or --resume false to "
+            "start over)",
+            flush=True,
+        )
 
 
 def _optim(cfg: Dict[str, Any]) -> Dict[str, Any]:

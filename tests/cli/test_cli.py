@@ -57,6 +57,17 @@ def test_train_with_config_file_flags_override_and_resume(tiny_demo, tmp_path, c
     resumed = (out_dir / "logs" / "version_1" / "metrics.csv").read_text().splitlines()
     epoch_col = resumed[0].split(",").index("epoch")
     assert {row.split(",")[epoch_col] for row in resumed[1:]} == {"1"}
+    # the same settings again: the run is finished, and says so
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already trained max_epochs=2 epochs; nothing to train" in capsys.readouterr().out
+    # other settings in the same folder: refused before anything trains, differences listed
+    before = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
+    assert main([*argv, "--model", "dccnn_d5c5", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run started with other settings" in err
+    assert "model: 'dccnn_d3c5' then, 'dccnn_d5c5' now" in err and "lr: 0.001 then, 0.5 now" in err
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == before
 
     eval_dir = tmp_path / "eval"
     capsys.readouterr()
