@@ -77,7 +77,10 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
         kwargs["volumes_per_split"] = args.volumes
     if args.slices:
         kwargs["slices_per_volume"] = args.slices
-    info = write_demo_data(args.out_dir, **kwargs)
+    try:
+        info = write_demo_data(args.out_dir, **kwargs)
+    except FileExistsError as err:  # the library's wording names its keyword argument
+        raise FileExistsError(str(err).replace("overwrite=True", "--overwrite")) from None
     print(f"demo data ({info.backend}) written to {args.out_dir}")
     return 0
 
@@ -97,8 +100,8 @@ def cmd_holdout_split(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(
-        f"{len(result.select)} volume(s) -> {result.select_dir} (use --val-split "
-        f"{args.select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
+        f"{len(result.select)} volume(s) -> {result.select_dir} (use --"
+        f"{'val' if args.source == 'val' else 'train'}-split {args.select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
         f"--test-split {args.test_name})"
     )
     return 0
@@ -203,11 +206,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# brain multi-coil only, 3 training volumes: the whole study fits in ~10 minutes on 2 cores
+# brain multi-coil only, 3 training volumes: the whole study takes about a minute on 2 cores
 _DEMO_DATA = dict(challenges=("multicoil",), volumes_per_split={"train": 3, "val": 2, "test": 2})
 
 
 # -- parser -------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+#: What each study-level key of a pipeline config means (shown by ``pipeline --help``).
+STUDY_KEY_HELP = {
+    "teacher": "teacher preset",
+    "student": "student preset",
+    "teacher_overrides": "preset overrides of the teacher, e.g. {chans: 64}",
+    "student_overrides": "preset overrides of the student",
+    "methods": "KD methods and weights, each distilled from the standard and the SFT teacher",
+    "kd_schedule": "joint (the paper) or two_stage",
+    "kd_epochs": "two_stage: epochs of KD alone before the fine-tuning",
+    "layers": "KD layer pairings per method (default: the presets' pairings)",
+    "loss_options": "options per KD method, e.g. {at: {p: 2}}",
+    "epochs": "epochs per stage: a number, or {teacher, student, sft, kd} (default: max_epochs)",
+    "controls": "also train control (a): the SFT student initialisation without KD",
+    "seeds": "seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
+    "train_first_student_cascade": "SFT branch 0 trains the student's first cascade",
+    "teacher_weight": "SFT loss weight of the teacher term",
+    "branch_weight": "SFT loss weight of the student-branch term",
+    "imitation_weight": "SFT loss weight of the branch-to-teacher imitation term",
+    "profile_device": "device of the report's latency and memory columns",
+    "figure_volume": "volume shown in the reconstruction panel (default: the first)",
+    "title": "report title",
+}
+
+
+def _study_keys_help() -> str:
+    from ..pipeline import STUDY_DEFAULTS
+
+    lines = [
+        "Study keys (YAML config only; see examples/configs/*.yaml). Outputs go to --out-dir "
+        "(default: runs/study):",
+    ]
+    for key, default in STUDY_DEFAULTS.items():
+        shown = "" if default in (None, {}) else f" [default: {default}]"
+        lines.append(f"  {key:<28} {STUDY_KEY_HELP.get(key, '')}{shown}")
+    return "\n".join(lines)
+
+
 class _MergeMethods(argparse.Action):
     """``--method at --method fitnet=0.5``: each use adds losses to ``methods``."""
 
@@ -250,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
@@ -332,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(p)
     add_options(p, ("data", "optim", "trainer", "runtime"))
+    p.epilog = _study_keys_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
 
     p = command(
         "demo",
@@ -340,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default="sftkd_demo", help="output folder (default: sftkd_demo)")
     p.add_argument("--data-dir", help="demo data folder (default: OUT_DIR/data)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per stage (default: demo's)")
+    p.add_argument(
+        "--epochs", type=_positive_int, default=None, help="epochs per stage (default: demo's)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     for hook in _EXTRA_COMMANDS:
         hook(command)

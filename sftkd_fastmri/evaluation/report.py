@@ -61,7 +61,7 @@ METHOD_NAMES = {
     "imitation": "Imitation",
 }
 
-MIN_SEEDS = 3  # method.md section 6: fewer seeds cannot separate 0.1-0.3 dB from seed noise
+MIN_SEEDS = 3  # fewer seeds cannot separate 0.1-0.3 dB from seed noise
 # Smallest teacher-student gap (dB PSNR) that "gap closed" divides by; seed noise at demo scale
 # is a few tenths of a dB, so a fraction of a smaller gap is noise magnified.
 MIN_GAP_DB = 0.1
@@ -353,7 +353,7 @@ def build_report(
         meta: free-form facts about the study, rendered at the top of the Markdown. Keys the
             report itself reads: ``title``; ``seeds`` (a list or a count; by default the fewest
             seeds of any learned model); ``split`` (the split the metrics come from);
-            ``epochs`` (mapping stage -> epochs, for control (b) of method.md section 6).
+            ``epochs`` (mapping stage -> epochs, for control (b), equal epoch budgets).
         min_gap_db: Smallest teacher-student PSNR gap for which "gap closed" is reported; below
             it (or with a student better than its teacher) the fraction is ``None``: divided by
             a gap smaller than seed noise it only magnifies noise (a 0.03 dB gap turns a
@@ -535,7 +535,8 @@ def _kd_table(
 
 
 def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
-    """The fair-comparison caveats of method.md section 6 that apply to this study."""
+    """The fair-comparison caveats (what the paper's protocol does not control) that apply
+    to this study."""
     out: List[str] = []
     if report.num_seeds < MIN_SEEDS:
         out.append(
@@ -790,7 +791,8 @@ def _meta_lines(report: Report) -> List[str]:
         elif isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v)
         out.append(f"{k}: {v}")
-    out.append(f"seeds: {report.num_seeds}")
+    if "seeds" not in report.meta:
+        out.append(f"number of seeds: {report.num_seeds}")
     return out
 
 
@@ -823,7 +825,7 @@ def _render(report: Report, markdown: bool) -> str:
         section("How the numbers were measured")
         bullets(_measurement_lines(report))
     if report.caveats:
-        section("Fair-comparison caveats (method.md section 6)")
+        section("Fair-comparison caveats")
         bullets(report.caveats)
     return "\n".join(lines) + "\n"
 

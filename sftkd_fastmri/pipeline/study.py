@@ -260,6 +260,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
         "teacher": cfg["teacher"],
         "student": cfg["student"],
         "methods": _methods(cfg),
+        "seeds": seeds,
         "data_path": str(cfg.get("data_path")),
     }
     report = build_report(entries, meta)
