@@ -199,6 +199,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         info = write_demo_data(data_dir, seed=0, progress=not args.quiet, **_DEMO_DATA)
         print(f"demo data ({info.backend}) written to {data_dir}")
+    if args.quiet:  # Lightning's per-stage notes (devices, batch limits, tips) as well
+        import logging
+
+        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     cfg = demo_config(data_dir, out_dir, epochs=args.epochs, progress=not args.quiet)
     result = run_study(cfg)
     result.report.print()
@@ -395,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--epochs", type=_positive_int, default=None, help="epochs per stage (default: demo's)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no Lightning info lines")
     for hook in _EXTRA_COMMANDS:
         hook(command)
     return parser
