@@ -1,5 +1,6 @@
 """Lightning callbacks: drop-in knowledge distillation for reconstruction modules."""
 
 from .distillation import DistillationCallback, find_network
+from .finite import FiniteLossCheck, NonFiniteLossError
 
-__all__ = ["DistillationCallback", "find_network"]
+__all__ = ["DistillationCallback", "FiniteLossCheck", "NonFiniteLossError", "find_network"]

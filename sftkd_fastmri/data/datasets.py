@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import h5py
+import numpy as np
 from fastmri.data import SliceDataset
 
 from .transforms import DataError
@@ -46,33 +47,65 @@ def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
             f"{fname}: not an HDF5 file; every entry of a fastMRI split folder must be a "
             ".h5 volume (move other files elsewhere)"
         )
-    with h5py.File(fname, "r") as hf:
-        for key in ("kspace", "ismrmrd_header"):
-            if key not in hf:
-                raise DataError(f"{fname}: missing dataset '{key}'")
-        ndim = 3 if challenge == "singlecoil" else 4
-        if hf["kspace"].ndim != ndim:
-            layout = "(slices, H, W)" if ndim == 3 else "(slices, coils, H, W)"
+    try:
+        hf = h5py.File(fname, "r")
+    except OSError as err:  # truncated or damaged files: h5py's own words, with the name
+        raise DataError(
+            f"{fname}: unreadable HDF5 file ({err}); a copy or download that was cut short? "
+            "Replace or remove it"
+        ) from None
+    with hf:
+        _check_open_volume(hf, fname, challenge, require_target)
+
+
+def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_target: bool) -> None:
+    for key in ("kspace", "ismrmrd_header"):
+        if key not in hf:
+            raise DataError(f"{fname}: missing dataset '{key}'")
+        if not isinstance(hf[key], h5py.Dataset):
+            raise DataError(f"{fname}: '{key}' is an HDF5 group; expected a dataset")
+    if not np.issubdtype(hf["kspace"].dtype, np.complexfloating):
+        raise DataError(
+            f"{fname}: 'kspace' has dtype {hf['kspace'].dtype}; fastMRI k-space is complex "
+            "(complex64)"
+        )
+    ndim = 3 if challenge == "singlecoil" else 4
+    if hf["kspace"].ndim != ndim:
+        layout = "(slices, H, W)" if ndim == 3 else "(slices, coils, H, W)"
+        raise DataError(
+            f"{fname}: 'kspace' has shape {hf['kspace'].shape}; {challenge} data must be {layout}"
+        )
+    target_key = TARGET_KEYS[challenge]
+    if require_target:
+        if target_key not in hf:
+            raise DataError(f"{fname}: missing target dataset '{target_key}'")
+        if hf[target_key].shape[0] != hf["kspace"].shape[0]:
             raise DataError(
-                f"{fname}: 'kspace' has shape {hf['kspace'].shape}; {challenge} data must be "
-                f"{layout}"
+                f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
+                f"has {hf['kspace'].shape[0]}"
             )
-        target_key = TARGET_KEYS[challenge]
-        if require_target:
-            if target_key not in hf:
-                raise DataError(f"{fname}: missing target dataset '{target_key}'")
-            if hf[target_key].shape[0] != hf["kspace"].shape[0]:
-                raise DataError(
-                    f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
-                    f"has {hf['kspace'].shape[0]}"
-                )
-            if "max" not in hf.attrs:
-                raise DataError(f"{fname}: missing attribute 'max' (the target volume maximum)")
-        elif target_key not in hf and "mask" not in hf:
+        if not isinstance(hf[target_key], h5py.Dataset) or hf[target_key].ndim != 3:
             raise DataError(
-                f"{fname}: has neither a target '{target_key}' nor a 'mask' dataset; cannot "
-                "evaluate it"
+                f"{fname}: '{target_key}' must be a (slices, H, W) dataset, got "
+                f"{getattr(hf[target_key], 'shape', 'a group')}"
             )
+        if np.issubdtype(hf[target_key].dtype, np.complexfloating):
+            raise DataError(f"{fname}: '{target_key}' is complex; expected magnitude images")
+        if "max" not in hf.attrs:
+            raise DataError(f"{fname}: missing attribute 'max' (the target volume maximum)")
+        try:
+            max_value = float(hf.attrs["max"])
+        except (TypeError, ValueError):
+            max_value = float("nan")
+        if not (np.isfinite(max_value) and max_value > 0):
+            raise DataError(
+                f"{fname}: attribute 'max' is {hf.attrs['max']!r}; expected the target "
+                "volume's maximum, a finite number > 0 (PSNR and SSIM use it as data range)"
+            )
+    elif target_key not in hf and "mask" not in hf:
+        raise DataError(
+            f"{fname}: has neither a target '{target_key}' nor a 'mask' dataset; cannot evaluate it"
+        )
 
 
 def keep_every_slice(raw_sample) -> bool:

@@ -209,6 +209,15 @@ class DCCNNDataTransform:
             raise DataError(f"{where}: 'kspace' holds NaN or Inf values")
         if target is not None and self.check_finite and not np.isfinite(target).all():
             raise DataError(f"{where}: target holds NaN or Inf values")
+        if not self.kspace_from_target and not np.iscomplexobj(kspace):
+            raise DataError(
+                f"{where}: 'kspace' has dtype {kspace.dtype}; fastMRI k-space is complex"
+            )
+        if target is not None and (target.ndim != 2 or np.iscomplexobj(target)):
+            raise DataError(
+                f"{where}: target slice must be a real (H, W) image, got shape "
+                f"{target.shape} and dtype {target.dtype}"
+            )
 
         recon_size = attrs.get("recon_size")
         if target is not None:
@@ -258,6 +267,11 @@ class DCCNNDataTransform:
                     f"{where}: 'mask' has {mask_np.shape[0]} entries, k-space has {num_cols} "
                     "columns (last axis)"
                 )
+            if not np.isin(mask_np, (0, 1)).all() or not mask_np.any():
+                raise DataError(
+                    f"{where}: 'mask' must hold 0/1 per k-space column with at least one "
+                    f"sampled column, got values {np.unique(mask_np)[:6].tolist()}"
+                )
             mask_t = torch.from_numpy(mask_np.astype(np.float32)).reshape(1, 1, num_cols, 1)
             masked = kspace_t * mask_t + 0.0
             num_low = num_low_frequencies_of(mask_np)
@@ -277,9 +291,24 @@ class DCCNNDataTransform:
             sens_maps = torch.zeros(0)
             combined = coil_images[0]
         zero_filled = center_crop(combined.abs(), _fit(crop_size, masked))
+        if target is not None and tuple(zero_filled.shape) != tuple(target.shape):
+            # k-space narrower than the target (fastMRI's brain FLAIR files of width 203):
+            # the target is centre-cropped to the image, as fastMRI's own transforms do
+            target = center_crop(target, tuple(zero_filled.shape))
         scale = zero_filled.max()
-        if not torch.isfinite(scale) or scale <= 0:
-            scale = torch.tensor(1.0)
+        if not (torch.isfinite(scale) and scale > 0):
+            # Zero in every acquired column, or values beyond float32: nothing to normalise
+            # by, and every network output would be NaN.
+            raise DataError(
+                f"{where}: the zero-filled image is "
+                f"{'all zero' if scale == 0 else 'not finite'} (k-space zero in every acquired "
+                "column, or too large for float32); the slice cannot be normalised"
+            )
+        if self.check_finite and coils > 1 and not torch.isfinite(sens_maps).all():
+            raise DataError(
+                f"{where}: the coil sensitivities estimated from the ACS region are not "
+                "finite (k-space too large for float32?)"
+            )
 
         if target is not None:
             target_t = to_tensor(target).float() / scale

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from ..callbacks.finite import FiniteLossCheck
 from ..data.datasets import TARGET_KEYS
 from ..pl_modules import FastMRIDataModule, split_has_targets
 
@@ -146,7 +147,7 @@ def build_trainer(
         limit_train_batches=batch_limit(cfg["limit_train_batches"]),
         limit_val_batches=batch_limit(cfg["limit_val_batches"]),
         accumulate_grad_batches=cfg["accumulate_grad_batches"],
-        callbacks=[checkpoint, *(callbacks or [])],
+        callbacks=[checkpoint, FiniteLossCheck(), *(callbacks or [])],
         logger=logger,
         enable_progress_bar=cfg["progress"],
         enable_model_summary=cfg["progress"],

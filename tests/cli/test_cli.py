@@ -245,6 +245,9 @@ def test_batch_limits_read_as_lightning_does(tmp_path, capsys):
         tmp_path / "run",
     )  # fmt: skip
     assert trainer.limit_train_batches == 1 and trainer.limit_val_batches == 5
+    from sftkd_fastmri.callbacks import FiniteLossCheck
+
+    assert any(isinstance(c, FiniteLossCheck) for c in trainer.callbacks)  # every command
     with pytest.raises(ValueError, match="fraction in \\[0, 1\\]"):
         batch_limit(2.5)
 

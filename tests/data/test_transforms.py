@@ -147,6 +147,32 @@ def test_bad_slices_raise_clear_errors():
         DCCNNDataTransform(None)(kspace, None, None, attrs, "f.h5", 0)
     with pytest.raises(DataError, match=r"must be \(H, W\)"):
         t(kspace[None, None], None, target, attrs, "f.h5", 0)
+    # slices that would otherwise train every weight to NaN, or silently wrong inputs
+    with pytest.raises(DataError, match="f.h5 slice 0: the zero-filled image is all zero"):
+        t(np.zeros_like(kspace), None, target, attrs, "f.h5", 0)
+    huge, _, _ = _slice(coils=3)
+    huge[:, :, 5] = 1e30  # a centre (always sampled) column: squares overflow float32
+    with pytest.raises(DataError, match="f.h5 slice 0: .*too large for float32"):
+        t(huge, None, target, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match="dtype float32; fastMRI k-space is complex"):
+        t(kspace.real.astype(np.float32), None, target, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match="'mask' must hold 0/1"):
+        DCCNNDataTransform(None)(kspace, np.full(10, 0.5), None, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match="at least one sampled column"):
+        DCCNNDataTransform(None)(kspace, np.zeros(10), None, attrs, "f.h5", 0)
+    with pytest.raises(DataError, match=r"target slice must be a real \(H, W\) image"):
+        t(kspace, None, target[0], attrs, "f.h5", 0)
+
+
+def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():
+    """fastMRI's brain FLAIR files are narrower than their 320 x 320 targets: fastMRI's
+    transforms centre-crop the target to the image; so does this one (before: a shape error
+    at the loss)."""
+    kspace, target, attrs = _slice()
+    wide = np.pad(target, ((0, 0), (3, 3)))  # 6 columns wider than the k-space
+    sample = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))(kspace, None, wide, attrs, "f", 0)
+    assert sample.target.shape == sample.zero_filled.shape == target.shape
+    torch.testing.assert_close(sample.target * sample.scale, torch.from_numpy(target).float())
 
 
 def test_kspace_from_target_matches_target():
@@ -204,6 +230,47 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
         CheckedSliceDataset(tmp_path / "nowhere", "singlecoil")
     with pytest.raises(DataError, match=r"multicoil data must be \(slices, coils, H, W\)"):
         CheckedSliceDataset(demo_root / "singlecoil_val", "multicoil")
+
+
+def test_checked_dataset_names_damaged_volumes(demo_root, tmp_path):
+    src = sorted((demo_root / "singlecoil_val").glob("*.h5"))[0]
+    folder = tmp_path / "singlecoil_val"
+    folder.mkdir()
+    vol = folder / "v.h5"
+
+    def fresh():
+        vol.write_bytes(src.read_bytes())
+
+    fresh()
+    vol.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # a cut-short copy
+    with pytest.raises(DataError, match="v.h5: unreadable HDF5 file"):
+        CheckedSliceDataset(folder, "singlecoil")
+    for value, shown in ((np.nan, "nan"), (0.0, "0.0"), (-1.0, "-1.0"), ("big", "big")):
+        fresh()
+        with h5py.File(vol, "a") as hf:
+            hf.attrs["max"] = value
+        with pytest.raises(DataError, match=f"v.h5: attribute 'max' is .*{shown}.*finite number"):
+            CheckedSliceDataset(folder, "singlecoil")
+    fresh()
+    with h5py.File(vol, "a") as hf:
+        target = hf["reconstruction_esc"][()]
+        del hf["reconstruction_esc"]
+        hf["reconstruction_esc"] = target[:, 0]  # 2-D
+    with pytest.raises(DataError, match=r"'reconstruction_esc' must be a \(slices, H, W\)"):
+        CheckedSliceDataset(folder, "singlecoil")
+    fresh()
+    with h5py.File(vol, "a") as hf:
+        kspace = hf["kspace"][()]
+        del hf["kspace"]
+        hf["kspace"] = kspace.real.astype(np.float32)
+    with pytest.raises(DataError, match="v.h5: 'kspace' has dtype float32"):
+        CheckedSliceDataset(folder, "singlecoil")
+    fresh()
+    with h5py.File(vol, "a") as hf:
+        del hf["kspace"]
+        hf.create_group("kspace")
+    with pytest.raises(DataError, match="v.h5: 'kspace' is an HDF5 group"):
+        CheckedSliceDataset(folder, "singlecoil")
 
 
 def test_checked_dataset_slice_errors_name_the_path(demo_root, tmp_path):
