@@ -32,6 +32,7 @@ __all__ = [
     "RUN_IDENTITY_KEYS",
     "RUN_CONFIG_FILE",
     "StageResult",
+    "check_run_settings",
     "run_distill",
     "run_evaluate",
     "run_sft",
@@ -88,8 +89,13 @@ def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(cfg, default=str, sort_keys=True))
 
 
-def _check_resume(cfg: Dict[str, Any], out_dir: Path) -> None:
-    """Refuse to resume a run in ``out_dir`` that was started with other settings."""
+def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool = False) -> None:
+    """Raise ValueError when ``out_dir`` holds a run started with other settings than
+    ``cfg`` (the :data:`RUN_IDENTITY_KEYS` recorded in its ``run_config.json``).
+
+    ``finished``: the run is complete (a study about to reuse it) rather than about to resume.
+    """
+    out_dir = Path(out_dir)
     path = out_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return  # a run from before the record existed: nothing to compare
@@ -100,15 +106,22 @@ def _check_resume(cfg: Dict[str, Any], out_dir: Path) -> None:
     now = _jsonable(cfg)
     keys = [k for k in RUN_IDENTITY_KEYS if cfg.get("teacher_checkpoint") or k not in _KD_KEYS]
     changed = [k for k in keys if before.get(k) != now.get(k)]
-    if changed:
-        shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
-        more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+    if not changed:
+        return
+    shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
+    more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+    if finished:
         raise ValueError(
-            f"{out_dir} holds a run started with other settings ({shown}{more}), and resuming "
-            "it would continue that run. Use the same settings to resume it, another "
-            "--out-dir for a new run, or --resume false to start over there (its checkpoints "
-            "are replaced)"
+            f"{out_dir} holds a finished run with other settings ({shown}{more}), which this "
+            "study would reuse as if it matched. Use another out_dir for the new settings, or "
+            "remove that folder to train it again"
         )
+    raise ValueError(
+        f"{out_dir} holds a run started with other settings ({shown}{more}), and resuming "
+        "it would continue that run. Use the same settings to resume it, another "
+        "--out-dir for a new run, or --resume false to start over there (its checkpoints "
+        "are replaced)"
+    )
 
 
 @dataclass
@@ -149,7 +162,7 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     last = out_dir / CKPT_DIR / "last.ckpt"
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume:
-        _check_resume(cfg, out_dir)
+        check_run_settings(cfg, out_dir)
         _say_if_finished(last, int(cfg["max_epochs"]))
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))

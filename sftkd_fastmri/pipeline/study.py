@@ -32,6 +32,7 @@ from ..evaluation.report import ModelEntry, Report, build_report, write_report
 from ..experiment import (
     StageResult,
     build_datamodule,
+    check_run_settings,
     check_scored_split,
     resolve_data_path,
     run_distill,
@@ -107,14 +108,15 @@ def _stage(
     name: str, cfg: Dict[str, Any], root: Path, runner, log: List[str], **overrides: Any
 ) -> StageResult:
     out_dir = root / name
-    done = StageResult.load(out_dir)
-    if done is not None:
-        log.append(f"[skip] {name}: finished earlier ({out_dir})")
-        print(log[-1], flush=True)
-        return done
     stage_cfg = copy.deepcopy(cfg)
     stage_cfg.update(overrides)
     stage_cfg["out_dir"] = str(out_dir)
+    done = StageResult.load(out_dir)
+    if done is not None:
+        check_run_settings(stage_cfg, out_dir, finished=True)
+        log.append(f"[skip] {name}: finished earlier ({out_dir})")
+        print(log[-1], flush=True)
+        return done
     print(f"[run ] {name} -> {out_dir}", flush=True)
     result = runner(stage_cfg)
     log.append(f"[done] {name}")

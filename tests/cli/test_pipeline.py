@@ -55,3 +55,12 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert main(["pipeline", "--config", str(path)]) == 0
     log = (out_dir / "stages.log").read_text()
     assert log.count("[skip]") == 8 and "[done]" not in log
+    # with other settings the finished stages are not passed off as the new ones
+    capsys.readouterr()
+    changed = {**config, "accelerations": [8], "lr": 0.01}
+    path.write_text(yaml.safe_dump(changed))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run with other settings" in err
+    assert "accelerations: [4] then, [8] now" in err and "lr: 0.001 then, 0.01 now" in err
+    assert (out_dir / "stages.log").read_text() == log  # nothing rewritten
