@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .._io import atomic_write_text
-from .options import add_options, load_config, mapping_option, resolve
+from .options import (
+    _bool,
+    add_options,
+    load_config,
+    mapping_option,
+    nonnegative_int,
+    resolve,
+)
 
 DESCRIPTION = """\
 SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
@@ -181,6 +188,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     for key, value in STUDY_DEFAULTS.items():
         cfg.setdefault(key, value)
     cfg.setdefault("out_dir", None)
+    source = args.config or "the config"
+    seeds = cfg.get("seeds")
+    if seeds is not None:
+        items = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+        try:
+            cfg["seeds"] = [nonnegative_int(s) for s in items]
+        except argparse.ArgumentTypeError as err:
+            raise SystemExit(f"error: {source}: seeds: {err} (a list such as [0, 1, 2])") from None
+    try:
+        cfg["controls"] = _bool(cfg["controls"])
+        cfg["train_first_student_cascade"] = _bool(cfg["train_first_student_cascade"])
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"error: {source}: {err}") from None
     result = run_study(cfg)
     result.report.print()
     print(study_summary(result))

@@ -36,6 +36,83 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _number(text: Any, kind: type) -> Any:
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}")
+    try:
+        if kind is int:
+            value = float(text) if isinstance(text, float) else int(str(text).strip())
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            return value
+        return float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
+def positive_int(text: Any) -> int:
+    """An integer >= 1 (epochs, batch size, acceleration, ...)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: Any) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def integer(text: Any) -> int:
+    return _number(text, int)
+
+
+def number(text: Any) -> float:
+    return _number(text, float)
+
+
+def positive_number(text: Any) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_number(text: Any) -> float:
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def open_fraction(text: Any) -> float:
+    """A fraction strictly between 0 and 1 (fully sampled centre fraction)."""
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+def rate(text: Any) -> float:
+    """A fraction in (0, 1] (sample rates)."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def text_value(text: Any) -> str:
+    if isinstance(text, (dict, list, tuple)):
+        raise argparse.ArgumentTypeError(f"expected a single value, got {text!r}")
+    return str(text)
+
+
 def fraction_or_count(text: Any):
     """argparse type of ``--limit-*-batches`` (see :func:`..experiment.builders.batch_limit`)."""
     from ..experiment.builders import batch_limit
@@ -48,6 +125,12 @@ def fraction_or_count(text: Any):
 
 def mapping_option(text: str) -> Dict[str, Any]:
     """``at=1.0,imitation=0.5`` (a bare name means 1.0) or JSON -> dict."""
+    if isinstance(text, dict):
+        return dict(text)
+    if not isinstance(text, str):
+        raise argparse.ArgumentTypeError(
+            f"expected a mapping (name=value,... or {{name: value}}), got {text!r}"
+        )
     text = text.strip()
     if text.startswith("{"):
         return json.loads(text)
@@ -76,47 +159,47 @@ GROUPS: Dict[str, List[Option]] = {
             None,
             "fastMRI-layout folder holding {challenge}_{split} sub-folders "
             "(e.g. .../knee or .../brain); see also --data-config",
-            str,
+            text_value,
         ),
         _O(
             "data_config",
             None,
             "fastMRI's fastmri_dirs.yaml; with --dataset knee|brain it supplies data_path",
-            str,
+            text_value,
         ),
         _O(
             "dataset",
             None,
             "key prefix in --data-config: 'knee' or 'brain'",
-            str,
+            text_value,
             choices=("knee", "brain"),
         ),
         _O(
             "challenge",
             "singlecoil",
             "singlecoil or multicoil",
-            str,
+            text_value,
             choices=("singlecoil", "multicoil"),
         ),
-        _O("train_split", "train", "training split name", str),
-        _O("val_split", "val", "validation split name (checkpoint selection)", str),
-        _O("test_split", "test", "held-out split for evaluation", str),
+        _O("train_split", "train", "training split name", text_value),
+        _O("val_split", "val", "validation split name (checkpoint selection)", text_value),
+        _O("test_split", "test", "held-out split for evaluation", text_value),
         _O(
             "mask_type",
             "random",
             "fastMRI mask type",
-            str,
+            text_value,
             choices=("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction"),
         ),
-        _O("center_fractions", [0.08], "fully sampled centre fraction(s)", float, "+"),
-        _O("accelerations", [4], "acceleration(s)", int, "+"),
+        _O("center_fractions", [0.08], "fully sampled centre fraction(s)", open_fraction, "+"),
+        _O("accelerations", [4], "acceleration(s)", positive_int, "+"),
         _O(
             "fixed_mask",
             False,
             "one mask for every slice, drawn from --seed (the paper's protocol)",
             _bool,
         ),
-        _O("mask_path", None, ".npy file with a fixed 1-D mask (W,)", str),
+        _O("mask_path", None, ".npy file with a fixed 1-D mask (W,)", text_value),
         _O(
             "kspace_from_target",
             False,
@@ -124,27 +207,27 @@ GROUPS: Dict[str, List[Option]] = {
             "magnitude (the paper's protocol on magnitude images)",
             _bool,
         ),
-        _O("sample_rate", 1.0, "fraction of training slices to use", float),
+        _O("sample_rate", 1.0, "fraction of training slices to use", rate),
         _O(
             "volume_sample_rate",
             None,
             "fraction of training volumes to use (all their slices); not with --sample-rate",
-            float,
+            rate,
         ),
-        _O("batch_size", 4, "batch size", int),
-        _O("num_workers", 0, "DataLoader workers", int),
-        _O("seed", 0, "random seed (weights, masks, shuffling)", int),
+        _O("batch_size", 4, "batch size", positive_int),
+        _O("num_workers", 0, "DataLoader workers", nonnegative_int),
+        _O("seed", 0, "random seed (weights, masks, shuffling)", nonnegative_int),
     ],
     "optim": [
-        _O("lr", 1e-3, "Adam learning rate", float),
-        _O("lr_step_size", 40, "StepLR step (epochs)", int),
-        _O("lr_gamma", 0.1, "StepLR decay", float),
-        _O("weight_decay", 0.0, "Adam weight decay", float),
-        _O("loss", "l1", "reconstruction loss", str),
+        _O("lr", 1e-3, "Adam learning rate", positive_number),
+        _O("lr_step_size", 40, "StepLR step (epochs)", positive_int),
+        _O("lr_gamma", 0.1, "StepLR decay", positive_number),
+        _O("weight_decay", 0.0, "Adam weight decay", nonnegative_number),
+        _O("loss", "l1", "reconstruction loss", text_value),
     ],
     "trainer": [
-        _O("out_dir", None, "output folder (checkpoints, logs, exports)", str),
-        _O("max_epochs", 150, "training epochs", int),
+        _O("out_dir", None, "output folder (checkpoints, logs, exports)", text_value),
+        _O("max_epochs", 150, "training epochs", positive_int),
         _O(
             "limit_train_batches",
             1.0,
@@ -157,26 +240,35 @@ GROUPS: Dict[str, List[Option]] = {
             "validation batches: a fraction (0.5; 1.0 = all) or a number (1 = one batch)",
             fraction_or_count,
         ),
-        _O("accumulate_grad_batches", 1, "gradient accumulation", int),
+        _O("accumulate_grad_batches", 1, "gradient accumulation", positive_int),
         _O("resume", True, "resume from out_dir/checkpoints/last.ckpt when it exists", _bool),
         _O(
-            "logger", "csv", "csv, tensorboard or none", str, choices=("csv", "tensorboard", "none")
+            "logger",
+            "csv",
+            "csv, tensorboard or none",
+            text_value,
+            choices=("csv", "tensorboard", "none"),
         ),
     ],
     "runtime": [
-        _O("accelerator", "auto", "Lightning accelerator: auto, cpu, gpu", str),
-        _O("devices", 1, "number of devices", int),
-        _O("precision", "32-true", "Lightning precision, e.g. 32-true, bf16-mixed", str),
+        _O("accelerator", "auto", "Lightning accelerator: auto, cpu, gpu", text_value),
+        _O("devices", 1, "number of devices", positive_int),
+        _O("precision", "32-true", "Lightning precision, e.g. 32-true, bf16-mixed", text_value),
         _O("progress", True, "show progress bars", _bool),
     ],
     "model": [
-        _O("model", "dccnn_d5c5", "model preset (see `sftkd-fastmri models`)", str),
+        _O("model", "dccnn_d5c5", "model preset (see `sftkd-fastmri models`)", text_value),
         _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", mapping_option),
-        _O("init_checkpoint", None, "initialise the model from this checkpoint (strict)", str),
+        _O(
+            "init_checkpoint",
+            None,
+            "initialise the model from this checkpoint (strict)",
+            text_value,
+        ),
     ],
     "sft": [
-        _O("teacher", "dccnn_d5c5", "teacher preset", str),
-        _O("student", "dccnn_d3c5", "student preset", str),
+        _O("teacher", "dccnn_d5c5", "teacher preset", text_value),
+        _O("student", "dccnn_d3c5", "student preset", text_value),
         _O("teacher_overrides", {}, "teacher preset overrides", mapping_option),
         _O("student_overrides", {}, "student preset overrides", mapping_option),
         _O(
@@ -185,12 +277,27 @@ GROUPS: Dict[str, List[Option]] = {
             "add branch 0 (zero-filled input through all student cascades) so S_1 is trained too",
             _bool,
         ),
-        _O("teacher_weight", 1.0, "weight of the teacher reconstruction term", float),
-        _O("branch_weight", 1.0, "weight of the student-branch reconstruction term", float),
-        _O("imitation_weight", 1.0, "weight of the branch-to-teacher imitation term", float),
+        _O("teacher_weight", 1.0, "weight of the teacher reconstruction term", nonnegative_number),
+        _O(
+            "branch_weight",
+            1.0,
+            "weight of the student-branch reconstruction term",
+            nonnegative_number,
+        ),
+        _O(
+            "imitation_weight",
+            1.0,
+            "weight of the branch-to-teacher imitation term",
+            nonnegative_number,
+        ),
     ],
     "distill": [
-        _O("teacher_checkpoint", None, "teacher: DC-CNN checkpoint or SFT teacher export", str),
+        _O(
+            "teacher_checkpoint",
+            None,
+            "teacher: DC-CNN checkpoint or SFT teacher export",
+            text_value,
+        ),
         _O(
             "methods",
             {"imitation": 1.0},
@@ -201,10 +308,10 @@ GROUPS: Dict[str, List[Option]] = {
             "kd_schedule",
             "joint",
             "joint (paper) or two_stage (KD only, then fine-tuning)",
-            str,
+            text_value,
             choices=("joint", "two_stage"),
         ),
-        _O("kd_epochs", None, "two_stage: epochs of the KD-only stage", int),
+        _O("kd_epochs", None, "two_stage: epochs of the KD-only stage", positive_int),
         _O(
             "layers",
             None,
@@ -256,12 +363,37 @@ def load_config(path: Optional[str]) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: config file {p} does not exist")
-    with open(p) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(p) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise SystemExit(f"error: {p} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"error: {p} must hold a mapping of option: value")
     # Keys may be written like the flags (max-epochs) or like Python names (max_epochs).
     return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def _typed(key: str, value: Any, source: str) -> Any:
+    """A config file's value through the same conversion and checks as the flag's."""
+    opt = OPTIONS.get(key)
+    if opt is None or opt.type is None or value is None:
+        return value
+    try:
+        if opt.nargs:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            converted: Any = [opt.type(item) for item in items]
+        elif opt.type is mapping_option and isinstance(value, dict):
+            converted = value
+        else:
+            converted = opt.type(value)
+        if opt.choices and converted not in opt.choices:
+            raise argparse.ArgumentTypeError(
+                f"expected one of {', '.join(map(str, opt.choices))}, got {value!r}"
+            )
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise SystemExit(f"error: {source}: {key}: {err}") from None
+    return converted
 
 
 def resolve(
@@ -281,7 +413,7 @@ def resolve(
             f"{', '.join(sorted(names))}"
         )
     values = {o.name: o.default for g in groups for o in GROUPS[g]}
-    values.update({k: v for k, v in config.items() if k in names})
+    values.update({k: _typed(k, v, source) for k, v in config.items() if k in names})
     values.update({k: v for k, v in flags.items() if k in names})
     for key in ("center_fractions", "accelerations"):
         if key in values and not isinstance(values[key], (list, tuple)):

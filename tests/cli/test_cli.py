@@ -392,3 +392,45 @@ def test_a_setting_lightning_refuses_is_one_error_line(tiny_demo, tmp_path, caps
     assert main([*args, "--accelerator", "gpu", "--out-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "gpu" in err.lower() and "Traceback" not in err
+
+
+def test_config_values_are_checked_like_flags(tiny_demo, tmp_path, capsys):
+    from sftkd_fastmri.cli.options import load_config, resolve
+
+    groups = ("data", "optim", "trainer", "runtime")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("resume: 'false'\nfixed_mask: 'no'\nprogress: 'off'\nbatch_size: '2'\n")
+    cfg = resolve(groups, load_config(str(cfg_file)), {}, source="c.yaml")
+    assert cfg["resume"] is False and cfg["fixed_mask"] is False and cfg["progress"] is False
+    assert cfg["batch_size"] == 2
+    bad = {
+        "lr: fast\n": "lr: expected a number",
+        "accelerations: four\n": "accelerations: expected an integer",
+        "center_fractions: [1.5]\n": "center_fractions: expected a fraction between 0 and 1",
+        "max_epochs: 0\n": "max_epochs: expected an integer >= 1",
+        "methods: 5\n": "methods: expected a mapping",
+        "mask_type: spiral\n": "mask_type: expected one of random",
+        "lr: [1, 2\n": "is not valid YAML",
+    }
+    extra = {"methods": None}
+    for text, message in bad.items():
+        cfg_file.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            resolve((*groups, "distill"), load_config(str(cfg_file)), {}, extra, source="c.yaml")
+    # flags: the same checks, as argparse errors
+    parser = build_parser()
+    for flag, value in (("--accelerations", "0"), ("--center-fractions", "1.5"),
+                        ("--max-epochs", "-1"), ("--accumulate-grad-batches", "0"),
+                        ("--lr-step-size", "0"), ("--batch-size", "0")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", flag, value])
+        assert flag in capsys.readouterr().err
+    # the study's own keys
+    study = tmp_path / "s.yaml"
+    study.write_text(f"data_path: {tiny_demo}\nchallenge: multicoil\nseeds: [0, one]\n")
+    with pytest.raises(SystemExit, match="seeds: expected an integer, got 'one'"):
+        main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")])
+    study.write_text(f"data_path: {tiny_demo}\nchallenge: multicoil\ncontrols: maybe\n")
+    with pytest.raises(SystemExit, match="expected true/false, got 'maybe'"):
+        main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")])
+    assert not (tmp_path / "st").exists()
