@@ -76,6 +76,13 @@ def load_state_dict_strict(
         CheckpointError: naming ``source`` and listing missing keys, unexpected keys and
             shape mismatches (expected vs found).
     """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict, got {type(state_dict).__name__}")
+    not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(
+            f"{source}: state-dict entries must be tensors; not tensors: {_short(not_tensors)}"
+        )
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -93,6 +100,14 @@ def load_state_dict_strict(
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {_short(shapes)}")
         raise CheckpointError("\n".join(lines))
+    broken = sorted(
+        k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    )
+    if broken:
+        raise CheckpointError(
+            f"{source}: weights hold NaN or Inf in {len(broken)} tensor(s): {_short(broken)} "
+            "(a run that diverged?); refusing to load them"
+        )
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -190,6 +205,8 @@ def load_model(
     kind = checkpoint_kind(ckpt)
     if kind == "model":
         meta = ckpt[FORMAT_KEY]
+        if not isinstance(meta, Mapping):
+            raise CheckpointError(f"{path}: '{FORMAT_KEY}' entry is not a mapping: {meta!r}")
         preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
     elif kind == "lightning":
         hp = ckpt["hyper_parameters"]
@@ -212,7 +229,14 @@ def load_model(
         raise CheckpointError(f"{path}: checkpoint records no model config (role {role!r})")
     if not state:
         raise CheckpointError(f"{path}: checkpoint holds no weights for role {role!r}")
-    model = DCCNN(**config)
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: the recorded model config is not a mapping: {config!r}")
+    try:
+        model = DCCNN(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: the recorded model config {dict(config)} does not build a DC-CNN ({err})"
+        ) from None
     model.preset = preset
     load_state_dict_strict(model, state, source=str(path))
     return model

@@ -56,3 +56,40 @@ def test_unreadable_files(tmp_path):
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(CheckpointError, match="not a sftkd_fastmri checkpoint"):
         load_model(other)
+
+
+def test_malformed_and_diverged_checkpoints_are_refused_by_name(tmp_path):
+    import math
+
+    net = create_model("dccnn_d3c5", chans=4)
+    good = save_model_checkpoint(net, tmp_path / "good.pt")
+    ckpt = torch.load(good, weights_only=True)
+
+    def variant(name, change):
+        obj = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
+        obj["sftkd_fastmri"] = dict(ckpt["sftkd_fastmri"])
+        change(obj)
+        torch.save(obj, tmp_path / name)
+        return tmp_path / name
+
+    first = next(iter(ckpt["state_dict"]))
+    nan = variant(
+        "nan.pt", lambda o: o["state_dict"].__setitem__(first, o["state_dict"][first] * math.nan)
+    )
+    with pytest.raises(
+        CheckpointError, match=f"nan.pt: weights hold NaN or Inf in 1 tensor.*{first}"
+    ):
+        load_model(nan)
+    number = variant("number.pt", lambda o: o["state_dict"].__setitem__(first, 1.5))
+    with pytest.raises(CheckpointError, match=f"must be tensors; not tensors: {first}"):
+        load_model(number)
+    meta = variant("meta.pt", lambda o: o.__setitem__("sftkd_fastmri", "v1"))
+    with pytest.raises(CheckpointError, match="meta.pt: 'sftkd_fastmri' entry is not a mapping"):
+        load_model(meta)
+
+    def bad_config(o):
+        o["sftkd_fastmri"]["config"] = {**o["sftkd_fastmri"]["config"], "foo": 1}
+
+    config = variant("config.pt", bad_config)
+    with pytest.raises(CheckpointError, match="config.pt: the recorded model config .* does not"):
+        load_model(config)
