@@ -152,6 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _cfg(args, ("data", "runtime"))
     split = args.split or cfg["test_split"]
     out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
     if args.checkpoint:
         check_role_applies(args.checkpoint, args.role)
     try:  # before loading anything: a split without targets has nothing to score

@@ -102,6 +102,11 @@ class FixedMaskFunc(MaskFunc):
                 raise ValueError(f"{source}: a fixed mask must be 1-D (W,), got {mask.shape}")
             if not np.isfinite(mask.astype(np.float64)).all():
                 raise ValueError(f"{source}: mask holds non-finite values")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError(
+                    f"{source}: a mask holds 0/1 (or False/True) per k-space column, got values "
+                    f"{np.unique(mask)[:6].tolist()}"
+                )
             mask = mask.astype(bool)
             if not mask.any():
                 raise ValueError(f"{source}: mask samples no column")

@@ -145,7 +145,10 @@ class StageResult:
 
 
 def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
-    return Path(cfg.get("out_dir") or default)
+    path = Path(cfg.get("out_dir") or default)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out_dir {path} is a file; expected a folder (new or of this run)")
+    return path
 
 
 def _seed(cfg: Dict[str, Any]) -> None:

@@ -165,6 +165,8 @@ def export_model(
     if coils is not None and coils < 1:
         raise ValueError(f"coils must be >= 1, got {coils}")
     out = Path(out_path)
+    if out.is_dir():
+        raise ValueError(f"export output {out} is a folder; give a file name (e.g. {out}/model.pt)")
     if not isinstance(checkpoint, nn.Module) and _same_file(out, Path(checkpoint)):
         raise ValueError(f"refusing to overwrite the source checkpoint {checkpoint}")
 

@@ -219,6 +219,8 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
         if not folder.is_dir():
             raise FileNotFoundError(f"the study's {key}: split folder {folder} does not exist")
     out_dir = Path(cfg.get("out_dir") or "runs/study")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
     log: List[str] = []

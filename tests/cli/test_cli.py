@@ -434,3 +434,25 @@ def test_config_values_are_checked_like_flags(tiny_demo, tmp_path, capsys):
     with pytest.raises(SystemExit, match="expected true/false, got 'maybe'"):
         main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")])
     assert not (tmp_path / "st").exists()
+
+
+def test_output_paths_that_are_files_or_folders_are_refused_up_front(tiny_demo, tmp_path, capsys):
+    import numpy as np
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ckpt = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "s.pt")
+    args = ["--data-path", str(tiny_demo), "--challenge", "multicoil", "--progress", "false"]
+    assert main(["evaluate", *args, "--checkpoint", str(ckpt), "--split", "test_full",
+                 "--eval-out-dir", str(afile)]) == 2  # fmt: skip
+    assert "--eval-out-dir" in capsys.readouterr().err
+    assert main(["train", *args, *TINY, "--out-dir", str(afile)]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--out", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    half = tmp_path / "half.npy"
+    np.save(half, np.full(24, 0.5))
+    assert main(["train", *args, *TINY, "--mask-path", str(half), "--out-dir",
+                 str(tmp_path / "m")]) == 2  # fmt: skip
+    assert "half.npy: a mask holds 0/1" in capsys.readouterr().err
+    assert afile.read_text() == "x"
