@@ -87,6 +87,7 @@ from ..kd.distiller import Distiller, check_loss_weights
 from ..kd.pairings import check_pairing
 from ..kd.registry import loss_class
 from ..models import load_model
+from ..models.registry import OptionError
 
 __all__ = ["DistillationCallback", "find_network"]
 
@@ -199,7 +200,7 @@ class DistillationCallback(Callback):
         self.losses = check_loss_weights(losses)
         for what, mapping in (("layers", layers), ("loss_options", loss_options)):
             if mapping is not None and not isinstance(mapping, Mapping):
-                raise TypeError(f"{what} must be a mapping {{loss name: ...}}, got {mapping!r}")
+                raise OptionError(f"{what} must be a mapping {{loss name: ...}}, got {mapping!r}")
             stray = sorted(set(mapping or {}) - set(self.losses))
             if stray:
                 raise ValueError(

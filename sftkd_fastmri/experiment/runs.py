@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -138,7 +139,13 @@ class StageResult:
         path = Path(out_dir) / DONE_FILE
         if not path.is_file():
             return None
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{path}: not a stage record this package wrote ({err}); remove it (and the "
+                "stage folder, to train the stage again)"
+            ) from None
 
     def save(self) -> None:
         atomic_write_text(Path(self.out_dir) / DONE_FILE, json.dumps(asdict(self), indent=2))
@@ -185,8 +192,14 @@ def _say_if_finished(last: Path, max_epochs: int) -> None:
     final ``last.ckpt`` records ``epoch`` = the epochs trained)."""
     try:
         epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
-    except Exception:  # Lightning reports an unreadable checkpoint itself
+    except pickle.UnpicklingError:  # readable, but not with weights_only: Lightning decides
         return
+    except Exception as err:  # a cut-short or damaged file
+        raise ValueError(
+            f"{last}: cannot resume from it ({type(err).__name__}: {err}); the run was "
+            "probably stopped while writing it. Pass --resume false to start over, or replace "
+            "it with another checkpoint of the run (e.g. checkpoints/best.ckpt)"
+        ) from None
     if epoch >= max_epochs:
         print(
             f"{last.parent.parent}: this run has already trained max_epochs={max_epochs} "

@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 import torch
 from torch import Tensor, nn
 
+from ..models.registry import OptionError
 from .hooks import FeatureCapture, find_module
 from .losses import KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
@@ -59,7 +60,7 @@ def check_loss_weights(losses: Mapping[str, Any]) -> Dict[str, float]:
             ones), or a weight is negative or not finite.
     """
     if not isinstance(losses, Mapping):
-        raise TypeError(
+        raise OptionError(
             f"losses must be a mapping {{loss name: weight}}, e.g. {{'at': 1.0}}, got "
             f"{type(losses).__name__}"
         )
@@ -73,7 +74,7 @@ def check_loss_weights(losses: Mapping[str, Any]) -> Dict[str, float]:
     weights: Dict[str, float] = {}
     for name, weight in losses.items():
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise TypeError(f"weight of KD loss {name!r} must be a number, got {weight!r}")
+            raise OptionError(f"weight of KD loss {name!r} must be a number, got {weight!r}")
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight of KD loss {name!r} must be finite and >= 0, got {weight}")
         weights[name] = float(weight)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Type, TypeVar
 
+from ..models.registry import OptionError
+
 if TYPE_CHECKING:
     from .losses import KDLoss
 
@@ -99,7 +101,7 @@ def create_loss(name: str, **options: Any) -> KDLoss:
     accepted = [p.name for p in params if p.kind in named and p.name != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise TypeError(
+        raise OptionError(
             f"unknown option(s) for KD loss {name!r} ({cls.__name__}): {', '.join(unknown)}; "
             f"accepted: {', '.join(accepted) or 'none'}"
         )

@@ -206,8 +206,16 @@ class DCCNN(nn.Module):
         init_lambda: float = 1.0,
     ):
         super().__init__()
-        if num_cascades < 1:
-            raise ValueError(f"num_cascades must be >= 1, got {num_cascades}")
+        for name, value, low in (
+            ("num_cascades", num_cascades, 1),
+            ("depth", depth, 2),
+            ("chans", chans, 1),
+            ("pad", pad, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(residual, bool):
+            raise ValueError(f"residual must be true or false, got {residual!r}")
         if in_chans not in (1, 2):
             raise ValueError(f"in_chans must be 1 or 2, got {in_chans}")
         self.config: Dict[str, Any] = dict(

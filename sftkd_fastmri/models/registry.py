@@ -45,6 +45,11 @@ def list_models() -> List[str]:
     return sorted(_PRESETS)
 
 
+class OptionError(TypeError, ValueError):
+    """An option a constructor does not take (a TypeError, as Python's own; also a
+    ValueError, so command lines report it as bad input)."""
+
+
 def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
     """The constructor arguments of preset ``name`` with ``overrides`` applied."""
     if name not in _PRESETS:
@@ -52,7 +57,10 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
     config = dict(_PRESET_CONFIGS[name])
     unknown = set(overrides) - set(DCCNN(num_cascades=1).config)
     if unknown:
-        raise TypeError(f"unknown option(s) for {name!r}: {', '.join(sorted(unknown))}")
+        known = ", ".join(sorted(DCCNN(num_cascades=1).config))
+        raise OptionError(
+            f"unknown option(s) for {name!r}: {', '.join(sorted(unknown))}; known: {known}"
+        )
     config.update(overrides)
     return config
 

@@ -456,3 +456,31 @@ def test_output_paths_that_are_files_or_folders_are_refused_up_front(tiny_demo, 
                  str(tmp_path / "m")]) == 2  # fmt: skip
     assert "half.npy: a mask holds 0/1" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+def test_damaged_run_records_are_named(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides",
+            "chans=4", "--out-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    last = out / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # stopped while writing it
+    assert main([*argv, "--max-epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt: cannot resume from it" in err and "--resume false" in err
+    assert main([*argv, "--max-epochs", "2", "--resume", "false"]) == 0  # starts over
+
+    from sftkd_fastmri.experiment import StageResult
+
+    (out / "done.json").write_text('{"name": "tr')
+    with pytest.raises(ValueError, match="done.json: not a stage record"):
+        StageResult.load(out)
+    # bad option values of model and KD losses: one error line each
+    for extra, message in (
+        (["--model-overrides", "chans=0"], "chans must be an integer >= 1"),
+        (["--model-overrides", "chans=abc"], "chans must be an integer >= 1, got 'abc'"),
+        (["--model-overrides", "bogus=1"], "unknown option(s) for 'dccnn_d3c5': bogus"),
+    ):
+        assert main([*argv[:-1], str(tmp_path / "x"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
