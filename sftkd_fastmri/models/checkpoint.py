@@ -219,12 +219,26 @@ def load_model(
         preset, config = hp.get(f"{which}_preset"), hp.get(f"{which}_config")
         state = strip_prefix(ckpt["state_dict"], f"sft.{which}.")
     else:
+        hint = ""
+        if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+            hint = (
+                "; it looks like a plain state dict: build the network with "
+                "create_model(preset, ...), load it with load_state_dict_strict, and write it "
+                "with save_model_checkpoint"
+            )
         raise CheckpointError(
             f"{path}: not a sftkd_fastmri checkpoint (expected a model export with a "
             f"'{FORMAT_KEY}' entry, or a Lightning checkpoint of DCCNNModule or SFTModule)"
+            f"{hint}"
         )
     if expected_preset is not None and preset != expected_preset:
-        raise CheckpointError(f"{path} holds preset {preset!r}, expected {expected_preset!r}")
+        hint = ""
+        if kind == "sft" and role != "student":
+            hint = (
+                " (this SFT checkpoint's teacher; its student initialisation is the "
+                "sft_student_init.ckpt export beside it, or role='student')"
+            )
+        raise CheckpointError(f"{path} holds preset {preset!r}, expected {expected_preset!r}{hint}")
     if not config:
         raise CheckpointError(f"{path}: checkpoint records no model config (role {role!r})")
     if not state:

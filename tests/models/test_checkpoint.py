@@ -93,3 +93,10 @@ def test_malformed_and_diverged_checkpoints_are_refused_by_name(tmp_path):
     config = variant("config.pt", bad_config)
     with pytest.raises(CheckpointError, match="config.pt: the recorded model config .* does not"):
         load_model(config)
+
+
+def test_plain_state_dicts_get_a_hint(tmp_path):
+    net = create_model("dccnn_d3c5", chans=4)
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="plain state dict: build the network"):
+        load_model(tmp_path / "plain.pt")
