@@ -178,12 +178,25 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if not resume:
         atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(_jsonable(cfg), indent=2))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except RuntimeError as err:
+        if resume and "Error(s) in loading state_dict" in str(err):
+            # a run from before run_config.json existed, of another network
+            first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), "")
+            raise ValueError(
+                f"{last} holds a run of another network ({first} ...); use another "
+                "--out-dir for a new run, or --resume false to start over there"
+            ) from None
+        raise
     best = trainer.checkpoint_callback.best_model_path
     if not best or not Path(best).is_file():
         best = str(last)
     if not Path(best).is_file():
-        raise RuntimeError(f"training in {out_dir} produced no checkpoint")
+        raise ValueError(
+            f"training in {out_dir} produced no checkpoint: no training step ran "
+            "(limit_train_batches 0, or an empty training split?)"
+        )
     return best
 
 

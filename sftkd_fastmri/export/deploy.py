@@ -211,9 +211,9 @@ def _load(
         role_name = resolve_role(checkpoint, role)
     else:
         # The loader reads the file again: checkpoints of a DC-CNN are small.
+        model = load_reconstruction_model(checkpoint, role=role)  # checks the file first
         ckpt = read_checkpoint(checkpoint)
         recorded, role_name = _recorded_shape(ckpt), _role_of(ckpt, role)
-        model = load_reconstruction_model(checkpoint, role=role)
         source = str(checkpoint)
         challenge = _recorded_challenge(ckpt)
     meta = {

@@ -30,7 +30,7 @@ from ..data import (
     slice_shapes,
     split_dir,
 )
-from ..data.datasets import TARGET_KEYS
+from ..data.datasets import TARGET_KEYS, check_volume
 
 __all__ = ["FastMRIDataModule", "fetch_dir", "split_has_targets"]
 
@@ -73,7 +73,12 @@ def split_has_targets(folder: PathLike, challenge: str) -> bool:
     for path in files:
         if not h5py.is_hdf5(path):
             return False  # CheckedSliceDataset reports the stray file with its name
-        with h5py.File(path, "r") as hf:
+        try:
+            hf = h5py.File(path, "r")
+        except OSError:  # a damaged file: the reader's checks report it by name
+            check_volume(path, challenge, require_target=False)
+            raise
+        with hf:
             if key not in hf:
                 return False
     return True

@@ -469,6 +469,12 @@ def test_damaged_run_records_are_named(tiny_demo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "last.ckpt: cannot resume from it" in err and "--resume false" in err
     assert main([*argv, "--max-epochs", "2", "--resume", "false"]) == 0  # starts over
+    # a run from before run_config.json, resumed as another network
+    (out / "run_config.json").unlink()
+    assert main([*argv, "--max-epochs", "3", "--model", "dccnn_d5c5"]) == 2
+    assert "holds a run of another network" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "none"), "--limit-train-batches", "0"]) == 2
+    assert "produced no checkpoint: no training step ran" in capsys.readouterr().err
 
     from sftkd_fastmri.experiment import StageResult
 
@@ -484,3 +490,17 @@ def test_damaged_run_records_are_named(tiny_demo, tmp_path, capsys):
         assert main([*argv[:-1], str(tmp_path / "x"), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_evaluate_names_a_damaged_volume(tiny_demo, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo / "multicoil_test_full", root / "multicoil_test_full")
+    vol = sorted((root / "multicoil_test_full").glob("*.h5"))[0]
+    vol.write_bytes(vol.read_bytes()[: vol.stat().st_size // 2])
+    args = ["evaluate", "--data-path", str(root), "--challenge", "multicoil", "--split",
+            "test_full", "--progress", "false"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{vol.name}: unreadable HDF5 file" in err and "Traceback" not in err
