@@ -202,7 +202,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg["controls"] = _bool(cfg["controls"])
         cfg["train_first_student_cascade"] = _bool(cfg["train_first_student_cascade"])
     except argparse.ArgumentTypeError as err:
-        raise SystemExit(f"error: {source}: {err}") from None
+        raise SystemExit(
+            f"error: {source}: controls / train_first_student_cascade: {err}"
+        ) from None
     result = run_study(cfg)
     result.report.print()
     print(study_summary(result))
@@ -482,6 +484,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     try:
         return args.func(args)
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and stop.code.startswith("error:"):
+            print(stop.code, file=sys.stderr)  # a config file's error: exit status 2 too
+            return 2
+        raise
     except Exception as err:
         if not _is_input_error(err):
             raise

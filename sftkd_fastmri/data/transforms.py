@@ -300,9 +300,9 @@ class DCCNNDataTransform:
             # Zero in every acquired column, or values beyond float32: nothing to normalise
             # by, and every network output would be NaN.
             raise DataError(
-                f"{where}: the zero-filled image is "
-                f"{'all zero' if scale == 0 else 'not finite'} (k-space zero in every acquired "
-                "column, or too large for float32); the slice cannot be normalised"
+                f"{where}: the zero-filled image is all zero or not finite (k-space zero in "
+                "every acquired column, or values too large for float32); the slice cannot be "
+                "normalised"
             )
         if self.check_finite and coils > 1 and not torch.isfinite(sens_maps).all():
             raise DataError(

@@ -65,6 +65,8 @@ def volume_metrics(
     pred = np.asarray(pred, dtype=np.float64)
     if gt.shape != pred.shape:
         raise ValueError(f"{fname}: target {gt.shape} and reconstruction {pred.shape} differ")
+    if not np.any(gt):
+        raise ValueError(f"{fname}: the target volume is all zero; there is nothing to score")
     maxval = float(gt.max() if max_value is None or max_value <= 0 else max_value)
     return VolumeMetrics(
         fname=fname,

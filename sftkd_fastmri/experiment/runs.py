@@ -102,8 +102,13 @@ def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool
         return  # a run from before the record existed: nothing to compare
     try:
         before = json.loads(path.read_text())
-    except ValueError:
-        return
+        if not isinstance(before, dict):
+            raise ValueError("not a mapping")
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: damaged run record ({err}), so this run's settings cannot be compared; "
+            "use another out_dir, or remove that folder to train it again"
+        ) from None
     now = _jsonable(cfg)
     keys = [k for k in RUN_IDENTITY_KEYS if cfg.get("teacher_checkpoint") or k not in _KD_KEYS]
     changed = [k for k in keys if before.get(k) != now.get(k)]
@@ -201,10 +206,9 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
 
 
 def _say_if_finished(last: Path, max_epochs: int) -> None:
-    """Say so when the run to resume has already trained ``max_epochs`` epochs (Lightning's
-    final ``last.ckpt`` records ``epoch`` = the epochs trained)."""
+    """Say so when the run to resume has already trained ``max_epochs`` epochs."""
     try:
-        epoch = int(torch.load(last, map_location="cpu", weights_only=True).get("epoch", -1))
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # readable, but not with weights_only: Lightning decides
         return
     except Exception as err:  # a cut-short or damaged file
@@ -213,7 +217,11 @@ def _say_if_finished(last: Path, max_epochs: int) -> None:
             "probably stopped while writing it. Pass --resume false to start over, or replace "
             "it with another checkpoint of the run (e.g. checkpoints/best.ckpt)"
         ) from None
-    if epoch >= max_epochs:
+    try:  # epochs whose training Lightning finished (saved at validation end: epoch + 1)
+        trained = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        trained = int(ckpt.get("epoch", -1))
+    if trained >= max_epochs:
         print(
             f"{last.parent.parent}: this run has already trained max_epochs={max_epochs} "
             "epochs; nothing to train (raise --max-epochs to train on, or --resume false to "

@@ -81,13 +81,27 @@ class StudyResult:
 def _epochs(cfg: Mapping[str, Any]) -> Dict[str, int]:
     spec = cfg.get("epochs")
     if spec is None:
-        return {k: int(cfg["max_epochs"]) for k in STAGE_EPOCH_KEYS}
-    if isinstance(spec, (int, float)):
-        return {k: int(spec) for k in STAGE_EPOCH_KEYS}
+        spec = {}
+    elif not isinstance(spec, Mapping):
+        spec = {k: spec for k in STAGE_EPOCH_KEYS}
     unknown = set(spec) - set(STAGE_EPOCH_KEYS)
     if unknown:
         raise ValueError(f"epochs: unknown stage(s) {sorted(unknown)}; use {STAGE_EPOCH_KEYS}")
-    return {k: int(spec.get(k, cfg["max_epochs"])) for k in STAGE_EPOCH_KEYS}
+    out: Dict[str, int] = {}
+    for key in STAGE_EPOCH_KEYS:
+        value = spec.get(key, cfg["max_epochs"])
+        try:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            out[key] = int(float(value))
+        except (TypeError, ValueError):
+            out[key] = 0
+        if out[key] < 1:
+            raise ValueError(
+                f"epochs: {key}: expected a whole number of epochs >= 1, got {value!r} (epochs "
+                f"is one number for every stage, or a mapping of {', '.join(STAGE_EPOCH_KEYS)})"
+            )
+    return out
 
 
 def _methods(cfg: Mapping[str, Any]) -> Dict[str, float]:
@@ -212,6 +226,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     # before any stage trains: a KD method that no batch can compute would fail only after
     # the teacher, student and SFT stages
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
+    _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # ... and the held-out split must have targets to score, and the training splits exist
     check_scored_split(cfg, cfg["test_split"], "the study's test_split")
     for key in ("train_split", "val_split"):

@@ -172,6 +172,10 @@ class VolumeMetricAccumulator:
         for fname in sorted(self.slices):
             values = np.array(list(self.slices[fname].values()), dtype=np.float64)
             mse, norm, ssim = values.mean(axis=0)
+            if not norm > 0:
+                raise ValueError(
+                    f"{fname}: the target volume is all zero; validation cannot score it"
+                )
             with np.errstate(divide="ignore"):  # a perfect reconstruction has infinite PSNR
                 psnr = 20 * np.log10(self.max_values[fname]) - 10 * np.log10(mse)
             rows.append(

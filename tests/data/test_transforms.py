@@ -148,7 +148,9 @@ def test_bad_slices_raise_clear_errors():
     with pytest.raises(DataError, match=r"must be \(H, W\)"):
         t(kspace[None, None], None, target, attrs, "f.h5", 0)
     # slices that would otherwise train every weight to NaN, or silently wrong inputs
-    with pytest.raises(DataError, match="f.h5 slice 0: the zero-filled image is all zero"):
+    with pytest.raises(
+        DataError, match="f.h5 slice 0: the zero-filled image is all zero or not finite"
+    ):
         t(np.zeros_like(kspace), None, target, attrs, "f.h5", 0)
     huge, _, _ = _slice(coils=3)
     huge[:, :, 5] = 1e30  # a centre (always sampled) column: squares overflow float32

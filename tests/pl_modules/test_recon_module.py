@@ -287,3 +287,16 @@ def test_l1_ssim_mixes_both_terms():
     assert mixed == pytest.approx(0.84 * ssim + 0.16 * l1)
     with pytest.raises(ValueError, match="unknown loss"):
         create_loss("huber")
+
+
+def test_an_all_zero_target_volume_is_named_not_scored_as_inf():
+    from sftkd_fastmri.evaluation.metrics import volume_metrics
+    from sftkd_fastmri.pl_modules.recon_module import VolumeMetricAccumulator
+
+    zero = np.zeros((2, 4, 4))
+    with pytest.raises(ValueError, match="z.h5: the target volume is all zero"):
+        volume_metrics("z.h5", zero, np.ones((2, 4, 4)), max_value=1.0)
+    acc = VolumeMetricAccumulator()
+    acc.update(["z.h5"], [0], torch.ones(1, 8, 8), torch.zeros(1, 8, 8), [1.0])
+    with pytest.raises(ValueError, match="z.h5: the target volume is all zero"):
+        acc.per_volume()
