@@ -304,7 +304,9 @@ class DCCNNDataTransform:
                 "every acquired column, or values too large for float32); the slice cannot be "
                 "normalised"
             )
-        if self.check_finite and coils > 1 and not torch.isfinite(sens_maps).all():
+        # one reduction pass (NaN and Inf reach the sum; the maps are normalised, so finite
+        # values cannot overflow it), cheaper than an element-wise isfinite
+        if self.check_finite and coils > 1 and not torch.isfinite(sens_maps.sum()):
             raise DataError(
                 f"{where}: the coil sensitivities estimated from the ACS region are not "
                 "finite (k-space too large for float32?)"
