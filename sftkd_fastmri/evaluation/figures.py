@@ -240,7 +240,8 @@ def psnr_plot(
 ) -> Path:
     """PSNR per KD method, Std-KD vs SFT-KD as grouped bars with std error bars.
 
-    Dashed horizontal lines mark the standard teacher and the student without KD. The y axis
+    Dashed horizontal lines mark the standard and SFT teachers, the student without KD and
+    control (a), the student from the SFT initialisation without KD. The y axis
     is zoomed to the data (differences are tenths of a dB), so bar heights are not
     proportional to PSNR; the axis label says so.
 
@@ -258,7 +259,7 @@ def psnr_plot(
     Returns:
         ``out_path`` as a :class:`~pathlib.Path`.
     """
-    rows, teacher, student, sft_teacher = _plot_inputs(report_or_rows)
+    rows, teacher, student, sft_teacher, control = _plot_inputs(report_or_rows)
     teacher = teacher if teacher_psnr is None else teacher_psnr
     student = student if student_psnr is None else student_psnr
     if not rows:
@@ -287,6 +288,7 @@ def psnr_plot(
         (teacher, "teacher (standard)", "#d62728"),
         (sft_teacher, "teacher (SFT)", "#ff7f0e"),
         (student, "student, no KD", "#2ca02c"),
+        (control, "student, SFT init, no KD\n(control (a))", "#9467bd"),
     ]
     for value, label, color in lines:
         if value is not None and math.isfinite(value):
@@ -308,24 +310,22 @@ def psnr_plot(
 
 def _plot_inputs(
     obj: Any,
-) -> Tuple[List[Dict[str, Any]], Optional[float], Optional[float], Optional[float]]:
-    """Rows as dicts plus teacher / student / SFT-teacher PSNR from a report or rows."""
-    teacher = student = sft_teacher = None
+) -> Tuple[
+    List[Dict[str, Any]], Optional[float], Optional[float], Optional[float], Optional[float]
+]:
+    """Rows as dicts plus the teacher / student / SFT-teacher / control (a) PSNR of a report
+    (all ``None`` for plain rows)."""
+    lines: List[Optional[float]] = [None, None, None, None]
     if hasattr(obj, "kd_table") and hasattr(obj, "get"):  # a Report (no import: no cycle)
-        for key, slot in (("teacher_key", 0), ("student_key", 1), ("sft_teacher_key", 2)):
-            model = obj.get(getattr(obj, key))
+        keys = ("teacher_key", "student_key", "sft_teacher_key", "control_key")
+        for slot, key in enumerate(keys):
+            model = obj.get(getattr(obj, key, None))
             if model is not None:
-                value = model.mean("psnr")
-                if slot == 0:
-                    teacher = value
-                elif slot == 1:
-                    student = value
-                else:
-                    sft_teacher = value
+                lines[slot] = model.mean("psnr")
         obj = obj.kd_table
     rows = []
     for r in obj:
         d = dict(r.as_dict() if hasattr(r, "as_dict") else r)
         d.setdefault("name", d.get("method", "?"))
         rows.append(d)
-    return rows, teacher, student, sft_teacher
+    return (rows, *lines)

@@ -91,3 +91,23 @@ def test_psnr_plot_from_report_and_rows(tmp_path):
     assert_png(out)
     with pytest.raises(ValueError, match="KD method"):
         psnr_plot([], tmp_path / "empty.png")
+
+
+def test_psnr_plot_lines_include_control_a():
+    from sftkd_fastmri.evaluation.figures import _plot_inputs
+
+    def vm(p):
+        return [
+            VolumeMetrics(f"v{i}", 4, 0.01, p + d, 0.95, 0.3) for i, d in enumerate((-0.1, 0.1))
+        ]
+
+    entries = [
+        dict(key="teacher", name="T", kind="teacher", variant="std", metrics=vm(40.0)),
+        dict(key="student", name="S", kind="student", variant="std", metrics=vm(39.4)),
+        dict(key="sft_teacher", name="T'", kind="teacher", variant="sft", metrics=vm(40.1)),
+        dict(key="control_sft_init", name="C", kind="student", variant="sft", metrics=vm(39.7)),
+        dict(key="kd_sft/at", name="AT", kind="kd", method="at", variant="sft", metrics=vm(39.9)),
+    ]
+    rows, teacher, student, sft_teacher, control = _plot_inputs(build_report(entries))
+    assert (teacher, student, sft_teacher, control) == pytest.approx((40.0, 39.4, 40.1, 39.7))
+    assert [r["name"] for r in rows] == ["AT"]
