@@ -65,18 +65,18 @@ def test_slice_psnr_and_zoom_box():
     assert h == w and 0 <= top <= target.shape[0] - h and 0 <= left <= target.shape[1] - w
 
 
-def _report():
-    def vm(p):
-        return [
-            VolumeMetrics(f"v{i}", 4, 0.01, p + d, 0.95, 0.3) for i, d in enumerate((-0.1, 0.1))
-        ]
+def _vm(p):
+    """Two volumes of PSNR ``p - 0.1`` and ``p + 0.1``."""
+    return [VolumeMetrics(f"v{i}", 4, 0.01, p + d, 0.95, 0.3) for i, d in enumerate((-0.1, 0.1))]
 
+
+def _report():
     entries = [
-        dict(key="teacher", name="T", kind="teacher", variant="std", metrics=vm(40.0)),
-        dict(key="student", name="S", kind="student", variant="std", metrics=vm(39.4)),
-        dict(key="kd_std/at", name="AT", kind="kd", method="at", variant="std", metrics=vm(39.6)),
-        dict(key="kd_sft/at", name="AT", kind="kd", method="at", variant="sft", metrics=vm(39.9)),
-        dict(key="kd_std/sp", name="SP", kind="kd", method="sp", variant="std", metrics=vm(39.5)),
+        dict(key="teacher", name="T", kind="teacher", variant="std", metrics=_vm(40.0)),
+        dict(key="student", name="S", kind="student", variant="std", metrics=_vm(39.4)),
+        dict(key="kd_std/at", name="AT", kind="kd", method="at", variant="std", metrics=_vm(39.6)),
+        dict(key="kd_sft/at", name="AT", kind="kd", method="at", variant="sft", metrics=_vm(39.9)),
+        dict(key="kd_std/sp", name="SP", kind="kd", method="sp", variant="std", metrics=_vm(39.5)),
     ]
     return build_report(entries)
 
@@ -96,17 +96,12 @@ def test_psnr_plot_from_report_and_rows(tmp_path):
 def test_psnr_plot_lines_include_control_a():
     from sftkd_fastmri.evaluation.figures import _plot_inputs
 
-    def vm(p):
-        return [
-            VolumeMetrics(f"v{i}", 4, 0.01, p + d, 0.95, 0.3) for i, d in enumerate((-0.1, 0.1))
-        ]
-
     entries = [
-        dict(key="teacher", name="T", kind="teacher", variant="std", metrics=vm(40.0)),
-        dict(key="student", name="S", kind="student", variant="std", metrics=vm(39.4)),
-        dict(key="sft_teacher", name="T'", kind="teacher", variant="sft", metrics=vm(40.1)),
-        dict(key="control_sft_init", name="C", kind="student", variant="sft", metrics=vm(39.7)),
-        dict(key="kd_sft/at", name="AT", kind="kd", method="at", variant="sft", metrics=vm(39.9)),
+        dict(key="teacher", name="T", kind="teacher", variant="std", metrics=_vm(40.0)),
+        dict(key="student", name="S", kind="student", variant="std", metrics=_vm(39.4)),
+        dict(key="sft_teacher", name="T'", kind="teacher", variant="sft", metrics=_vm(40.1)),
+        dict(key="control_sft_init", name="C", kind="student", variant="sft", metrics=_vm(39.7)),
+        dict(key="kd_sft/at", name="AT", kind="kd", method="at", variant="sft", metrics=_vm(39.9)),
     ]
     rows, teacher, student, sft_teacher, control = _plot_inputs(build_report(entries))
     assert (teacher, student, sft_teacher, control) == pytest.approx((40.0, 39.4, 40.1, 39.7))
