@@ -63,18 +63,11 @@ def positive_int(text: Any) -> int:
 
 
 def nonnegative_int(text: Any) -> int:
+    """An integer >= 0 (seeds, workers)."""
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
-
-
-def integer(text: Any) -> int:
-    return _number(text, int)
-
-
-def number(text: Any) -> float:
-    return _number(text, float)
 
 
 def positive_number(text: Any) -> float:
@@ -108,6 +101,7 @@ def rate(text: Any) -> float:
 
 
 def text_value(text: Any) -> str:
+    """One text value (a config file's list or mapping is refused)."""
     if isinstance(text, (dict, list, tuple)):
         raise argparse.ArgumentTypeError(f"expected a single value, got {text!r}")
     return str(text)
