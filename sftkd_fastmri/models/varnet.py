@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .dccnn import check_inputs
 
-__all__ = ["CascadedVarNet", "check_varnet_inputs"]
+__all__ = ["CascadedVarNet", "batch_low_frequencies", "check_varnet_inputs"]
 
 
 def check_varnet_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
@@ -158,6 +158,7 @@ class CascadedVarNet(nn.Module):
             sens_maps, num_low_frequencies = None, sens_maps
         if num_low_frequencies is None:
             num_low_frequencies = self.num_low_frequencies
+        num_low_frequencies = batch_low_frequencies(num_low_frequencies)
         check_varnet_inputs(masked_kspace, mask, sens_maps)
         if sens_maps is None or not self.use_given_sens_maps:
             return self.varnet(masked_kspace, mask.bool(), num_low_frequencies)
@@ -171,3 +172,32 @@ class CascadedVarNet(nn.Module):
             f"num_cascades={len(self.cascades)}, num_low_frequencies={self.num_low_frequencies}, "
             f"use_given_sens_maps={self.use_given_sens_maps}"
         )
+
+
+def batch_low_frequencies(value: Optional[Union[Tensor, int]]) -> Optional[int]:
+    """The one number of fully sampled centre columns fastMRI's VarNet takes per batch.
+
+    A DataLoader collates fastMRI's per-sample ``num_low_frequencies`` into a ``(B,)`` tensor,
+    which fastMRI's ``VarNet`` cannot read for ``B > 1``; equal values (one mask centre
+    fraction and width, as in a batch of one k-space shape) become that number.
+
+    Raises:
+        ValueError: the samples of the batch differ (use batch size 1 or one centre fraction).
+    """
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, Tensor):
+        values = value.reshape(-1).tolist()
+    elif isinstance(value, (list, tuple)):
+        values = list(value)
+    else:
+        return int(value)
+    if not values:
+        return None
+    if any(v != values[0] for v in values):
+        raise ValueError(
+            f"fastMRI's VarNet takes one number of low frequencies per batch; this batch mixes "
+            f"{sorted(set(int(v) for v in values))} (masks with several centre fractions): use "
+            "batch size 1 or one centre fraction"
+        )
+    return int(values[0])

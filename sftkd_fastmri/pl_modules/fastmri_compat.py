@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 from fastmri.pl_modules import MriModule, UnetModule, VarNetModule
 from torch import Tensor
 
+from ..models.varnet import batch_low_frequencies
 from .recon_module import FastMRIMetricsMixin
 
 __all__ = ["Lightning2MriMixin", "UnetModule2", "VarNetModule2", "lightning2_compatible"]
@@ -127,4 +128,9 @@ class UnetModule2(Lightning2MriMixin, UnetModule):
 
 class VarNetModule2(Lightning2MriMixin, VarNetModule):
     """fastMRI's :class:`~fastmri.pl_modules.VarNetModule` (E2E VarNet, Sriram et al., MICCAI
-    2020) on Lightning 2; same arguments, metrics and outputs."""
+    2020) on Lightning 2; same arguments, metrics and outputs. Batches of more than one slice
+    work too: the collated ``num_low_frequencies`` (one value per slice) is passed on as the
+    one number fastMRI's VarNet takes (an error if the slices of a batch differ)."""
+
+    def forward(self, masked_kspace, mask, num_low_frequencies):
+        return self.varnet(masked_kspace, mask, batch_low_frequencies(num_low_frequencies))

@@ -163,3 +163,24 @@ def test_lightning2_compatible_builds_adapters():
 def test_log_image_without_tensorboard_is_a_no_op():
     module = UnetModule2(**TINY_UNET)
     module.log_image("x", torch.zeros(1, 4, 4))  # fastMRI's version crashes without a logger
+
+
+def test_varnet_module_trains_on_batches_of_several_slices(demo_root, tmp_path):
+    """A DataLoader collates num_low_frequencies into a (B,) tensor, which fastMRI's VarNet
+    cannot read ("Boolean value of Tensor ... ambiguous") for B > 1."""
+    from sftkd_fastmri.models.varnet import batch_low_frequencies
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+
+    assert batch_low_frequencies(torch.tensor([6, 6, 6])) == 6
+    assert batch_low_frequencies(None) is None and batch_low_frequencies(4) == 4
+    with pytest.raises(ValueError, match=r"this batch mixes \[4, 6\]"):
+        batch_low_frequencies(torch.tensor([6, 4]))
+    module = VarNetModule2(**TINY_VARNET)
+    data = FastMRIDataModule(demo_root, challenge="multicoil", batch_size=2)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
