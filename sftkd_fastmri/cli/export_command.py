@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -36,15 +37,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else default_export_path(args.checkpoint, args.format, args.role)
     )
     try:
-        path = export_model(
-            args.checkpoint,
-            out,
-            format=args.format,
-            role=args.role,
-            example_shape=args.shape,
-            coils=args.coils,
-            opset=args.opset,
-        )
+        with warnings.catch_warnings():  # said below, in the command's own words
+            warnings.filterwarnings("ignore", message=".*does not record whether its data")
+            path = export_model(
+                args.checkpoint,
+                out,
+                format=args.format,
+                role=args.role,
+                example_shape=args.shape,
+                coils=args.coils,
+                opset=args.opset,
+            )
     except RuntimeError as err:
         # ExportError (e.g. ONNX without complex FFTs) carries a complete explanation.
         print(f"error: {err}", file=sys.stderr)

@@ -173,6 +173,13 @@ def export_model(
     model, meta, recorded_shape = _load(checkpoint, role)
     if coils is None:
         coils = MULTICOIL_EXAMPLE_COILS if meta.get("challenge") == "multicoil" else 1
+        if "challenge" not in meta and format != "state_dict":
+            warnings.warn(
+                f"{meta['source']} does not record whether its data were single- or "
+                "multi-coil; exporting the single-coil signature (masked_kspace, mask). Pass "
+                "coils=N for multi-coil data",
+                stacklevel=2,
+            )
     if example_shape is None:
         shape = recorded_shape or DEFAULT_EXAMPLE_SHAPE
     else:

@@ -543,6 +543,15 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
         output = self.unnormalise(self.reconstruct(batch), batch)
         return {"fname": batch.fname, "slice_num": batch.slice_num, "reconstruction": output}
 
+    def setup(self, stage: str) -> None:
+        """Record the data's ``challenge`` in the hyper-parameters (so in every checkpoint),
+        when the trainer's data module has one: a deployment export then picks the single-
+        or multi-coil input signature from the checkpoint alone."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        challenge = getattr(datamodule, "challenge", None)
+        if challenge in ("singlecoil", "multicoil"):
+            self.hparams["challenge"] = challenge
+
     def configure_optimizers(self) -> Dict[str, Any]:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.lr_step_size, self.lr_gamma)

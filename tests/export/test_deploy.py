@@ -284,3 +284,29 @@ def test_commands_record_the_challenge_beside_the_weights(tmp_path):
     assert read_checkpoint(out)["sftkd_fastmri"]["extra"]["challenge"] == "multicoil"
     plain = save_model_checkpoint(net, tmp_path / "model.pt")  # role "model"
     assert default_export_path(plain, "torchscript").name == "model.ts.pt"
+
+
+def test_lightning_checkpoints_record_the_challenge_of_their_data(demo_root, tmp_path):
+    """Trained through the Python API (no CLI), a multi-coil network still exports with the
+    multi-coil signature; an unrecorded checkpoint exports single-coil with a warning."""
+    import pytorch_lightning as pl
+
+    from sftkd_fastmri.pl_modules import DCCNNModule, FastMRIDataModule
+
+    module = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4, "num_cascades": 1})
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=FastMRIDataModule(demo_root, "multicoil", batch_size=2))
+    trainer.save_checkpoint(tmp_path / "mc.ckpt")
+    assert (
+        torch.load(tmp_path / "mc.ckpt", weights_only=True)["hyper_parameters"]["challenge"]
+        == "multicoil"
+    )
+    out = export_model(tmp_path / "mc.ckpt", tmp_path / "mc.ts.pt", format="torchscript")
+    assert load_torchscript_export(out)[1]["inputs"][-1] == "sens_maps"
+    plain = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "p.pt")
+    with pytest.warns(UserWarning, match="does not record whether its data"):
+        export_model(plain, tmp_path / "p.ts.pt", format="torchscript")
