@@ -49,6 +49,11 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript export (a deployment file, not a checkpoint): load it "
+            "with torch.jit.load or sftkd_fastmri.export.load_torchscript_export"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
@@ -60,6 +65,17 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold their Python code under ``<name>/code/``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
@@ -145,7 +161,17 @@ def save_model_checkpoint(
         preset: preset name (defaults to ``model.preset`` when set).
         role: free-form tag, e.g. ``"teacher"`` or ``"student"``.
         extra: additional JSON-like metadata.
+
+    Raises:
+        TypeError: ``model`` records no ``config`` (e.g. fastMRI's VarNet): :func:`load_model`
+            could not rebuild it; save its ``state_dict()`` with ``torch.save`` instead.
     """
+    if not isinstance(getattr(model, "config", None), Mapping):
+        raise TypeError(
+            f"save_model_checkpoint writes networks that load_model rebuilds from their "
+            f"'config' (DC-CNNs); {type(model).__name__} has none: save its state_dict() with "
+            "torch.save instead"
+        )
     meta = {
         "kind": "model",
         "role": role,

@@ -338,7 +338,11 @@ def _build_model(
         model.preset = preset
         return model
     if preset is None:
-        raise ValueError(f"the {role} needs a preset name or a {role}_config")
+        raise ValueError(
+            f"the {role} needs a preset name or a {role}_config; a module built from model "
+            f"instances (e.g. VarNets) is reloaded with the same instances: "
+            f"SFTModule.load_from_checkpoint(path, teacher=..., student=...)"
+        )
     return create_model(preset, **dict(overrides or {}))
 
 

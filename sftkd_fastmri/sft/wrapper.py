@@ -168,7 +168,8 @@ class StudentFriendlyTeacher(nn.Module):
     ) -> Union[SFTOutput, Tensor]:
         """Args:
             masked_kspace: ``(B, coils, H, W, 2)`` acquired k-space (coils = 1: single-coil).
-            mask: broadcastable to the k-space, e.g. ``(B, 1, 1, W, 1)``.
+            mask: broadcastable to the k-space, e.g. ``(B, 1, 1, W, 1)`` (a VarNet through
+                :class:`~sftkd_fastmri.models.CascadedVarNet` needs exactly ``(B, 1, 1, W, 1)``).
             sens_maps: ``(B, coils, H, W, 2)``; required when coils > 1.
 
         Returns:

@@ -100,3 +100,13 @@ def test_plain_state_dicts_get_a_hint(tmp_path):
     torch.save(net.state_dict(), tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="plain state dict: build the network"):
         load_model(tmp_path / "plain.pt")
+
+
+def test_networks_without_config_and_torchscript_files_are_named(tmp_path):
+    with pytest.raises(TypeError, match="Linear has none: save its state_dict"):
+        save_model_checkpoint(torch.nn.Linear(2, 2), tmp_path / "lin.pt")
+    assert not (tmp_path / "lin.pt").exists()
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(scripted, str(tmp_path / "lin.ts.pt"))
+    with pytest.raises(CheckpointError, match="lin.ts.pt is a TorchScript export"):
+        load_model(tmp_path / "lin.ts.pt")
