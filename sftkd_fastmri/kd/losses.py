@@ -425,8 +425,8 @@ class AttentionTransfer(KDLoss):
 
     def __init__(self, p: float = 2.0, normalize: str = "sample", squared: bool = False) -> None:
         super().__init__()
-        if not p > 0:
-            raise ValueError(f"AttentionTransfer: p must be positive, got {p}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+            raise ValueError(f"AttentionTransfer: p must be positive (a number), got {p!r}")
         if normalize not in ("sample", "batch"):
             raise ValueError(
                 f"AttentionTransfer: normalize must be 'sample' or 'batch', got {normalize!r}"

@@ -186,9 +186,12 @@ def save_model_checkpoint(
 ROLES = ("auto", "model", "teacher", "student")
 
 
-def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
+def checkpoint_kind(ckpt: Union[Mapping[str, Any], PathLike]) -> str:
     """``"model"`` (model export), ``"lightning"`` (one network under ``model.``), ``"sft"``
-    (teacher and student under ``sft.teacher.`` / ``sft.student.``) or ``"unknown"``."""
+    (teacher and student under ``sft.teacher.`` / ``sft.student.``) or ``"unknown"``, of a
+    checkpoint dict or file."""
+    if not isinstance(ckpt, Mapping):
+        ckpt = read_checkpoint(ckpt)
     if FORMAT_KEY in ckpt:
         return "model"
     hp = ckpt.get("hyper_parameters")

@@ -326,6 +326,8 @@ def test_constructor_option_validation():
         AttentionTransfer(normalize="channel")
     with pytest.raises(ValueError, match="p must be positive"):
         AttentionTransfer(p=0)
+    with pytest.raises(ValueError, match=r"p must be positive \(a number\), got '2'"):
+        AttentionTransfer(p="2")  # e.g. from a config read as text
     with pytest.raises(ValueError, match="gamma"):
         CorrelationCongruence(gamma=-1.0)
     with pytest.raises(ValueError, match="order"):

@@ -110,3 +110,10 @@ def test_networks_without_config_and_torchscript_files_are_named(tmp_path):
     torch.jit.save(scripted, str(tmp_path / "lin.ts.pt"))
     with pytest.raises(CheckpointError, match="lin.ts.pt is a TorchScript export"):
         load_model(tmp_path / "lin.ts.pt")
+
+
+def test_checkpoint_kind_takes_a_file_or_a_dict(tmp_path):
+    from sftkd_fastmri.models.checkpoint import checkpoint_kind
+
+    path = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "m.pt")
+    assert checkpoint_kind(path) == checkpoint_kind(torch.load(path, weights_only=True)) == "model"
