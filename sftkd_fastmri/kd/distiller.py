@@ -165,6 +165,7 @@ class Distiller(nn.Module):
         self._student_capture: Optional[FeatureCapture] = None
         self._teacher_capture: Optional[FeatureCapture] = None
         self._warned_train_mode = False
+        self._teacher_ran = False  # a first failing call gets an explanation
         self.summarize_teacher = bool(summarize_teacher)
         self.defer_gradients = bool(defer_gradients)
         # teacher layer -> [(loss, group index, slot in group)] for summarised losses
@@ -369,7 +370,21 @@ class Distiller(nn.Module):
         call = calls[0]
         self._clear_summaries()
         with torch.no_grad(), self._teacher_capture.recording():
-            output = self.teacher(*call.args, **call.kwargs)
+            try:
+                output = self.teacher(*call.args, **call.kwargs)
+            except (ValueError, TypeError) as err:
+                if self._teacher_ran:
+                    raise
+                # The first call: most likely teacher and student take different inputs.
+                shown = ", ".join(_describe_arg(a) for a in call.args)
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                    f"the teacher ({type(self.teacher).__name__}) failed on the student's "
+                    f"inputs ({shown}): {err}. The teacher runs on exactly the arguments of "
+                    "the student's forward, so both must take the same inputs (a DC-CNN takes "
+                    "(masked_kspace, mask, sens_maps), fastMRI's VarNet (masked_kspace, mask, "
+                    "num_low_frequencies))"
+                ) from err
+        self._teacher_ran = True
         return output
 
     # -- teacher summaries --------------------------------------------------------------------
@@ -483,3 +498,9 @@ def _zero_like(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output.new_zeros((), dtype=torch.float32)
     return torch.zeros(())
+
+
+def _describe_arg(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor {tuple(value.shape)}"
+    return repr(value) if value is None or isinstance(value, (int, float)) else type(value).__name__

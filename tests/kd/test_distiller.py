@@ -53,3 +53,29 @@ def test_every_loss_left_out_gives_a_zero_total():
     kd = _kd({"sp": 1.0}, batch=1, skip_small_batches=True)
     assert kd.skipped == ("sp",) and kd.terms == {}
     assert kd.total.item() == 0.0 and kd.total.dim() == 0
+
+
+def test_a_teacher_that_cannot_take_the_students_inputs_is_explained():
+    """A DC-CNN teacher behind a student called like fastMRI's VarNet (masked_kspace, mask,
+    num_low_frequencies): the first failing teacher call says why, not only a shape."""
+
+    class VarNetLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, kspace, mask, num_low_frequencies):
+            return kspace[:, 0, ..., 0] * self.scale
+
+    teacher = create_model("dccnn_d5c5", chans=4, num_cascades=1)
+    kspace, mask = _inputs(2)
+    kspace = kspace.repeat(1, 2, 1, 1, 1)  # two coils
+    student = VarNetLike()
+    layers = {"imitation": [["", ""]]}
+    with Distiller(student, teacher, {"imitation": 1.0}, layers=layers) as distiller:
+        with distiller.step():
+            student(kspace, mask, torch.tensor([4, 4]))
+            with pytest.raises(ValueError, match=r"failed on the student's inputs \(tensor "
+                               r"\(2, 2, 12, 10, 2\), tensor \(2, 1, 1, 10, 1\), tensor \(2,\)\)"
+                               r".*both must take the same inputs"):  # fmt: skip
+                distiller()
