@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Optional
 
 from .._io import atomic_write_text
 from .options import (
-    _bool,
     add_options,
+    boolean,
     load_config,
     mapping_option,
     nonnegative_int,
@@ -199,8 +199,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as err:
             raise SystemExit(f"error: {source}: seeds: {err} (a list such as [0, 1, 2])") from None
     try:
-        cfg["controls"] = _bool(cfg["controls"])
-        cfg["train_first_student_cascade"] = _bool(cfg["train_first_student_cascade"])
+        cfg["controls"] = boolean(cfg["controls"])
+        cfg["train_first_student_cascade"] = boolean(cfg["train_first_student_cascade"])
     except argparse.ArgumentTypeError as err:
         raise SystemExit(
             f"error: {source}: controls / train_first_student_cascade: {err}"

@@ -20,6 +20,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "add_options",
+    "boolean",
     "fraction_or_count",
     "load_config",
     "mapping_option",
@@ -34,6 +35,10 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+#: The true/false converter of the flags, for commands' own keys (e.g. the study's ``controls``).
+boolean = _bool
 
 
 def _number(text: Any, kind: type) -> Any:

@@ -306,6 +306,19 @@ class _MultiCoil(nn.Module):
         return self.model(masked_kspace, mask, sens_maps)
 
 
+def _check_layout(masked_kspace: Tensor, mask: Tensor) -> None:
+    """The k-space and mask layout every export takes (compiled into the guards below)."""
+    if masked_kspace.dim() != 5 or masked_kspace.size(-1) != 2:
+        raise ValueError(
+            f"masked_kspace must be (B, coils, H, W, 2), got shape {masked_kspace.shape}"
+        )
+    if mask.dim() != 5 or mask.size(3) != masked_kspace.size(3):
+        raise ValueError(
+            f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, "
+            f"got shape {mask.shape}"
+        )
+
+
 class _SingleCoilGuard(nn.Module):
     """Checks a single-coil export's inputs before the (possibly traced) network runs: a
     trace keeps no Python checks, and would otherwise reconstruct multi-coil k-space from
@@ -316,19 +329,12 @@ class _SingleCoilGuard(nn.Module):
         self.inner = inner
 
     def forward(self, masked_kspace: Tensor, mask: Tensor) -> Tensor:
-        if masked_kspace.dim() != 5 or masked_kspace.size(-1) != 2:
-            raise ValueError(
-                f"masked_kspace must be (B, coils, H, W, 2), got shape {masked_kspace.shape}"
-            )
+        _check_layout(masked_kspace, mask)
         if masked_kspace.size(1) != 1:
             raise ValueError(
                 "this export is single-coil (inputs masked_kspace, mask) but masked_kspace "
-                f"has {masked_kspace.size(1)} coils; multi-coil data need an export with sens_maps "
-                "(export --coils N)"
-            )
-        if mask.dim() != 5 or mask.size(3) != masked_kspace.size(3):
-            raise ValueError(
-                f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, got shape {mask.shape}"
+                f"has {masked_kspace.size(1)} coils; multi-coil data need an export with "
+                "sens_maps (export --coils N)"
             )
         return self.inner(masked_kspace, mask)
 
@@ -341,17 +347,11 @@ class _MultiCoilGuard(nn.Module):
         self.inner = inner
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
-        if masked_kspace.dim() != 5 or masked_kspace.size(-1) != 2:
-            raise ValueError(
-                f"masked_kspace must be (B, coils, H, W, 2), got shape {masked_kspace.shape}"
-            )
+        _check_layout(masked_kspace, mask)
         if sens_maps.shape != masked_kspace.shape:
             raise ValueError(
-                f"sens_maps must have the k-space's shape {masked_kspace.shape}, got {sens_maps.shape}"
-            )
-        if mask.dim() != 5 or mask.size(3) != masked_kspace.size(3):
-            raise ValueError(
-                f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, got shape {mask.shape}"
+                f"sens_maps must have the k-space's shape {masked_kspace.shape}, "
+                f"got {sens_maps.shape}"
             )
         return self.inner(masked_kspace, mask, sens_maps)
 

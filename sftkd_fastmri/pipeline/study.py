@@ -18,6 +18,7 @@ is skipped on re-run; an interrupted one resumes from its ``last.ckpt``.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -91,16 +92,15 @@ def _epochs(cfg: Mapping[str, Any]) -> Dict[str, int]:
     for key in STAGE_EPOCH_KEYS:
         value = spec.get(key, cfg["max_epochs"])
         try:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            out[key] = int(float(value))
+            number = math.nan if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            out[key] = 0
-        if out[key] < 1:
+            number = math.nan
+        if not (number.is_integer() and number >= 1):
             raise ValueError(
                 f"epochs: {key}: expected a whole number of epochs >= 1, got {value!r} (epochs "
                 f"is one number for every stage, or a mapping of {', '.join(STAGE_EPOCH_KEYS)})"
             )
+        out[key] = int(number)
     return out
 
 
@@ -229,8 +229,9 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # ... and the held-out split must have targets to score, and the training splits exist
     check_scored_split(cfg, cfg["test_split"], "the study's test_split")
+    data_path = resolve_data_path(cfg)
     for key in ("train_split", "val_split"):
-        folder = resolve_data_path(cfg) / f"{cfg['challenge']}_{cfg[key]}"
+        folder = data_path / f"{cfg['challenge']}_{cfg[key]}"
         if not folder.is_dir():
             raise FileNotFoundError(f"the study's {key}: split folder {folder} does not exist")
     out_dir = Path(cfg.get("out_dir") or "runs/study")
