@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -11,7 +12,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from ..callbacks.finite import FiniteLossCheck
 from ..data.datasets import TARGET_KEYS
-from ..pl_modules import FastMRIDataModule, split_has_targets
+from ..pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
 __all__ = [
     "build_datamodule",
@@ -25,21 +26,25 @@ CKPT_DIR = "checkpoints"
 
 
 def resolve_data_path(cfg: Dict[str, Any]) -> Path:
-    """``data_path``, or ``{dataset}_path`` from fastMRI's ``fastmri_dirs.yaml`` convention."""
+    """``data_path``, or ``{dataset}_path`` from fastMRI's ``fastmri_dirs.yaml`` convention.
+
+    ``data_path`` wins where both are given (a warning names what is ignored).
+    """
     if cfg.get("data_path"):
+        ignored = [
+            f"--{key.replace('_', '-')}" for key in ("data_config", "dataset") if cfg.get(key)
+        ]
+        if ignored:
+            warnings.warn(
+                f"--data-path {cfg['data_path']} given: {' and '.join(ignored)} ignored",
+                stacklevel=2,
+            )
         path = Path(cfg["data_path"])
     elif cfg.get("data_config") or cfg.get("dataset"):
-        from fastmri.data.mri_data import fetch_dir
-
         if not cfg.get("dataset"):
             raise ValueError("--data-config needs --dataset knee|brain to pick the folder")
         config_file = cfg.get("data_config") or "fastmri_dirs.yaml"
-        if not Path(config_file).is_file():
-            raise FileNotFoundError(
-                f"{config_file} does not exist; it holds knee_path/brain_path/log_path "
-                "(fastMRI's convention), or pass --data-path"
-            )
-        path = Path(fetch_dir(f"{cfg['dataset']}_path", config_file))
+        path = fetch_dir(f"{cfg['dataset']}_path", config_file)
     else:
         raise ValueError("no data: pass --data-path (or --data-config with --dataset)")
     if not path.is_dir():
