@@ -97,7 +97,12 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
     )
     suffixes = ", ".join(SUFFIXES.values())
     p.add_argument(
-        "--out", help=f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}})"
+        "--out",
+        help=(
+            f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}} for an SFT "
+            "checkpoint's teacher or student; <stem>.ts.pt / <stem>.onnx / <stem>.model.pt "
+            "for a one-network checkpoint)"
+        ),
     )
     p.add_argument(
         "--shape",

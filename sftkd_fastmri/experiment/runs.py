@@ -8,11 +8,14 @@ from ``last.ckpt``. ``run_config.json`` records the settings a run started with:
 with other settings (another model, loss, KD method, learning rate, mask ...) is refused
 with the differences listed, rather than failing deep in Lightning or silently mixing two
 runs; the options in :data:`RUN_IDENTITY_KEYS` are compared, the others (epochs, devices,
-workers, paths, logging) may change between sessions.
+workers, data and output paths, logging) may change between sessions. The files a run starts
+from (:data:`RUN_INPUT_FILES`: initial weights, teacher, mask) are compared by content
+(SHA-256): a moved or copied file resumes, a file replaced at the same path does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -32,6 +35,7 @@ __all__ = [
     "DONE_FILE",
     "RUN_IDENTITY_KEYS",
     "RUN_CONFIG_FILE",
+    "RUN_INPUT_FILES",
     "StageResult",
     "check_run_settings",
     "run_distill",
@@ -82,12 +86,60 @@ RUN_IDENTITY_KEYS = (
     "layers",
     "loss_options",
 )
+#: Identity options naming a file: compared by the file's SHA-256 where the run recorded it
+#: (``file_digests`` in ``run_config.json``), so that a moved study folder still resumes.
+RUN_INPUT_FILES = ("init_checkpoint", "teacher_checkpoint", "mask_path")
+_DIGESTS = "file_digests"
 #: Compared only for distillation runs (a study hands its KD options to every stage).
 _KD_KEYS = ("methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
 
 
 def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(cfg, default=str, sort_keys=True))
+
+
+def _sha256(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(cfg: Dict[str, Any]) -> Dict[str, str]:
+    """SHA-256 of each :data:`RUN_INPUT_FILES` option that names an existing file."""
+    return {
+        key: _sha256(cfg[key])
+        for key in RUN_INPUT_FILES
+        if cfg.get(key) and Path(cfg[key]).is_file()
+    }
+
+
+def run_record(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """What ``run_config.json`` holds: the config plus the digests of the run's input files."""
+    record = _jsonable(cfg)
+    record[_DIGESTS] = _file_digests(cfg)
+    return record
+
+
+def _differs(
+    key: str, before: Dict[str, Any], now: Dict[str, Any], digests: Dict[str, str]
+) -> Optional[str]:
+    """``None`` when option ``key`` matches the record, else how it differs (for the message).
+
+    Files recorded with a digest match by content; records without one (older runs, or a
+    file that did not exist) by path."""
+    then = before.get(key)
+    recorded_digests = before.get(_DIGESTS)
+    recorded = recorded_digests.get(key) if isinstance(recorded_digests, dict) else None
+    if key in RUN_INPUT_FILES and recorded and then and now.get(key):
+        if digests.get(key) == recorded:
+            return None  # the same content, wherever it lies now
+        if then == now.get(key):
+            return f"{key}: {then!r} holds other content than when the run started"
+    if then == now.get(key):
+        return None
+    return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 
 def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool = False) -> None:
@@ -111,10 +163,11 @@ def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool
         ) from None
     now = _jsonable(cfg)
     keys = [k for k in RUN_IDENTITY_KEYS if cfg.get("teacher_checkpoint") or k not in _KD_KEYS]
-    changed = [k for k in keys if before.get(k) != now.get(k)]
+    digests = _file_digests(cfg)
+    changed = [d for d in (_differs(k, before, now, digests) for k in keys) if d is not None]
     if not changed:
         return
-    shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in changed[:6])
+    shown = "; ".join(changed[:6])
     more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
     if finished:
         raise ValueError(
@@ -182,7 +235,7 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if not resume:
-        atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(_jsonable(cfg), indent=2))
+        atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(run_record(cfg), indent=2))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except RuntimeError as err:

@@ -1,0 +1,55 @@
+"""run_config.json: the files a run starts from are compared by content, not by path."""
+
+import json
+import shutil
+
+import pytest
+
+from sftkd_fastmri.experiment.runs import RUN_CONFIG_FILE, check_run_settings, run_record
+
+
+def _start(run, cfg):
+    run.mkdir()
+    (run / RUN_CONFIG_FILE).write_text(json.dumps(run_record(cfg)))
+
+
+def test_a_moved_or_copied_input_file_resumes_a_replaced_one_does_not(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"weights of the teacher")
+    cfg = {"model": "dccnn_d3c5", "lr": 1e-3, "teacher_checkpoint": str(teacher), "methods": {}}
+    run = tmp_path / "run"
+    _start(run, cfg)
+    record = json.loads((run / RUN_CONFIG_FILE).read_text())
+    assert set(record["file_digests"]) == {"teacher_checkpoint"}
+    check_run_settings(cfg, run)  # unchanged
+
+    moved = tmp_path / "moved" / "teacher.pt"
+    moved.parent.mkdir()
+    shutil.copy(teacher, moved)
+    check_run_settings({**cfg, "teacher_checkpoint": str(moved)}, run)  # same content
+
+    teacher.write_bytes(b"weights of another teacher")  # replaced in place
+    with pytest.raises(ValueError, match="teacher.pt' holds other content than when the run"):
+        check_run_settings(cfg, run)
+    with pytest.raises(ValueError, match="finished run with other settings"):
+        check_run_settings(cfg, run, finished=True)
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"weights of another teacher")
+    with pytest.raises(
+        ValueError, match=r"teacher_checkpoint: '.*teacher.pt' then, '.*other.pt' now"
+    ):
+        check_run_settings({**cfg, "teacher_checkpoint": str(other)}, run)
+
+
+def test_records_without_digests_compare_paths(tmp_path):
+    mask = tmp_path / "mask.npy"
+    mask.write_bytes(b"0101")
+    copy = tmp_path / "copy.npy"
+    shutil.copy(mask, copy)
+    cfg = {"model": "dccnn_d3c5", "mask_path": str(mask)}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RUN_CONFIG_FILE).write_text(json.dumps(cfg))  # an older record: no file_digests
+    check_run_settings(cfg, run)
+    with pytest.raises(ValueError, match="mask_path: "):
+        check_run_settings({**cfg, "mask_path": str(copy)}, run)
