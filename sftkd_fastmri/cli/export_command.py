@@ -86,7 +86,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
         default="torchscript",
         choices=EXPORT_FORMATS,
         help="state_dict: model checkpoint (needs this package to load); torchscript: "
-        "self-contained module (default); onnx: needs pip install 'sftkd_fastmri[onnx]' "
+        "self-contained module (default); pt2: torch.export program, TorchScript's successor "
+        "(torch.export.load(path).module()); onnx: needs pip install 'sftkd_fastmri[onnx]' "
         "(onnx, onnxscript, onnxruntime)",
     )
     p.add_argument(

@@ -1,6 +1,6 @@
 """Export one network (teacher or student) of any checkpoint for deployment.
 
-Three formats (:data:`EXPORT_FORMATS`):
+Four formats (:data:`EXPORT_FORMATS`):
 
 * ``"state_dict"`` - a model checkpoint (:func:`~sftkd_fastmri.models.save_model_checkpoint`)
   holding the network alone; :func:`~sftkd_fastmri.models.load_model` rebuilds it strictly.
@@ -13,6 +13,14 @@ Three formats (:data:`EXPORT_FORMATS`):
   count, and its metadata (``load_torchscript_export``) says whether that held. The forward
   signature is fixed by the number of coils the export was made for: ``(masked_kspace,
   mask)`` for single-coil data, ``(masked_kspace, mask, sens_maps)`` for multi-coil data.
+  (``torch.jit`` is deprecated in recent torch releases in favour of ``torch.export``: see
+  ``"pt2"``.)
+* ``"pt2"`` - a ``torch.export`` program (``torch.export.load(path).module()``, torch alone
+  needed), the successor of TorchScript. Batch, size and (multi-coil) coil count are
+  symbolic; the program's own shape guards refuse inputs outside them (e.g. multi-coil
+  k-space given to a single-coil export), and :func:`load_pt2_export` adds the readable checks
+  of the TorchScript exports. Same signatures as TorchScript; checked at a second batch, size
+  parity and coil count.
 * ``"onnx"`` - ONNX has no complex dtype. With ``onnx`` and ``onnxscript`` installed, torch's
   dynamo-based exporter maps the data-consistency layers' complex FFTs onto ONNX's ``DFT``
   operator (batch, size and coils dynamic; 10-30 s even for a small network) and the file is
@@ -53,22 +61,29 @@ __all__ = [
     "ExportError",
     "default_export_path",
     "export_model",
+    "load_pt2_export",
     "load_torchscript_export",
     "resolve_role",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-EXPORT_FORMATS: Tuple[str, ...] = ("state_dict", "torchscript", "onnx")
+EXPORT_FORMATS: Tuple[str, ...] = ("state_dict", "torchscript", "pt2", "onnx")
 #: File suffix per format (``<stem>.<role><suffix>`` next to the checkpoint by default).
-SUFFIXES: Dict[str, str] = {"state_dict": ".pt", "torchscript": ".ts.pt", "onnx": ".onnx"}
+SUFFIXES: Dict[str, str] = {
+    "state_dict": ".pt",
+    "torchscript": ".ts.pt",
+    "pt2": ".pt2",
+    "onnx": ".onnx",
+}
 #: Coils of the example k-space a multi-coil export is traced and checked with.
 MULTICOIL_EXAMPLE_COILS = 4
 #: Example (H, W) for tracing when neither the caller nor the checkpoint gives one.
 DEFAULT_EXAMPLE_SHAPE: Tuple[int, int] = (320, 320)
-#: Name of the JSON metadata stored in TorchScript ``_extra_files`` and ONNX metadata_props.
+#: Name of the JSON metadata stored in TorchScript ``_extra_files``, ``torch.export``'s
+#: ``extra_files`` and ONNX metadata_props.
 METADATA_NAME = "sftkd_fastmri.json"
-#: TorchScript runs the very same kernels as the eager model: any difference is a bug.
+#: TorchScript and torch.export programs run the eager model's kernels: any difference is a bug.
 TORCHSCRIPT_ATOL = 1e-5
 #: ONNX Runtime computes the FFTs with its own DFT kernels: allow float32 rounding, relative
 #: to the output's magnitude.
@@ -135,7 +150,8 @@ def export_model(
             :func:`~sftkd_fastmri.export.load_reconstruction_model`), or a DC-CNN.
         out_path: output file (its folder is created; an existing file is replaced only
             once the new one has been written and checked).
-        format: ``"state_dict"``, ``"torchscript"`` or ``"onnx"``.
+        format: ``"state_dict"``, ``"torchscript"``, ``"pt2"`` (``torch.export``) or
+            ``"onnx"``.
         role: ``"auto"``, ``"teacher"`` or ``"student"``: which network of an SFT checkpoint
             (``"auto"``: the teacher); only a label for single-network checkpoints. A
             module given instead of a checkpoint is exported from a CPU copy.
@@ -145,10 +161,10 @@ def export_model(
             second size too; the metadata says whether other sizes are accepted.
         coils: coils of the k-space the export will see; 1 gives the single-coil signature
             ``(masked_kspace, mask)``, more the SENSE one ``(masked_kspace, mask,
-            sens_maps)`` (TorchScript and ONNX exports then accept any coil count). Default:
-            from the ``challenge`` the checkpoint records (the commands record it:
-            ``multicoil`` -> :data:`MULTICOIL_EXAMPLE_COILS`), else 1. TorchScript exports
-            check their inputs and refuse k-space of another kind.
+            sens_maps)`` (TorchScript, pt2 and ONNX exports then accept any coil count).
+            Default: from the ``challenge`` the checkpoint records (the commands record it:
+            ``multicoil`` -> :data:`MULTICOIL_EXAMPLE_COILS`), else 1. TorchScript and pt2
+            exports check their inputs and refuse k-space of another kind.
         opset: ONNX opset (default: the exporter's).
 
     Returns:
@@ -190,6 +206,8 @@ def export_model(
         _export_state_dict(model, out, meta, example_shape)
     elif format == "torchscript":
         _export_torchscript(model, out, meta, shape, coils)
+    elif format == "pt2":
+        _export_program(model, out, meta, shape, coils)
     else:
         _export_onnx(model, out, meta, shape, coils, opset)
     return out
@@ -204,6 +222,23 @@ def load_torchscript_export(
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
     return module, json.loads(extra[METADATA_NAME] or "{}")
+
+
+def load_pt2_export(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Load a ``pt2`` export (:func:`torch.export.load`) and its metadata.
+
+    The module is the program's ``module()`` behind the readable input checks of the
+    TorchScript exports (coil count, mask width, ``sens_maps`` shape); the program alone
+    refuses such inputs too, with ``torch.export``'s guard messages."""
+    extra = {METADATA_NAME: ""}
+    with warnings.catch_warnings(), open(path, "rb") as f:  # a file object: any file name
+        warnings.simplefilter("ignore")
+        program = torch.export.load(f, extra_files=extra)
+    meta = json.loads(extra[METADATA_NAME] or "{}")
+    inner = program.module()
+    module = _SingleCoilGuard(inner) if int(meta.get("coils", 1)) == 1 else _MultiCoilGuard(inner)
+    module.training = False  # an exported program has no training mode to switch
+    return module, meta
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -490,6 +525,44 @@ def _export_torchscript(
         _check_close(_forward(loaded, inputs), expected, TORCHSCRIPT_ATOL, "saved TorchScript")
 
 
+# -- torch.export -------------------------------------------------------------------------
+def _export_program(
+    model: nn.Module, out: Path, meta: Dict[str, Any], shape: Tuple[int, int], coils: int
+) -> None:
+    wrapper = _wrap(model, coils)
+    names = _input_names(coils)
+    # Batch 2: torch.export specialises every dimension whose example size is 1.
+    inputs = _example_inputs(shape, coils, batch=2)
+    try:
+        with _quiet():
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(names))
+    except Exception as err:
+        raise ExportError(
+            f"torch.export failed: {_first_line(err)}. format='torchscript' is the fallback"
+        ) from err
+    kspace = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0])
+    sizes = kspace.meta["val"].shape
+    meta = {
+        **meta,
+        "format": "pt2",
+        **_signature(coils),
+        "example_shape": list(shape),
+        "input_shapes": [[_dim(d) for d in sizes]],
+        "dynamic_shapes": not all(isinstance(d, int) for d in sizes[2:4]),
+    }
+    expected = _forward(wrapper, inputs)
+    checks = [(inputs, expected)]
+    if meta["dynamic_shapes"]:
+        other = _other_inputs(shape, coils)
+        checks.append((other, _forward(wrapper, other)))
+    with _atomic_output(out) as tmp:
+        with _quiet(), open(tmp, "wb") as f:  # a file object: the temporary name is no .pt2
+            torch.export.save(program, f, extra_files={METADATA_NAME: json.dumps(meta)})
+        loaded, _ = load_pt2_export(tmp)
+        for args, want in checks:
+            _check_close(_forward(loaded, args), want, TORCHSCRIPT_ATOL, "torch.export program")
+
+
 # -- ONNX ---------------------------------------------------------------------------------
 def _have(*modules: str) -> bool:
     return all(importlib.util.find_spec(name) is not None for name in modules)
@@ -531,6 +604,20 @@ def _export_onnx(
 def _onnx_dynamo(
     wrapper: nn.Module, inputs: Tuple[Tensor, ...], names: List[str], opset: Optional[int]
 ) -> Any:
+    return torch.onnx.export(
+        wrapper,
+        inputs,
+        dynamo=True,
+        dynamic_shapes=_dynamic_shapes(names),
+        input_names=names,
+        output_names=["image"],
+        opset_version=opset,
+        verbose=False,
+    )
+
+
+def _dynamic_shapes(names: List[str]) -> Dict[str, Dict[int, Any]]:
+    """``torch.export`` dims of the inputs: batch, H, W and (multi-coil) coils symbolic."""
     from torch.export import Dim
 
     auto = Dim.AUTO  # dynamic where the model allows it, static where it does not
@@ -538,16 +625,7 @@ def _onnx_dynamo(
     if "sens_maps" in names:
         kspace[1] = auto  # any number of coils; single-coil exports keep exactly one
     dims = {"masked_kspace": kspace, "mask": {0: auto, 3: auto}, "sens_maps": kspace}
-    return torch.onnx.export(
-        wrapper,
-        inputs,
-        dynamo=True,
-        dynamic_shapes={name: dims[name] for name in names},
-        input_names=names,
-        output_names=["image"],
-        opset_version=opset,
-        verbose=False,
-    )
+    return {name: dims[name] for name in names}
 
 
 def _onnx_legacy(

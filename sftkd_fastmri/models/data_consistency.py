@@ -171,7 +171,7 @@ class DataConsistency(nn.Module):
         if image.dtype in (torch.float16, torch.bfloat16):
             image = image.float()  # FFTs in float32 (under autocast the block may give fp16)
         height, width = masked_kspace.shape[-3], masked_kspace.shape[-2]
-        if height % 2 or width % 2 or _tracing():
+        if _tracing() or height % 2 or width % 2:  # tracing first: no parity guard
             return self._centred(image, masked_kspace, mask, sens_maps)
         return self._shift_free(image, masked_kspace, mask, sens_maps)
 

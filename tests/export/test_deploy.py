@@ -1,4 +1,4 @@
-"""Deployment exports (state dict, TorchScript, ONNX) from every checkpoint layout."""
+"""Deployment exports (state dict, TorchScript, torch.export, ONNX) from every checkpoint layout."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sftkd_fastmri.export import EXPORT_FORMATS, deploy, export_model
 from sftkd_fastmri.export.deploy import (
     ExportError,
     default_export_path,
+    load_pt2_export,
     load_torchscript_export,
     resolve_role,
 )
@@ -163,6 +164,51 @@ def test_traced_module_fixed_to_its_size_is_recorded(monkeypatch, tmp_path):
     torch.testing.assert_close(module(*inputs), _eager(model, inputs), atol=1e-5, rtol=0)
 
 
+# -- torch.export -------------------------------------------------------------------------
+@pytest.mark.parametrize("source, coils", [("lightning", 1), ("sft-student", 3)])
+def test_pt2_program_reproduces_eager_output_at_any_batch_size_and_coil_count(
+    sources, source, coils, tmp_path
+):
+    ckpt, role, expected, role_name = sources[source]
+    out = export_model(
+        ckpt, tmp_path / "net.pt2", format="pt2", role=role, example_shape=SHAPE, coils=coils
+    )
+    module, meta = load_pt2_export(out)
+    assert meta["format"] == "pt2" and meta["role"] == role_name and meta["coils"] == coils
+    assert meta["dynamic_shapes"] is True and meta["example_shape"] == list(SHAPE)
+    program = torch.export.load(str(out)).module()  # torch alone, without this package
+    # odd sizes too: the data-consistency layers' even-size shortcut must not be baked in
+    for kwargs in ({}, {"batch": 3, "height": 15, "width": 11, "coils": coils + (coils > 1)}):
+        inputs = _inputs(**{"coils": coils, **kwargs}, seed=1)
+        want = _eager(expected, inputs)
+        with torch.no_grad():
+            torch.testing.assert_close(module(*inputs), want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(program(*inputs), want, atol=1e-5, rtol=0)
+    kspace, mask, sens = _inputs(coils=3)
+    if coils == 1:  # multi-coil k-space into a single-coil export: refused, never coil 0
+        with pytest.raises(ValueError, match="single-coil .* has 3 coils"):
+            module(kspace, mask)
+        with pytest.raises((AssertionError, RuntimeError)):  # torch.export's shape guard
+            program(kspace, mask)
+    else:
+        with pytest.raises(ValueError, match="sens_maps must have the k-space's shape"):
+            module(kspace, mask, sens[:, :2])
+    with pytest.raises(ValueError, match="mask must be"):
+        module(*_inputs(coils=coils)[:1], mask[..., :5, :], *_inputs(coils=coils)[2:])
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_export_pt2_names_the_file_after_the_checkpoint(sources, capsys):
+    ckpt, _, net, _ = sources["lightning"]
+    assert main(["export", str(ckpt), "--format", "pt2", "--shape", "16", "12"]) == 0
+    out = ckpt.with_name("kd.pt2")
+    assert str(out) in capsys.readouterr().out
+    module, _ = load_pt2_export(out)
+    inputs = _inputs(seed=3)
+    torch.testing.assert_close(module(*inputs), _eager(net, inputs), atol=1e-5, rtol=0)
+    out.unlink()
+
+
 # -- ONNX ---------------------------------------------------------------------------------
 def test_onnx_writes_a_file_or_explains_the_fft_operators(sources, tmp_path):
     ckpt, role, _, _ = sources["sft-student"]
@@ -195,7 +241,7 @@ def test_failed_export_leaves_previous_file_and_no_temporary(sources, monkeypatc
 
 def test_bad_arguments_are_refused(sources, tmp_path):
     ckpt, _, _, _ = sources["model"]
-    assert EXPORT_FORMATS == ("state_dict", "torchscript", "onnx")
+    assert EXPORT_FORMATS == ("state_dict", "torchscript", "pt2", "onnx")
     with pytest.raises(ValueError, match="format must be one of"):
         export_model(ckpt, tmp_path / "x", format="tflite")
     with pytest.raises(ValueError, match="role must be one of"):
@@ -216,6 +262,7 @@ def test_default_names_follow_the_selected_role(sources):
     assert default_export_path(sft_ckpt, "torchscript", "student").name == "sft.student.ts.pt"
     assert default_export_path(sft_ckpt, "onnx").name == "sft.teacher.onnx"
     assert default_export_path(model_ckpt, "state_dict").name == "model.student.pt"
+    assert default_export_path(lightning_ckpt, "pt2").name == "kd.pt2"
 
 
 # -- command line -------------------------------------------------------------------------
