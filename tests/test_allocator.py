@@ -60,5 +60,11 @@ def test_opt_out_and_idempotence(monkeypatch):
     monkeypatch.setattr(allocator, "_applied", False)
     monkeypatch.setenv("SFTKD_FASTMRI_MALLOC", "default")
     assert allocator.retain_freed_memory() is False
+    monkeypatch.delenv("SFTKD_FASTMRI_MALLOC")
     monkeypatch.setattr(allocator, "_applied", True)  # already applied: no second mallopt
+
+    def no_libc(*args, **kwargs):
+        raise AssertionError("libc opened again")
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", no_libc)
     assert allocator.retain_freed_memory() is True

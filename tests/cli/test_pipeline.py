@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import yaml
 
 from sftkd_fastmri.cli.main import main
@@ -47,7 +48,11 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert set(rows) == expected
     assert float(rows["teacher"]["params"]) > float(rows["student"]["params"])
     report = json.loads((out_dir / "report.json").read_text())
-    assert report
+    assert {m["key"] for m in report["models"]} == expected
+    # the teacher-student gap is the difference of the two rows' mean PSNRs
+    gap = float(rows["teacher"]["psnr_mean"]) - float(rows["student"]["psnr_mean"])
+    assert report["gap_psnr"] == pytest.approx(gap, abs=1e-3)  # the CSV is rounded
+    assert {r["method"] for r in report["kd_table"]} == {"at", "imitation"}
     markdown = (out_dir / "report.md").read_text()
     assert "AT" in markdown and "Imitation" in markdown
 

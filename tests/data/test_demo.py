@@ -181,7 +181,9 @@ def test_nilearn_backend_is_offline(tmp_path, monkeypatch):
     assert info.backend == "nilearn"
     assert sorted(info.split_dirs) == [f"singlecoil_{s}" for s in sorted(FOLDER_SPLITS)]
     assert not (tmp_path / "multicoil_train").exists()
-    for fname in (tmp_path / "singlecoil_train").glob("*.h5"):
+    files = sorted((tmp_path / "singlecoil_train").glob("*.h5"))
+    assert len(files) == SMALL["volumes_per_split"]["train"]
+    for fname in files:
         assert fname.name.startswith("file_demo_brain_")
         with h5py.File(fname, "r") as hf:
             target = hf["reconstruction_esc"][()]

@@ -178,11 +178,24 @@ def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():
 
 
 def test_kspace_from_target_matches_target():
+    """The file's k-space is ignored; the k-space is the centred orthonormal DFT of the real
+    target image (numpy, written out here), under-sampled by the mask."""
     kspace, target, attrs = _slice()
     t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), kspace_from_target=True)
     s = t(kspace, None, target, attrs, "f.h5", 0)
-    full = fastmri.ifft2c(s.masked_kspace[0] / s.mask[0].float().clamp_min(1))  # masked
-    assert s.masked_kspace.shape == (1, 12, 10, 2) and full.shape == (12, 10, 2)
+    assert s.masked_kspace.shape == (1, 12, 10, 2)
+    spectrum = np.fft.fftshift(
+        np.fft.fft2(np.fft.ifftshift(target.astype(np.float64)), norm="ortho")
+    )
+    sampled = s.mask.reshape(-1).numpy()
+    assert 0 < sampled.sum() < sampled.size
+    expected = torch.from_numpy(np.stack([spectrum.real, spectrum.imag], -1) * sampled[:, None])
+    got = (s.masked_kspace[0] * s.scale).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # the zero-filled image of a fully sampled target is the target itself
+    full = DCCNNDataTransform(FixedMaskFunc(np.ones(10)), kspace_from_target=True)
+    f = full(kspace, None, target, attrs, "f.h5", 0)
+    torch.testing.assert_close(f.zero_filled * f.scale, torch.from_numpy(target), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("challenge", ["singlecoil", "multicoil"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fastmri
@@ -210,20 +211,42 @@ def test_cli_export_pt2_names_the_file_after_the_checkpoint(sources, capsys):
 
 
 # -- ONNX ---------------------------------------------------------------------------------
-def test_onnx_writes_a_file_or_explains_the_fft_operators(sources, tmp_path):
-    ckpt, role, _, _ = sources["sft-student"]
-    out = tmp_path / "net.onnx"
-    try:
-        export_model(ckpt, out, format="onnx", role=role, example_shape=SHAPE)
-    except RuntimeError as err:
-        message = str(err)
-        assert isinstance(err, ExportError)
-        assert "FFT" in message and "torchscript" in message
-        assert "pip install onnx" in message or "ONNX lacks support" in message
-        assert not out.exists()  # a failed export leaves nothing behind
-    else:
-        assert out.is_file() and out.stat().st_size > 0
+@pytest.mark.parametrize("coils", [1, 3])
+def test_onnx_export_runs_in_onnxruntime_like_the_eager_model(sources, coils, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ckpt, role, expected, _ = sources["sft-student"]
+    out = export_model(
+        ckpt, tmp_path / "net.onnx", format="onnx", role=role, example_shape=SHAPE, coils=coils
+    )
+    meta = json.loads(
+        {p.key: p.value for p in onnx.load(str(out)).metadata_props}[deploy.METADATA_NAME]
+    )
+    assert meta["format"] == "onnx" and meta["coils"] == coils and meta["dynamic_shapes"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["masked_kspace", "mask", "sens_maps"][: 2 + (coils > 1)]
+    for kwargs in ({}, {"batch": 3, "height": 15, "width": 11, "coils": coils + (coils > 1)}):
+        inputs = _inputs(**{"coils": coils, **kwargs}, seed=4)
+        got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]
+        want = _eager(expected, inputs)
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
     assert _leftovers(tmp_path) == []
+
+
+def test_onnx_without_its_packages_explains_what_to_install(sources, monkeypatch, tmp_path):
+    """Without onnx/onnxscript only the TorchScript-based exporter is there, which cannot
+    translate the complex FFTs: the error says so, and nothing is written."""
+    ckpt, role, _, _ = sources["sft-student"]
+    monkeypatch.setattr(deploy, "_have", lambda *modules: False)
+    out = tmp_path / "net.onnx"
+    with pytest.raises(ExportError) as err:
+        export_model(ckpt, out, format="onnx", role=role, example_shape=SHAPE)
+    message = str(err.value)
+    assert "FFT" in message and "pip install onnx onnxscript" in message
+    assert "format='torchscript'" in message
+    assert not out.exists() and _leftovers(tmp_path) == []
 
 
 # -- atomic writes, validation, naming ----------------------------------------------------

@@ -14,9 +14,34 @@ def test_round_trip(tmp_path):
     model = create_model("dccnn_d3c5", chans=4)
     path = save_model_checkpoint(model, tmp_path / "m.pt", role="student")
     loaded = load_model(path, expected_preset="dccnn_d3c5")
+    assert list(model.state_dict()) == list(loaded.state_dict())
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary file left
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    """atomic_torch_save writes elsewhere and renames: a save that dies after writing part of
+    the file (disk full, interrupt) leaves the previous checkpoint whole and no partial file."""
+    from sftkd_fastmri.models import checkpoint as checkpoint_module
+
+    model = create_model("dccnn_d3c5", chans=4)
+    path = save_model_checkpoint(model, tmp_path / "m.pt")
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dies_midway(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_model_checkpoint(create_model("dccnn_d3c5", chans=8), path)
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    load_model(path, expected_preset="dccnn_d3c5")
 
 
 def test_other_preset_is_refused(tmp_path):

@@ -13,19 +13,18 @@ def _kspace_of(image, sens):
     return fastmri.fft2c(sens_expand(channels_to_complex(image), sens))
 
 
-@pytest.mark.parametrize("coils", [1, 4])
-def test_hard_dc_keeps_sampled_kspace_exactly(coils):
-    masked, mask, sens, _ = random_batch(coils=coils, seed=1)
+def test_hard_dc_keeps_sampled_kspace_exactly():
+    # single coil: sampled points equal the data, unsampled keep the estimate (multi-coil
+    # SENSE DC is no projection; it is checked against its definition below)
+    masked, mask, sens, _ = random_batch(coils=1, seed=1)
     dc = DataConsistency(chans=2, mode="hard")
     x = torch.randn(2, 2, 13, 10)
     out = dc(x, masked, mask, sens)
     k = _kspace_of(out, sens)
-    if coils == 1:
-        # single coil: sampled points equal the data, unsampled keep the estimate
-        torch.testing.assert_close(k * mask, masked, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(k * ~mask, _kspace_of(x, None) * ~mask, atol=1e-5, rtol=1e-5)
-        # idempotent: a second DC changes nothing
-        torch.testing.assert_close(dc(out, masked, mask, sens), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k * mask, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k * ~mask, _kspace_of(x, None) * ~mask, atol=1e-5, rtol=1e-5)
+    # idempotent: a second DC changes nothing
+    torch.testing.assert_close(dc(out, masked, mask, sens), out, atol=1e-5, rtol=1e-5)
 
 
 def test_sense_dc_keeps_a_consistent_image():
@@ -39,8 +38,14 @@ def test_sense_dc_keeps_a_consistent_image():
     kspace = fastmri.fft2c(fastmri.complex_mul(image.unsqueeze(1), sens))
     mask = torch.zeros(2, 1, 1, 10, 1, dtype=torch.bool)
     mask[..., ::2, :] = True
-    out = DataConsistency(2, "hard")(image.permute(0, 3, 1, 2), kspace * mask, mask, sens)
+    dc = DataConsistency(2, "hard")
+    out = dc(image.permute(0, 3, 1, 2), kspace * mask, mask, sens)
     torch.testing.assert_close(out, image.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+    # ... and an image that disagrees with the data is moved towards it
+    wrong = image.permute(0, 3, 1, 2) + torch.randn(2, 2, 13, 10, generator=g)
+    moved = dc(wrong, kspace * mask, mask, sens)
+    before = (wrong - image.permute(0, 3, 1, 2)).norm()
+    assert (moved - image.permute(0, 3, 1, 2)).norm() < 0.9 * before
 
 
 def test_soft_dc_large_weight_approaches_hard():
@@ -101,15 +106,16 @@ def test_bad_arguments():
         DataConsistency(mode="medium")
 
 
+@pytest.mark.parametrize("size", [(12, 10), (13, 11)], ids=["even", "odd"])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 @pytest.mark.parametrize("chans", [1, 2])
 @pytest.mark.parametrize("coils", [1, 3])
-def test_even_sizes_fold_the_shifts_into_the_data(mode, chans, coils):
-    # Even H and W take the shift-free path; it must equal the definition with fastMRI's
-    # centred FFTs (fastmri.fft2c / ifft2c), in value and in gradient.
-    masked, mask, sens, _ = random_batch(coils=coils, height=12, width=10, seed=11)
+def test_dc_equals_its_definition_with_fastmri_centred_ffts(mode, chans, coils, size):
+    # Even H and W take the shift-free path, odd ones the centred one; both must equal the
+    # definition with fastMRI's centred FFTs (fastmri.fft2c / ifft2c), in value and gradient.
+    masked, mask, sens, _ = random_batch(coils=coils, height=size[0], width=size[1], seed=11)
     dc = DataConsistency(chans, mode, init_lambda=2.5)
-    x = torch.randn(2, chans, 12, 10, requires_grad=True)
+    x = torch.randn(2, chans, *size, requires_grad=True)
     out = dc(x, masked, mask, sens)
     kspace = fastmri.fft2c(sens_expand_of(x, sens))
     sampled = mask.to(torch.bool)

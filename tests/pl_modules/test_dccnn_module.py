@@ -189,6 +189,11 @@ def test_ddp_metrics_and_reconstructions_match_single_process(trained, demo_root
     assert set(single) == set(ddp)
     for key in single:
         assert ddp[key] == pytest.approx(single[key], rel=1e-5), key
+    written = sorted(p.name for p in (tmp_path / "single" / "reconstructions").glob("*.h5"))
+    assert written and written == sorted(
+        p.name for p in (tmp_path / "ddp" / "reconstructions").glob("*.h5")
+    )
+    assert len(written) == len(list((demo_root / "singlecoil_test_full").glob("*.h5")))
     for path in sorted((tmp_path / "single" / "reconstructions").glob("*.h5")):
         with (
             h5py.File(path, "r") as a,
