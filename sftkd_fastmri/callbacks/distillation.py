@@ -315,9 +315,10 @@ class DistillationCallback(Callback):
         self.distiller.remove_hooks()
         self.distiller.set_teacher(run_teacher)
         self.distiller.attach()
-        self.stage = self.stage_at(trainer.current_epoch)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in on_fit_start: a resumed run's epoch counter is restored in between.
+        self.stage = self.stage_at(trainer.current_epoch)
         size = _loader_batch_size(trainer.train_dataloader)
         if size is not None:
             check_batch_size(self.losses, size, "the training loader's batch size")

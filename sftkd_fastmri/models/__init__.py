@@ -10,7 +10,7 @@ from .checkpoint import (
 )
 from .data_consistency import DataConsistency, sens_expand, sens_reduce
 from .dccnn import DCCNN, ConvBlock, DCCNNCascade, check_inputs
-from .registry import create_model, list_models, model_config, register_model
+from .registry import build_model, create_model, list_models, model_config, register_model
 from .varnet import CascadedVarNet, check_varnet_inputs
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "DCCNNCascade",
     "DataConsistency",
     "check_inputs",
+    "build_model",
     "check_varnet_inputs",
     "create_model",
     "list_models",

@@ -156,21 +156,24 @@ def save_model_checkpoint(
     """Write ``model`` alone as a model checkpoint that :func:`load_model` rebuilds.
 
     Args:
-        model: a :class:`~sftkd_fastmri.models.DCCNN` (anything with a ``config`` dict).
+        model: a :class:`~sftkd_fastmri.models.DCCNN` or a
+            :class:`~sftkd_fastmri.models.CascadedVarNet` (anything whose ``config`` dict
+            :func:`~sftkd_fastmri.models.build_model` rebuilds).
         path: output file (written atomically).
         preset: preset name (defaults to ``model.preset`` when set).
         role: free-form tag, e.g. ``"teacher"`` or ``"student"``.
         extra: additional JSON-like metadata.
 
     Raises:
-        TypeError: ``model`` records no ``config`` (e.g. fastMRI's VarNet): :func:`load_model`
-            could not rebuild it; save its ``state_dict()`` with ``torch.save`` instead.
+        TypeError: ``model`` records no ``config`` (e.g. a bare fastMRI ``VarNet``: wrap it
+            in ``CascadedVarNet``): :func:`load_model` could not rebuild it.
     """
     if not isinstance(getattr(model, "config", None), Mapping):
         raise TypeError(
             f"save_model_checkpoint writes networks that load_model rebuilds from their "
-            f"'config' (DC-CNNs); {type(model).__name__} has none: save its state_dict() with "
-            "torch.save instead"
+            f"'config' (DC-CNNs, CascadedVarNet); {type(model).__name__} has none: wrap a "
+            "fastMRI VarNet in sftkd_fastmri.models.CascadedVarNet, or save its state_dict() "
+            "with torch.save"
         )
     meta = {
         "kind": "model",
@@ -210,7 +213,9 @@ def load_model(
     expected_preset: Optional[str] = None,
     map_location: Any = "cpu",
 ) -> nn.Module:
-    """Rebuild the DC-CNN stored in any checkpoint of this package.
+    """Rebuild the network stored in any checkpoint of this package: a DC-CNN, or a
+    :class:`~sftkd_fastmri.models.CascadedVarNet` (fastMRI's VarNet) whose ``config`` was
+    recorded (see :func:`~sftkd_fastmri.models.build_model`).
 
     Args:
         path: a model export (:func:`save_model_checkpoint`, SFT exports included), or a
@@ -226,7 +231,7 @@ def load_model(
         CheckpointError: unreadable file, unknown layout, another preset, missing config, or
             mismatching keys.
     """
-    from .dccnn import DCCNN  # local: registry imports this module's siblings
+    from .registry import build_model  # local: registry imports this module's siblings
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -275,10 +280,10 @@ def load_model(
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{path}: the recorded model config is not a mapping: {config!r}")
     try:
-        model = DCCNN(**config)
+        model = build_model(config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{path}: the recorded model config {dict(config)} does not build a DC-CNN ({err})"
+            f"{path}: the recorded model config {dict(config)} does not build a network ({err})"
         ) from None
     model.preset = preset
     load_state_dict_strict(model, state, source=str(path))

@@ -20,13 +20,13 @@ not see, so fastMRI's centred convention (:func:`fastmri.fft2c`) is used through
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping
 
 from torch import nn
 
 from .dccnn import DCCNN
 
-__all__ = ["create_model", "list_models", "model_config", "register_model"]
+__all__ = ["build_model", "create_model", "list_models", "model_config", "register_model"]
 
 _PRESETS: Dict[str, Callable[..., nn.Module]] = {}
 _PRESET_CONFIGS: Dict[str, Dict[str, Any]] = {}
@@ -63,6 +63,32 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
         )
     config.update(overrides)
     return config
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    """The network a recorded ``config`` describes (fresh weights): a :class:`DCCNN`
+    (its constructor arguments), or a :class:`~sftkd_fastmri.models.CascadedVarNet` (a config
+    with ``architecture="cascaded_varnet"``, see its ``config``).
+
+    Raises:
+        ValueError: the config builds neither (the message names the problem).
+    """
+    from .varnet import VARNET_ARCHITECTURE, CascadedVarNet
+
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a model config is a mapping, got {config!r}")
+    architecture = config.get("architecture")
+    if architecture == VARNET_ARCHITECTURE:
+        return CascadedVarNet.from_config(config)
+    if architecture is not None:
+        raise ValueError(
+            f"unknown architecture {architecture!r} (known: DC-CNN configs without the key, "
+            f"{VARNET_ARCHITECTURE!r})"
+        )
+    try:
+        return DCCNN(**config)
+    except TypeError as err:  # unknown keyword arguments
+        raise ValueError(f"not a DC-CNN config ({err})") from None
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -9,7 +9,7 @@ that of Matcha et al., "SFT-KD-Recon", MIDL 2023.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import fastmri
 import torch
@@ -19,6 +19,10 @@ from torch import Tensor, nn
 from .dccnn import check_inputs
 
 __all__ = ["CascadedVarNet", "batch_low_frequencies", "check_varnet_inputs"]
+
+#: ``config["architecture"]`` of a :class:`CascadedVarNet` (DC-CNN configs have none).
+VARNET_ARCHITECTURE = "cascaded_varnet"
+_VARNET_ARGS = ("num_cascades", "sens_chans", "sens_pools", "chans", "pools", "mask_center")
 
 
 def check_varnet_inputs(masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> None:
@@ -101,6 +105,64 @@ class CascadedVarNet(nn.Module):
 
     #: What a state is (SFT pairs only models whose layouts agree).
     state_layout = "k-space and coil maps (B, 2 * coils, H, W, 2)"
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """What rebuilds this network (:meth:`from_config`): fastMRI ``VarNet``'s constructor
+        arguments, read off its modules, and this wrapper's own, under
+        ``architecture="cascaded_varnet"``. Checkpoints record it, so SFT and distillation
+        checkpoints of VarNets reload, export and serve as teachers without the instances.
+
+        Raises:
+            AttributeError: the wrapped network is not laid out as fastMRI's ``VarNet``
+                (another block or sensitivity model); such a network has no config.
+        """
+        varnet = self.varnet
+        try:
+            unet = varnet.cascades[0].model.unet
+            sens_unet = varnet.sens_net.norm_unet.unet
+            values = (
+                len(varnet.cascades),
+                int(sens_unet.chans),
+                int(sens_unet.num_pool_layers),
+                int(unet.chans),
+                int(unet.num_pool_layers),
+                bool(varnet.sens_net.mask_center),
+            )
+        except (AttributeError, IndexError, TypeError) as err:
+            raise AttributeError(
+                f"the wrapped {type(varnet).__name__} is not laid out as fastMRI's VarNet "
+                f"({err}), so it has no config to rebuild it from"
+            ) from None
+        return {
+            "architecture": VARNET_ARCHITECTURE,
+            **dict(zip(_VARNET_ARGS, values)),
+            "num_low_frequencies": self.num_low_frequencies,
+            "use_given_sens_maps": self.use_given_sens_maps,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> CascadedVarNet:
+        """The network a :attr:`config` describes (fresh weights).
+
+        Raises:
+            ValueError: another architecture, or unknown or missing keys.
+        """
+        config = dict(config)
+        architecture = config.pop("architecture", None)
+        if architecture != VARNET_ARCHITECTURE:
+            raise ValueError(f"not a {VARNET_ARCHITECTURE} config (architecture {architecture!r})")
+        own = {
+            k: config.pop(k) for k in ("num_low_frequencies", "use_given_sens_maps") if k in config
+        }
+        unknown = sorted(set(config) - set(_VARNET_ARGS))
+        missing = sorted(set(_VARNET_ARGS) - set(config))
+        if unknown or missing:
+            raise ValueError(
+                f"a {VARNET_ARCHITECTURE} config takes {', '.join(_VARNET_ARGS)}; "
+                f"unknown: {unknown or 'none'}, missing: {missing or 'none'}"
+            )
+        return cls(VarNet(**config), **own)
 
     @property
     def cascades(self) -> nn.ModuleList:

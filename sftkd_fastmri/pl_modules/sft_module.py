@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import Tensor, nn
 
-from ..models import DCCNN, create_model
+from ..models import build_model, create_model
 from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
@@ -332,15 +332,16 @@ def _build_model(
     overrides: Optional[Dict[str, Any]],
     config: Optional[Dict[str, Any]],
 ) -> nn.Module:
-    """A DC-CNN from its full config (reloading) or from preset + overrides."""
+    """A network from its full config (reloading; DC-CNN or CascadedVarNet) or a DC-CNN from
+    preset + overrides."""
     if config is not None:
-        model = DCCNN(**config)
+        model = build_model(config)
         model.preset = preset
         return model
     if preset is None:
         raise ValueError(
             f"the {role} needs a preset name or a {role}_config; a module built from model "
-            f"instances (e.g. VarNets) is reloaded with the same instances: "
+            f"instances without a config is reloaded with the same instances: "
             f"SFTModule.load_from_checkpoint(path, teacher=..., student=...)"
         )
     return create_model(preset, **dict(overrides or {}))

@@ -1,4 +1,5 @@
-"""Export the SFT teacher and the SFT student initialisation as plain DC-CNN checkpoints.
+"""Export the SFT teacher and the SFT student initialisation as plain model checkpoints
+(DC-CNNs, or fastMRI VarNets through :class:`~sftkd_fastmri.models.CascadedVarNet`).
 
 After the SFT stage (Matcha et al., MIDL 2023) two networks are needed on their own: the
 student-friendly teacher (for evaluation and as the frozen teacher of the KD stage) and the
@@ -13,8 +14,8 @@ Lightning checkpoint contract (what :func:`export_sft` reads from a file):
   prefix is ``"sft."`` (the default);
 * ``hyper_parameters`` holds ``teacher_preset`` and ``student_preset`` (preset names, or
   ``None`` for a model built from its config alone) and ``teacher_config`` and
-  ``student_config`` (the models' ``config`` dicts, i.e. the :class:`DCCNN` constructor
-  arguments, overrides included); optionally ``train_first_student_cascade`` (recorded in
+  ``student_config`` (the models' ``config`` dicts: the :class:`DCCNN` constructor
+  arguments, overrides included, or a ``CascadedVarNet``'s config); optionally ``train_first_student_cascade`` (recorded in
   the student's metadata).
 
 The file is read with ``weights_only=True`` (no pickled code runs). Anything missing or
@@ -30,8 +31,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from torch import Tensor, nn
 
 from ..models import (
-    DCCNN,
     CheckpointError,
+    build_model,
     load_state_dict_strict,
     model_config,
     read_checkpoint,
@@ -56,7 +57,8 @@ def load_sft_models(
     student_preset: Optional[str] = None,
     student_config: Optional[Dict[str, Any]] = None,
 ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-    """The teacher and the student of an SFT state as two standalone :class:`DCCNN` models.
+    """The teacher and the student of an SFT state as two standalone networks (DC-CNNs, or
+    :class:`~sftkd_fastmri.models.CascadedVarNet` where their configs say so).
 
     Args:
         source: a :class:`StudentFriendlyTeacher` (its models are returned as they are), a
@@ -72,7 +74,7 @@ def load_sft_models(
 
     Returns:
         ``(teacher, student, info)``; models rebuilt from a file or state dict are new
-        :class:`DCCNN` instances in eval mode with ``preset`` set (a wrapper's own models are
+        networks in eval mode with ``preset`` set (a wrapper's own models are
         returned unchanged); ``info`` holds provenance for the checkpoint metadata.
 
     Raises:
@@ -89,9 +91,10 @@ def load_sft_models(
     if isinstance(source, StudentFriendlyTeacher):
         for role in _ROLES:
             model = getattr(source, role)
-            if not isinstance(model, DCCNN):
+            if getattr(model, "config", None) is None:
                 raise TypeError(
-                    f"the SFT {role} is a {type(model).__name__}; only DCCNN models can be "
+                    f"the SFT {role} is a {type(model).__name__} without a config; only "
+                    "networks that build_model rebuilds (DCCNN, CascadedVarNet) can be "
                     "exported as model checkpoints"
                 )
         info = {
@@ -252,8 +255,8 @@ def _resolve_config(
             raise CheckpointError(
                 f"{where}: no config for the {role}; pass {role}_config (or {role}_preset "
                 "for an unmodified preset). A checkpoint of an SFTModule given a model "
-                f"instance other than a DC-CNN (e.g. a CascadedVarNet) cannot be exported as "
-                f"a DC-CNN: its {role}'s weights are the 'sft.{role}.' entries of its state_dict"
+                "instance without a config cannot be exported: its "
+                f"{role}'s weights are the 'sft.{role}.' entries of its state_dict"
             )
         try:
             config = model_config(preset)
@@ -261,14 +264,15 @@ def _resolve_config(
             raise CheckpointError(f"{where}: unknown {role} preset {preset!r}") from err
     if not isinstance(config, Mapping) or not config:
         raise CheckpointError(
-            f"{where}: '{role}_config' must be a non-empty dict of DCCNN arguments, got {config!r}"
+            f"{where}: '{role}_config' must be a non-empty dict (a network's config), got "
+            f"{config!r}"
         )
     return preset, dict(config)
 
 
-def _build(role: str, preset: Optional[str], config: Dict[str, Any], where: str) -> DCCNN:
+def _build(role: str, preset: Optional[str], config: Dict[str, Any], where: str) -> nn.Module:
     try:
-        model = DCCNN(**config)
+        model = build_model(config)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: invalid '{role}_config' {config!r}: {err}") from err
     model.preset = preset

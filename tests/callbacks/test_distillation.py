@@ -4,6 +4,7 @@ fastMRI's VarNetModule through the Lightning 2 adapter)."""
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Dict, List
 
 import fastmri
@@ -117,6 +118,41 @@ class Recorder(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss))
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+class ForwardCalls(pl.Callback):
+    """Records every training batch and the arguments and output of every forward of the
+    student network and of the teacher."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        self.batches: List = []
+        self.calls: Dict[str, List] = {"student": [], "teacher": []}
+        for role, net in (("student", student), ("teacher", teacher)):
+            net.register_forward_hook(functools.partial(self._hook, role), with_kwargs=True)
+
+    def _hook(self, role, module, args, kwargs, output):
+        self.calls[role].append((args, dict(kwargs), output.detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch)
+
+
+def _assert_teacher_ran_on_the_students_varnet_inputs(calls: ForwardCalls, metrics) -> None:
+    """fastMRI VarNet arguments: the batch's (masked_kspace, mask, num_low_frequencies) for
+    student and teacher alike; the logged imitation term is L1(student output, teacher output)."""
+    student, teacher = calls.calls["student"], calls.calls["teacher"]
+    assert len(calls.batches) == len(student) == len(teacher) == len(metrics) > 0
+    for batch, (s_args, s_kwargs, s_out), (t_args, t_kwargs, t_out), logged in zip(
+        calls.batches, student, teacher, metrics
+    ):
+        num_low = int(batch.num_low_frequencies)
+        for args, kwargs in ((s_args, s_kwargs), (t_args, t_kwargs)):
+            assert len(args) == 3 and kwargs == {}
+            assert torch.equal(args[0], batch.masked_kspace)
+            assert torch.equal(args[1], batch.mask)
+            assert int(args[2]) == num_low
+        imitation = F.l1_loss(s_out, t_out)
+        assert logged["kd/imitation_step"] == pytest.approx(imitation.item(), rel=1e-5)
 
 
 def _manual_features(model, kspace, mask, relu: int):
@@ -285,6 +321,36 @@ def test_two_stage_schedule(tmp_path):
     }
 
 
+def test_a_resumed_two_stage_run_continues_in_its_stage(tmp_path, caplog):
+    """Resumed in stage 2, the callback is in stage 2 when training starts (the epoch counter
+    is restored after on_fit_start) and announces no stage change."""
+    student, teacher = _nets()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    kd = DistillationCallback(teacher, {"imitation": 1.0}, schedule="two_stage", kd_epochs=1)
+    _trainer(
+        tmp_path, [kd, checkpoint], max_epochs=2, limit_train_batches=1, enable_checkpointing=True
+    ).fit(ToyRecon(student), _loader())
+    assert kd.stage == 2
+
+    seen = []
+
+    class StageAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append((trainer.current_epoch, kd2.stage))
+
+    kd2 = DistillationCallback(teacher, {"imitation": 1.0}, schedule="two_stage", kd_epochs=1)
+    recorder = Recorder(teacher)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _trainer(
+            tmp_path, [kd2, StageAtStart(), recorder], max_epochs=3, limit_train_batches=1
+        ).fit(ToyRecon(copy.deepcopy(student)), _loader(), ckpt_path=checkpoint.last_model_path)
+    assert seen == [(2, 2)]
+    assert recorder.teacher_calls == []  # stage 2: no teacher forward
+    assert [m["kd/stage_step"] for m in recorder.metrics] == [2.0]
+    assert "stage 1 -> 2" not in caplog.text
+
+
 def test_gradient_accumulation_and_resume_state(tmp_path):
     student, teacher = _nets()
     before = copy.deepcopy(student.state_dict())
@@ -301,13 +367,32 @@ def test_gradient_accumulation_and_resume_state(tmp_path):
     assert trainer.global_step == 2  # 4 batches, 2 optimiser steps
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
 
-    # resuming restores the callback's state and continues distilling
-    kd2 = DistillationCallback(teacher, {"at": 1.0, "cc": 1.0})
+    # the checkpoint holds the callback's state
+    saved = torch.load(checkpoint.best_model_path, weights_only=False)["callbacks"]
+    assert saved[kd.state_key] == {
+        "stage": 1,
+        "schedule": "joint",
+        "kd_epochs": None,
+        "losses": {"at": 1.0, "cc": 1.0},
+    }
+    # resuming with other settings: the callback reads the checkpoint's state, says what it was
+    # trained with, and continues distilling with its own settings
+    kd2 = DistillationCallback(teacher, {"at": 0.5}, kd_epochs=5)
     recorder = Recorder(teacher)
-    _trainer(tmp_path, [kd2, recorder], max_epochs=2, limit_train_batches=1).fit(
-        ToyRecon(copy.deepcopy(student)), _loader(), ckpt_path=checkpoint.best_model_path
-    )
-    assert recorder.teacher_calls == [1] and kd2.state_dict()["losses"] == {"at": 1.0, "cc": 1.0}
+    trainer = _trainer(tmp_path, [kd2, recorder], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning, match="the checkpoint was trained with") as caught:
+        trainer.fit(
+            ToyRecon(copy.deepcopy(student)), _loader(), ckpt_path=checkpoint.best_model_path
+        )
+    resumed = sorted(str(w.message) for w in caught if "checkpoint was trained" in str(w.message))
+    assert resumed == [
+        "DistillationCallback: the checkpoint was trained with kd_epochs=None; continuing with "
+        "kd_epochs=5",
+        "DistillationCallback: the checkpoint was trained with losses={'at': 1.0, 'cc': 1.0}; "
+        "continuing with losses={'at': 0.5}",
+    ]
+    assert recorder.teacher_calls == [1] and kd2.state_dict()["losses"] == {"at": 0.5}
+    assert "kd/at_step" in recorder.metrics[0] and "kd/cc_step" not in recorder.metrics[0]
 
 
 def test_true_precision_runs_a_cast_copy_of_the_teacher(tmp_path):
@@ -435,9 +520,11 @@ def test_varnet_module_via_compat_adapter(demo_root, tmp_path):
     }
     kd = DistillationCallback(teacher, {"imitation": 1.0, "at": 10.0, "fitnet": 1.0}, layers=layers)
     recorder = Recorder(teacher)
-    trainer = _trainer(tmp_path, [kd, recorder], limit_train_batches=2)
+    calls = ForwardCalls(student.varnet, teacher)
+    trainer = _trainer(tmp_path, [kd, recorder, calls], limit_train_batches=2)
     trainer.fit(student, loader)
     assert len(recorder.teacher_calls) == 2
+    _assert_teacher_ran_on_the_students_varnet_inputs(calls, recorder.metrics)
     for loss, logged in zip(recorder.losses, recorder.metrics):
         total = logged["kd/recon_step"] + sum(
             w * logged[f"kd/{n}_step"]
@@ -469,30 +556,38 @@ def test_cascaded_varnet_teacher_serves_a_varnet_module_student(demo_root, tmp_p
     teacher = CascadedVarNet(varnet)
     kd = DistillationCallback(teacher, {"imitation": 1.0})
     recorder = Recorder(teacher)
-    trainer = _trainer(tmp_path, [kd, recorder], limit_train_batches=1)
+    calls = ForwardCalls(student.varnet, teacher)
+    trainer = _trainer(tmp_path, [kd, recorder, calls], limit_train_batches=1)
     trainer.fit(student, loader)
     assert len(recorder.teacher_calls) == 1
-    logged = recorder.metrics[0]
-    # the imitation term is the L1 distance to the wrapped VarNet's own output
-    batch = next(iter(loader))
+    # the teacher ran on the student's (masked_kspace, mask, num_low_frequencies), and the
+    # imitation term is the L1 distance between the two outputs
+    _assert_teacher_ran_on_the_students_varnet_inputs(calls, recorder.metrics)
+    # ... which for the wrapper is the wrapped VarNet's own output on those arguments
+    (args, _, teacher_output) = calls.calls["teacher"][0]
     with torch.no_grad():
-        want = varnet(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
-        got = teacher(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
-    assert torch.equal(got, want)
-    assert torch.isfinite(torch.as_tensor(logged["kd/imitation_step"]))
+        assert torch.equal(teacher_output, varnet(*args))
 
 
 class _Weights(pl.Callback):
-    """Keeps rank 0's final student and KD-regressor weights (ddp_spawn runs in children)."""
+    """Keeps rank 0's student and KD-regressor weights at the start of training (after the DDP
+    wrap, which gives every rank rank 0's) and at the end of every epoch, as a list in a file
+    (ddp_spawn runs in children)."""
 
     def __init__(self, path) -> None:
         self.path = str(path)
+        self.states: List[Dict[str, torch.Tensor]] = []
+
+    def _keep(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+            torch.save(self.states, self.path)
+
+    def on_train_start(self, trainer, pl_module):
+        self._keep(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.global_rank == 0:
-            torch.save(
-                {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path
-            )
+        self._keep(trainer, pl_module)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -519,9 +614,20 @@ def test_ddp_two_processes_joint_then_two_stage(tmp_path):
         strategy="ddp_spawn",
     )
     trainer.fit(ToyRecon(student), _loader())
-    state = torch.load(out, weights_only=True)
-    assert state["distillation.losses.fitnet.regressors.0.weight"].shape == (8, 4, 1, 1)
-    assert any(not torch.equal(state[f"model.{k}"], v) for k, v in student_before.items())
+    start, stage1, stage2 = torch.load(out, weights_only=True)
+    regressor = [k for k in start if k.startswith("distillation.")]
+    assert regressor == [
+        "distillation.losses.fitnet.regressors.0.weight",
+        "distillation.losses.fitnet.regressors.0.bias",
+    ]
+    assert stage2[regressor[0]].shape == (8, 4, 1, 1)
+    # stage 1 (KD only) trains the regressor; stage 2 (reconstruction only) leaves it alone
+    assert all(not torch.equal(start[k], stage1[k]) for k in regressor)
+    assert all(torch.equal(stage1[k], stage2[k]) for k in regressor)
+    # the student trains in both stages
+    for before, after in ((start, stage1), (stage1, stage2)):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("model."))
+    assert all(torch.equal(start[f"model.{k}"], v) for k, v in student_before.items())
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, teacher_before[k])
 

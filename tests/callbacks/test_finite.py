@@ -35,8 +35,16 @@ class _Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, data, callbacks):
-    module = _Module()
+class _WeightsBeforeEachStep(pl.Callback):
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+
+def _fit(tmp_path, data, callbacks, module=None):
+    module = _Module() if module is None else module
     trainer = pl.Trainer(
         default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -49,9 +57,16 @@ def _fit(tmp_path, data, callbacks):
 def test_a_nan_loss_stops_training_and_names_the_slices(tmp_path):
     data = [(torch.ones(2), f"vol{i // 3}.h5", i % 3) for i in range(6)]
     data[3] = (torch.tensor([float("nan"), 1.0]), "vol1.h5", 0)  # second batch
+    module, weights = _Module(), _WeightsBeforeEachStep()
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 0, step 1 \(batch: "
                        r"vol0.h5 slice 2, vol1.h5 slice 0\)"):  # fmt: skip
-        _fit(tmp_path, data, [FiniteLossCheck()])
+        _fit(tmp_path, data, [FiniteLossCheck(), weights], module)
+    # the failing (second) step changed no weight: they are those the first step left
+    assert len(weights.states) == 2
+    assert any(not torch.equal(v, weights.states[0][k]) for k, v in module.state_dict().items())
+    for k, v in module.state_dict().items():
+        assert torch.isfinite(v).all()
+        torch.testing.assert_close(v, weights.states[1][k], rtol=0, atol=0)
     # without the check the same run ends with NaN weights and no error
     module = _fit(tmp_path, data, [])
     assert torch.isnan(module.layer.weight).any()

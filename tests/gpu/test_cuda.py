@@ -17,6 +17,8 @@ from sftkd_fastmri.models import create_model
 from sftkd_fastmri.pl_modules import DCCNNModule, FastMRIDataModule
 from sftkd_fastmri.pl_modules.sft_module import SFTModule
 
+from ..sft.test_wrapper import count_cascade_calls
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 KD_LOSSES = dict.fromkeys(("at", "fitnet", "fsp", "sp", "cc", "imitation"), 1.0)
@@ -108,22 +110,29 @@ def test_deferred_kd_gradients_on_cuda_equal_plain_autograd(losses):
     """float32 on CUDA: AT's and FSP's deferred gradients (fused into the backward pass at the
     student's activations) equal the plain autograd gradients."""
     from sftkd_fastmri.kd import Distiller
+    from sftkd_fastmri.kd.deferred import deferred_slot
 
     torch.manual_seed(0)
     student = create_model("dccnn_d3c5", chans=16).cuda()
     teacher = create_model("dccnn_d5c5", chans=16).cuda()
     kspace, mask, _ = _cuda(*_batch(1))
     target = fastmri.complex_abs(fastmri.ifft2c(kspace))[:, 0]
-    grads = []
+    grads, tapped = [], []
     for defer in (False, True):
         net = copy.deepcopy(student)
         distiller = Distiller(net, teacher, losses, defer_gradients=defer).attach()
         with distiller.step():
             output = net(kspace, mask)
             kd = distiller()
+            capture = distiller._student_capture
+            tapped.append(sorted(capture._tap))
+            # the tapped CUDA float32 activations really carry a deferred-gradient slot
+            assert all(deferred_slot(capture[layer]) is not None for layer in tapped[-1])
         (kd.total + (output - target).abs().mean()).backward()
         distiller.remove_hooks()
         grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert not tapped[0] and tapped[1]  # the deferred path was really taken
+    assert grads[1].keys() == grads[0].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -215,18 +224,33 @@ def test_sft_with_varnets_on_cuda_matches_cpu():
     from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
 
     torch.manual_seed(0)
+    n = 3
 
     def varnet(chans):
         return CascadedVarNet(
-            VarNet(num_cascades=3, sens_chans=4, sens_pools=2, chans=chans, pools=2)
+            VarNet(num_cascades=n, sens_chans=4, sens_pools=2, chans=chans, pools=2)
         )
 
     sft = StudentFriendlyTeacher(varnet(8), varnet(4))
     masked, mask, _ = _batch(4)
+    batch = masked.shape[0]
     want = sft(masked, mask)
     gpu = copy.deepcopy(sft).cuda()
+    sizes: dict = {}
+    calls, handles = count_cascade_calls(gpu, sizes)
     got = gpu(*_cuda(masked, mask))
+    for h in handles:
+        h.remove()
+    assert len(got.branches) == len(want.branches) == n - 1
+    # batched by default on CUDA: one call per student cascade, its active branches stacked
+    assert calls[("student", 0)] == 0
+    for k in range(1, n):
+        assert calls[("student", k)] == 1 and sizes[("student", k)] == [k * batch], k
     for g_, w in zip([got.teacher, *got.branches], [want.teacher, *want.branches]):
         torch.testing.assert_close(g_.cpu(), w, rtol=1e-4, atol=1e-4)
     SFTLoss()(got, torch.rand_like(got.teacher)).total.backward()
-    assert all(p.grad is not None for p in gpu.teacher.varnet.sens_net.parameters())
+    for i in range(n - 1):  # the branches train the teacher blocks they start after
+        grads = [p.grad for p in gpu.teacher.cascades[i].parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, i
+    for name, p in gpu.teacher.varnet.sens_net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

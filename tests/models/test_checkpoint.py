@@ -128,7 +128,9 @@ def test_plain_state_dicts_get_a_hint(tmp_path):
 
 
 def test_networks_without_config_and_torchscript_files_are_named(tmp_path):
-    with pytest.raises(TypeError, match="Linear has none: save its state_dict"):
+    with pytest.raises(
+        TypeError, match="Linear has none: wrap a fastMRI VarNet .* or save its state_dict"
+    ):
         save_model_checkpoint(torch.nn.Linear(2, 2), tmp_path / "lin.pt")
     assert not (tmp_path / "lin.pt").exists()
     scripted = torch.jit.script(torch.nn.Linear(2, 2))

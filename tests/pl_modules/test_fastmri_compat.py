@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -160,9 +161,18 @@ def test_lightning2_compatible_builds_adapters():
         lightning2_compatible(pl.LightningModule)
 
 
-def test_log_image_without_tensorboard_is_a_no_op():
+def test_log_image_without_tensorboard_is_a_no_op(tmp_path):
     module = UnetModule2(**TINY_UNET)
-    module.log_image("x", torch.zeros(1, 4, 4))  # fastMRI's version crashes without a logger
+    # fastMRI's version crashes without a logger
+    assert module.log_image("x", torch.zeros(1, 4, 4)) is None
+    # with a logger that is not TensorBoard's (fastMRI's version calls its add_image)
+    logger = CSVLogger(tmp_path / "logs", name="csv")
+    logger._experiment = mock.MagicMock()  # what CSVLogger.experiment returns
+    module.trainer = _trainer(tmp_path, logger)
+    assert module.loggers == [logger] and module.logger.experiment is logger._experiment
+    assert module.log_image("x", torch.zeros(1, 4, 4)) is None
+    assert logger.experiment.mock_calls == []
+    assert not (tmp_path / "logs").exists()
 
 
 def test_varnet_module_trains_on_batches_of_several_slices(demo_root, tmp_path):

@@ -19,11 +19,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from sftkd_fastmri.export import load_reconstruction_model
-from sftkd_fastmri.models import load_model, read_checkpoint
+from sftkd_fastmri.models import DCCNN, load_model, read_checkpoint
 from sftkd_fastmri.pl_modules.data_module import FastMRIDataModule
 from sftkd_fastmri.pl_modules.recon_module import VolumeMetrics
 from sftkd_fastmri.pl_modules.sft_module import SFTModule
 from sftkd_fastmri.sft import export_sft, load_sft_models
+
+from ..sft.test_wrapper import count_cascade_calls
 
 TINY = dict(
     teacher_preset="dccnn_d5c5",
@@ -183,12 +185,19 @@ def test_checkpoint_contract_export_and_reload(sft_run, tmp_path):
             for name, value in model.state_dict().items():
                 assert torch.equal(value, reference.state_dict()[name]), (role, name)
 
-    # The Lightning module itself reloads from the stored configs, teacher output unchanged.
+    # The Lightning module itself reloads from the stored configs, teacher output unchanged,
+    # and its reconstruction (validation, test, predict) is that teacher's, not the student's.
     reloaded = SFTModule.load_from_checkpoint(best).eval()
     batch = next(iter(sft_run["datamodule"].val_dataloader()))
+    h, w = batch.target.shape[-2:]
     with torch.no_grad():
         expected = teacher(batch.masked_kspace, batch.mask, None)
         assert torch.allclose(reloaded(batch.masked_kspace, batch.mask, None), expected)
+        student_image = student(batch.masked_kspace, batch.mask, None)
+        assert expected.shape[-2:] == (h, w)  # single-coil demo data: no crop to write out
+        reconstruction = reloaded.reconstruct(batch)
+    torch.testing.assert_close(reconstruction, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reconstruction, student_image, rtol=1e-3, atol=1e-3)
 
 
 def test_first_student_cascade_keeps_its_initialisation(sft_run):
@@ -267,11 +276,27 @@ def test_test_stage_writes_teacher_reconstructions(sft_run, tmp_path):
         p.name for p in datamodule.split_folder("test").glob("*.h5")
     )
     batch = next(iter(datamodule.test_dataloader()))
+    # Computed without the module under test: a plain DC-CNN holding the teacher's weights,
+    # its output centre-cropped to the batch's crop size and scaled back to the file's units.
+    teacher = DCCNN(**module.teacher.config).eval()
+    teacher.load_state_dict(module.teacher.state_dict())
+    sens_maps = batch.sens_maps if batch.sens_maps.numel() else None
     with torch.no_grad():
-        expected = module.unnormalise(module.eval().reconstruct(batch), batch)
+        images = {
+            "teacher": teacher(batch.masked_kspace, batch.mask, sens_maps)[0],
+            "student": module.student.eval()(batch.masked_kspace, batch.mask, sens_maps)[0],
+        }
+    h, w = int(batch.crop_size[0][0]), int(batch.crop_size[1][0])
+    scale = float(batch.scale[0])
+    expected = {}
+    for role, image in images.items():
+        top, left = (image.shape[-2] - h) // 2, (image.shape[-1] - w) // 2
+        expected[role] = (image[top : top + h, left : left + w] * scale).numpy()
     with h5py.File(tmp_path / "reconstructions" / batch.fname[0], "r") as hf:
         stored = hf["reconstruction"][int(batch.slice_num[0])]
-    np.testing.assert_allclose(stored, expected[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert stored.shape == (h, w)
+    np.testing.assert_allclose(stored, expected["teacher"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(stored, expected["student"], rtol=1e-3, atol=1e-3)
 
 
 def test_multicoil_step_with_branch_zero_and_batched_branches(demo_root, tmp_path):
@@ -279,8 +304,20 @@ def test_multicoil_step_with_branch_zero_and_batched_branches(demo_root, tmp_pat
     datamodule = FastMRIDataModule(demo_root, "multicoil", batch_size=2, seed=0)
     module = SFTModule(**TINY, train_first_student_cascade=True, batch_branches=True)
     trainer = _trainer(tmp_path, fast_dev_run=1)
+    sizes: dict = {}
+    calls, handles = count_cascade_calls(module.sft, sizes)
     with _one_thread():
         trainer.fit(module, datamodule=datamodule)
+    for h in handles:
+        h.remove()
+    # one training and one validation step, each running the teacher once and every student
+    # cascade once, on its active branches stacked (branches 0 .. k at the 0-based cascade k)
+    assert module.branch_ids == [0, 1, 2, 3, 4]
+    for k in range(5):
+        batches = sizes[("teacher", k)]
+        assert calls[("teacher", k)] == len(batches) == 2, k
+        assert calls[("student", k)] == 2, k
+        assert sizes[("student", k)] == [(k + 1) * b for b in batches], k
     logged = trainer.logged_metrics
     for name in ("train/loss", "train/branch0_rec", "train/branch4_imitation"):
         assert torch.isfinite(torch.as_tensor(logged[name])), name
@@ -307,7 +344,11 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
     expected = list(student.cascades[0].parameters()) + list(student.varnet.sens_net.parameters())
     assert frozen == {id(p) for p in expected}
     assert all(not p.requires_grad for p in expected)
-    assert module.hparams["teacher_preset"] is None and module.hparams["teacher_config"] is None
+    # instances record no preset but their config, from which they are rebuilt
+    assert module.hparams["teacher_preset"] is None
+    assert module.hparams["teacher_config"] == teacher.config
+    assert module.hparams["teacher_config"]["architecture"] == "cascaded_varnet"
+    assert module.hparams["student_config"]["chans"] == 3
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     datamodule = FastMRIDataModule(demo_root, "multicoil", batch_size=2, seed=0)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
@@ -322,5 +363,24 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
     reloaded = SFTModule.load_from_checkpoint(ckpt, teacher=varnet(6), student=varnet(3))
     for k, v in module.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v), k
-    with pytest.raises(CheckpointError, match="no config for the teacher.*model instance"):
-        export_sft(ckpt, tmp_path / "out")
+    # ... and without the instances: the recorded configs rebuild the VarNets
+    rebuilt = SFTModule.load_from_checkpoint(ckpt)
+    assert isinstance(rebuilt.teacher, CascadedVarNet) and rebuilt.student.config == student.config
+    for k, v in module.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k
+    # the exports are plain model checkpoints of the two VarNets (the KD stage's inputs)
+    teacher_path, student_path = export_sft(ckpt, tmp_path / "out")
+    batch = next(iter(datamodule.val_dataloader()))
+    inputs = (batch.masked_kspace, batch.mask)
+    for path, net in ((teacher_path, module.teacher), (student_path, module.student)):
+        loaded = load_model(path).eval()
+        assert isinstance(loaded, CascadedVarNet)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(*inputs), net.eval()(*inputs), atol=0, rtol=0)
+    # a network without a config (e.g. a VarNet of another layout) records None: its
+    # checkpoint cannot be exported, and says so
+    saved = torch.load(ckpt, weights_only=False)
+    saved["hyper_parameters"]["teacher_config"] = None
+    torch.save(saved, tmp_path / "no_config.ckpt")
+    with pytest.raises(CheckpointError, match="no config for the teacher.*without a config"):
+        export_sft(tmp_path / "no_config.ckpt", tmp_path / "out2")

@@ -8,6 +8,8 @@ from fastmri.models import VarNet
 from sftkd_fastmri.models import CascadedVarNet
 from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
 
+from .test_wrapper import count_cascade_calls
+
 N = 3
 
 
@@ -95,7 +97,8 @@ def test_sft_wrapper_drives_varnets():
         # (block 0's DC weight multiplies acquired - acquired = 0: a zero gradient is right)
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, i
     assert all(p.grad is None for p in teacher.cascades[N - 1].parameters())
-    assert all(p.grad is not None for p in teacher.varnet.sens_net.parameters())
+    for name, p in teacher.varnet.sens_net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in student.varnet.sens_net.parameters())
 
 
@@ -105,16 +108,33 @@ def test_branch_zero_trains_the_student_sensitivity_network():
     out = sft.train()(masked, mask)
     torch.testing.assert_close(out.branches[0], student.varnet(masked, mask.bool()))
     SFTLoss()(out, target).total.backward()
-    assert all(p.grad is not None for p in student.varnet.sens_net.parameters())
+    for name, p in student.varnet.sens_net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_batched_branches_equal_sequential():
     masked, mask, _ = _inputs()
+    batch = masked.shape[0]
     _, _, seq = _pair(batch_branches=False)
     _, _, bat = _pair(batch_branches=True)
+    seq_sizes: dict = {}
+    bat_sizes: dict = {}
+    seq_calls, handles = count_cascade_calls(seq, seq_sizes)
+    bat_calls, more = count_cascade_calls(bat, bat_sizes)
     a, b = seq.train()(masked, mask), bat.train()(masked, mask)
+    for h in handles + more:
+        h.remove()
+    assert len(a.branches) == len(b.branches) == N - 1
     for x, y in zip(a.branches, b.branches):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    # branches start after teacher cascades 1 .. N-1: student cascade k (0-based) serves the k
+    # branches that started before it; S_1 (k = 0) serves none
+    assert seq_calls[("student", 0)] == bat_calls[("student", 0)] == 0
+    for k in range(1, N):
+        # sequential: one call per active branch, each of the batch size
+        assert seq_calls[("student", k)] == k and seq_sizes[("student", k)] == [batch] * k, k
+        # batched: one call per student cascade, the active branches stacked along the batch
+        assert bat_calls[("student", k)] == 1 and bat_sizes[("student", k)] == [k * batch], k
 
 
 def test_bad_inputs_are_refused_with_the_shapes():

@@ -1,0 +1,90 @@
+"""fastMRI's VarNet (through CascadedVarNet) in this package's checkpoints: its config
+rebuilds it, so SFT and model checkpoints of VarNets reload without the instances."""
+
+import pytest
+import torch
+from fastmri.models import VarNet
+from torch import nn
+
+from sftkd_fastmri.models import (
+    CascadedVarNet,
+    CheckpointError,
+    build_model,
+    create_model,
+    load_model,
+    save_model_checkpoint,
+)
+
+
+def _varnet(**kwargs):
+    args = dict(num_cascades=2, sens_chans=2, sens_pools=2, chans=3, pools=2)
+    args.update(kwargs)
+    return CascadedVarNet(VarNet(**args), num_low_frequencies=None)
+
+
+def _inputs(coils=3, height=16, width=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kspace = torch.randn(2, coils, height, width, 2, generator=g)
+    mask = torch.zeros(2, 1, 1, width, 1, dtype=torch.bool)
+    mask[..., ::2, :] = True
+    mask[..., width // 2 - 2 : width // 2 + 2, :] = True
+    return kspace * mask, mask
+
+
+def test_config_reads_the_constructor_arguments_off_the_network():
+    model = _varnet(chans=5, pools=1, sens_chans=4, sens_pools=1, mask_center=False)
+    model.use_given_sens_maps = True
+    assert model.config == {
+        "architecture": "cascaded_varnet",
+        "num_cascades": 2,
+        "sens_chans": 4,
+        "sens_pools": 1,
+        "chans": 5,
+        "pools": 1,
+        "mask_center": False,
+        "num_low_frequencies": None,
+        "use_given_sens_maps": True,
+    }
+    rebuilt = build_model(model.config)
+    assert isinstance(rebuilt, CascadedVarNet) and rebuilt.config == model.config
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+
+
+def test_model_checkpoint_of_a_varnet_reloads_strictly_with_the_same_output(tmp_path):
+    torch.manual_seed(0)
+    model = _varnet().eval()
+    path = save_model_checkpoint(model, tmp_path / "varnet.pt", role="teacher")
+    loaded = load_model(path).eval()
+    assert isinstance(loaded, CascadedVarNet)
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), model(*inputs), atol=0, rtol=0)
+    # a checkpoint whose weights are of another VarNet size is refused by name
+    state = torch.load(path, weights_only=True)
+    state["sftkd_fastmri"]["config"]["chans"] = 4
+    torch.save(state, tmp_path / "wrong.pt")
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_model(tmp_path / "wrong.pt")
+
+
+def test_configs_that_build_nothing_are_named():
+    with pytest.raises(ValueError, match="unknown architecture 'unet'"):
+        build_model({"architecture": "unet"})
+    with pytest.raises(ValueError, match="missing: \\['sens_pools'\\]"):
+        config = dict(_varnet().config)
+        del config["sens_pools"]
+        build_model(config)
+    with pytest.raises(ValueError, match="not a DC-CNN config"):
+        build_model({"num_cascades": 2, "bogus": 1})
+    assert isinstance(build_model(create_model("dccnn_d3c5", chans=4).config), nn.Module)
+
+
+def test_a_varnet_of_another_layout_has_no_config(tmp_path):
+    model = _varnet()
+    model.varnet.sens_net = nn.Identity()  # not fastMRI's sensitivity model
+    assert getattr(model, "config", None) is None
+    with pytest.raises(TypeError, match="has none"):
+        save_model_checkpoint(model, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
