@@ -69,12 +69,6 @@ def test_records_keep_firing_order_and_call_arguments(model):
     assert call.args[0] is kspace and call.args[1] is mask
     assert call.kwargs == {"sens_maps": None}
     assert call.output is out
-    # a second network called with exactly the recorded arguments
-    torch.manual_seed(1)
-    other = create_model("dccnn_d5c5", chans=4, num_cascades=3)
-    torch.testing.assert_close(
-        other(*call.args, **call.kwargs), other(kspace, mask, sens_maps=None)
-    )
     capture.remove()
 
 
