@@ -128,11 +128,11 @@ def _differs(
     """``None`` when option ``key`` matches the record, else how it differs (for the message).
 
     Files recorded with a digest match by content; records without one (older runs, or a
-    file that did not exist) by path."""
+    file that did not exist) by path, as do files missing now (the stage reports those)."""
     then = before.get(key)
     recorded_digests = before.get(_DIGESTS)
     recorded = recorded_digests.get(key) if isinstance(recorded_digests, dict) else None
-    if key in RUN_INPUT_FILES and recorded and then and now.get(key):
+    if key in RUN_INPUT_FILES and recorded and then and key in digests:
         if digests.get(key) == recorded:
             return None  # the same content, wherever it lies now
         if then == now.get(key):

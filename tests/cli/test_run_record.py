@@ -33,6 +33,9 @@ def test_a_moved_or_copied_input_file_resumes_a_replaced_one_does_not(tmp_path):
         check_run_settings(cfg, run)
     with pytest.raises(ValueError, match="finished run with other settings"):
         check_run_settings(cfg, run, finished=True)
+    teacher.unlink()  # gone: compared by path (the stage itself reports the missing file)
+    check_run_settings(cfg, run)
+    teacher.write_bytes(b"weights of another teacher")
     other = tmp_path / "other.pt"
     other.write_bytes(b"weights of another teacher")
     with pytest.raises(
