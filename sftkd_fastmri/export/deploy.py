@@ -371,7 +371,7 @@ class _SingleCoilGuard(nn.Module):
                 f"has {masked_kspace.size(1)} coils; multi-coil data need an export with "
                 "sens_maps (export --coils N)"
             )
-        return self.inner(masked_kspace, mask)
+        return self.inner(masked_kspace, mask.to(torch.bool))  # fastMRI's masks are float
 
 
 class _MultiCoilGuard(nn.Module):
@@ -381,14 +381,21 @@ class _MultiCoilGuard(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Tensor) -> Tensor:
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+    ) -> Tensor:
         _check_layout(masked_kspace, mask)
+        if sens_maps is None:
+            raise ValueError(
+                "this export is multi-coil (inputs masked_kspace, mask, sens_maps): pass the "
+                "coil sensitivities as sens_maps, (B, coils, H, W, 2)"
+            )
         if sens_maps.shape != masked_kspace.shape:
             raise ValueError(
                 f"sens_maps must have the k-space's shape {masked_kspace.shape}, "
                 f"got {sens_maps.shape}"
             )
-        return self.inner(masked_kspace, mask, sens_maps)
+        return self.inner(masked_kspace, mask.to(torch.bool), sens_maps)
 
 
 def _guarded(module: nn.Module, coils: int) -> torch.jit.ScriptModule:
@@ -445,6 +452,32 @@ def _other_inputs(shape: Tuple[int, int], coils: int) -> Tuple[Tensor, ...]:
     return _example_inputs(other_shape, coils + 1 if coils > 1 else 1, batch=2, seed=1)
 
 
+def _other_mask_inputs(shape: Tuple[int, int], coils: int) -> Tuple[Tensor, ...]:
+    """Inputs of the example's size with another sampling pattern: a wider fully sampled
+    centre and other columns (a network that reads the mask data-dependently, as fastMRI's
+    VarNet finds its sampled centre, differs here if an export froze those values)."""
+    kspace, mask, *sens = _example_inputs(shape, coils, seed=2)
+    width = shape[1]
+    mask = mask.clone()
+    mask[..., max(0, width // 2 - 3) : width // 2 + 3, :] = True
+    return (kspace * mask, mask, *sens)
+
+
+def _check_other_mask(
+    module: Any, wrapper: nn.Module, shape: Tuple[int, int], coils: int, what: str
+) -> None:
+    """Refuse an export that reproduces the model only for the example's sampling mask."""
+    args = _other_mask_inputs(shape, coils)
+    try:
+        _check_close(_forward(module, args), _forward(wrapper, args), TORCHSCRIPT_ATOL, what)
+    except ExportError as err:
+        raise ExportError(
+            f"{err} for another sampling mask at the example size: the network reads the mask "
+            "with data-dependent operations that the export freezes (fastMRI's VarNet finds "
+            "its sampled centre this way). Export format='state_dict' instead"
+        ) from None
+
+
 def _script_or_trace(
     wrapper: nn.Module, inputs: Tuple[Tensor, ...]
 ) -> Tuple[torch.jit.ScriptModule, str, Optional[str]]:
@@ -494,6 +527,7 @@ def _export_torchscript(
     module = _guarded(module, coils)
     expected = _forward(wrapper, inputs)
     _check_close(_forward(module, inputs), expected, TORCHSCRIPT_ATOL, f"TorchScript ({method})")
+    _check_other_mask(module, wrapper, shape, coils, f"TorchScript ({method})")
 
     other = _other_inputs(shape, coils)
     try:
@@ -538,7 +572,8 @@ def _export_program(
             program = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(names))
     except Exception as err:
         raise ExportError(
-            f"torch.export failed: {_first_line(err)}. format='torchscript' is the fallback"
+            f"torch.export failed: {_first_line(err)}. Try format='torchscript' (checked "
+            "against the model the same way) or format='state_dict'"
         ) from err
     kspace = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0])
     sizes = kspace.meta["val"].shape
@@ -555,12 +590,14 @@ def _export_program(
     if meta["dynamic_shapes"]:
         other = _other_inputs(shape, coils)
         checks.append((other, _forward(wrapper, other)))
+    program.example_inputs = None  # else saved in the file (megabytes of random k-space)
     with _atomic_output(out) as tmp:
         with _quiet(), open(tmp, "wb") as f:  # a file object: the temporary name is no .pt2
             torch.export.save(program, f, extra_files={METADATA_NAME: json.dumps(meta)})
         loaded, _ = load_pt2_export(tmp)
         for args, want in checks:
             _check_close(_forward(loaded, args), want, TORCHSCRIPT_ATOL, "torch.export program")
+        _check_other_mask(loaded, wrapper, shape, coils, "torch.export program")
 
 
 # -- ONNX ---------------------------------------------------------------------------------
@@ -598,7 +635,7 @@ def _export_onnx(
             program.model.metadata_props[METADATA_NAME] = json.dumps(meta)
             with _quiet():
                 program.save(str(tmp), external_data=False)  # one file: DC-CNNs are small
-        _verify_onnx(tmp, wrapper, inputs, _other_inputs(shape, coils))
+        _verify_onnx(tmp, wrapper, inputs, _other_inputs(shape, coils), shape, coils)
 
 
 def _onnx_dynamo(
@@ -688,9 +725,11 @@ def _verify_onnx(
     wrapper: nn.Module,
     inputs: Tuple[Tensor, ...],
     other: Tuple[Tensor, ...],
+    shape: Tuple[int, int],
+    coils: int,
 ) -> None:
-    """Compare ONNX Runtime with the eager model, at the example size and, where the graph's
-    spatial dimensions are symbolic, at a second size."""
+    """Compare ONNX Runtime with the eager model, at the example size (two sampling masks)
+    and, where the graph's spatial dimensions are symbolic, at a second size."""
     if not _have("onnxruntime"):
         warnings.warn(
             "onnxruntime is not installed: the ONNX file was not checked against the eager "
@@ -702,7 +741,7 @@ def _verify_onnx(
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     graph_inputs = session.get_inputs()
-    checks = [inputs]
+    checks = [inputs, _other_mask_inputs(shape, coils)]
     if not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4]):
         checks.append(other)
     for args in checks:

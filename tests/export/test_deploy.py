@@ -199,6 +199,37 @@ def test_pt2_program_reproduces_eager_output_at_any_batch_size_and_coil_count(
     assert _leftovers(tmp_path) == []
 
 
+def test_exports_take_fastmri_float_masks_and_name_missing_sens_maps(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("dccnn_d3c5", chans=4, num_cascades=2)
+    kspace, mask, sens = _inputs(coils=3)
+    want = _eager(net, (kspace, mask, sens))
+    pt2 = export_model(net, tmp_path / "m.pt2", format="pt2", coils=3)  # default 320 x 320
+    # the example k-space is not stored: the file holds the program and the weights
+    assert pt2.stat().st_size < 1_000_000
+    ts = export_model(net, tmp_path / "m.ts.pt", format="torchscript", coils=3, example_shape=SHAPE)
+    for module in (load_pt2_export(pt2)[0], load_torchscript_export(ts)[0]):
+        torch.testing.assert_close(module(kspace, mask.float(), sens), want, atol=1e-5, rtol=0)
+        with pytest.raises(Exception, match="pass the coil sensitivities as sens_maps"):
+            module(kspace, mask, None)
+
+
+def test_varnet_traces_that_freeze_the_mask_are_refused(tmp_path):
+    """fastMRI's VarNet reads its sampled centre from the mask with data-dependent
+    operations: a trace freezes them, and is right only for the example's mask."""
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.models import CascadedVarNet
+
+    torch.manual_seed(0)
+    net = CascadedVarNet(VarNet(num_cascades=1, sens_chans=2, sens_pools=1, chans=2, pools=1))
+    out = tmp_path / "v.ts.pt"
+    with pytest.raises(ExportError, match="another sampling mask.*format='state_dict'"):
+        export_model(net, out, format="torchscript", coils=3, example_shape=(32, 24))
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert export_model(net, tmp_path / "v.pt", format="state_dict").is_file()
+
+
 def test_cli_export_pt2_names_the_file_after_the_checkpoint(sources, capsys):
     ckpt, _, net, _ = sources["lightning"]
     assert main(["export", str(ckpt), "--format", "pt2", "--shape", "16", "12"]) == 0
