@@ -20,6 +20,7 @@ __all__ = [
     "check_scored_split",
     "resolve_data_path",
     "CKPT_DIR",
+    "RunCheckpoint",
 ]
 
 CKPT_DIR = "checkpoints"
@@ -119,6 +120,36 @@ def batch_limit(value: Any):
     return value
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for a run folder that may have moved between sessions.
+
+    Lightning forgets the best score when a checkpoint's recorded ``dirpath`` differs from
+    the callback's (a run folder moved or copied, then resumed), so the first validation after
+    the resume would replace ``best.ckpt`` whatever its score. Here the recorded paths are
+    moved along with the folder and the score is kept."""
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        before = state_dict.get("dirpath")
+        now = self.dirpath
+        if before and now and before != now:
+            state_dict = dict(state_dict)
+
+            def moved(path: Any) -> Any:
+                if isinstance(path, str) and path.startswith(before + os.sep):
+                    return now + path[len(before) :]
+                return path
+
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                if key in state_dict:
+                    state_dict[key] = moved(state_dict[key])
+            if isinstance(state_dict.get("best_k_models"), dict):
+                state_dict["best_k_models"] = {
+                    moved(k): v for k, v in state_dict["best_k_models"].items()
+                }
+            state_dict["dirpath"] = now
+        super().load_state_dict(state_dict)
+
+
 def build_trainer(
     cfg: Dict[str, Any],
     out_dir: os.PathLike,
@@ -128,7 +159,7 @@ def build_trainer(
     """A Lightning 2 trainer writing checkpoints (best by ``monitor``, and last) to
     ``out_dir/checkpoints`` and logs to ``out_dir``."""
     out_dir = Path(out_dir)
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(
         dirpath=out_dir / CKPT_DIR,
         filename="best",
         monitor=monitor,

@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
+import torch
 
 from sftkd_fastmri.experiment.runs import RUN_CONFIG_FILE, check_run_settings, run_record
 
@@ -56,3 +58,32 @@ def test_records_without_digests_compare_paths(tmp_path):
     check_run_settings(cfg, run)
     with pytest.raises(ValueError, match="mask_path: "):
         check_run_settings({**cfg, "mask_path": str(copy)}, run)
+
+
+def test_a_moved_run_keeps_its_best_score_when_resumed(tmp_path):
+    """Lightning forgets the best score of a checkpoint whose folder moved, and would then
+    replace best.ckpt with the first validation after the resume, however bad."""
+    from sftkd_fastmri.experiment.builders import RunCheckpoint
+
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    state = {
+        "monitor": "validation_loss",
+        "best_model_score": torch.tensor(0.25),
+        "best_model_path": str(old / "best.ckpt"),
+        "current_score": torch.tensor(0.3),
+        "dirpath": str(old),
+        "best_k_models": {str(old / "best.ckpt"): torch.tensor(0.25)},
+        "kth_best_model_path": str(old / "best.ckpt"),
+        "kth_value": torch.tensor(0.25),
+        "last_model_path": str(old / "last.ckpt"),
+    }
+    callback = RunCheckpoint(dirpath=new, filename="best", monitor="validation_loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dirpath has changed" from Lightning
+        callback.load_state_dict(state)
+    assert float(callback.best_model_score) == 0.25
+    assert callback.best_model_path == str(new.resolve() / "best.ckpt")
+    assert callback.last_model_path == str(new.resolve() / "last.ckpt")
+    # the score a later validation must beat to replace best.ckpt (top-1)
+    assert callback.best_k_models == {str(new.resolve() / "best.ckpt"): torch.tensor(0.25)}
+    assert float(callback.kth_value) == 0.25
