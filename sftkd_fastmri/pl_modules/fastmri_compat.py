@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Type
 
 import pytorch_lightning as pl
+from fastmri.data.transforms import center_crop_to_smallest
 from fastmri.pl_modules import MriModule, UnetModule, VarNetModule
 from torch import Tensor
 
@@ -130,7 +131,53 @@ class VarNetModule2(Lightning2MriMixin, VarNetModule):
     """fastMRI's :class:`~fastmri.pl_modules.VarNetModule` (E2E VarNet, Sriram et al., MICCAI
     2020) on Lightning 2; same arguments, metrics and outputs. Batches of more than one slice
     work too: the collated ``num_low_frequencies`` (one value per slice) is passed on as the
-    one number fastMRI's VarNet takes (an error if the slices of a batch differ)."""
+    one number fastMRI's VarNet takes (an error if the slices of a batch differ).
+
+    Data: fastMRI's ``VarNetDataTransform`` (k-space in the files' units), or this package's
+    :class:`~sftkd_fastmri.pl_modules.FastMRIDataModule`, whose samples are normalised by the
+    zero-filled maximum (``batch.scale``). For the latter, the SSIM loss, the validation
+    metrics and the test reconstructions are computed in the files' units (output and target
+    multiplied by ``scale``), as fastMRI's ``data_range=max_value`` assumes; the network
+    itself runs on the normalised k-space (the VarNet is scale-equivariant), so distillation
+    terms on its output have the magnitudes they have for DC-CNNs.
+    """
 
     def forward(self, masked_kspace, mask, num_low_frequencies):
         return self.varnet(masked_kspace, mask, batch_low_frequencies(num_low_frequencies))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        scale = _scale_of(batch)
+        if scale is None:
+            return super().training_step(batch, batch_idx)
+        # fastMRI's step, with output and target brought back to the files' units
+        output = self(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+        target, output = center_crop_to_smallest(batch.target, output)
+        output, target = output * scale, target * scale
+        loss = self.loss(output.unsqueeze(1), target.unsqueeze(1), data_range=batch.max_value)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return super().validation_step(_in_file_units(batch), batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return super().test_step(_in_file_units(batch), batch_idx)
+
+
+def _scale_of(batch: Any) -> Optional[Tensor]:
+    """``(B, 1, 1)`` normalisation scale of a :class:`~sftkd_fastmri.data.DCCNNSample` batch,
+    ``None`` for fastMRI's own samples (already in the files' units)."""
+    scale = getattr(batch, "scale", None)
+    if not isinstance(scale, Tensor):
+        return None
+    return scale.reshape(-1, 1, 1).to(batch.masked_kspace.dtype)
+
+
+def _in_file_units(batch: Any) -> Any:
+    """A normalised batch with k-space and target in the files' units (a VarNet's output
+    scales with its k-space), or the batch itself."""
+    scale = _scale_of(batch)
+    if scale is None:
+        return batch
+    target = batch.target * scale if batch.target.ndim == 3 else batch.target
+    return batch._replace(masked_kspace=batch.masked_kspace * scale[..., None, None], target=target)

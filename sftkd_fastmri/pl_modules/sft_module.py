@@ -108,11 +108,12 @@ class SFTModule(ReconModule):
         teacher: a model instance implementing the cascade protocol (e.g.
             :class:`~sftkd_fastmri.models.CascadedVarNet` around fastMRI's VarNet) to use
             instead of a preset; its preset is then recorded as ``None`` and its config as
-            its ``config`` attribute (``None`` where it has none, e.g. a VarNet: such a
-            checkpoint is reloaded with ``SFTModule.load_from_checkpoint(path, teacher=...,
-            student=...)``, and its networks' weights are its ``sft.teacher.*`` /
-            ``sft.student.*`` entries; :func:`~sftkd_fastmri.sft.export_sft` exports
-            DC-CNNs only).
+            its ``config`` attribute (a ``CascadedVarNet`` records fastMRI VarNet's
+            constructor arguments), from which ``SFTModule.load_from_checkpoint(path)``,
+            :func:`~sftkd_fastmri.sft.export_sft` and :func:`~sftkd_fastmri.models.load_model`
+            rebuild it. A network without a config records ``None``: its checkpoint is
+            reloaded with ``SFTModule.load_from_checkpoint(path, teacher=..., student=...)``
+            and cannot be exported.
         student: likewise for the student.
 
     Raises:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from unittest import mock
 
+import fastmri
 import h5py
 import numpy as np
 import pytest
@@ -194,3 +195,35 @@ def test_varnet_module_trains_on_batches_of_several_slices(demo_root, tmp_path):
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+def test_varnet_module_on_normalised_samples_scores_in_the_files_units(demo_root):
+    """FastMRIDataModule's samples are normalised by the zero-filled maximum; fastMRI's SSIM
+    loss and metrics take data_range = the volume's max in the files' units."""
+    from fastmri.losses import SSIMLoss
+
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+
+    torch.manual_seed(0)
+    module = VarNetModule2(**TINY_VARNET).eval()
+    data = FastMRIDataModule(demo_root, challenge="multicoil", batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    scale = batch.scale.reshape(-1, 1, 1)
+    assert not torch.allclose(scale, torch.ones_like(scale))  # the check means something
+    with torch.no_grad():
+        normalised = module(batch.masked_kspace, batch.mask, batch.num_low_frequencies)
+        logs = module.validation_step(batch, 0)
+        loss = module.training_step(batch, 0)
+    h, w = batch.target.shape[-2:]
+    expected = fastmri.data.transforms.center_crop(normalised, (h, w)) * scale
+    # the VarNet is scale-equivariant: run on k-space in the files' units, it gives the
+    # normalised output times the scale
+    torch.testing.assert_close(
+        logs["output"], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+    )
+    torch.testing.assert_close(logs["target"], batch.target * scale)
+    want = SSIMLoss()(
+        (expected).unsqueeze(1), (batch.target * scale).unsqueeze(1), data_range=batch.max_value
+    )
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
