@@ -26,7 +26,7 @@ __all__ = ["cmd_export", "register"]
 
 HELP = (
     "write a teacher or student alone from any checkpoint (train, SFT, KD) as a model "
-    "checkpoint, TorchScript module or ONNX file, for deployment"
+    "checkpoint, TorchScript module, torch.export program (pt2) or ONNX file, for deployment"
 )
 
 

@@ -7,11 +7,13 @@ names (``max_epochs: 3``); flags typed on the command line override it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from .._io import atomic_write_text
 from .options import (
@@ -468,6 +470,26 @@ def _is_input_error(err: Exception) -> bool:
     return type(err).__name__ == "MisconfigurationException"
 
 
+@contextlib.contextmanager
+def _own_warnings_as_lines() -> Iterator[None]:
+    """Print this package's warnings as ``warning: ...`` lines (no source line), as its
+    errors are printed; other libraries' warnings keep Python's format."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if str(filename).startswith(package):
+            print(f"warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -483,7 +505,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         category=FutureWarning,
     )
     try:
-        return args.func(args)
+        with _own_warnings_as_lines():
+            return args.func(args)
     except SystemExit as stop:
         if isinstance(stop.code, str) and stop.code.startswith("error:"):
             print(stop.code, file=sys.stderr)  # a config file's error: exit status 2 too

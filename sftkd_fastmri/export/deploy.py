@@ -187,6 +187,13 @@ def export_model(
         raise ValueError(f"refusing to overwrite the source checkpoint {checkpoint}")
 
     model, meta, recorded_shape = _load(checkpoint, role)
+    recorded_multicoil = {"multicoil": True, "singlecoil": False}.get(meta.get("challenge", ""))
+    if coils is not None and recorded_multicoil is not None and (coils > 1) != recorded_multicoil:
+        warnings.warn(
+            f"{meta['source']} was trained on {meta['challenge']} data, but the export is "
+            f"made for {coils} coil(s): its signature follows coils, not the training data",
+            stacklevel=2,
+        )
     if coils is None:
         coils = MULTICOIL_EXAMPLE_COILS if meta.get("challenge") == "multicoil" else 1
         if "challenge" not in meta and format != "state_dict":

@@ -227,6 +227,10 @@ def load_model(
         expected_preset: when given, the checkpoint must hold this preset.
         map_location: passed to ``torch.load``.
 
+    Returns:
+        The network with the checkpoint's weights, in training mode as built (call
+        ``.eval()`` for inference), with ``preset`` set.
+
     Raises:
         CheckpointError: unreadable file, unknown layout, another preset, missing config, or
             mismatching keys.

@@ -119,6 +119,8 @@ def load_sft_models(
         info = {
             "source": where,
             "train_first_student_cascade": hparams.get("train_first_student_cascade"),
+            # recorded by the module's setup from its datamodule: the exports' signature
+            "challenge": hparams.get("challenge"),
         }
     info["prefix"] = prefix
 
@@ -186,6 +188,8 @@ def export_sft(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     extra = {**(extra or {}), "stage": "sft", "sft_source": info["source"]}
+    if "challenge" not in extra and info.get("challenge") in ("singlecoil", "multicoil"):
+        extra["challenge"] = info["challenge"]
     teacher_path = save_model_checkpoint(
         teacher, out_dir / teacher_filename, role="teacher", extra=extra
     )

@@ -47,3 +47,19 @@ def test_data_config_errors_name_the_file_and_the_key(tmp_path):
         resolve_data_path({"data_config": str(config), "dataset": "brain"})
     with pytest.raises(ValueError, match="no data"):
         resolve_data_path({})
+
+
+def test_the_command_prints_the_package_warnings_as_lines(capsys):
+    import sftkd_fastmri
+    from sftkd_fastmri.cli.main import _own_warnings_as_lines
+
+    own = sftkd_fastmri.experiment.builders.__file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with _own_warnings_as_lines():
+            warnings.warn_explicit("--dataset ignored", UserWarning, own, 40)
+            warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/lib.py", 7)
+        warnings.warn_explicit("after the command", UserWarning, own, 41)
+    # only the package's warning, inside the command, became a line (the others went to
+    # Python's usual display, which pytest records)
+    assert capsys.readouterr().err == "warning: --dataset ignored\n"

@@ -370,6 +370,8 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
         assert torch.equal(rebuilt.state_dict()[k], v), k
     # the exports are plain model checkpoints of the two VarNets (the KD stage's inputs)
     teacher_path, student_path = export_sft(ckpt, tmp_path / "out")
+    # the data's challenge, recorded by the module, travels to the exports (their signature)
+    assert read_checkpoint(teacher_path)["sftkd_fastmri"]["extra"]["challenge"] == "multicoil"
     batch = next(iter(datamodule.val_dataloader()))
     inputs = (batch.masked_kspace, batch.mask)
     for path, net in ((teacher_path, module.teacher), (student_path, module.student)):
