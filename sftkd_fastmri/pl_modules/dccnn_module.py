@@ -99,8 +99,16 @@ class DCCNNModule(ReconModule):
             if k not in _CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
         ]
         if differing:
+            overrides = ",".join(
+                f"{k}={theirs[k]}"
+                for k in sorted(theirs)
+                if k not in _CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
+            )
             raise CheckpointError(
-                f"{path}: preset {preset!r} with another configuration: " + "; ".join(differing)
+                f"{path}: preset {preset!r} with another configuration: "
+                + "; ".join(differing)
+                + f" (build the network like it: --model-overrides {overrides}, or "
+                f"model_overrides={{...}} in Python)"
             )
         load_state_dict_strict(self.model, source.state_dict(), source=str(path))
 

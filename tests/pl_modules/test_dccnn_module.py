@@ -115,7 +115,10 @@ def test_checkpoint_of_another_preset_is_refused(trained):
         load_model(best, expected_preset="dccnn_d5c5")
     with pytest.raises(CheckpointError, match="dccnn_d5c5"):
         DCCNNModule("dccnn_d5c5", model_overrides=TINY, init_checkpoint=best)
-    with pytest.raises(CheckpointError, match="chans"):  # same preset, other width
+    # same preset, other width: the message says how to build the network like it
+    with pytest.raises(
+        CheckpointError, match="chans: expected 32, found 8.*--model-overrides chans=8"
+    ):
         DCCNNModule("dccnn_d3c5", init_checkpoint=best)
 
 
