@@ -128,6 +128,13 @@ class RunCheckpoint(ModelCheckpoint):
     the resume would replace ``best.ckpt`` whatever its score. Here the recorded paths are
     moved along with the folder and the score is kept."""
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: the last.ckpt of earlier runs (and of plain Lightning
+        # trainers) holds this callback's state under it
+        key = super().state_key
+        return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         before = state_dict.get("dirpath")
         now = self.dirpath

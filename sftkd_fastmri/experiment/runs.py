@@ -99,7 +99,23 @@ def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _sha256(path: os.PathLike) -> str:
+    """SHA-256 of a checkpoint's weights (names, dtypes, shapes, values: the same network
+    saved again digests the same), or of the file's bytes for anything else (a mask)."""
     digest = hashlib.sha256()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
+    except Exception:  # not a torch checkpoint (a .npy mask), or not a dict
+        state = None
+    if (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        for name in sorted(state):
+            tensor = state[name].detach().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return "weights:" + digest.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

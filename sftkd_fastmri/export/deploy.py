@@ -243,9 +243,25 @@ def load_pt2_export(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
         program = torch.export.load(f, extra_files=extra)
     meta = json.loads(extra[METADATA_NAME] or "{}")
     inner = program.module()
-    module = _SingleCoilGuard(inner) if int(meta.get("coils", 1)) == 1 else _MultiCoilGuard(inner)
-    module.training = False  # an exported program has no training mode to switch
-    return module, meta
+    guard = _SingleCoilGuard(inner) if int(meta.get("coils", 1)) == 1 else _MultiCoilGuard(inner)
+    return _Program(guard), meta
+
+
+class _Program(nn.Module):
+    """A loaded pt2 export behind its input checks. ``eval()``/``train()`` only set the flag:
+    an exported program is fixed in the mode it was exported in (eval), and refuses the call."""
+
+    def __init__(self, guard: nn.Module):
+        super().__init__()
+        self.guard = guard
+        self.training = False
+
+    def forward(self, *inputs: Optional[Tensor]) -> Tensor:
+        return self.guard(*inputs)
+
+    def train(self, mode: bool = True) -> _Program:
+        self.training = bool(mode)
+        return self
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -580,7 +596,8 @@ def _export_program(
     except Exception as err:
         raise ExportError(
             f"torch.export failed: {_first_line(err)}. Try format='torchscript' (checked "
-            "against the model the same way) or format='state_dict'"
+            "against the model the same way; refused too where the network reads its mask "
+            "data-dependently, as fastMRI's VarNet does) or format='state_dict'"
         ) from err
     kspace = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == names[0])
     sizes = kspace.meta["val"].shape

@@ -54,6 +54,11 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
             f"{path} is a TorchScript export (a deployment file, not a checkpoint): load it "
             "with torch.jit.load or sftkd_fastmri.export.load_torchscript_export"
         )
+    if _is_program(path):
+        raise CheckpointError(
+            f"{path} is a torch.export (pt2) export (a deployment file, not a checkpoint): "
+            "load it with torch.export.load or sftkd_fastmri.export.deploy.load_pt2_export"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
@@ -76,6 +81,18 @@ def _is_torchscript(path: Path) -> bool:
             return any("/code/" in name for name in archive.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
+
+
+def _is_program(path: Path) -> bool:
+    """torch.export archives hold a serialized program under ``<name>/models/``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/models/" in n for n in names) and any("/data/weights/" in n for n in names)
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
@@ -133,12 +150,16 @@ def _short(items: list, limit: int = 8) -> str:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    Saved through a file object, so the archive does not record the temporary file's random
+    name: the same object gives the same bytes every time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_file(path)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -169,6 +190,13 @@ def save_model_checkpoint(
             in ``CascadedVarNet``): :func:`load_model` could not rebuild it.
     """
     if not isinstance(getattr(model, "config", None), Mapping):
+        problem = getattr(model, "config_problem", None)
+        reason = problem() if callable(problem) else None
+        if reason:
+            raise TypeError(
+                f"{type(model).__name__} cannot be written as a model checkpoint: {reason}; "
+                "save its state_dict() with torch.save"
+            )
         raise TypeError(
             f"save_model_checkpoint writes networks that load_model rebuilds from their "
             f"'config' (DC-CNNs, CascadedVarNet); {type(model).__name__} has none: wrap a "

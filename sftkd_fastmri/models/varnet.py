@@ -117,11 +117,24 @@ class CascadedVarNet(nn.Module):
             AttributeError: the wrapped network is not laid out as fastMRI's ``VarNet``
                 (another block or sensitivity model); such a network has no config.
         """
+        values = self._varnet_arguments()
+        if isinstance(values, str):
+            raise AttributeError(values)
+        return {
+            "architecture": VARNET_ARCHITECTURE,
+            **dict(zip(_VARNET_ARGS, values)),
+            "num_low_frequencies": self.num_low_frequencies,
+            "use_given_sens_maps": self.use_given_sens_maps,
+        }
+
+    def _varnet_arguments(self) -> Union[tuple, str]:
+        """fastMRI VarNet's constructor arguments read off the network, or why they cannot
+        be (a message)."""
         varnet = self.varnet
         try:
             unet = varnet.cascades[0].model.unet
             sens_unet = varnet.sens_net.norm_unet.unet
-            values = (
+            return (
                 len(varnet.cascades),
                 int(sens_unet.chans),
                 int(sens_unet.num_pool_layers),
@@ -130,16 +143,15 @@ class CascadedVarNet(nn.Module):
                 bool(varnet.sens_net.mask_center),
             )
         except (AttributeError, IndexError, TypeError) as err:
-            raise AttributeError(
+            return (
                 f"the wrapped {type(varnet).__name__} is not laid out as fastMRI's VarNet "
                 f"({err}), so it has no config to rebuild it from"
-            ) from None
-        return {
-            "architecture": VARNET_ARCHITECTURE,
-            **dict(zip(_VARNET_ARGS, values)),
-            "num_low_frequencies": self.num_low_frequencies,
-            "use_given_sens_maps": self.use_given_sens_maps,
-        }
+            )
+
+    def config_problem(self) -> Optional[str]:
+        """Why this network has no :attr:`config` (``None`` when it has one)."""
+        values = self._varnet_arguments()
+        return values if isinstance(values, str) else None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> CascadedVarNet:

@@ -137,9 +137,10 @@ class VarNetModule2(Lightning2MriMixin, VarNetModule):
     :class:`~sftkd_fastmri.pl_modules.FastMRIDataModule`, whose samples are normalised by the
     zero-filled maximum (``batch.scale``). For the latter, the SSIM loss, the validation
     metrics and the test reconstructions are computed in the files' units (output and target
-    multiplied by ``scale``), as fastMRI's ``data_range=max_value`` assumes; the network
-    itself runs on the normalised k-space (the VarNet is scale-equivariant), so distillation
-    terms on its output have the magnitudes they have for DC-CNNs.
+    multiplied by ``scale``), as fastMRI's ``data_range=max_value`` assumes. In training the
+    network runs on the normalised k-space, so distillation terms on its output have the
+    magnitudes they have for DC-CNNs; in validation and test on k-space in the files' units
+    (the VarNet is scale-equivariant: the same result up to float rounding).
     """
 
     def forward(self, masked_kspace, mask, num_low_frequencies):

@@ -87,3 +87,29 @@ def test_a_moved_run_keeps_its_best_score_when_resumed(tmp_path):
     # the score a later validation must beat to replace best.ckpt (top-1)
     assert callback.best_k_models == {str(new.resolve() / "best.ckpt"): torch.tensor(0.25)}
     assert float(callback.kth_value) == 0.25
+
+
+def test_run_checkpoint_reads_the_state_plain_lightning_wrote():
+    """last.ckpt files written with Lightning's ModelCheckpoint (earlier runs) hold its state
+    under ModelCheckpoint's key; a different key would silently drop the best score."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from sftkd_fastmri.experiment.builders import RunCheckpoint
+
+    kwargs = dict(filename="best", monitor="validation_loss", mode="min", save_last=True)
+    assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
+
+
+def test_a_checkpoint_saved_again_digests_the_same(tmp_path):
+    from sftkd_fastmri.experiment.runs import _sha256
+    from sftkd_fastmri.models import create_model, save_model_checkpoint
+
+    torch.manual_seed(0)
+    net = create_model("dccnn_d3c5", chans=4)
+    a = save_model_checkpoint(net, tmp_path / "a" / "model.pt")
+    b = save_model_checkpoint(net, tmp_path / "b" / "model.pt")
+    assert a.read_bytes() == b.read_bytes()  # no temporary name inside the archive
+    assert _sha256(a) == _sha256(b) and _sha256(a).startswith("weights:")
+    with torch.no_grad():
+        net.cascades[0].cnn.conv0.bias.add_(1e-3)
+    assert _sha256(save_model_checkpoint(net, tmp_path / "c.pt")) != _sha256(a)

@@ -208,6 +208,11 @@ def test_exports_take_fastmri_float_masks_and_name_missing_sens_maps(tmp_path):
     # the example k-space is not stored: the file holds the program and the weights
     assert pt2.stat().st_size < 1_000_000
     ts = export_model(net, tmp_path / "m.ts.pt", format="torchscript", coils=3, example_shape=SHAPE)
+    from sftkd_fastmri.models import CheckpointError, read_checkpoint
+
+    with pytest.raises(CheckpointError, match="is a torch.export .pt2. export"):
+        read_checkpoint(pt2)
+    assert load_pt2_export(pt2)[0].eval() is not None  # a mode switch is no error
     for module in (load_pt2_export(pt2)[0], load_torchscript_export(ts)[0]):
         torch.testing.assert_close(module(kspace, mask.float(), sens), want, atol=1e-5, rtol=0)
         with pytest.raises(Exception, match="pass the coil sensitivities as sens_maps"):

@@ -31,8 +31,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch
     real_save = torch.save
 
     def dies_midway(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", dies_midway)
