@@ -586,6 +586,12 @@ def _export_torchscript(
 def _export_program(
     model: nn.Module, out: Path, meta: Dict[str, Any], shape: Tuple[int, int], coils: int
 ) -> None:
+    dim = getattr(getattr(torch, "export", None), "Dim", None)
+    if getattr(dim, "AUTO", None) is None:
+        raise ExportError(
+            f"pt2 exports need torch.export with Dim.AUTO (torch >= 2.6); this is torch "
+            f"{torch.__version__}. Use format='torchscript' or 'state_dict'"
+        )
     wrapper = _wrap(model, coils)
     names = _input_names(coils)
     # Batch 2: torch.export specialises every dimension whose example size is 1.

@@ -417,3 +417,11 @@ def test_lightning_checkpoints_record_the_challenge_of_their_data(demo_root, tmp
     plain = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "p.pt")
     with pytest.warns(UserWarning, match="does not record whether its data"):
         export_model(plain, tmp_path / "p.ts.pt", format="torchscript")
+
+
+def test_pt2_on_a_torch_without_dim_auto_says_which_torch_it_needs(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.export, "Dim", object())  # as torch.export before 2.6
+    out = tmp_path / "m.pt2"
+    with pytest.raises(ExportError, match=r"torch >= 2.6.*format='torchscript'"):
+        export_model(create_model("dccnn_d3c5", chans=4), out, format="pt2", coils=1)
+    assert not out.exists()
