@@ -28,7 +28,7 @@ import torch
 
 from .._io import atomic_write_text
 from ..export.loading import load_reconstruction_model
-from ..models import save_model_checkpoint
+from ..models import CheckpointError, read_checkpoint, save_model_checkpoint
 from .builders import CKPT_DIR, build_datamodule, build_trainer
 
 __all__ = [
@@ -103,8 +103,8 @@ def _sha256(path: os.PathLike) -> str:
     saved again digests the same), or of the file's bytes for anything else (a mask)."""
     digest = hashlib.sha256()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict")
-    except Exception:  # not a torch checkpoint (a .npy mask), or not a dict
+        state = read_checkpoint(path).get("state_dict")
+    except CheckpointError:  # not a torch checkpoint (a .npy mask)
         state = None
     if (
         isinstance(state, dict)

@@ -266,18 +266,19 @@ def test_checked_dataset_names_damaged_volumes(demo_root, tmp_path):
             hf.attrs["max"] = value
         with pytest.raises(DataError, match=f"v.h5: attribute 'max' is .*{shown}.*finite number"):
             CheckedSliceDataset(folder, "singlecoil")
-    fresh()
-    with h5py.File(vol, "a") as hf:
-        target = hf["reconstruction_esc"][()]
-        del hf["reconstruction_esc"]
-        hf["reconstruction_esc"] = target[:, 0]  # 2-D
+
+    def replaced(key, change):
+        """A fresh copy whose dataset ``key`` is replaced by ``change(its values)``."""
+        fresh()
+        with h5py.File(vol, "a") as hf:
+            values = hf[key][()]
+            del hf[key]
+            hf[key] = change(values)
+
+    replaced("reconstruction_esc", lambda target: target[:, 0])  # 2-D
     with pytest.raises(DataError, match=r"'reconstruction_esc' must be a \(slices, H, W\)"):
         CheckedSliceDataset(folder, "singlecoil")
-    fresh()
-    with h5py.File(vol, "a") as hf:
-        kspace = hf["kspace"][()]
-        del hf["kspace"]
-        hf["kspace"] = kspace.real.astype(np.float32)
+    replaced("kspace", lambda kspace: kspace.real.astype(np.float32))
     with pytest.raises(DataError, match="v.h5: 'kspace' has dtype float32"):
         CheckedSliceDataset(folder, "singlecoil")
     fresh()
