@@ -271,6 +271,19 @@ GROUPS: Dict[str, List[Option]] = {
         _O("teacher_overrides", {}, "teacher preset overrides", mapping_option),
         _O("student_overrides", {}, "student preset overrides", mapping_option),
         _O(
+            "init_teacher",
+            None,
+            "start the teacher from this checkpoint, e.g. a trained teacher's model.pt "
+            "(strict; the paper starts from scratch)",
+            text_value,
+        ),
+        _O(
+            "init_student",
+            None,
+            "start the student from this checkpoint (strict; of an SFT checkpoint, its student)",
+            text_value,
+        ),
+        _O(
             "train_first_student_cascade",
             False,
             "add branch 0 (zero-filled input through all student cascades) so S_1 is trained too",

@@ -75,6 +75,8 @@ RUN_IDENTITY_KEYS = (
     "student",
     "teacher_overrides",
     "student_overrides",
+    "init_teacher",
+    "init_student",
     "train_first_student_cascade",
     "teacher_weight",
     "branch_weight",
@@ -88,7 +90,13 @@ RUN_IDENTITY_KEYS = (
 )
 #: Identity options naming a file: compared by the file's SHA-256 where the run recorded it
 #: (``file_digests`` in ``run_config.json``), so that a moved study folder still resumes.
-RUN_INPUT_FILES = ("init_checkpoint", "teacher_checkpoint", "mask_path")
+RUN_INPUT_FILES = (
+    "init_checkpoint",
+    "init_teacher",
+    "init_student",
+    "teacher_checkpoint",
+    "mask_path",
+)
 _DIGESTS = "file_digests"
 #: Compared only for distillation runs (a study hands its KD options to every stage).
 _KD_KEYS = ("methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
@@ -333,11 +341,29 @@ def run_train(cfg: Dict[str, Any]) -> StageResult:
     return _train_single_network(cfg, "train", role="model")
 
 
+def _check_preset_option(cfg: Dict[str, Any], role: str) -> None:
+    """``sft --teacher``/``--student`` name presets; a checkpoint given there gets a pointer
+    to ``--init-teacher``/``--init-student`` (``distill --teacher`` takes a checkpoint)."""
+    from ..models import list_models
+
+    value = cfg.get(role)
+    if value in list_models() or not isinstance(value, str):
+        return
+    if Path(value).is_file() or Path(value).suffix in (".pt", ".ckpt", ".pth"):
+        raise ValueError(
+            f"--{role} {value}: sft's --{role} names a preset ({', '.join(list_models())}); "
+            f"to start the {role} from a checkpoint, pass --init-{role} {value} (with "
+            f"--{role} the preset it holds)"
+        )
+
+
 def run_sft(cfg: Dict[str, Any]) -> StageResult:
     """Student-friendly teacher training; exports the teacher and the student initialisation."""
     from ..pl_modules import SFTModule
     from ..sft import export_sft
 
+    for role in ("teacher", "student"):
+        _check_preset_option(cfg, role)
     out_dir = _out_dir(cfg, "runs/sft")
     _seed(cfg)  # the initial weights follow the stage's seed, whatever ran before
     module = SFTModule(
@@ -349,6 +375,8 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         teacher_weight=cfg["teacher_weight"],
         branch_weight=cfg["branch_weight"],
         imitation_weight=cfg["imitation_weight"],
+        init_teacher=cfg.get("init_teacher"),
+        init_student=cfg.get("init_student"),
         **_optim(cfg),
     )
     best = _fit(cfg, module, out_dir)

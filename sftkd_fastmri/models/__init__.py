@@ -3,6 +3,7 @@ helpers (no Lightning)."""
 
 from .checkpoint import (
     CheckpointError,
+    init_from_checkpoint,
     load_model,
     load_state_dict_strict,
     read_checkpoint,
@@ -24,6 +25,7 @@ __all__ = [
     "build_model",
     "check_varnet_inputs",
     "create_model",
+    "init_from_checkpoint",
     "list_models",
     "load_model",
     "load_state_dict_strict",

@@ -29,6 +29,7 @@ from .._io import make_temp_file
 
 __all__ = [
     "CheckpointError",
+    "init_from_checkpoint",
     "load_model",
     "load_state_dict_strict",
     "read_checkpoint",
@@ -38,6 +39,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 FORMAT_KEY = "sftkd_fastmri"
+# Settings that do not change what the weights mean (soft-DC lambda is itself a weight).
+CONFIG_KEYS_IGNORED_ON_INIT = ("init_lambda",)
 
 
 class CheckpointError(ValueError):
@@ -319,4 +322,61 @@ def load_model(
         ) from None
     model.preset = preset
     load_state_dict_strict(model, state, source=str(path))
+    return model
+
+
+def init_from_checkpoint(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    role: str = "auto",
+    overrides_option: str = "--model-overrides",
+) -> nn.Module:
+    """Copy the weights of the network stored in ``path`` into ``model`` (in place), strictly:
+    same preset (where ``model`` has one), same configuration, same parameter names and shapes.
+
+    This is how a training run starts from earlier weights (``train --init-checkpoint``,
+    ``distill --init-student``, ``sft --init-teacher/--init-student``).
+
+    Args:
+        model: a network built with the configuration the checkpoint should hold (its
+            ``preset`` and ``config`` attributes are compared where it has them).
+        path: any checkpoint :func:`load_model` reads.
+        role: for SFT checkpoints, the network to take (``"teacher"``, the choice of
+            ``"auto"``, or ``"student"``); ignored for single-network files.
+        overrides_option: the option named in the hint of a configuration mismatch (the
+            command-line option that builds ``model`` like the checkpoint's network).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        CheckpointError: unreadable file, another preset or configuration (the differing
+            settings listed, with the overrides that match the checkpoint), or weights that do
+            not fit (missing and unexpected keys listed).
+    """
+    source = load_model(path, role=role)
+    preset = getattr(model, "preset", None)
+    theirs_preset = getattr(source, "preset", None)
+    if preset is not None and theirs_preset != preset:
+        raise CheckpointError(f"{path} holds preset {theirs_preset!r}, expected {preset!r}")
+    ours = getattr(model, "config", None)
+    theirs = getattr(source, "config", None)
+    if ours is not None and theirs is not None:
+        keys = [
+            k
+            for k in sorted(set(ours) | set(theirs))
+            if k not in CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
+        ]
+        if keys:
+            differing = "; ".join(
+                f"{k}: expected {ours.get(k)!r}, found {theirs.get(k)!r}" for k in keys
+            )
+            overrides = ",".join(f"{k}={theirs[k]}" for k in keys if k in theirs)
+            what = f"preset {preset!r}" if preset is not None else "the network"
+            raise CheckpointError(
+                f"{path}: {what} with another configuration: {differing} (build the network "
+                f"like it: {overrides_option} {overrides}, or the same overrides in Python)"
+            )
+    load_state_dict_strict(model, source.state_dict(), source=str(path))
     return model

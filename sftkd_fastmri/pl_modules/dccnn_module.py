@@ -7,15 +7,12 @@ from typing import Any, Dict, Optional, Union
 
 from torch import Tensor
 
-from ..export.loading import load_reconstruction_model
-from ..models import DCCNN, CheckpointError, create_model, load_state_dict_strict
+from ..models import DCCNN, create_model, init_from_checkpoint
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
 __all__ = ["DCCNNModule"]
 
 PathLike = Union[str, os.PathLike]
-# Settings that do not change what the weights mean (soft-DC lambda is itself a weight).
-_CONFIG_KEYS_IGNORED_ON_INIT = ("init_lambda",)
 
 
 class DCCNNModule(ReconModule):
@@ -86,31 +83,7 @@ class DCCNNModule(ReconModule):
 
     def load_init_checkpoint(self, path: PathLike, prefix: Optional[str] = None) -> None:
         """Load the weights of ``path`` into :attr:`model`, strictly (see class docstring)."""
-        preset = self.hparams["model_preset"]
-        source = load_reconstruction_model(path, role=prefix or "auto")
-        if getattr(source, "preset", None) != preset:
-            raise CheckpointError(
-                f"{path} holds preset {getattr(source, 'preset', None)!r}, expected {preset!r}"
-            )
-        ours, theirs = self.model.config, getattr(source, "config", {})
-        differing = [
-            f"{k}: expected {ours.get(k)!r}, found {theirs.get(k)!r}"
-            for k in sorted(set(ours) | set(theirs))
-            if k not in _CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
-        ]
-        if differing:
-            overrides = ",".join(
-                f"{k}={theirs[k]}"
-                for k in sorted(theirs)
-                if k not in _CONFIG_KEYS_IGNORED_ON_INIT and ours.get(k) != theirs.get(k)
-            )
-            raise CheckpointError(
-                f"{path}: preset {preset!r} with another configuration: "
-                + "; ".join(differing)
-                + f" (build the network like it: --model-overrides {overrides}, or "
-                f"model_overrides={{...}} in Python)"
-            )
-        load_state_dict_strict(self.model, source.state_dict(), source=str(path))
+        init_from_checkpoint(self.model, path, role=prefix or "auto")
 
     def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> Tensor:
         """Args:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import Tensor, nn
 
-from ..models import build_model, create_model
+from ..models import build_model, create_model, init_from_checkpoint
 from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
@@ -115,8 +115,16 @@ class SFTModule(ReconModule):
             reloaded with ``SFTModule.load_from_checkpoint(path, teacher=..., student=...)``
             and cannot be exported.
         student: likewise for the student.
+        init_teacher: start the teacher from the weights of a checkpoint (e.g. a teacher
+            trained with ``train``, or the teacher of an SFT checkpoint) instead of a random
+            initialisation; its preset and configuration must match (loaded strictly). The
+            paper trains the SFT teacher from scratch. Not recorded in the hyperparameters: a
+            checkpoint of this module holds the weights itself.
+        init_student: likewise for the student (from an SFT checkpoint: its student).
 
     Raises:
+        CheckpointError: ``init_teacher`` or ``init_student`` is unreadable, holds another
+            preset or configuration, or its weights do not fit.
         ValueError: ``loss`` is not ``"l1"``, ``"l2"`` or ``"mse"``, invalid loss weights, or models that
             cannot be paired (see :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
     """
@@ -146,6 +154,8 @@ class SFTModule(ReconModule):
         output_dir: Optional[PathLike] = None,
         teacher: Optional[nn.Module] = None,
         student: Optional[nn.Module] = None,
+        init_teacher: Optional[PathLike] = None,
+        init_student: Optional[PathLike] = None,
     ):
         distance = _DISTANCE_ALIASES.get(loss, loss)
         if distance not in SFT_LOSSES:
@@ -172,6 +182,15 @@ class SFTModule(ReconModule):
             student = _build_model("student", student_preset, student_overrides, student_config)
         else:
             student_preset, student_overrides = None, None
+        # Weights first, then the wrapper: it checks the pair as it will train.
+        if init_teacher is not None:
+            init_from_checkpoint(
+                teacher, init_teacher, role="teacher", overrides_option="--teacher-overrides"
+            )
+        if init_student is not None:
+            init_from_checkpoint(
+                student, init_student, role="student", overrides_option="--student-overrides"
+            )
         self.sft = StudentFriendlyTeacher(
             teacher,
             student,
@@ -190,7 +209,15 @@ class SFTModule(ReconModule):
         for param in self.unused_parameters():
             param.requires_grad_(False)
         self.save_hyperparameters(
-            ignore=["output_dir", "teacher_config", "student_config", "teacher", "student"]
+            ignore=[
+                "output_dir",
+                "teacher_config",
+                "student_config",
+                "teacher",
+                "student",
+                "init_teacher",
+                "init_student",
+            ]
         )
         # The full configs, not just preset + overrides: export and reloading rebuild the
         # networks from them even if a preset's definition changes later. Model instances

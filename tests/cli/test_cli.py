@@ -515,3 +515,35 @@ def test_evaluate_names_a_damaged_volume(tiny_demo, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{vol.name}: unreadable HDF5 file" in err and "Traceback" not in err
+
+
+def test_sft_starts_from_a_trained_teacher(tiny_demo, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from sftkd_fastmri.experiment.runs import RUN_CONFIG_FILE
+    from sftkd_fastmri.models import load_model
+
+    trained = create_model("dccnn_d5c5", chans=4)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)  # weights no seed reproduces
+    teacher_path = save_model_checkpoint(trained, tmp_path / "teacher.pt")
+    sft_dir = tmp_path / "sft"
+    argv = ["sft", *_common(tiny_demo), "--out-dir", str(sft_dir)]
+    argv += ["--teacher-overrides", "chans=4", "--student-overrides", "chans=4"]
+    argv += ["--lr", "1e-30", "--limit-train-batches", "1", "--init-teacher", str(teacher_path)]
+    assert main(argv) == 0
+    # A step of 1e-30 rounds away: the exported teacher is the checkpoint's network.
+    exported = load_model(sft_dir / "sft_teacher.ckpt")
+    expected = trained.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in exported.state_dict().items())
+    record = json.loads((sft_dir / RUN_CONFIG_FILE).read_text())
+    assert record["init_teacher"] == str(teacher_path)
+    assert set(record["file_digests"]) == {"init_teacher"}
+    capsys.readouterr()
+
+    # sft's --teacher is a preset: a checkpoint there points to --init-teacher.
+    argv = ["sft", *_common(tiny_demo), "--out-dir", str(tmp_path / "x")]
+    assert main([*argv, "--teacher", str(teacher_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--init-teacher" in err and "teacher.pt" in err
+    assert not (tmp_path / "x").exists()

@@ -386,3 +386,41 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
     torch.save(saved, tmp_path / "no_config.ckpt")
     with pytest.raises(CheckpointError, match="no config for the teacher.*without a config"):
         export_sft(tmp_path / "no_config.ckpt", tmp_path / "out2")
+
+
+def test_init_teacher_and_student_start_from_checkpoints(tmp_path):
+    from sftkd_fastmri.models import CheckpointError, create_model, save_model_checkpoint
+
+    torch.manual_seed(3)
+    trained_teacher = create_model("dccnn_d5c5", chans=8)
+    trained_student = create_model("dccnn_d3c5", chans=8)
+    teacher_path = save_model_checkpoint(trained_teacher, tmp_path / "teacher.pt")
+    student_path = save_model_checkpoint(trained_student, tmp_path / "student.pt")
+
+    module = SFTModule(**TINY, init_teacher=teacher_path, init_student=student_path)
+    for ours, theirs in ((module.teacher, trained_teacher), (module.student, trained_student)):
+        expected = theirs.state_dict()
+        got = ours.state_dict()
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert "init_teacher" not in module.hparams  # the module's checkpoint holds the weights
+
+    # From an SFT checkpoint: the teacher takes its teacher, the student its student.
+    sft_ckpt = tmp_path / "sft.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, sft_ckpt
+    )
+    again = SFTModule(**TINY, init_teacher=sft_ckpt, init_student=sft_ckpt)
+    assert torch.equal(
+        again.student.cascades[1].cnn.conv0.weight, trained_student.cascades[1].cnn.conv0.weight
+    )
+    assert torch.equal(
+        again.teacher.cascades[1].cnn.conv0.weight, trained_teacher.cascades[1].cnn.conv0.weight
+    )
+
+    # Another width is refused with the overrides that would match it.
+    with pytest.raises(CheckpointError, match="chans: expected 16, found 8.*--teacher-overrides"):
+        SFTModule(**{**TINY, "teacher_overrides": {"chans": 16}}, init_teacher=teacher_path)
+    # The student's checkpoint as the teacher's: another preset, named.
+    with pytest.raises(CheckpointError, match="holds preset 'dccnn_d3c5', expected 'dccnn_d5c5'"):
+        SFTModule(**TINY, init_teacher=student_path)
