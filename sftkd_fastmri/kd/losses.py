@@ -132,7 +132,10 @@ class _ChannelEnergy(torch.autograd.Function):
     def forward(ctx: Any, feat: Tensor, slot: Optional[DeferredGradient]) -> Tensor:
         ctx.save_for_backward(feat)
         ctx.slot = slot
-        return torch.linalg.vector_norm(feat, ord=2, dim=1).square_()
+        # Half-precision features are summed in float32: the energies and the norm the
+        # attention map is divided by overflow float16 on ordinary activations.
+        dtype = torch.float32 if feat.dtype in (torch.float16, torch.bfloat16) else None
+        return torch.linalg.vector_norm(feat, ord=2, dim=1, dtype=dtype).square_()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
@@ -467,9 +470,9 @@ class AttentionTransfer(KDLoss):
         if self.p == 2.0:
             att = _ChannelEnergy.apply(feat, deferred_slot(feat))
         elif self.p.is_integer() and int(self.p) % 2 == 0:
-            att = feat.pow(int(self.p)).sum(dim=1)
+            att = _full_precision(feat).pow(int(self.p)).sum(dim=1)
         else:
-            att = feat.abs().pow(self.p).sum(dim=1)
+            att = _full_precision(feat).abs().pow(self.p).sum(dim=1)
         return att.flatten(1)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:

@@ -452,6 +452,23 @@ def test_gram_products_do_not_overflow_under_float16_autocast(cls):
     assert value.item() == pytest.approx(reference.item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("p", [2.0, 4.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_of_half_precision_features_does_not_overflow(p, dtype):
+    """AT on 16-bit features of ordinary size sums their energies in float32: in float16 the
+    norm an attention map is divided by overflows, and every map (and the loss) was 0."""
+    g = torch.Generator().manual_seed(1)
+    s = (20 * torch.rand(2, 32, 16, 16, generator=g)).to(dtype).requires_grad_()
+    t = (20 * torch.rand(2, 32, 16, 16, generator=g)).to(dtype)
+    energy = s.detach().double().abs().pow(p).sum(dim=1).flatten(1)
+    assert float(energy.square().sum(dim=1).max()) > 65504  # its norm overflows float16
+    value = AttentionTransfer(p=p)([s], [t])
+    value.backward()
+    reference = AttentionTransfer(p=p)([s.detach().double()], [t.double()])
+    assert value.item() == pytest.approx(reference.item(), rel=2e-2)
+    assert s.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("cls", [SimilarityPreserving, CorrelationCongruence, FSP])
 def test_split_k_reduction_gives_the_same_loss_and_gradient(cls, monkeypatch):
     """On CUDA the long reductions of FSP, SP and CC are summed over chunks (split-K); forced
