@@ -30,9 +30,11 @@ How it works (one forward and one backward of the student per step):
 
 The teacher stays frozen and outside the module: it is not a submodule (so it is not in the
 optimiser, the module's ``state_dict`` or its ``.train()`` / ``.eval()`` calls, and DDP does not
-wrap it), ``requires_grad_(False)``, put in eval mode at every training batch (validation loops
-cannot leave it in training mode), moved to the module's device in ``on_fit_start`` and back in
-``teardown``; it has no optimiser state.
+wrap it), ``requires_grad_(False)`` and in eval mode from ``setup("fit")``, put in eval mode again
+at every training batch (validation loops cannot leave it in training mode), moved to the
+module's device in ``on_fit_start``; it has no optimiser state. ``teardown`` gives it back as it
+was given: device, ``requires_grad`` flags and training mode (so a callback built before the
+teacher's own training does not freeze it there).
 
 Learned KD parameters (FitNet's 1x1 regressors) live in the ``distillation`` submodule, attached
 in ``setup`` - before ``configure_optimizers`` and before the DDP wrap - so an optimiser over
@@ -42,7 +44,8 @@ student and teacher channels differ: the default FitNet pairing of two DC-CNNs c
 equal-channel cascade outputs and has none). To load such a checkpoint without the callback,
 take the network alone with :func:`sftkd_fastmri.models.load_model` (``model.*`` weights) or
 pass ``strict=False`` to ``load_from_checkpoint``; resuming with ``ckpt_path`` and the callback
-restores them.
+restores them, and ``trainer.validate/test/predict(ckpt_path=...)`` with the callback in the
+trainer loads the module's weights without them.
 
 Schedules:
 
@@ -221,14 +224,18 @@ class DistillationCallback(Callback):
         if not attr_name.isidentifier():
             raise ValueError(f"attr_name must be a Python identifier, got {attr_name!r}")
         if isinstance(teacher, (str, os.PathLike)):
+            # Read here, so no one else holds it: frozen for good.
             teacher = load_model(teacher, role=teacher_prefix or "auto")
+            teacher.requires_grad_(False).eval()
         elif isinstance(teacher, pl.LightningModule):
             teacher = find_network(teacher, role="teacher")
         elif not isinstance(teacher, nn.Module):
             raise TypeError(
                 f"teacher must be an nn.Module or a checkpoint path, got {type(teacher).__name__}"
             )
-        self.teacher: nn.Module = teacher.requires_grad_(False).eval()
+        # Frozen from setup("fit") to teardown; the flags it had are restored afterwards, so a
+        # network still to be trained (e.g. the SFT teacher, before its own fit) is left alone.
+        self.teacher: nn.Module = teacher
         self.layers = {k: check_pairing(k, v) for k, v in dict(layers or {}).items()}
         self.loss_options = {k: dict(v) for k, v in dict(loss_options or {}).items()}
         self.student_attr = student_attr
@@ -244,6 +251,8 @@ class DistillationCallback(Callback):
         self._teacher_device: Optional[torch.device] = None
         self._warned_train_mode = False
         self._warned_skipped: set = set()
+        self._teacher_flags: Optional[tuple] = None
+        self._saved_load_hook: Optional[tuple] = None
 
     # -- schedule ---------------------------------------------------------------------------
     def stage_at(self, epoch: int) -> int:
@@ -253,6 +262,7 @@ class DistillationCallback(Callback):
     # -- Lightning hooks --------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            self._skip_kd_keys_on_load(pl_module)
             return
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -272,6 +282,11 @@ class DistillationCallback(Callback):
         teacher_params = {id(p) for p in self.teacher.parameters()}
         if student is self.teacher or any(id(p) in teacher_params for p in student.parameters()):
             raise ValueError("the teacher shares parameters with the student")
+        self._teacher_flags = (
+            [(p, p.requires_grad) for p in self.teacher.parameters()],
+            [(m, m.training) for m in self.teacher.modules()],
+        )
+        self.teacher.requires_grad_(False).eval()
         if self.distiller is None or self.distiller.student is not student:
             self.distiller = Distiller(
                 student, self.teacher, self.losses, self.layers or None, self.loss_options
@@ -354,15 +369,48 @@ class DistillationCallback(Callback):
                 self._warned_train_mode = True
             teacher.eval()
 
+    def _skip_kd_keys_on_load(self, pl_module: pl.LightningModule) -> None:
+        """For validate / test / predict with ``ckpt_path``: the module's checkpoint from a fit
+        with this callback holds the KD parameters (``distillation.*``), which the module has
+        only while fitting. Leave them out of what Lightning loads into it (the module's own
+        ``on_load_checkpoint`` runs first, unchanged); ``teardown`` restores the hook."""
+        if self._saved_load_hook is not None or hasattr(pl_module, self.attr_name):
+            return  # already done, or the module has such an attribute of its own
+        prefix = f"{self.attr_name}."
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: Dict[str, Any]) -> None:
+            original(checkpoint)
+            state = checkpoint.get("state_dict")
+            if isinstance(state, dict):
+                for key in [k for k in state if isinstance(k, str) and k.startswith(prefix)]:
+                    del state[key]
+
+        self._saved_load_hook = (pl_module, "on_load_checkpoint" in pl_module.__dict__, original)
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def _restore_load_hook(self) -> None:
+        if self._saved_load_hook is None:
+            return
+        pl_module, had_instance_hook, original = self._saved_load_hook
+        if had_instance_hook:
+            pl_module.on_load_checkpoint = original
+        else:
+            pl_module.__dict__.pop("on_load_checkpoint", None)
+        self._saved_load_hook = None
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._restore(pl_module)
+        else:
+            self._restore_load_hook()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # Lightning skips teardown when fit fails; leave the module as it was all the same.
         self._restore(pl_module)
+        self._restore_load_hook()
 
     def _restore(self, pl_module: pl.LightningModule) -> None:
         """Undo ``setup`` / ``on_fit_start``: training_step, submodule, hooks, teacher."""
@@ -380,6 +428,13 @@ class DistillationCallback(Callback):
                 delattr(pl_module, self.attr_name)
         if self._teacher_device is not None:
             self.teacher.to(self._teacher_device)
+        if self._teacher_flags is not None:  # as it was given
+            params, modules = self._teacher_flags
+            for param, flag in params:
+                param.requires_grad_(flag)
+            for module, training in modules:
+                module.training = training
+            self._teacher_flags = None
         self._module = None
 
     # -- state ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Dict, List
 
 import fastmri
@@ -100,7 +101,9 @@ class Recorder(pl.Callback):
         self.teacher_modes: List[bool] = []
         self.optimizer_params: List[int] = []
         self.state_keys: List[str] = []
+        self.teacher_grad_flags: List[bool] = []
         self.trainer = None
+        self.teacher = teacher
         teacher.register_forward_hook(self._teacher_hook)
 
     def _teacher_hook(self, module, args, output):
@@ -113,6 +116,7 @@ class Recorder(pl.Callback):
             id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]
         ]
         self.state_keys = list(pl_module.state_dict())
+        self.teacher_grad_flags = [p.requires_grad for p in self.teacher.parameters()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -257,11 +261,12 @@ def test_module_and_teacher_are_left_untouched(tmp_path):
     with pytest.warns(UserWarning, match="training mode"):
         trainer.fit(module, _loader(), _loader(4))
 
-    # the teacher: same weights, frozen, eval mode at every forward and after fit
+    # the teacher: same weights, frozen and in eval mode at every forward; after fit as given
     for k, v in teacher.state_dict().items():
         torch.testing.assert_close(v, teacher_state[k], rtol=0, atol=0)
     assert len(recorder.teacher_calls) == 4 and not any(recorder.teacher_modes)
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert recorder.teacher_grad_flags == [False] * len(list(teacher.parameters()))
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     # not in the optimiser or the module's state dict; the KD regressor is, under its prefix
     teacher_ids = {id(p) for p in teacher.parameters()}
     regressor_ids = {id(p) for p in kd.distiller.parameters()}
@@ -279,6 +284,66 @@ def test_module_and_teacher_are_left_untouched(tmp_path):
     assert not hasattr(module, "distillation")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in student.modules())
     assert all(not m._forward_hooks for m in list(teacher.modules())[1:])
+
+
+def test_a_callback_built_before_its_teachers_own_training_leaves_it_trainable(tmp_path):
+    """The teacher is frozen while the callback fits, not from its construction: a callback
+    set up in advance (e.g. both stages of a study) must not freeze a teacher still to be
+    trained, and after its fit the teacher is as it was given."""
+    student, teacher = _nets()
+    kd = DistillationCallback(teacher, {"imitation": 1.0})
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    teacher.cascades[0].requires_grad_(False)  # a choice of the user's, kept
+    own = ToyRecon(teacher)
+    before = copy.deepcopy(teacher.state_dict())
+    _trainer(tmp_path / "own", [], limit_train_batches=2).fit(own, _loader())
+    changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(
+        k.startswith("cascades.1.") or k.startswith("cascades.2.") for k in changed
+    )
+    flags = [p.requires_grad for p in teacher.parameters()]
+    _trainer(tmp_path / "kd", [kd], limit_train_batches=2).fit(ToyRecon(student), _loader())
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+
+
+def test_test_and_validate_from_a_checkpoint_with_kd_parameters(tmp_path):
+    """A module checkpoint written during a fit with FitNet regressors holds
+    ``distillation.*``; ``trainer.test/validate(ckpt_path=...)`` with the callback still in the
+    trainer load the module's weights from it without them."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    student, teacher = _nets()
+    layers = {"fitnet": [("cascades.1.cnn.relu1", "cascades.1.cnn.relu2")]}  # 4 -> 8 channels
+    kd = DistillationCallback(teacher, {"fitnet": 1.0}, layers=layers)
+
+    class Scored(ToyRecon):
+        def test_step(self, batch, batch_idx):
+            kspace, mask, target = batch
+            error = F.l1_loss(self.model(kspace, mask), target)
+            self.log("test_loss", error, batch_size=target.shape[0])
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss")
+    module = Scored(student)
+    trainer = _trainer(
+        tmp_path,
+        [kd, checkpoint],
+        limit_train_batches=2,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, _loader(), _loader(4))
+    saved = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
+    assert any(k.startswith("distillation.") for k in saved)
+    with torch.no_grad():  # change the weights, so that loading them back is visible
+        for p in module.model.parameters():
+            p.add_(1.0)
+    metrics = trainer.test(module, _loader(4), ckpt_path="best", verbose=False)[0]
+    expected = {k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}
+    got = module.model.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert math.isfinite(metrics["test_loss"])
+    trainer.validate(module, _loader(4), ckpt_path=checkpoint.best_model_path, verbose=False)
+    assert "on_load_checkpoint" not in module.__dict__ and not hasattr(module, "distillation")
 
 
 def test_fitnet_regressors_are_trained(tmp_path):
