@@ -70,10 +70,11 @@ class SFTModule(ReconModule):
     ``SFTModule.load_from_checkpoint`` rebuilds the module from the stored configs.
 
     Unused parameters: without branch 0 no branch reaches the student's first cascade ``S_1``
-    (as in the paper, it keeps its random initialisation), so its parameters are frozen
-    (``requires_grad=False``; see :meth:`unused_parameters` for the other cases); DDP would
-    otherwise fail on parameters that never get a gradient. The KD stage trains the exported
-    student, ``S_1`` included.
+    (as in the paper, it keeps its random initialisation), so its parameters are frozen while
+    fitting (``requires_grad=False`` from ``setup("fit")``, before DDP wraps the module; see
+    :meth:`unused_parameters` for the other cases); DDP would otherwise fail on parameters that
+    never get a gradient. ``teardown`` makes them trainable again, so networks passed as
+    instances come back as they were given. The KD stage trains the student, ``S_1`` included.
 
     Args:
         teacher_preset: teacher preset name (see :func:`sftkd_fastmri.models.list_models`).
@@ -206,8 +207,7 @@ class SFTModule(ReconModule):
             detach_teacher_in_imitation=detach_teacher_in_imitation,
         )
         self.val_branch_metrics = bool(val_branch_metrics)
-        for param in self.unused_parameters():
-            param.requires_grad_(False)
+        self._frozen_for_fit: Optional[List[nn.Parameter]] = None
         self.save_hyperparameters(
             ignore=[
                 "output_dir",
@@ -230,6 +230,24 @@ class SFTModule(ReconModule):
             self.hparams[f"{role}_preset"] = preset
             self.hparams[f"{role}_config"] = dict(config) if config is not None else None
 
+    # -- fitting ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Freeze :meth:`unused_parameters` for ``fit`` (before DDP wraps the module)."""
+        super().setup(stage)
+        if stage == "fit" and self._frozen_for_fit is None:
+            self._frozen_for_fit = [p for p in self.unused_parameters() if p.requires_grad]
+            for param in self._frozen_for_fit:
+                param.requires_grad_(False)
+
+    def teardown(self, stage: str) -> None:
+        """Give the networks back trainable as they came (they may be the caller's own
+        instances, e.g. a student to distil next, whose first cascade must then train)."""
+        if stage == "fit" and self._frozen_for_fit is not None:
+            for param in self._frozen_for_fit:
+                param.requires_grad_(True)
+            self._frozen_for_fit = None
+        super().teardown(stage)
+
     # -- models -----------------------------------------------------------------------------
     @property
     def teacher(self) -> nn.Module:
@@ -247,7 +265,7 @@ class SFTModule(ReconModule):
         return self.sft.branch_starts
 
     def unused_parameters(self) -> List[nn.Parameter]:
-        """Parameters that no weighted SFT term reaches (frozen at construction).
+        """Parameters that no weighted SFT term reaches (frozen while fitting).
 
         Without branch 0 (the paper's setting) every student parameter outside the cascades
         ``S_2 .. S_N`` that the branches run: the first cascade, and whatever the student's

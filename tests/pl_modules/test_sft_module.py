@@ -6,6 +6,7 @@ single-coil demo split) feeds most tests; the multi-coil test runs one step of i
 
 from __future__ import annotations
 
+import copy
 import csv
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,23 +211,59 @@ def test_first_student_cascade_keeps_its_initialisation(sft_run):
             assert not torch.equal(trained[name], value), name
 
 
+def _frozen_as_in_fit(module: SFTModule) -> SFTModule:
+    module.setup("fit")
+    return module
+
+
 def test_unused_first_student_cascade_is_frozen():
-    paper = SFTModule(**TINY)
+    paper = _frozen_as_in_fit(SFTModule(**TINY))
     frozen = {id(p) for p in paper.student.cascades[0].parameters()}
     assert frozen and {id(p) for p in paper.unused_parameters()} == frozen
     assert all(not p.requires_grad for p in paper.student.cascades[0].parameters())
     assert all(p.requires_grad for p in paper.student.cascades[1].parameters())
     assert all(p.requires_grad for p in paper.teacher.parameters())
-    full = SFTModule(**TINY, train_first_student_cascade=True)
+    full = _frozen_as_in_fit(SFTModule(**TINY, train_first_student_cascade=True))
     assert full.unused_parameters() == [] and all(p.requires_grad for p in full.parameters())
     # degenerate weightings: what no weighted term reaches is frozen as well
-    teacher_only = SFTModule(**TINY, branch_weight=0.0, imitation_weight=0.0)
+    teacher_only = _frozen_as_in_fit(SFTModule(**TINY, branch_weight=0.0, imitation_weight=0.0))
     assert not any(p.requires_grad for p in teacher_only.student.parameters())
-    branches_only = SFTModule(
-        **TINY, teacher_weight=0.0, imitation_weight=1.0, detach_teacher_in_imitation=True
+    branches_only = _frozen_as_in_fit(
+        SFTModule(
+            **TINY, teacher_weight=0.0, imitation_weight=1.0, detach_teacher_in_imitation=True
+        )
     )
     assert not any(p.requires_grad for p in branches_only.teacher.cascades[4].parameters())
     assert all(p.requires_grad for p in branches_only.teacher.cascades[3].parameters())
+
+
+def test_instances_come_back_trainable_after_the_fit(demo_root, tmp_path):
+    """The first student cascade is frozen during the SFT fit only: a student passed as an
+    instance, distilled next, must train it (it stayed frozen for good before)."""
+    from sftkd_fastmri.models import create_model
+
+    student = create_model("dccnn_d3c5", chans=4)
+    teacher = create_model("dccnn_d5c5", chans=4)
+    module = SFTModule(teacher=teacher, student=student, val_branch_metrics=False)
+    assert all(p.requires_grad for p in student.parameters())
+    seen = {}
+
+    class Flags(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["s1"] = [p.requires_grad for p in student.cascades[0].parameters()]
+            seen["optimised"] = {
+                id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]
+            }
+
+    data = FastMRIDataModule(demo_root, challenge="singlecoil", batch_size=2, num_workers=0)
+    s1_before = copy.deepcopy(student.cascades[0].state_dict())
+    _trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[Flags()]
+    ).fit(module, datamodule=data)
+    assert seen["s1"] and not any(seen["s1"])  # frozen while fitting
+    for k, v in student.cascades[0].state_dict().items():  # so it kept its initialisation
+        assert torch.equal(v, s1_before[k])
+    assert all(p.requires_grad for p in student.parameters())  # and trainable again after
 
 
 @pytest.mark.parametrize(
@@ -240,7 +277,7 @@ def test_unused_first_student_cascade_is_frozen():
     ],
 )
 def test_frozen_parameters_are_exactly_those_without_gradient(options):
-    module = SFTModule(**TINY, **options)
+    module = _frozen_as_in_fit(SFTModule(**TINY, **options))
     frozen = {id(p) for p in module.unused_parameters()}
     for param in module.parameters():
         param.requires_grad_(True)
@@ -340,10 +377,13 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
     module = SFTModule(teacher=teacher, student=student)
     frozen = {id(p) for p in module.unused_parameters()}
     # without branch 0 the branches run S_2..S_N with the teacher's coil maps: the student's
-    # first block and its sensitivity network get no gradient and are frozen
+    # first block and its sensitivity network get no gradient and are frozen while fitting
     expected = list(student.cascades[0].parameters()) + list(student.varnet.sens_net.parameters())
     assert frozen == {id(p) for p in expected}
+    module.setup("fit")
     assert all(not p.requires_grad for p in expected)
+    module.teardown("fit")
+    assert all(p.requires_grad for p in expected)
     # instances record no preset but their config, from which they are rebuilt
     assert module.hparams["teacher_preset"] is None
     assert module.hparams["teacher_config"] == teacher.config
@@ -424,3 +464,30 @@ def test_init_teacher_and_student_start_from_checkpoints(tmp_path):
     # The student's checkpoint as the teacher's: another preset, named.
     with pytest.raises(CheckpointError, match="holds preset 'dccnn_d3c5', expected 'dccnn_d5c5'"):
         SFTModule(**TINY, init_teacher=student_path)
+
+
+def test_ddp_two_processes_with_the_unused_first_student_cascade(demo_root, tmp_path):
+    """Under DDP (2 CPU processes, gloo, no search for unused parameters) the paper's SFT
+    leaves S_1 without gradient: it must be frozen before DDP wraps the module, or the
+    second step fails."""
+    module = SFTModule(**TINY, val_branch_metrics=False)
+    s1_before = copy.deepcopy(module.student.cascades[0].state_dict())
+    s2_before = copy.deepcopy(module.student.cascades[1].state_dict())
+    data = FastMRIDataModule(demo_root, challenge="singlecoil", batch_size=1, num_workers=0)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        devices=2,
+        strategy="ddp_spawn",
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, datamodule=data)
+    # ddp_spawn trains copies: read the weights back from the checkpoint the fit wrote
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    s1 = {k: state[f"sft.student.cascades.0.{k}"] for k in s1_before}
+    s2 = {k: state[f"sft.student.cascades.1.{k}"] for k in s2_before}
+    assert all(torch.equal(v, s1_before[k]) for k, v in s1.items())
+    assert any(not torch.equal(v, s2_before[k]) for k, v in s2.items())
