@@ -68,9 +68,11 @@ def load_sft_models(
         prefix: prefix of the wrapper's keys in a checkpoint or state dict; ignored for a
             wrapper instance.
         teacher_preset, teacher_config, student_preset, student_config: the models'
-            preset names and configs (ignored for a wrapper). Required for a bare state dict (a preset alone means
-            its unmodified config); for a checkpoint they may fill in missing hyperparameters
-            and must agree with those present.
+            preset names and configs (ignored for a wrapper). Required for a bare state dict
+            (a preset alone means its unmodified config); for a checkpoint they fill in
+            missing hyperparameters (a config alone is enough: the preset is then recorded as
+            ``None``, as for a network built from its config) and must agree with those
+            present.
 
     Returns:
         ``(teacher, student, info)``; models rebuilt from a file or state dict are new
@@ -240,12 +242,6 @@ def _resolve_config(
         if hparams is None:
             resolved[field] = arg
             continue
-        if key not in hparams and arg is None:
-            raise CheckpointError(
-                f"{where}: hyperparameters have no '{key}'; an SFT checkpoint must store "
-                f"'{role}_preset' (preset name or None) and '{role}_config' (the {role} "
-                "model's config dict), or pass them to export_sft"
-            )
         stored = hparams.get(key)
         if arg is not None and stored is not None and arg != stored:
             raise CheckpointError(
@@ -256,10 +252,12 @@ def _resolve_config(
     if config is None:
         if hparams is not None or preset is None:
             # A preset name alone would lose overrides such as chans=16 for a trained model.
+            what = "" if hparams is None else f" (its hyperparameters have no '{role}_config')"
             raise CheckpointError(
-                f"{where}: no config for the {role}; pass {role}_config (or {role}_preset "
-                "for an unmodified preset). A checkpoint of an SFTModule given a model "
-                "instance without a config cannot be exported: its "
+                f"{where}: no config for the {role}{what}; pass {role}_config to export_sft "
+                f"(the {role} model's config dict; with a bare state dict, {role}_preset "
+                "alone stands for an unmodified preset). A checkpoint of an SFTModule given a "
+                "model instance without a config cannot be exported: its "
                 f"{role}'s weights are the 'sft.{role}.' entries of its state_dict"
             )
         try:

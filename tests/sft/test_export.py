@@ -136,9 +136,23 @@ def test_missing_hyperparameters_raise(tmp_path):
     # ... unless given explicitly
     export_sft(ckpt, tmp_path / "out", student_config=sft.student.config)
 
+    # A config without a preset (a user's own module that records no SFT hyperparameters):
+    # the config is enough, the preset recorded as None.
     lightning_checkpoint(sft, ckpt, teacher_preset=None)
-    with pytest.raises(CheckpointError, match="no 'teacher_preset'"):
-        export_sft(ckpt, tmp_path / "out")
+    teacher_path, _ = export_sft(ckpt, tmp_path / "out2")
+    teacher = load_model(teacher_path)
+    assert teacher.preset is None and teacher.config == sft.teacher.config
+    for k, v in sft.teacher.state_dict().items():
+        assert torch.equal(teacher.state_dict()[k], v)
+    torch.save({"state_dict": torch.load(ckpt, weights_only=True)["state_dict"]}, ckpt)
+    with pytest.raises(CheckpointError, match="no config for the teacher.*pass teacher_config"):
+        export_sft(ckpt, tmp_path / "out3")
+    export_sft(
+        ckpt,
+        tmp_path / "out3",
+        teacher_config=sft.teacher.config,
+        student_config=sft.student.config,
+    )
 
 
 def test_other_checkpoint_errors(tmp_path):
