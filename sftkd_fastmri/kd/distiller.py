@@ -372,12 +372,14 @@ class Distiller(nn.Module):
         with torch.no_grad(), self._teacher_capture.recording():
             try:
                 output = self.teacher(*call.args, **call.kwargs)
-            except (ValueError, TypeError) as err:
-                if self._teacher_ran:
+            except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+                if self._teacher_ran or isinstance(err, torch.OutOfMemoryError):
                     raise
-                # The first call: most likely teacher and student take different inputs.
+                # The first call: most likely teacher and student take different inputs (a
+                # DC-CNN given a VarNet's integer num_low_frequencies fails with an
+                # AttributeError deep inside, a shape mismatch with a RuntimeError).
                 shown = ", ".join(_describe_arg(a) for a in call.args)
-                raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                raise (TypeError if isinstance(err, (TypeError, AttributeError)) else ValueError)(
                     f"the teacher ({type(self.teacher).__name__}) failed on the student's "
                     f"inputs ({shown}): {err}. The teacher runs on exactly the arguments of "
                     "the student's forward, so both must take the same inputs (a DC-CNN takes "

@@ -79,3 +79,11 @@ def test_a_teacher_that_cannot_take_the_students_inputs_is_explained():
                                r"\(2, 2, 12, 10, 2\), tensor \(2, 1, 1, 10, 1\), tensor \(2,\)\)"
                                r".*both must take the same inputs"):  # fmt: skip
                 distiller()
+    # fastMRI's VarNet passes num_low_frequencies as an int, which the DC-CNN fails on with an
+    # AttributeError deep inside: explained all the same
+    with Distiller(student, teacher, {"imitation": 1.0}, layers=layers) as distiller:
+        with distiller.step():
+            student(kspace, mask, 8)
+            with pytest.raises(TypeError, match=r"failed on the student's inputs \(.*, 8\): "
+                               r"'int' object has no attribute"):  # fmt: skip
+                distiller()
