@@ -237,6 +237,26 @@ def checkpoint_kind(ckpt: Union[Mapping[str, Any], PathLike]) -> str:
     return "unknown"
 
 
+def _check_sft_export_role(path: PathLike, meta: Mapping[str, Any], role: str) -> None:
+    """An SFT export holds one of the two networks: asking it for the other one (e.g. a
+    student initialisation given where the teacher is expected) is refused, rather than
+    answered with the network it holds."""
+    extra = meta.get("extra")
+    held = meta.get("role")
+    if (
+        isinstance(extra, Mapping)
+        and extra.get("stage") == "sft"
+        and role in ("teacher", "student")
+        and held in ("teacher", "student")
+        and held != role
+    ):
+        raise CheckpointError(
+            f"{path} is the SFT stage's {held} export; asked for the {role}: take the "
+            f"{role} export beside it ({'sft_teacher.ckpt' if role == 'teacher' else 'sft_student_init.ckpt'}"
+            f" by default), or the sft run's checkpoint with role={role!r}"
+        )
+
+
 def load_model(
     path: PathLike,
     *,
@@ -254,7 +274,9 @@ def load_model(
             under ``model.``, distillation's own parameters under ``distillation.`` are
             ignored) or of ``SFTModule`` (weights under ``sft.teacher.`` / ``sft.student.``).
         role: for SFT checkpoints, ``"teacher"`` (also the choice of ``"auto"``) or
-            ``"student"`` (the student initialisation); ignored for single-network files.
+            ``"student"`` (the student initialisation); ignored for single-network files,
+            except that an SFT export of the other network is refused (the student
+            initialisation asked for the teacher, or the reverse).
         expected_preset: when given, the checkpoint must hold this preset.
         map_location: passed to ``torch.load``.
 
@@ -277,6 +299,7 @@ def load_model(
         if not isinstance(meta, Mapping):
             raise CheckpointError(f"{path}: '{FORMAT_KEY}' entry is not a mapping: {meta!r}")
         preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
+        _check_sft_export_role(path, meta, role)
     elif kind == "lightning":
         hp = ckpt["hyper_parameters"]
         preset = hp.get("model_preset", hp.get("preset"))
@@ -343,7 +366,7 @@ def init_from_checkpoint(
             ``preset`` and ``config`` attributes are compared where it has them).
         path: any checkpoint :func:`load_model` reads.
         role: for SFT checkpoints, the network to take (``"teacher"``, the choice of
-            ``"auto"``, or ``"student"``); ignored for single-network files.
+            ``"auto"``, or ``"student"``); ignored for single-network files (as in :func:`load_model`).
         overrides_option: the option named in the hint of a configuration mismatch (the
             command-line option that builds ``model`` like the checkpoint's network).
 

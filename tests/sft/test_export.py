@@ -176,3 +176,26 @@ def test_other_checkpoint_errors(tmp_path):
         export_sft(state, tmp_path / "out", prefix="", teacher_preset="dccnn_d5c5")
     with pytest.raises(CheckpointError, match="no config for the teacher"):
         export_sft(sft.state_dict(), tmp_path / "out", prefix="")
+
+
+def test_an_sft_export_asked_for_the_other_network_is_refused(tmp_path):
+    """The two SFT exports are single-network files: a role asking one of them for the other
+    network (e.g. the student initialisation given as the KD teacher with role 'teacher')
+    is refused instead of silently answered with the network the file holds."""
+    from sftkd_fastmri.callbacks import DistillationCallback
+    from sftkd_fastmri.models import save_model_checkpoint
+
+    sft = trained_a_bit()
+    teacher_path, student_path = export_sft(sft, tmp_path / "out")
+    with pytest.raises(CheckpointError, match="student export; asked for the teacher"):
+        load_model(student_path, role="teacher")
+    with pytest.raises(CheckpointError, match="teacher export; asked for the student"):
+        load_model(teacher_path, role="student")
+    with pytest.raises(CheckpointError, match="sft_teacher.ckpt"):
+        DistillationCallback(student_path, {"imitation": 1.0}, teacher_prefix="teacher")
+    assert load_model(student_path, role="student").config == sft.student.config
+    assert load_model(student_path).config == sft.student.config  # role "auto"
+    # files of one network outside the SFT stage take any role (e.g. a distilled student
+    # as the teacher of a smaller one)
+    other = save_model_checkpoint(sft.student, tmp_path / "kd.pt", role="student")
+    assert load_model(other, role="teacher").config == sft.student.config
