@@ -36,8 +36,8 @@ class DCCNNModule(ReconModule):
             strictly). Not recorded in the hyperparameters: a checkpoint of this module holds
             the weights itself.
         init_checkpoint_prefix: for an SFT checkpoint, the network to take (``"teacher"``
-            or ``"student"``; default: the teacher); ignored for single-network checkpoints, except that an SFT export
-            of the other network is refused.
+            or ``"student"``; default: the teacher); ignored for single-network checkpoints,
+            except that an SFT export of the other network is refused.
         loss, lr, lr_step_size, lr_gamma, weight_decay, num_log_images, output_dir: see
             :class:`~sftkd_fastmri.pl_modules.ReconModule`.
 
