@@ -47,12 +47,21 @@ class ForwardCall:
     finished: bool = field(default=False, repr=False)
 
 
+def compiled_inner(model: nn.Module) -> nn.Module:
+    """The network a ``torch.compile`` wrapper holds (``_orig_mod``), else ``model`` itself:
+    layer names and default pairings refer to it, so ``cascades.0.cnn.relu1`` names the same
+    layer of a compiled network as of the plain one."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def find_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
     """The submodule of ``model`` called ``name`` (``""`` is ``model`` itself).
 
     Args:
         model: Network to search.
-        name: Dotted submodule name as listed by ``model.named_modules()``.
+        name: Dotted submodule name as listed by ``model.named_modules()`` (of a
+            ``torch.compile``'d network: its own names, or those of the network it compiles).
         role: How to call ``model`` in the error message (e.g. ``"student"``).
 
     Raises:
@@ -61,6 +70,9 @@ def find_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules:
         return modules[name]
+    inner = compiled_inner(model)
+    if inner is not model and name in dict(inner.named_modules()):
+        return find_module(inner, name, role)  # the layers of a torch.compile'd network
     names = [n for n in modules if n]
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)
     # Names sharing the parent path are often what was meant (e.g. relu3 in a depth-3 block).

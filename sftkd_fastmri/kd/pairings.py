@@ -41,7 +41,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from ..models.dccnn import ConvBlock, DCCNNCascade
-from .hooks import find_module
+from .hooks import compiled_inner, find_module
 
 __all__ = [
     "OUTPUT",
@@ -61,8 +61,9 @@ Pairing = List[Tuple[str, str]]
 
 
 def dccnn_structure(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """``(num_cascades, depth)`` if ``model`` is a DC-CNN (duck-typed), else ``None``."""
-    cascades = getattr(model, "cascades", None)
+    """``(num_cascades, depth)`` if ``model`` is a DC-CNN (duck-typed, also compiled with
+    ``torch.compile``), else ``None``."""
+    cascades = getattr(compiled_inner(model), "cascades", None)
     if not isinstance(cascades, nn.ModuleList) or len(cascades) == 0:
         return None
     if not all(isinstance(c, DCCNNCascade) for c in cascades):
@@ -238,8 +239,10 @@ def layer_channels(model: nn.Module, name: str) -> int:
         return module.cnn.conv0.in_channels
     if isinstance(module, ConvBlock):
         return getattr(module, f"conv{module.depth - 1}").out_channels
-    if dccnn_structure(module) is not None and isinstance(getattr(module, "in_chans", None), int):
-        return module.in_chans
+    if dccnn_structure(module) is not None and isinstance(
+        getattr(compiled_inner(module), "in_chans", None), int
+    ):
+        return compiled_inner(module).in_chans
     parameter_free = not any(True for _ in module.parameters())
     if name and (parameter_free or _is_norm(module)):
         parent_name, _, child = name.rpartition(".")

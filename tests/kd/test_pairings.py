@@ -298,3 +298,31 @@ def test_check_loss_weights():
         check_loss_weights(["at"])
     with pytest.raises(ValueError, match="empty"):
         check_loss_weights({})
+
+
+def test_compiled_networks_take_the_default_pairings_and_give_the_same_terms():
+    """A ``torch.compile``'d student or teacher is paired by the names of the network it
+    compiles (they were unknown: every layer needed an ``_orig_mod.`` prefix); terms and
+    gradients equal those of the plain networks."""
+    student, teacher = _pair(chans=8)
+    kspace, mask = _inputs()
+    weights = {"at": 1.0, "fsp": 1.0, "fitnet": 1.0, "imitation": 1.0}
+    results = []
+    for compiled in (None, "student", "teacher"):
+        s = torch.compile(student, backend="eager") if compiled == "student" else student
+        t = torch.compile(teacher, backend="eager") if compiled == "teacher" else teacher
+        student.zero_grad()
+        distiller = Distiller(s, t, weights)
+        with distiller, distiller.step():
+            out = s(kspace, mask)
+            kd = distiller()
+        (out.mean() + kd.total).backward()
+        grad = student.cascades[1].cnn.conv0.weight.grad.clone()
+        results.append((distiller.pairings, {k: v.detach() for k, v in kd.terms.items()}, grad))
+    (pairings, terms, grad) = results[0]
+    for other_pairings, other_terms, other_grad in results[1:]:
+        assert other_pairings == pairings
+        for name in weights:
+            torch.testing.assert_close(other_terms[name], terms[name])
+        torch.testing.assert_close(other_grad, grad)
+    assert layer_channels(torch.compile(student, backend="eager"), "cascades.0.cnn.relu0") == 8
