@@ -42,7 +42,8 @@ _CACHE = "_sftkd_slice_shapes"
 
 def slice_shapes(dataset) -> List[Hashable]:
     """The shape key of every slice of a fastMRI ``SliceDataset`` (in ``raw_samples`` order):
-    the per-slice shape of ``kspace`` and of the target (``None`` without one). Slices with
+    the per-slice shape of ``kspace`` and of the target (without one, the header's recon size
+    the output is cropped to, or ``None``). Slices with
     equal keys give equal-shaped samples under one transform.
 
     Each file is opened once; h5py reads shapes from the file's metadata, not its arrays. The
@@ -69,6 +70,12 @@ def slice_shapes(dataset) -> List[Hashable]:
             try:
                 with h5py.File(fname, "r") as hf:
                     target = hf[target_key].shape[1:] if target_key in hf else None
+                    if target is None:
+                        # No target (fastMRI's test files): the output is cropped to the
+                        # header's recon size, which two files of one k-space shape may differ in.
+                        metadata = sample[2] if len(sample) > 2 else None
+                        recon = metadata.get("recon_size") if isinstance(metadata, dict) else None
+                        target = ("recon_size", tuple(recon[:2])) if recon is not None else None
                     by_file[fname] = (tuple(hf["kspace"].shape[1:]), target)
             except (OSError, KeyError) as err:
                 raise DataError(f"{fname}: cannot read the shape of 'kspace': {err}") from err

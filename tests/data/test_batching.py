@@ -102,3 +102,34 @@ def test_a_dataset_without_shapes_is_refused_clearly():
         ShapeBatchSampler(SequentialSampler(range(4)), 2)
     with pytest.raises(ValueError, match="shapes has 3 entries for a dataset of 4 samples"):
         ShapeBatchSampler(SequentialSampler(range(4)), 2, shapes=["a", "b", "a"])
+
+
+def test_files_without_targets_are_grouped_by_their_recon_size(demo_root, tmp_path):
+    """fastMRI's test files carry no target: their output is cropped to the header's recon
+    size, so two volumes of one k-space shape with other recon sizes must not share a batch
+    (collating them failed)."""
+    import shutil
+
+    from sftkd_fastmri.data.ismrmrd import build_ismrmrd_header
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+
+    split = tmp_path / "singlecoil_test"
+    split.mkdir()
+    first, second = sorted((demo_root / "singlecoil_test").glob("*.h5"))[:2]
+    shutil.copy(first, split / first.name)
+    shutil.copy(second, split / second.name)
+    with h5py.File(split / second.name, "r+") as hf:
+        kshape = hf["kspace"].shape
+        del hf["ismrmrd_header"]
+        header = build_ismrmrd_header((kshape[1], kshape[2], 1), (40, 40, 1))
+        hf.create_dataset("ismrmrd_header", data=header.encode())
+    data = FastMRIDataModule(tmp_path, "singlecoil", batch_size=4, test_split="test")
+    data.setup("test")
+    seen = {}
+    for batch in data.test_dataloader():
+        size = tuple(batch.zero_filled.shape[-2:])
+        assert len(set(batch.fname)) == 1  # 6 + 6 slices in batches of 4: a crop size each
+        seen.setdefault(batch.fname[0], set()).add(size)
+        seen[batch.fname[0]].add(tuple(int(c[0]) for c in batch.crop_size))
+    assert seen[second.name] == {(40, 40)}
+    assert len(seen[first.name]) == 1 and seen[first.name] != {(40, 40)}
