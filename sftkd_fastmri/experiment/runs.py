@@ -392,11 +392,19 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
     initialised from ``cfg["init_checkpoint"]``, e.g. an SFT student export)."""
     from ..callbacks import DistillationCallback
     from ..callbacks.distillation import check_batch_size
+    from ..kd import check_distillation
+    from ..kd.pairings import dccnn_structure
+    from ..models import create_model
 
     if not cfg.get("teacher_checkpoint"):
         raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
     check_batch_size(cfg["methods"], cfg["batch_size"], "--batch-size")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
+    if dccnn_structure(teacher) is not None:  # before the data: a pairing that cannot work
+        student = create_model(cfg["model"], **dict(cfg.get("model_overrides") or {}))
+        check_distillation(
+            student, teacher, dict(cfg["methods"]), cfg.get("layers"), cfg.get("loss_options")
+        )
     callback = DistillationCallback(
         teacher,
         losses=dict(cfg["methods"]),

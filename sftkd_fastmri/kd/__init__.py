@@ -7,7 +7,7 @@ training loop use :class:`sftkd_fastmri.callbacks.DistillationCallback`, which w
 :class:`Distiller`.
 """
 
-from .distiller import Distiller, KDOutput, check_loss_weights
+from .distiller import Distiller, KDOutput, check_distillation, check_loss_weights
 from .hooks import FeatureCapture, ForwardCall, find_module
 from .losses import (
     FSP,
@@ -38,6 +38,7 @@ __all__ = [
     "SimilarityPreserving",
     "TeacherSummary",
     "available_losses",
+    "check_distillation",
     "check_loss_weights",
     "create_loss",
     "default_pairings",

@@ -31,6 +31,7 @@ Learned KD parameters (FitNet's 1x1 regressors) are parameters of the Distiller 
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -48,7 +49,7 @@ from .losses import KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 
-__all__ = ["Distiller", "KDOutput", "check_loss_weights"]
+__all__ = ["Distiller", "KDOutput", "check_distillation", "check_loss_weights"]
 
 
 def check_loss_weights(losses: Mapping[str, Any]) -> Dict[str, float]:
@@ -484,6 +485,44 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}, pairings={ {k: len(v) for k, v in self.pairings.items()} }"
+
+
+def check_distillation(
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: Mapping[str, Any],
+    layers: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
+    loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    size: Tuple[int, int] = (16, 16),
+) -> None:
+    """Run one KD step of ``losses`` on copies of two DC-CNN-style networks (called as
+    ``network(masked_kspace, mask)``) with a synthetic single-coil batch of two ``size``
+    slices, so that a pairing whose features cannot be compared (e.g. FSP between 8- and
+    16-channel layers) fails before any training rather than at the first KD step of a long
+    run. The networks passed in and the random state are left as they were.
+
+    Raises:
+        ValueError: naming the losses and what the step reported.
+    """
+    student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        height, width = size
+        mask = torch.zeros(2, 1, 1, width, 1, dtype=torch.bool)
+        mask[..., ::2, :] = True
+        kspace = torch.randn(2, 1, height, width, 2) * mask
+        try:
+            distiller = Distiller(student, teacher, losses, layers, loss_options)
+            with distiller, distiller.step():
+                student(kspace, mask)
+                distiller()
+        except (ValueError, TypeError, KeyError, RuntimeError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise ValueError(
+                f"KD losses {sorted(losses)} cannot distil this teacher "
+                f"({type(teacher).__name__}) into this student ({type(student).__name__}): "
+                f"{message}"
+            ) from err
 
 
 def _batch_of(feats: Sequence[Any]) -> int:

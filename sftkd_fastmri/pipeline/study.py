@@ -41,7 +41,8 @@ from ..experiment import (
     run_train,
 )
 from ..export.loading import load_reconstruction_model
-from ..kd import available_losses
+from ..kd import available_losses, check_distillation
+from ..models import create_model
 
 __all__ = ["STUDY_DEFAULTS", "StudyResult", "run_study"]
 
@@ -219,6 +220,23 @@ def _example_inputs(loader) -> Tuple:
     return (batch.masked_kspace[:1], batch.mask[:1], sens)
 
 
+def _check_networks(cfg: Dict[str, Any]) -> None:
+    """Build the teacher and the student (bad presets or overrides fail here) and run each KD
+    method once on a tiny batch, so that one that cannot pair them (FSP between layers of
+    other channel counts) fails before the teacher, student and SFT stages have trained."""
+    teacher = create_model(cfg["teacher"], **dict(cfg.get("teacher_overrides") or {}))
+    student = create_model(cfg["student"], **dict(cfg.get("student_overrides") or {}))
+    layers, options = cfg.get("layers") or {}, cfg.get("loss_options") or {}
+    for method, weight in _methods(cfg).items():
+        check_distillation(
+            student,
+            teacher,
+            {method: weight},
+            {method: layers[method]} if method in layers else None,
+            {method: options[method]} if method in options else None,
+        )
+
+
 def run_study(cfg: Dict[str, Any]) -> StudyResult:
     """Run the whole study described by ``cfg`` (see :data:`STUDY_DEFAULTS` and the CLI
     options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``."""
@@ -226,6 +244,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     # before any stage trains: a KD method that no batch can compute would fail only after
     # the teacher, student and SFT stages
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
+    _check_networks(cfg)
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # ... and the held-out split must have targets to score, and the training splits exist
     check_scored_split(cfg, cfg["test_split"], "the study's test_split")

@@ -356,6 +356,36 @@ def test_relational_kd_with_batches_of_one_is_refused_before_training(tiny_demo,
     assert not (tmp_path / "s").exists()
 
 
+def test_a_kd_method_that_cannot_pair_the_networks_is_refused_before_training(
+    tiny_demo, tmp_path, capsys
+):
+    """FSP between a 16-channel teacher and an 8-channel student cannot compare their Gram
+    matrices: refused before the data loads (distill) and before the first stage (pipeline),
+    not at the first KD step after hours of training."""
+    teacher = tmp_path / "teacher.pt"
+    save_model_checkpoint(create_model("dccnn_d5c5", chans=16), teacher)
+    out = tmp_path / "kd"
+    argv = ["distill", "--data-path", str(tmp_path / "no_data"), "--teacher", str(teacher)]
+    argv += ["--model-overrides", "chans=8", "--method", "fsp", "--out-dir", str(out)]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "FSP matrices differ in shape" in last and "student 8x8, teacher 16x16" in last
+    assert not out.exists()
+    study = {"methods": {"at": 1.0, "fsp": 1.0}, "out_dir": str(tmp_path / "s")}
+    study.update(data_path=str(tmp_path / "no_data"), progress=False)
+    study.update(teacher_overrides={"chans": 16}, student_overrides={"chans": 8})
+    config = tmp_path / "study.yaml"
+    for changes, expected in (
+        ({}, r"KD losses \['fsp'\] cannot distil.*student 8x8, teacher 16x16"),
+        ({"teacher_overrides": {"chans": 0}}, "chans must be an integer"),
+        ({"student_overrides": {"chans": 16}}, "no_data"),  # they pair: on to the data
+    ):
+        config.write_text(yaml.safe_dump({**study, **changes}))
+        assert main(["pipeline", "--config", str(config)]) == 2
+        assert re.search(expected, capsys.readouterr().err.strip().splitlines()[-1])
+        assert not (tmp_path / "s").exists()
+
+
 def test_evaluate_on_a_split_without_targets(tiny_demo, tmp_path, capsys):
     """fastMRI's public test files carry no targets: scoring them is refused with a hint
     before anything loads; with --eval-out-dir the reconstructions alone are written."""

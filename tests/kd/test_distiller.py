@@ -6,7 +6,7 @@ import fastmri
 import pytest
 import torch
 
-from sftkd_fastmri.kd import Distiller, available_losses, create_loss
+from sftkd_fastmri.kd import Distiller, available_losses, check_distillation, create_loss
 from sftkd_fastmri.models import create_model
 
 H, W = 12, 10
@@ -87,3 +87,18 @@ def test_a_teacher_that_cannot_take_the_students_inputs_is_explained():
             with pytest.raises(TypeError, match=r"failed on the student's inputs \(.*, 8\): "
                                r"'int' object has no attribute"):  # fmt: skip
                 distiller()
+
+
+def test_check_distillation_runs_a_step_on_copies():
+    teacher = create_model("dccnn_d5c5", chans=8)
+    student = create_model("dccnn_d3c5", chans=4)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    state = torch.random.get_rng_state()
+    check_distillation(student, teacher, {"at": 1.0, "fitnet": 1.0, "sp": 1.0, "cc": 1.0})
+    with pytest.raises(ValueError, match=r"\['fsp'\] cannot distil .*student 4x4, teacher 8x8"):
+        check_distillation(student, teacher, {"fsp": 1.0})
+    with pytest.raises(ValueError, match="has no submodule 'nope'"):
+        check_distillation(student, teacher, {"at": 1.0}, layers={"at": [("nope", "")]})
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags
+    assert all(not m._forward_hooks for m in [*student.modules(), *teacher.modules()])
