@@ -149,26 +149,49 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..experiment import check_scored_split, run_evaluate
+    from ..experiment.builders import NoTargetsError
     from ..export.loading import check_role_applies
 
     cfg = _cfg(args, ("data", "runtime"))
     split = args.split or cfg["test_split"]
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
+    earlier: List[Path] = []
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
+        earlier = sorted((out_dir / "reconstructions").glob("*.h5"))
+        if (out_dir / "metrics.json").is_file():
+            earlier.append(out_dir / "metrics.json")
+        if earlier and not args.overwrite:
+            raise FileExistsError(
+                f"--eval-out-dir {out_dir} holds the results of an earlier evaluation "
+                f"({len(earlier)} file(s), e.g. {earlier[0].name}), which this one would mix "
+                "with its own (a submission folder must hold one split's volumes only): choose "
+                "another folder, or pass --overwrite to replace them once this evaluation "
+                "has finished"
+            )
     if args.checkpoint:
         check_role_applies(args.checkpoint, args.role)
     try:  # before loading anything: a split without targets has nothing to score
         check_scored_split(cfg, split, "evaluate")
         scored = True
-    except ValueError as err:
+    except NoTargetsError as err:
         if out_dir is None:
-            raise ValueError(
+            raise NoTargetsError(
                 f"{err}; or pass --eval-out-dir DIR to write its reconstructions only"
             ) from None
         scored = False
     result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=out_dir)
     label = args.checkpoint or "zero-filled"
+    if out_dir is not None:
+        # Replaced only now, so that a failed evaluation leaves the earlier results whole.
+        written = set(result.reconstructions)
+        for path in earlier:
+            if path.parent.name == "reconstructions" and path.name in written:
+                continue  # replaced by this evaluation's file of the same volume
+            if path.name == "metrics.json" and scored:
+                continue  # replaced below
+            path.unlink(missing_ok=True)
     if not scored:
         print(
             f"{label} on {cfg['challenge']}_{split}: no targets, so no scores; "
@@ -403,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which network of an SFT checkpoint",
     )
     p.add_argument("--eval-out-dir", dest="out_dir", help="write reconstructions/ and metrics.json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier evaluation in --eval-out-dir (refused without)",
+    )
     add_options(p, ("data", "runtime"))
 
     p = command(

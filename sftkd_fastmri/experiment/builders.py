@@ -15,6 +15,7 @@ from ..data.datasets import TARGET_KEYS
 from ..pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
 __all__ = [
+    "NoTargetsError",
     "build_datamodule",
     "build_trainer",
     "check_scored_split",
@@ -77,6 +78,11 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
     return FastMRIDataModule(**kwargs)
 
 
+class NoTargetsError(ValueError):
+    """A split whose volumes carry no targets (fastMRI's public test files) asked to be
+    scored."""
+
+
 def check_scored_split(cfg: Dict[str, Any], split: str, purpose: str) -> Path:
     """The folder of ``split``, or a clear error when it is missing or has no targets to
     score against (fastMRI's public ``*_test`` files carry none). Cheap: reads file headers
@@ -85,8 +91,10 @@ def check_scored_split(cfg: Dict[str, Any], split: str, purpose: str) -> Path:
     folder = resolve_data_path(cfg) / f"{challenge}_{split}"
     if not folder.is_dir():
         raise FileNotFoundError(f"{purpose}: split folder {folder} does not exist")
+    if not any(folder.iterdir()):
+        raise FileNotFoundError(f"{purpose}: split folder {folder} holds no volumes")
     if not split_has_targets(folder, challenge):
-        raise ValueError(
+        raise NoTargetsError(
             f"{purpose}: {folder} has no target ('{TARGET_KEYS[challenge]}') in some or all of "
             "its volumes (fastMRI's public test files carry none), so there is nothing to score "
             "against. Evaluate a split with targets (e.g. --split val), or hold one out of a "

@@ -62,17 +62,22 @@ def fetch_dir(key: str, data_config_file: PathLike = "fastmri_dirs.yaml") -> Pat
 
 
 def split_has_targets(folder: PathLike, challenge: str) -> bool:
-    """Whether every ``.h5`` volume of ``folder`` holds the challenge's target dataset."""
+    """Whether every ``.h5`` volume of ``folder`` holds the challenge's target dataset.
+
+    Raises:
+        DataError: an entry the reader would refuse too (a stray non-HDF5 file, a damaged
+            file, a subfolder, a broken link), named, rather than "no targets".
+    """
     key = TARGET_KEYS[challenge]
     folder = Path(folder)
     if not folder.is_dir():
         return False  # CheckedSliceDataset reports the missing folder
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    if not files:
+    entries = sorted(folder.iterdir())
+    if not entries:
         return False
-    for path in files:
-        if not h5py.is_hdf5(path):
-            return False  # CheckedSliceDataset reports the stray file with its name
+    for path in entries:
+        if path.is_dir() or not path.exists() or not h5py.is_hdf5(path):
+            check_volume(path, challenge, require_target=False)  # raises, naming it
         try:
             hf = h5py.File(path, "r")
         except OSError:  # a damaged file: the reader's checks report it by name

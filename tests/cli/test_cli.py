@@ -404,6 +404,39 @@ def test_evaluate_on_a_split_without_targets(tiny_demo, tmp_path, capsys):
     assert main([*args, "--split", "test_full"]) == 0  # with targets: a table of scores
     assert "PSNR" in capsys.readouterr().out.upper()
 
+    # A folder holding an earlier evaluation is not mixed into (a submission folder holds
+    # one split's volumes only): refused, or replaced with --overwrite once this one is done.
+    scored = tmp_path / "scored"
+    assert main([*args, "--split", "val", "--eval-out-dir", str(scored)]) == 0
+    val_files = sorted(p.name for p in (scored / "reconstructions").glob("*.h5"))
+    assert val_files and (scored / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--split", "test", "--eval-out-dir", str(scored)]) == 2
+    assert "holds the results of an earlier evaluation" in capsys.readouterr().err
+    assert sorted(p.name for p in (scored / "reconstructions").glob("*.h5")) == val_files
+    assert main([*args, "--split", "test", "--eval-out-dir", str(scored), "--overwrite"]) == 0
+    test_files = sorted(p.name for p in (out / "reconstructions").glob("*.h5"))
+    assert sorted(p.name for p in (scored / "reconstructions").glob("*.h5")) == test_files
+    assert not set(test_files) & set(val_files)
+    assert not (scored / "metrics.json").exists()  # the val scores went with their files
+
+
+def test_evaluate_names_a_stray_file_and_keeps_its_hints_to_missing_targets(
+    tiny_demo, tmp_path, capsys
+):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo / "multicoil_val", root / "multicoil_val")
+    (root / "multicoil_val" / ".DS_Store").write_bytes(b"\x00\x01")
+    args = ["evaluate", "--data-path", str(root), "--challenge", "multicoil", "--split", "val"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ".DS_Store: not an HDF5 file" in err and "no target" not in err
+    # errors about where the data is do not get the hint meant for splits without targets
+    assert main(["evaluate", "--data-config", str(tmp_path / "dirs.yaml")]) == 2
+    assert "--eval-out-dir" not in capsys.readouterr().err
+
 
 def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys):
     out = tmp_path / "study"
