@@ -310,7 +310,8 @@ def _study_keys_help() -> str:
 
 
 class _MergeMethods(argparse.Action):
-    """``--method at --method fitnet=0.5``: each use adds losses to ``methods``."""
+    """``--method at --method fitnet=0.5`` (or ``--methods``): each use adds losses to
+    ``methods``; a loss named again takes the later weight."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         merged = dict(getattr(namespace, self.dest, None) or {})
@@ -408,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         "distil a teacher into a student (AT, FitNets, FSP, SP, CC, output imitation)",
     )
     _add_config(p)
-    add_options(p, ("distill", "model") + TRAIN_GROUPS, shown_defaults={"model": STUDENT_PRESET})
+    add_options(
+        p,
+        ("distill", "model") + TRAIN_GROUPS,
+        shown_defaults={"model": STUDENT_PRESET},
+        actions={"methods": _MergeMethods},  # --methods and --method combine, in any order
+    )
     _add_distill_short_forms(p)
 
     p = command(

@@ -342,12 +342,15 @@ def add_options(
     parser: argparse.ArgumentParser,
     groups: Iterable[str],
     shown_defaults: Optional[Mapping[str, Any]] = None,
+    actions: Optional[Mapping[str, type]] = None,
 ) -> None:
     """Add the options of ``groups`` to ``parser`` with SUPPRESS defaults, so only flags the
     user typed appear in the namespace (the rest come from the config file or defaults).
     ``shown_defaults`` replaces the default the help shows for a command that applies its own
-    (``distill`` trains a ``dccnn_d3c5`` student by default)."""
+    (``distill`` trains a ``dccnn_d3c5`` student by default); ``actions`` gives options an
+    argparse action class (e.g. one merging repeated ``methods``)."""
     shown_defaults = dict(shown_defaults or {})
+    actions = dict(actions or {})
     for group_name in groups:
         group = parser.add_argument_group(group_name)
         for opt in GROUPS[group_name]:
@@ -365,6 +368,8 @@ def add_options(
                 kwargs["nargs"] = opt.nargs
             if opt.choices:
                 kwargs["choices"] = opt.choices
+            if opt.name in actions:
+                kwargs["action"] = actions[opt.name]
             group.add_argument(*flags, **kwargs)
 
 

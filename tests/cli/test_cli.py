@@ -263,6 +263,11 @@ def test_distill_short_forms():
     assert a.methods == {"at": 1.0, "fitnet": 0.5}
     b = parser.parse_args(["distill", "--teacher-checkpoint", "t.pt", "--methods", "at=2,sp=1"])
     assert b.teacher_checkpoint == "t.pt" and b.methods == {"at": 2, "sp": 1}
+    # --methods and --method combine in either order (--methods after --method replaced it)
+    c = parser.parse_args(["distill", "--method", "at", "--methods", "imitation=0.5"])
+    assert c.methods == {"at": 1.0, "imitation": 0.5}
+    d = parser.parse_args(["distill", "--methods", "imitation=0.5,at=2", "--method", "at"])
+    assert d.methods == {"imitation": 0.5, "at": 1.0}
 
 
 def test_example_configs_use_known_keys():
