@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from .._io import atomic_write_text, make_temp_dir
-from .datasets import split_dir
+from .datasets import TARGET_KEYS, split_dir
 from .transforms import DataError
 
 __all__ = ["HoldoutSplit", "holdout_split"]
@@ -93,7 +93,9 @@ def holdout_split(
 
     Raises:
         FileNotFoundError: The source folder does not exist.
-        DataError: A file in the source folder is not HDF5, or there are fewer than two volumes.
+        DataError: An entry of the source folder is not an HDF5 volume (hidden files
+            included, as the reader takes them all), a volume has no target, or there are fewer
+            than two volumes.
         FileExistsError: A target folder exists and ``overwrite`` is false.
         ValueError: Bad ``fraction``, ``mode`` or split names.
     """
@@ -109,12 +111,27 @@ def holdout_split(
     src = split_dir(root, challenge, source)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such split folder (expected {challenge}_{source})")
-    files = sorted(p for p in src.iterdir() if not p.name.startswith("."))
+    # Every entry, hidden ones too: the reader takes them all as volumes (and refuses a stray
+    # .DS_Store), so the split is refused here rather than at training time.
+    files = sorted(src.iterdir())
     bad = [p.name for p in files if not (p.is_file() and h5py.is_hdf5(p))]
     if bad:
         raise DataError(
             f"{src}: not HDF5 volumes: {bad[:5]}{' ...' if len(bad) > 5 else ''}; every entry "
             "of a fastMRI split folder must be an .h5 volume (move other files elsewhere)"
+        )
+    key = TARGET_KEYS[challenge]
+    untargeted = []
+    for path in files:
+        with h5py.File(path, "r") as hf:
+            if key not in hf:
+                untargeted.append(path.name)
+    if untargeted:
+        raise DataError(
+            f"{src}: {len(untargeted)} of {len(files)} volumes have no target ('{key}'), e.g. "
+            f"{untargeted[0]} (fastMRI's public test files carry none); a held-out split is "
+            f"scored and a selection split validated against targets: divide a split with "
+            f"targets (--source val, or train)"
         )
     if len(files) < 2:
         raise DataError(f"{src}: {len(files)} volume(s); holding one out needs at least 2")
@@ -130,7 +147,9 @@ def holdout_split(
     }
     for dest, _ in targets.values():
         if dest.exists() and not overwrite:
-            raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{dest} exists; pass --overwrite (overwrite=True in Python) to replace it"
+            )
     for dest, members in targets.values():
         _write_folder(dest, members, mode)
 

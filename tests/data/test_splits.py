@@ -12,6 +12,7 @@ from fastmri.data import SliceDataset
 
 from sftkd_fastmri.cli.main import main
 from sftkd_fastmri.data import DataError, holdout_split
+from sftkd_fastmri.data.datasets import TARGET_KEYS
 
 
 def _fake_split(root, n, challenge="singlecoil", split="val"):
@@ -20,6 +21,7 @@ def _fake_split(root, n, challenge="singlecoil", split="val"):
     for i in range(n):
         with h5py.File(folder / f"file{i:03d}.h5", "w") as hf:
             hf["x"] = np.arange(3)
+            hf[TARGET_KEYS[challenge]] = np.zeros((1, 2, 2), np.float32)
     return folder
 
 
@@ -64,6 +66,18 @@ def test_bad_input(tmp_path):
     (src / "notes.txt").write_text("not a volume")
     with pytest.raises(DataError, match="notes.txt"):
         holdout_split(tmp_path, "singlecoil")
+    (src / "notes.txt").unlink()
+    (src / ".DS_Store").write_bytes(b"\x00")  # the reader refuses hidden files too
+    with pytest.raises(DataError, match=r"\.DS_Store"):
+        holdout_split(tmp_path, "singlecoil")
+    (src / ".DS_Store").unlink()
+    # fastMRI's test files (no target) cannot give a scored test split
+    test = _fake_split(tmp_path, 3, split="test")
+    for path in test.iterdir():
+        with h5py.File(path, "r+") as hf:
+            del hf["reconstruction_esc"]
+    with pytest.raises(DataError, match=r"3 of 3 volumes have no target \('reconstruction_esc'\)"):
+        holdout_split(tmp_path, "singlecoil", source="test")
     with pytest.raises(ValueError, match="fraction"):
         holdout_split(tmp_path, "singlecoil", fraction=1.0)
     assert not (tmp_path / "singlecoil_test_heldout").exists()
