@@ -141,6 +141,18 @@ class CheckedSliceDataset(SliceDataset):
         kwargs.setdefault("raw_sample_filter", keep_every_slice)
         super().__init__(root, challenge, transform=transform, **kwargs)
         if len(self.raw_samples) == 0:
+            rates = {
+                k: kwargs[k]
+                for k in ("sample_rate", "volume_sample_rate")
+                if kwargs.get(k) not in (None, 1.0)
+            }
+            volumes = sum(1 for _ in root.iterdir())
+            if rates and volumes:
+                given = ", ".join(f"{k}={v}" for k, v in rates.items())
+                raise DataError(
+                    f"data folder {root}: {given} keeps no slices of its {volumes} volume(s) "
+                    "(fastMRI keeps round(rate x count)); raise the rate"
+                )
             raise DataError(f"data folder {root} holds no slices")
 
     def __getitem__(self, i: int):
@@ -157,6 +169,8 @@ class CheckedSliceDataset(SliceDataset):
             raise DataError(message) from err
         except (OSError, KeyError) as err:  # a file changed or damaged since the scan
             raise DataError(f"{fname} slice {dataslice}: cannot read it: {err}") from err
+        except ValueError as err:  # e.g. a fixed mask of another width than this volume
+            raise DataError(f"{fname} slice {dataslice}: {err}") from err
 
     def _retrieve_metadata(self, fname):
         check_volume(Path(fname), self._challenge, self._require_target)

@@ -1,4 +1,5 @@
 import re
+import shutil
 
 import fastmri
 import h5py
@@ -311,6 +312,22 @@ def test_checked_dataset_slice_errors_name_the_path(demo_root, tmp_path):
         del h["kspace"]
     with pytest.raises(DataError, match=f"^{re.escape(str(bad))} slice 0: cannot read it"):
         ds[0]
+    # a fixed mask of another width than this volume's k-space names the volume too
+    bad.unlink()
+    good = folder / src.name
+    shutil.copy(src, good)
+    with h5py.File(src, "r") as hf:
+        width = hf["kspace"].shape[-1]
+    narrow = FixedMaskFunc(np.ones(width - 2, dtype=bool), source="mask.npy")
+    ds = CheckedSliceDataset(folder, "singlecoil", transform=DCCNNDataTransform(narrow))
+    with pytest.raises(
+        DataError, match=f"^{re.escape(str(good))} slice 0: mask.npy: fixed mask has width"
+    ):
+        ds[0]
+    # a sample rate that keeps no slice says so, rather than "holds no slices"
+    for rate in ({"sample_rate": 0.01}, {"volume_sample_rate": 0.01}):
+        with pytest.raises(DataError, match=r"=0\.01 keeps no slices of its 1 volume"):
+            CheckedSliceDataset(folder, "singlecoil", **rate)
 
 
 def _reference_sample(kspace, target, sampled, num_low):
