@@ -300,7 +300,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
         "student": cfg["student"],
         "methods": _methods(cfg),
         "seeds": seeds,
-        "data_path": str(cfg.get("data_path")),
+        "data_path": str(data_path),  # also when read from --data-config/--dataset
     }
     report = build_report(entries, meta)
     files = dict(write_report(report, out_dir))
