@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -270,6 +271,10 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
                 f"{last} holds a run of another network ({first} ...); use another "
                 "--out-dir for a new run, or --resume false to start over there"
             ) from None
+        _forget_unstarted_run(resume, out_dir, trainer)
+        raise
+    except BaseException:
+        _forget_unstarted_run(resume, out_dir, trainer)
         raise
     best = trainer.checkpoint_callback.best_model_path
     if not best or not Path(best).is_file():
@@ -280,6 +285,25 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
             "(limit_train_batches 0, or an empty training split?)"
         )
     return best
+
+
+def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trainer) -> None:
+    """A new run that failed before writing any checkpoint (bad data found at the first
+    batch, say) leaves nothing behind: its ``run_config.json`` and the empty folders of its
+    logs and checkpoints go. A log with content, and anything of a resumed run, stay."""
+    if resume or (out_dir / CKPT_DIR / "last.ckpt").exists():
+        return
+    if any((out_dir / CKPT_DIR).glob("*.ckpt")):
+        return
+    (out_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
+    log_dir = getattr(trainer, "log_dir", None)
+    candidates = [Path(log_dir)] if log_dir else []
+    candidates += [out_dir / "logs", out_dir / CKPT_DIR]
+    for folder in candidates:
+        if folder.is_dir() and out_dir in folder.parents:
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            if all(p.name == "hparams.yaml" and p.parent == folder for p in files):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _say_if_finished(last: Path, max_epochs: int) -> None:

@@ -213,6 +213,8 @@ def test_bad_slice_in_a_dataloader_worker_gives_a_clear_error(tiny_demo, tmp_pat
     last = [line for line in err.splitlines() if line.startswith("error: ")][-1]
     assert str(volume) in last and "'kspace' holds NaN or Inf values" in last
     assert "DataLoader worker" in last and "Traceback" not in last
+    # the run never started: no record of it, no empty log or checkpoint folders
+    assert (tmp_path / "x").is_dir() and list((tmp_path / "x").iterdir()) == []
 
 
 def test_parser_accepts_underscore_and_dash_flags():
