@@ -157,6 +157,9 @@ class DistillationCallback(Callback):
     See the module docstring for the mechanism, the schedules, what is logged and how the
     teacher is kept frozen.
 
+    One callback per trainer (Lightning refuses two stateful callbacks of one type); several
+    KD losses from one teacher combine in ``losses``.
+
     Args:
         teacher: The teacher network, or a checkpoint path read with
             :func:`sftkd_fastmri.models.load_model` (DC-CNN model checkpoints, Lightning
@@ -268,7 +271,10 @@ class DistillationCallback(Callback):
             raise RuntimeError(
                 f"{type(pl_module).__name__} uses manual optimisation: DistillationCallback "
                 "adds the KD terms to the loss returned by training_step, which Lightning only "
-                "optimises under automatic optimisation"
+                "optimises under automatic optimisation. With manual optimisation, add them in "
+                "the module's training_step with sftkd_fastmri.kd.Distiller (with "
+                "distiller.step(): run the student, kd = distiller(); then backward "
+                "loss + kd.total; see its docstring)"
             )
         if self._module is not None:
             raise RuntimeError("DistillationCallback is already set up for a running fit")

@@ -124,7 +124,37 @@ def lightning2_compatible(
 
 class UnetModule2(Lightning2MriMixin, UnetModule):
     """fastMRI's :class:`~fastmri.pl_modules.UnetModule` (U-Net baseline of Zbontar et al.,
-    arXiv 1811.08839) on Lightning 2; same arguments, metrics and outputs."""
+    arXiv 1811.08839) on Lightning 2; same arguments, metrics and outputs.
+
+    Data: fastMRI's image-domain samples (``UnetDataTransform``: ``image``, ``target``,
+    ``mean``, ``std``, ...), e.g. from fastMRI's ``SliceDataset``; not the k-space samples of
+    :class:`~sftkd_fastmri.pl_modules.FastMRIDataModule`, which are refused with that said.
+    """
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return super().training_step(_unet_batch(batch, self), batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return super().validation_step(_unet_batch(batch, self), batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
+        return super().test_step(_unet_batch(batch, self), batch_idx)
+
+
+def _unet_batch(batch: Any, module: pl.LightningModule) -> Any:
+    """``batch`` when it is one of fastMRI's U-Net samples, else a clear error."""
+    if not all(hasattr(batch, name) for name in ("image", "mean", "std")):
+        raise TypeError(
+            f"{type(module).__name__} takes fastMRI's U-Net samples (image, target, mean, std, "
+            f"...; fastmri.data.transforms.UnetDataTransform), got a {type(batch).__name__}"
+            + (
+                " (the k-space samples of FastMRIDataModule, for cascaded networks: give "
+                "the U-Net fastMRI's SliceDataset with UnetDataTransform)"
+                if hasattr(batch, "masked_kspace")
+                else ""
+            )
+        )
+    return batch
 
 
 class VarNetModule2(Lightning2MriMixin, VarNetModule):

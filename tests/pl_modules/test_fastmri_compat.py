@@ -176,6 +176,20 @@ def test_log_image_without_tensorboard_is_a_no_op(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_unet_module_refuses_kspace_samples_clearly(demo_root):
+    """FastMRIDataModule's k-space samples are not U-Net inputs: a clear error, not an
+    AttributeError from inside fastMRI's step."""
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+
+    data = FastMRIDataModule(demo_root, "singlecoil", batch_size=1)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module = UnetModule2(**TINY_UNET)
+    for step in (module.training_step, module.validation_step, module.test_step):
+        with pytest.raises(TypeError, match="U-Net samples.*FastMRIDataModule"):
+            step(batch, 0)
+
+
 def test_varnet_module_trains_on_batches_of_several_slices(demo_root, tmp_path):
     """A DataLoader collates num_low_frequencies into a (B,) tensor, which fastMRI's VarNet
     cannot read ("Boolean value of Tensor ... ambiguous") for B > 1."""
