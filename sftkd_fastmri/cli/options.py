@@ -202,8 +202,8 @@ GROUPS: Dict[str, List[Option]] = {
         _O(
             "kspace_from_target",
             False,
-            "simulate single-coil k-space from the target "
-            "magnitude (the paper's protocol on magnitude images)",
+            "simulate single-coil k-space from the target magnitude (the paper's protocol on "
+            "magnitude images; on multi-coil files too, the networks are then single-coil)",
             _bool,
         ),
         _O("sample_rate", 1.0, "fraction of training slices to use", rate),

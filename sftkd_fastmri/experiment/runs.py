@@ -287,6 +287,12 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     return best
 
 
+def _input_challenge(cfg: Dict[str, Any]) -> str:
+    """The k-space a stage's network was trained on (its export signature): single-coil when
+    it is simulated from the targets (``kspace_from_target``), else the challenge's."""
+    return "singlecoil" if cfg.get("kspace_from_target") else cfg["challenge"]
+
+
 def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trainer) -> None:
     """A new run that failed before writing any checkpoint (bad data found at the first
     batch, say) leaves nothing behind: its ``run_config.json`` and the empty folders of its
@@ -353,7 +359,7 @@ def _train_single_network(
     best = _fit(cfg, module, out_dir, callbacks)
     model = load_reconstruction_model(best)
     model_path = save_model_checkpoint(
-        model, out_dir / "model.pt", role=role, extra={"challenge": cfg["challenge"]}
+        model, out_dir / "model.pt", role=role, extra={"challenge": _input_challenge(cfg)}
     )
     result = StageResult(name, str(out_dir), best, {"model": str(model_path)})
     result.save()
@@ -404,7 +410,9 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         **_optim(cfg),
     )
     best = _fit(cfg, module, out_dir)
-    teacher_path, student_path = export_sft(best, out_dir, extra={"challenge": cfg["challenge"]})
+    teacher_path, student_path = export_sft(
+        best, out_dir, extra={"challenge": _input_challenge(cfg)}
+    )
     exports = {"teacher": str(teacher_path), "student_init": str(student_path)}
     result = StageResult("sft", str(out_dir), best, exports)
     result.save()

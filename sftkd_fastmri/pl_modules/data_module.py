@@ -194,6 +194,13 @@ class FastMRIDataModule(pl.LightningDataModule):
         )
         self.datasets: Dict[str, CheckedSliceDataset] = {}
 
+    @property
+    def input_challenge(self) -> str:
+        """The kind of k-space the samples carry: ``"singlecoil"`` with ``kspace_from_target``
+        (single-coil k-space simulated from the target, whatever the files hold), else the
+        ``challenge``. Recorded in checkpoints as their input signature."""
+        return "singlecoil" if self.kspace_from_target else self.challenge
+
     # -- datasets ---------------------------------------------------------------------------
     def split_folder(self, stage: str) -> Path:
         """Folder of ``stage`` (``"train"``, ``"val"``, ``"test"``, ``"predict"``)."""

@@ -548,7 +548,7 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
         when the trainer's data module has one: a deployment export then picks the single-
         or multi-coil input signature from the checkpoint alone."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        challenge = getattr(datamodule, "challenge", None)
+        challenge = getattr(datamodule, "input_challenge", getattr(datamodule, "challenge", None))
         if challenge in ("singlecoil", "multicoil"):
             self.hparams["challenge"] = challenge
 

@@ -617,3 +617,20 @@ def test_sft_starts_from_a_trained_teacher(tiny_demo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--init-teacher" in err and "teacher.pt" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_kspace_from_multicoil_targets_trains_single_coil_networks(tiny_demo, tmp_path, capsys):
+    """k-space simulated from the RSS targets of multi-coil files is single-coil: the model
+    and its export record a single-coil signature (they recorded multi-coil)."""
+    from sftkd_fastmri.models import read_checkpoint
+
+    out = tmp_path / "run"
+    argv = ["train", *_common(tiny_demo, "multicoil"), "--kspace-from-target", "true"]
+    argv += ["--model", "dccnn_d3c5", "--model-overrides", "chans=4", "--out-dir", str(out)]
+    assert main(argv) == 0
+    assert read_checkpoint(out / "model.pt")["sftkd_fastmri"]["extra"]["challenge"] == "singlecoil"
+    best = read_checkpoint(sorted((out / "checkpoints").glob("*.ckpt"))[0])
+    assert best["hyper_parameters"]["challenge"] == "singlecoil"
+    capsys.readouterr()
+    assert main(["export", str(out / "model.pt"), "--format", "torchscript"]) == 0
+    assert "inputs (masked_kspace, mask)" in capsys.readouterr().out
