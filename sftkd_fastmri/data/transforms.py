@@ -293,7 +293,8 @@ class DCCNNDataTransform:
         zero_filled = center_crop(combined.abs(), _fit(crop_size, masked))
         if target is not None and tuple(zero_filled.shape) != tuple(target.shape):
             # k-space narrower than the target (fastMRI's brain FLAIR files of width 203):
-            # the target is centre-cropped to the image, as fastMRI's own transforms do
+            # the target is centre-cropped to the region both cover, as fastMRI's
+            # VarNetModule validates (its U-Net transform crops a square of the width)
             target = center_crop(target, tuple(zero_filled.shape))
         scale = zero_filled.max()
         if not (torch.isfinite(scale) and scale > 0):

@@ -168,9 +168,9 @@ def test_bad_slices_raise_clear_errors():
 
 
 def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():
-    """fastMRI's brain FLAIR files are narrower than their 320 x 320 targets: fastMRI's
-    transforms centre-crop the target to the image; so does this one (before: a shape error
-    at the loss)."""
+    """fastMRI's brain FLAIR files are narrower than their 320 x 320 targets: the target is
+    centre-cropped to the region both cover, as fastMRI's VarNetModule validates
+    (center_crop_to_smallest; before: a shape error at the loss)."""
     kspace, target, attrs = _slice()
     wide = np.pad(target, ((0, 0), (3, 3)))  # 6 columns wider than the k-space
     sample = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))(kspace, None, wide, attrs, "f", 0)
