@@ -510,10 +510,13 @@ def _own_warnings_as_lines() -> Iterator[None]:
     errors are printed; other libraries' warnings keep Python's format."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     default = warnings.showwarning
+    shown = set()
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
         if str(filename).startswith(package):
-            print(f"warning: {message}", file=sys.stderr if file is None else file)
+            if str(message) not in shown:  # e.g. a data-path warning of two code paths
+                shown.add(str(message))
+                print(f"warning: {message}", file=sys.stderr if file is None else file)
         else:
             default(message, category, filename, lineno, file, line)
 

@@ -58,6 +58,7 @@ def test_the_command_prints_the_package_warnings_as_lines(capsys):
         warnings.simplefilter("always")
         with _own_warnings_as_lines():
             warnings.warn_explicit("--dataset ignored", UserWarning, own, 40)
+            warnings.warn_explicit("--dataset ignored", UserWarning, own, 90)  # said once
             warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/lib.py", 7)
         warnings.warn_explicit("after the command", UserWarning, own, 41)
     # only the package's warning, inside the command, became a line (the others went to
