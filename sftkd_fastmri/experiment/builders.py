@@ -83,10 +83,13 @@ class NoTargetsError(ValueError):
     scored."""
 
 
-def check_scored_split(cfg: Dict[str, Any], split: str, purpose: str) -> Path:
+def check_scored_split(
+    cfg: Dict[str, Any], split: str, purpose: str, option: str = "--split"
+) -> Path:
     """The folder of ``split``, or a clear error when it is missing or has no targets to
-    score against (fastMRI's public ``*_test`` files carry none). Cheap: reads file headers
-    only, so commands call it before loading or training anything."""
+    score against (fastMRI's public ``*_test`` files carry none; the hint names ``option``,
+    the command's option choosing the split). Cheap: reads file headers only, so commands
+    call it before loading or training anything."""
     challenge = cfg["challenge"]
     folder = resolve_data_path(cfg) / f"{challenge}_{split}"
     if not folder.is_dir():
@@ -97,9 +100,9 @@ def check_scored_split(cfg: Dict[str, Any], split: str, purpose: str) -> Path:
         raise NoTargetsError(
             f"{purpose}: {folder} has no target ('{TARGET_KEYS[challenge]}') in some or all of "
             "its volumes (fastMRI's public test files carry none), so there is nothing to score "
-            "against. Evaluate a split with targets (e.g. --split val), or hold one out of a "
+            f"against. Score a split with targets (e.g. {option} val), or hold one out of a "
             "split with targets: sftkd-fastmri holdout-split DATA_PATH --challenge "
-            f"{challenge} (then --test-split test_heldout)"
+            f"{challenge} (then {option} test_heldout)"
         )
     return folder
 

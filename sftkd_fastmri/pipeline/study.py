@@ -247,7 +247,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     _check_networks(cfg)
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # ... and the held-out split must have targets to score, and the training splits exist
-    check_scored_split(cfg, cfg["test_split"], "the study's test_split")
+    check_scored_split(cfg, cfg["test_split"], "the study's test_split", option="--test-split")
     data_path = resolve_data_path(cfg)
     for key in ("train_split", "val_split"):
         folder = data_path / f"{cfg['challenge']}_{cfg[key]}"

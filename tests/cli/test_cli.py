@@ -449,7 +449,9 @@ def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys)
     out = tmp_path / "study"
     base = ["pipeline", *_common(tiny_demo, "multicoil"), "--out-dir", str(out)]
     assert main([*base, "--test-split", "test"]) == 2
-    assert "test_split" in capsys.readouterr().err and not out.exists()  # nothing trained
+    err = capsys.readouterr().err
+    assert "test_split" in err and not out.exists()  # nothing trained
+    assert "(e.g. --test-split val)" in err and "--split val" not in err  # its own option
     assert main([*base, "--test-split", "test_full", "--val-split", "nope"]) == 2
     assert "multicoil_nope does not exist" in capsys.readouterr().err and not out.exists()
 
