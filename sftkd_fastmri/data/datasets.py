@@ -29,6 +29,25 @@ def split_dir(root: Union[str, os.PathLike], challenge: str, split: str) -> Path
     return Path(root) / f"{challenge}_{split}"
 
 
+def missing_split_hint(folder: Union[str, os.PathLike]) -> str:
+    """For a split folder that does not exist: the split folders its data folder holds
+    (another challenge's, or other split names), as a hint to append to the error."""
+    folder = Path(folder)
+    parent = folder.parent
+    if not parent.is_dir():
+        return ""
+    splits = sorted(
+        p.name for p in parent.iterdir() if p.is_dir() and p.name.split("_")[0] in TARGET_KEYS
+    )
+    if not splits:
+        return ""
+    challenges = sorted({name.split("_")[0] for name in splits})
+    wanted = folder.name.split("_")[0]
+    other = f"; another --challenge ({', '.join(challenges)})?" if wanted not in challenges else ""
+    shown = ", ".join(splits[:8]) + (" ..." if len(splits) > 8 else "")
+    return f" (its data folder holds {shown}{other})"
+
+
 def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
     """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume."""
     if fname.is_dir():
@@ -135,7 +154,7 @@ class CheckedSliceDataset(SliceDataset):
     ):
         root = Path(root)
         if not root.is_dir():
-            raise DataError(f"data folder {root} does not exist")
+            raise DataError(f"data folder {root} does not exist{missing_split_hint(root)}")
         self._challenge = challenge
         self._require_target = require_target
         kwargs.setdefault("raw_sample_filter", keep_every_slice)

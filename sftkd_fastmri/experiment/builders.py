@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from ..callbacks.finite import FiniteLossCheck
-from ..data.datasets import TARGET_KEYS
+from ..data.datasets import TARGET_KEYS, missing_split_hint
 from ..pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
 __all__ = [
@@ -93,7 +93,9 @@ def check_scored_split(
     challenge = cfg["challenge"]
     folder = resolve_data_path(cfg) / f"{challenge}_{split}"
     if not folder.is_dir():
-        raise FileNotFoundError(f"{purpose}: split folder {folder} does not exist")
+        raise FileNotFoundError(
+            f"{purpose}: split folder {folder} does not exist{missing_split_hint(folder)}"
+        )
     if not any(folder.iterdir()):
         raise FileNotFoundError(f"{purpose}: split folder {folder} holds no volumes")
     if not split_has_targets(folder, challenge):

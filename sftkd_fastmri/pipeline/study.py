@@ -27,6 +27,7 @@ import torch
 
 from .._io import atomic_write_text
 from ..callbacks.distillation import check_batch_size
+from ..data.datasets import missing_split_hint
 from ..evaluation import evaluate_model
 from ..evaluation.profile import profile_model
 from ..evaluation.report import ModelEntry, Report, build_report, write_report
@@ -252,7 +253,10 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     for key in ("train_split", "val_split"):
         folder = data_path / f"{cfg['challenge']}_{cfg[key]}"
         if not folder.is_dir():
-            raise FileNotFoundError(f"the study's {key}: split folder {folder} does not exist")
+            raise FileNotFoundError(
+                f"the study's {key}: split folder {folder} does not exist"
+                f"{missing_split_hint(folder)}"
+            )
     out_dir = Path(cfg.get("out_dir") or "runs/study")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")

@@ -453,7 +453,15 @@ def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys)
     assert "test_split" in err and not out.exists()  # nothing trained
     assert "(e.g. --test-split val)" in err and "--split val" not in err  # its own option
     assert main([*base, "--test-split", "test_full", "--val-split", "nope"]) == 2
-    assert "multicoil_nope does not exist" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "multicoil_nope does not exist" in err and not out.exists()
+    assert "(its data folder holds multicoil_test," in err  # what there is instead
+    # a challenge whose folders are not there: the other challenge is suggested
+    single = tmp_path / "single"
+    (single / "singlecoil_train").mkdir(parents=True)
+    argv = ["train", "--data-path", str(single), "--challenge", "multicoil", *TINY]
+    assert main([*argv, "--out-dir", str(tmp_path / "t")]) == 2
+    assert "another --challenge (singlecoil)?" in capsys.readouterr().err
 
 
 def test_a_setting_lightning_refuses_is_one_error_line(tiny_demo, tmp_path, capsys):
