@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -293,6 +294,23 @@ def _input_challenge(cfg: Dict[str, Any]) -> str:
     return "singlecoil" if cfg.get("kspace_from_target") else cfg["challenge"]
 
 
+def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
+    """A network trained on single-coil data scored on multi-coil data (or the reverse) runs,
+    but is not what anyone means to measure: say so."""
+    from ..export.deploy import _recorded_challenge
+
+    try:
+        recorded = _recorded_challenge(read_checkpoint(checkpoint))
+    except CheckpointError:
+        return
+    if recorded is not None and recorded != challenge:
+        warnings.warn(
+            f"{checkpoint} was trained on {recorded} k-space; evaluating it on {challenge} "
+            "data (--challenge, --kspace-from-target)",
+            stacklevel=2,
+        )
+
+
 def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trainer) -> None:
     """A new run that failed before writing any checkpoint (bad data found at the first
     batch, say) leaves nothing behind: its ``run_config.json`` and the empty folders of its
@@ -466,6 +484,7 @@ def run_evaluate(
     model = None
     if checkpoint is not None:
         model = load_reconstruction_model(checkpoint, role=role)
+        _warn_if_other_challenge(checkpoint, _input_challenge(cfg))
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     return evaluate_model(
         model, loader, device=device, out_dir=out_dir, progress=cfg.get("progress", True)

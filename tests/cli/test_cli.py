@@ -644,3 +644,16 @@ def test_kspace_from_multicoil_targets_trains_single_coil_networks(tiny_demo, tm
     capsys.readouterr()
     assert main(["export", str(out / "model.pt"), "--format", "torchscript"]) == 0
     assert "inputs (masked_kspace, mask)" in capsys.readouterr().out
+
+
+def test_evaluating_a_network_of_the_other_challenge_warns(tiny_demo, tmp_path, capsys):
+    net = create_model("dccnn_d3c5", chans=4)
+    single = save_model_checkpoint(net, tmp_path / "s.pt", extra={"challenge": "singlecoil"})
+    args = ["evaluate", "--data-path", str(tiny_demo), "--split", "test_full", "--progress"]
+    args += ["false", "--checkpoint", str(single)]
+    assert main([*args, "--challenge", "multicoil"]) == 0
+    assert "s.pt was trained on singlecoil k-space; evaluating it on multicoil" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--challenge", "singlecoil"]) == 0
+    assert "trained on" not in capsys.readouterr().err
