@@ -154,6 +154,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args, ("data", "runtime"))
     split = args.split or cfg["test_split"]
+    subsampled = [k for k in ("sample_rate", "volume_sample_rate") if cfg.get(k) not in (None, 1.0)]
+    if subsampled:
+        warnings.warn(
+            f"{' and '.join('--' + k.replace('_', '-') for k in subsampled)} selects training "
+            "data; evaluate scores every slice of the split",
+            stacklevel=2,
+        )
     out_dir = Path(args.out_dir) if args.out_dir else None
     earlier: List[Path] = []
     if out_dir is not None:
@@ -423,7 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         "per-volume NMSE/PSNR/SSIM/HFEN of a checkpoint on a split, and reconstructions",
     )
     _add_config(p)
-    p.add_argument("--checkpoint", help="model export or Lightning checkpoint (omit: zero-filled)")
+    p.add_argument(
+        "--checkpoint",
+        help="model checkpoint (model.pt, SFT exports) or Lightning checkpoint of this package; "
+        "not a deployment export (omit: the zero-filled baseline)",
+    )
     p.add_argument("--split", help="split to evaluate (default: test_split)")
     p.add_argument(
         "--role",

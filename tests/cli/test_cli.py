@@ -657,3 +657,8 @@ def test_evaluating_a_network_of_the_other_challenge_warns(tiny_demo, tmp_path, 
     )
     assert main([*args, "--challenge", "singlecoil"]) == 0
     assert "trained on" not in capsys.readouterr().err
+    # training-data options are not silently taken as a subsampling of the scored split
+    assert main([*args, "--challenge", "singlecoil", "--sample-rate", "0.5"]) == 0
+    assert "--sample-rate selects training data; evaluate scores every slice" in (
+        capsys.readouterr().err
+    )
