@@ -65,7 +65,9 @@ optimised) and ``kd/stage`` (1 = distillation, 2 = reconstruction only).
 
 SP and CC relate the samples of a batch to each other and are undefined on one sample (the last
 batch of an epoch, or of a k-space shape, when the slice count leaves a remainder of 1): such a
-step leaves them out (a warning, once per loss) and trains with the other terms; a two-stage
+step leaves them out (a warning, once per loss; their ``kd/{name}`` is not logged that step,
+so the epoch mean leaves the step out, while a step-level CSV row repeats the previous value, as
+Lightning does for any metric not logged) and trains with the other terms; a two-stage
 KD-only step with no term left is skipped (under DDP it returns a zero loss, so every rank
 still runs its backward).
 
