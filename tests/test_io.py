@@ -83,6 +83,7 @@ def test_written_files_and_folders_get_the_umasks_permissions(tmp_path, umask_02
     for i in range(4):
         with h5py.File(val / f"f{i}.h5", "w") as hf:
             hf["x"] = np.arange(3)
+            hf["reconstruction_esc"] = np.zeros((1, 2, 2), np.float32)
     holdout_split(tmp_path, "singlecoil", fraction=0.5, mode="copy")
     paths = [tmp_path / "report.md", tmp_path / "model.pt", recons / "a.h5"]
     try:
