@@ -296,9 +296,13 @@ class DistillationCallback(Callback):
         )
         self.teacher.requires_grad_(False).eval()
         if self.distiller is None or self.distiller.student is not student:
-            self.distiller = Distiller(
-                student, self.teacher, self.losses, self.layers or None, self.loss_options
-            )
+            try:
+                self.distiller = Distiller(
+                    student, self.teacher, self.losses, self.layers or None, self.loss_options
+                )
+            except BaseException:  # e.g. a layer name the student lacks
+                self._give_teacher_back()
+                raise
         # A submodule: moved, cast and DDP-wrapped with the module, optimised with its params.
         pl_module.add_module(self.attr_name, self.distiller)
         self._module = pl_module
@@ -420,9 +424,20 @@ class DistillationCallback(Callback):
         self._restore(pl_module)
         self._restore_load_hook()
 
+    def _give_teacher_back(self) -> None:
+        """The teacher's ``requires_grad`` flags and training mode as it was given."""
+        if self._teacher_flags is not None:
+            params, modules = self._teacher_flags
+            for param, flag in params:
+                param.requires_grad_(flag)
+            for module, training in modules:
+                module.training = training
+            self._teacher_flags = None
+
     def _restore(self, pl_module: pl.LightningModule) -> None:
         """Undo ``setup`` / ``on_fit_start``: training_step, submodule, hooks, teacher."""
         if self._module is not pl_module:
+            self._give_teacher_back()  # a setup that failed before attaching
             return
         if self._had_instance_step:
             pl_module.training_step = self._saved_step
@@ -436,13 +451,7 @@ class DistillationCallback(Callback):
                 delattr(pl_module, self.attr_name)
         if self._teacher_device is not None:
             self.teacher.to(self._teacher_device)
-        if self._teacher_flags is not None:  # as it was given
-            params, modules = self._teacher_flags
-            for param, flag in params:
-                param.requires_grad_(flag)
-            for module, training in modules:
-                module.training = training
-            self._teacher_flags = None
+        self._give_teacher_back()
         self._module = None
 
     # -- state ------------------------------------------------------------------------------

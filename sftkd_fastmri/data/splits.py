@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from .._io import atomic_write_text, make_temp_dir
-from .datasets import TARGET_KEYS, split_dir
+from .datasets import TARGET_KEYS, check_volume, split_dir
 from .transforms import DataError
 
 __all__ = ["HoldoutSplit", "holdout_split"]
@@ -93,9 +93,9 @@ def holdout_split(
 
     Raises:
         FileNotFoundError: The source folder does not exist.
-        DataError: An entry of the source folder is not an HDF5 volume (hidden files
-            included, as the reader takes them all), a volume has no target, or there are fewer
-            than two volumes.
+        DataError: An entry of the source folder is not an HDF5 volume (hidden files are
+            skipped: they never reach the new folders), a volume is damaged or has no target,
+            or there are fewer than two volumes.
         FileExistsError: A target folder exists and ``overwrite`` is false.
         ValueError: Bad ``fraction``, ``mode`` or split names.
     """
@@ -111,9 +111,9 @@ def holdout_split(
     src = split_dir(root, challenge, source)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such split folder (expected {challenge}_{source})")
-    # Every entry, hidden ones too: the reader takes them all as volumes (and refuses a stray
-    # .DS_Store), so the split is refused here rather than at training time.
-    files = sorted(src.iterdir())
+    # Hidden files (a .DS_Store) are no volumes and never reach the two new folders, which are
+    # what the reader reads; the source folder is left as it is.
+    files = sorted(p for p in src.iterdir() if not p.name.startswith("."))
     bad = [p.name for p in files if not (p.is_file() and h5py.is_hdf5(p))]
     if bad:
         raise DataError(
@@ -123,7 +123,12 @@ def holdout_split(
     key = TARGET_KEYS[challenge]
     untargeted = []
     for path in files:
-        with h5py.File(path, "r") as hf:
+        try:
+            hf = h5py.File(path, "r")
+        except OSError:  # cut short or damaged: named by the reader's own check
+            check_volume(path, challenge, require_target=False)
+            raise
+        with hf:
             if key not in hf:
                 untargeted.append(path.name)
     if untargeted:

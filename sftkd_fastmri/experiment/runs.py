@@ -313,21 +313,29 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
 
 def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trainer) -> None:
     """A new run that failed before writing any checkpoint (bad data found at the first
-    batch, say) leaves nothing behind: its ``run_config.json`` and the empty folders of its
-    logs and checkpoints go. A log with content, and anything of a resumed run, stay."""
-    if resume or (out_dir / CKPT_DIR / "last.ckpt").exists():
+    batch, say) leaves nothing behind: the empty folders of its logs and checkpoints and, when
+    no log with content stays either, its ``run_config.json``. Anything of a resumed run stays.
+    Rank zero only, with no collective call (the other ranks may not have failed); a failing
+    cleanup never hides the error that stopped the run."""
+    if resume or not trainer.is_global_zero:
         return
-    if any((out_dir / CKPT_DIR).glob("*.ckpt")):
-        return
-    (out_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)
-    log_dir = getattr(trainer, "log_dir", None)
-    candidates = [Path(log_dir)] if log_dir else []
-    candidates += [out_dir / "logs", out_dir / CKPT_DIR]
-    for folder in candidates:
-        if folder.is_dir() and out_dir in folder.parents:
-            files = [p for p in folder.rglob("*") if p.is_file()]
-            if all(p.name == "hparams.yaml" and p.parent == folder for p in files):
-                shutil.rmtree(folder, ignore_errors=True)
+    try:
+        if any((out_dir / CKPT_DIR).glob("*.ckpt")):
+            return
+        # the logger's own attribute: Trainer.log_dir would broadcast among the ranks
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+        candidates = [Path(log_dir)] if log_dir else []
+        candidates += [out_dir / "logs", out_dir / CKPT_DIR]
+        for folder in candidates:
+            if folder.is_dir() and out_dir in folder.parents:
+                files = [p for p in folder.rglob("*") if p.is_file()]
+                if all(p.name == "hparams.yaml" and p.parent == folder for p in files):
+                    shutil.rmtree(folder, ignore_errors=True)
+        logs = out_dir / "logs"
+        if not (logs.is_dir() and any(p.is_file() for p in logs.rglob("*"))):
+            (out_dir / RUN_CONFIG_FILE).unlink(missing_ok=True)  # no log it would describe
+    except OSError:
+        pass
 
 
 def _say_if_finished(last: Path, max_epochs: int) -> None:

@@ -51,6 +51,9 @@ from .registry import available_losses, create_loss
 
 __all__ = ["Distiller", "KDOutput", "check_distillation", "check_loss_weights"]
 
+# torch.OutOfMemoryError from torch 2.5 on; torch.cuda's before (its subclass since).
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def check_loss_weights(losses: Mapping[str, Any]) -> Dict[str, float]:
     """Validate ``{loss name: weight}`` and return it with float weights.
@@ -374,7 +377,7 @@ class Distiller(nn.Module):
             try:
                 output = self.teacher(*call.args, **call.kwargs)
             except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
-                if self._teacher_ran or isinstance(err, torch.OutOfMemoryError):
+                if self._teacher_ran or isinstance(err, _OUT_OF_MEMORY):
                     raise
                 # The first call: most likely teacher and student take different inputs (a
                 # DC-CNN given a VarNet's integer num_low_frequencies fails with an
@@ -505,14 +508,16 @@ def check_distillation(
         ValueError: naming the losses and what the step reported.
     """
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    # Its own errors (unknown layers, stray options) say what they are as they stand.
+    distiller = Distiller(student, teacher, losses, layers, loss_options)
+    batch = max([2] + [loss.min_batch_size for loss in distiller.losses.values()])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         height, width = size
-        mask = torch.zeros(2, 1, 1, width, 1, dtype=torch.bool)
+        mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
         mask[..., ::2, :] = True
-        kspace = torch.randn(2, 1, height, width, 2) * mask
+        kspace = torch.randn(batch, 1, height, width, 2) * mask
         try:
-            distiller = Distiller(student, teacher, losses, layers, loss_options)
             with distiller, distiller.step():
                 student(kspace, mask)
                 distiller()

@@ -71,8 +71,8 @@ def find_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
     if name in modules:
         return modules[name]
     inner = compiled_inner(model)
-    if inner is not model and name in dict(inner.named_modules()):
-        return find_module(inner, name, role)  # the layers of a torch.compile'd network
+    if inner is not model:  # the layers of a torch.compile'd network, by their plain names
+        return find_module(inner, name, role)
     names = [n for n in modules if n]
     close = difflib.get_close_matches(name, names, n=6, cutoff=0.6)
     # Names sharing the parent path are often what was meant (e.g. relu3 in a depth-3 block).

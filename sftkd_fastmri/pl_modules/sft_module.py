@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Union
 
+import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from ..models import build_model, create_model, init_from_checkpoint
@@ -73,8 +74,8 @@ class SFTModule(ReconModule):
     (as in the paper, it keeps its random initialisation), so its parameters are frozen while
     fitting (``requires_grad=False`` from ``setup("fit")``, before DDP wraps the module; see
     :meth:`unused_parameters` for the other cases); DDP would otherwise fail on parameters that
-    never get a gradient. ``teardown`` makes them trainable again, so networks passed as
-    instances come back as they were given. The KD stage trains the student, ``S_1`` included.
+    never get a gradient. ``teardown`` (or, when the fit fails, a callback the module adds)
+    makes them trainable again, so networks passed as instances come back as they were given. The KD stage trains the student, ``S_1`` included.
 
     Args:
         teacher_preset: teacher preset name (see :func:`sftkd_fastmri.models.list_models`).
@@ -242,11 +243,20 @@ class SFTModule(ReconModule):
     def teardown(self, stage: str) -> None:
         """Give the networks back trainable as they came (they may be the caller's own
         instances, e.g. a student to distil next, whose first cascade must then train)."""
-        if stage == "fit" and self._frozen_for_fit is not None:
+        if stage == "fit":
+            self._unfreeze()
+        super().teardown(stage)
+
+    def _unfreeze(self) -> None:
+        if self._frozen_for_fit is not None:
             for param in self._frozen_for_fit:
                 param.requires_grad_(True)
             self._frozen_for_fit = None
-        super().teardown(stage)
+
+    def configure_callbacks(self) -> List[pl.Callback]:
+        """Lightning calls no module ``teardown`` when a fit fails (an exception, Ctrl-C in a
+        notebook): a callback unfreezes the networks then."""
+        return [*_as_list(super().configure_callbacks()), _UnfreezeOnException()]
 
     # -- models -----------------------------------------------------------------------------
     @property
@@ -370,6 +380,20 @@ class SFTModule(ReconModule):
                 sync_dist=True,
             )
         return loss
+
+
+def _as_list(callbacks: Any) -> List[pl.Callback]:
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
+class _UnfreezeOnException(pl.Callback):
+    """Gives an :class:`SFTModule`'s networks back trainable when its fit fails."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception):
+        if isinstance(pl_module, SFTModule):
+            pl_module._unfreeze()
 
 
 def _build_model(

@@ -12,11 +12,12 @@ Lightning checkpoint contract (what :func:`export_sft` reads from a file):
 * ``state_dict`` holds the wrapper's weights under ``{prefix}teacher.*`` and
   ``{prefix}student.*``; with a module storing ``self.sft = StudentFriendlyTeacher(...)`` the
   prefix is ``"sft."`` (the default);
-* ``hyper_parameters`` holds ``teacher_preset`` and ``student_preset`` (preset names, or
-  ``None`` for a model built from its config alone) and ``teacher_config`` and
-  ``student_config`` (the models' ``config`` dicts: the :class:`DCCNN` constructor
-  arguments, overrides included, or a ``CascadedVarNet``'s config); optionally ``train_first_student_cascade`` (recorded in
-  the student's metadata).
+* ``hyper_parameters`` holds ``teacher_config`` and ``student_config`` (the models'
+  ``config`` dicts: the :class:`DCCNN` constructor arguments, overrides included, or a
+  ``CascadedVarNet``'s config; or pass them to :func:`export_sft`), optionally
+  ``teacher_preset`` and ``student_preset`` (preset names; ``None`` or absent for a model
+  built from its config alone) and ``train_first_student_cascade`` (recorded in the
+  student's metadata).
 
 The file is read with ``weights_only=True`` (no pickled code runs). Anything missing or
 mismatching raises :class:`~sftkd_fastmri.models.CheckpointError` naming the file and the key.
@@ -233,7 +234,8 @@ def _resolve_config(
 
     ``hparams`` is ``None`` for a bare state dict (the arguments are then the only source and
     a preset alone stands for its unmodified config) and the checkpoint's hyperparameters
-    otherwise (both entries required unless given as arguments, which must then agree).
+    otherwise (the config required, from there or the arguments; the preset optional, ``None``
+    when absent; arguments and hyperparameters must agree where both are given).
     """
     resolved: Dict[str, Any] = {}
     for field in ("preset", "config"):

@@ -304,6 +304,12 @@ def test_a_callback_built_before_its_teachers_own_training_leaves_it_trainable(t
     flags = [p.requires_grad for p in teacher.parameters()]
     _trainer(tmp_path / "kd", [kd], limit_train_batches=2).fit(ToyRecon(student), _loader())
     assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert teacher.training
+    # ... also when the fit fails in setup (a layer name the student lacks)
+    bad = DistillationCallback(teacher, {"at": 1.0}, layers={"at": [("nope", "cascades.0")]})
+    with pytest.raises(KeyError, match="no submodule 'nope'"):
+        _trainer(tmp_path / "bad", [bad], limit_train_batches=2).fit(ToyRecon(student), _loader())
+    assert [p.requires_grad for p in teacher.parameters()] == flags and teacher.training
 
 
 def test_test_and_validate_from_a_checkpoint_with_kd_parameters(tmp_path):

@@ -383,7 +383,7 @@ def test_a_kd_method_that_cannot_pair_the_networks_is_refused_before_training(
     study.update(teacher_overrides={"chans": 16}, student_overrides={"chans": 8})
     config = tmp_path / "study.yaml"
     for changes, expected in (
-        ({}, r"KD losses \['fsp'\] cannot distil.*student 8x8, teacher 16x16"),
+        ({}, r"FSP matrices differ in shape.*student 8x8, teacher 16x16"),
         ({"teacher_overrides": {"chans": 0}}, "chans must be an integer"),
         ({"student_overrides": {"chans": 16}}, "no_data"),  # they pair: on to the data
     ):

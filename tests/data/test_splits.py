@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -67,10 +68,14 @@ def test_bad_input(tmp_path):
     with pytest.raises(DataError, match="notes.txt"):
         holdout_split(tmp_path, "singlecoil")
     (src / "notes.txt").unlink()
-    (src / ".DS_Store").write_bytes(b"\x00")  # the reader refuses hidden files too
-    with pytest.raises(DataError, match=r"\.DS_Store"):
-        holdout_split(tmp_path, "singlecoil")
-    (src / ".DS_Store").unlink()
+    _fake_split(tmp_path, 1, split="x")
+    cut = tmp_path / "singlecoil_x" / "file000.h5"
+    cut.write_bytes(cut.read_bytes()[:200])  # a copy cut short
+    (tmp_path / "singlecoil_x" / "file001.h5").write_bytes(
+        (tmp_path / "singlecoil_val" / "file000.h5").read_bytes()
+    )
+    with pytest.raises(DataError, match=f"{re.escape(str(cut))}: "):
+        holdout_split(tmp_path, "singlecoil", source="x")
     # fastMRI's test files (no target) cannot give a scored test split
     test = _fake_split(tmp_path, 3, split="test")
     for path in test.iterdir():
@@ -99,6 +104,15 @@ def test_cli_split_is_read_by_slicedataset(demo_root, tmp_path, capsys):
     assert len(held) + len(kept) == len(SliceDataset(val, challenge="multicoil"))
     assert main(argv) == 2  # exists already: a clear error, not a trace
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_hidden_files_are_left_out(tmp_path):
+    src = _fake_split(tmp_path, 4)
+    (src / ".DS_Store").write_bytes(b"\x00")  # no volume: never copied or linked
+    result = holdout_split(tmp_path, "singlecoil", fraction=0.5)
+    assert sorted(result.select + result.test) == [f"file{i:03d}.h5" for i in range(4)]
+    for name in ("singlecoil_val_select", "singlecoil_test_heldout"):
+        assert not any(p.name.startswith(".") for p in (tmp_path / name).iterdir())
 
 
 def test_linked_split_survives_moving_the_data_folder(tmp_path):

@@ -265,6 +265,18 @@ def test_instances_come_back_trainable_after_the_fit(demo_root, tmp_path):
         assert torch.equal(v, s1_before[k])
     assert all(p.requires_grad for p in student.parameters())  # and trainable again after
 
+    class Stop(pl.Callback):  # a fit that fails (Lightning then calls no module teardown)
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["frozen_again"] = not any(
+                p.requires_grad for p in student.cascades[0].parameters()
+            )
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                 callbacks=[Stop()]).fit(module, datamodule=data)  # fmt: skip
+    assert seen["frozen_again"] and all(p.requires_grad for p in student.parameters())
+
 
 @pytest.mark.parametrize(
     "options",
