@@ -298,7 +298,8 @@ STUDY_KEY_HELP = {
     "branch_weight": "SFT loss weight of the student-branch term",
     "imitation_weight": "SFT loss weight of the branch-to-teacher imitation term",
     "profile_device": "device of the report's latency and memory columns",
-    "figure_volume": "volume shown in the reconstruction panel (default: the first)",
+    "figure_volume": "test volume (file name) shown in the reconstruction panel (default: the "
+    "first)",
     "title": "report title",
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -248,7 +248,10 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     _check_networks(cfg)
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # ... and the held-out split must have targets to score, and the training splits exist
-    check_scored_split(cfg, cfg["test_split"], "the study's test_split", option="--test-split")
+    test_folder = check_scored_split(
+        cfg, cfg["test_split"], "the study's test_split", option="--test-split"
+    )
+    figure_volume = _figure_volume(cfg, test_folder)
     data_path = resolve_data_path(cfg)
     for key in ("train_split", "val_split"):
         folder = data_path / f"{cfg['challenge']}_{cfg[key]}"
@@ -308,12 +311,29 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     }
     report = build_report(entries, meta)
     files = dict(write_report(report, out_dir))
-    files.update(_figures(report, entries, recons, loader, out_dir))
+    files.update(_figures(report, entries, recons, loader, out_dir, figure_volume))
     atomic_write_text(out_dir / "stages.log", "\n".join(log) + "\n")
     return StudyResult(report, out_dir, files)
 
 
-def _figures(report, entries, recons, loader, out_dir: Path) -> Dict[str, Path]:
+def _figure_volume(cfg: Dict[str, Any], test_folder: Path) -> Optional[str]:
+    """The test volume ``figure_volume`` names (with or without ``.h5``), checked before
+    anything trains; ``None``: the first."""
+    volume = cfg.get("figure_volume")
+    if volume in (None, ""):
+        return None
+    name = str(volume) if str(volume).endswith(".h5") else f"{volume}.h5"
+    if not (test_folder / name).is_file():
+        shown = ", ".join(sorted(p.name for p in test_folder.glob("*.h5"))[:6])
+        raise ValueError(
+            f"figure_volume {volume!r}: no volume {name} in {test_folder} (e.g. {shown})"
+        )
+    return name
+
+
+def _figures(
+    report, entries, recons, loader, out_dir: Path, volume: Optional[str] = None
+) -> Dict[str, Path]:
     try:
         from ..evaluation.figures import paper_panel, psnr_plot
     except ImportError as err:  # matplotlib is the optional `report` extra
@@ -321,13 +341,13 @@ def _figures(report, entries, recons, loader, out_dir: Path) -> Dict[str, Path]:
         return {}
     files: Dict[str, Path] = {}
     files["psnr_plot"] = psnr_plot(report, out_dir / "psnr_per_method.png")
-    # the middle slice of the first test volume; one KD method (the first) for the panel
+    # the middle slice of the chosen (else the first) test volume; one KD method (the first)
     targets: Dict[str, Dict[int, np.ndarray]] = {}
     for batch in loader:
         scale = batch.scale.reshape(-1, 1, 1)
         for i, (fname, s) in enumerate(zip(batch.fname, batch.slice_num.tolist())):
             targets.setdefault(fname, {})[s] = (batch.target[i] * scale[i]).numpy()
-    fname = sorted(targets)[0]
+    fname = volume if volume in targets else sorted(targets)[0]
     slices = sorted(targets[fname])
     mid = len(slices) // 2
     target = targets[fname][slices[mid]]

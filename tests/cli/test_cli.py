@@ -452,6 +452,11 @@ def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "test_split" in err and not out.exists()  # nothing trained
     assert "(e.g. --test-split val)" in err and "--split val" not in err  # its own option
+    config = tmp_path / "figure.yaml"
+    config.write_text(yaml.safe_dump({"test_split": "test_full", "figure_volume": "nope"}))
+    assert main([*base, "--config", str(config)]) == 2
+    assert "figure_volume 'nope': no volume nope.h5 in" in capsys.readouterr().err
+    assert not out.exists()
     assert main([*base, "--test-split", "test_full", "--val-split", "nope"]) == 2
     err = capsys.readouterr().err
     assert "multicoil_nope does not exist" in err and not out.exists()
