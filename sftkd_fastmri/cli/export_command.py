@@ -100,9 +100,11 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
     p.add_argument(
         "--out",
         help=(
-            f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}} for an SFT "
-            "checkpoint's teacher or student; <stem>.ts.pt / <stem>.onnx / <stem>.model.pt "
-            "for a one-network checkpoint)"
+            f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}} where role is "
+            "the SFT network chosen or the role the file records (distill's model.pt: "
+            "student); for a network recorded as a plain model (train's model.pt, Lightning "
+            "checkpoints) <stem>.ts.pt / .pt2 / .onnx, and <stem>.model.pt as a model "
+            "checkpoint)"
         ),
     )
     p.add_argument(

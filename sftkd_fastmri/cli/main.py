@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# brain multi-coil only, 3 training volumes: the whole study takes about a minute on 2 cores
+# brain multi-coil only, 3 training volumes: the whole study takes 1-1.5 minutes on 2 cores
 _DEMO_DATA = dict(challenges=("multicoil",), volumes_per_split={"train": 3, "val": 2, "test": 2})
 
 
@@ -443,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "teacher", "student"),
         help="which network of an SFT checkpoint",
     )
-    p.add_argument("--eval-out-dir", dest="out_dir", help="write reconstructions/ and metrics.json")
+    p.add_argument(
+        "--eval-out-dir",
+        dest="out_dir",
+        help="write reconstructions/ (and metrics.json for a split with targets); a folder "
+        "holding an earlier evaluation needs --overwrite",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -465,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "demo",
         cmd_demo,
-        "write demo data and run a reduced study end to end (about 1 min on 2 CPU cores)",
+        "write demo data and run a reduced study end to end (about 1-1.5 min on 2 CPU cores)",
     )
     p.add_argument("--out-dir", default="sftkd_demo", help="output folder (default: sftkd_demo)")
     p.add_argument("--data-dir", help="demo data folder (default: OUT_DIR/data)")

@@ -483,7 +483,8 @@ def run_evaluate(
     out_dir: Optional[os.PathLike] = None,
 ):
     """Evaluate a checkpoint (or the zero-filled baseline when ``checkpoint`` is None) on a
-    split with targets; returns an :class:`~sftkd_fastmri.evaluation.EvaluationResult`."""
+    split: scored where its volumes have targets; without targets only reconstructed (written
+    to ``out_dir``). Returns an :class:`~sftkd_fastmri.evaluation.EvaluationResult`."""
     from ..evaluation import evaluate_model
 
     split = split or cfg["test_split"]

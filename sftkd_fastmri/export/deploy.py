@@ -122,8 +122,10 @@ def _role_of(ckpt: Dict[str, Any], role: str) -> str:
 
 
 def default_export_path(checkpoint: PathLike, format: str, role: str = "auto") -> Path:
-    """``<folder>/<stem>.<role>.{pt,ts.pt,onnx}`` next to ``checkpoint`` (``<stem>.ts.pt`` /
-    ``<stem>.onnx`` for a network without a teacher or student role)."""
+    """``<folder>/<stem>.<role><suffix>`` next to ``checkpoint`` (suffix ``.pt``, ``.ts.pt``,
+    ``.pt2`` or ``.onnx``), ``role`` the SFT network chosen or the role a model export records
+    (``teacher``/``student``); ``<stem><suffix>`` for a network recorded as a plain model
+    (``<stem>.model.pt`` for a state dict)."""
     _check_format(format)
     path = Path(checkpoint)
     name = resolve_role(path, role)

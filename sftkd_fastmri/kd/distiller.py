@@ -351,6 +351,8 @@ class Distiller(nn.Module):
 
         Raises:
             RuntimeError: If the student's forward ran zero or several times in this step.
+            TypeError / ValueError: The teacher's first call failed on the student's inputs
+                (the two take different arguments), with that explained.
         """
         self._require_attached()
         # Stop recording the student: its features are complete, and later calls (e.g. the
@@ -499,20 +501,24 @@ def check_distillation(
     size: Tuple[int, int] = (16, 16),
 ) -> None:
     """Run one KD step of ``losses`` on copies of two DC-CNN-style networks (called as
-    ``network(masked_kspace, mask)``) with a synthetic single-coil batch of two ``size``
-    slices, so that a pairing whose features cannot be compared (e.g. FSP between 8- and
-    16-channel layers) fails before any training rather than at the first KD step of a long
-    run. The networks passed in and the random state are left as they were.
+    ``network(masked_kspace, mask)``) with a synthetic single-coil batch of ``size`` slices
+    (as many as the losses need, at least two), so that a pairing whose features cannot be
+    compared (e.g. FSP between 8- and 16-channel layers) fails before any training rather
+    than at the first KD step of a long run. The networks passed in and the random state are
+    left as they were.
 
     Raises:
-        ValueError: naming the losses and what the step reported.
+        KeyError / ValueError / TypeError: from building the pairing (unknown layer names,
+            stray or bad options, layers of other channel counts), in their own words.
+        ValueError: the KD step failed, naming the losses and what it reported.
     """
     student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    # Its own errors (unknown layers, stray options) say what they are as they stand.
-    distiller = Distiller(student, teacher, losses, layers, loss_options)
-    batch = max([2] + [loss.min_batch_size for loss in distiller.losses.values()])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        # Its own errors (unknown layers, stray options) say what they are as they stand;
+        # FitNet's regressors draw their initialisation from the forked random state.
+        distiller = Distiller(student, teacher, losses, layers, loss_options)
+        batch = max([2] + [loss.min_batch_size for loss in distiller.losses.values()])
         height, width = size
         mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
         mask[..., ::2, :] = True

@@ -366,7 +366,8 @@ def init_from_checkpoint(
             ``preset`` and ``config`` attributes are compared where it has them).
         path: any checkpoint :func:`load_model` reads.
         role: for SFT checkpoints, the network to take (``"teacher"``, the choice of
-            ``"auto"``, or ``"student"``); ignored for single-network files (as in :func:`load_model`).
+            ``"auto"``, or ``"student"``); ignored for single-network files, except that an SFT
+            export of the other network is refused (as in :func:`load_model`).
         overrides_option: the option named in the hint of a configuration mismatch (the
             command-line option that builds ``model`` like the checkpoint's network).
 

@@ -81,7 +81,8 @@ def load_sft_models(
         returned unchanged); ``info`` holds provenance for the checkpoint metadata.
 
     Raises:
-        TypeError: a wrapper whose models are not DC-CNNs.
+        TypeError: a wrapper whose models have no config (neither a DCCNN nor a
+            CascadedVarNet).
         CheckpointError: unreadable file, missing hyperparameters or configs, conflicting
             presets/configs, no weights under the prefix, or keys/shapes that do not match.
     """

@@ -95,6 +95,8 @@ def test_check_distillation_runs_a_step_on_copies():
     flags = [p.requires_grad for p in teacher.parameters()]
     state = torch.random.get_rng_state()
     check_distillation(student, teacher, {"at": 1.0, "fitnet": 1.0, "sp": 1.0, "cc": 1.0})
+    hint = {"fitnet": [("cascades.0.cnn.relu0", "cascades.0.cnn.relu0")]}  # 4 -> 8: a regressor
+    check_distillation(student, teacher, {"fitnet": 1.0}, layers=hint)
     with pytest.raises(ValueError, match=r"FSP matrices differ.*student 4x4, teacher 8x8"):
         check_distillation(student, teacher, {"fsp": 1.0})
     with pytest.raises(KeyError, match="has no submodule 'nope'"):  # its own words
