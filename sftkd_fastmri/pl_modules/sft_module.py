@@ -71,11 +71,12 @@ class SFTModule(ReconModule):
     ``SFTModule.load_from_checkpoint`` rebuilds the module from the stored configs.
 
     Unused parameters: without branch 0 no branch reaches the student's first cascade ``S_1``
-    (as in the paper, it keeps its initialisation: random, or ``init_student``'s weights), so its parameters are frozen while
-    fitting (``requires_grad=False`` from ``setup("fit")``, before DDP wraps the module; see
-    :meth:`unused_parameters` for the other cases); DDP would otherwise fail on parameters that
-    never get a gradient. ``teardown`` (or, when the fit fails, a callback the module adds)
-    makes them trainable again, so networks passed as instances come back as they were given. The KD stage trains the student, ``S_1`` included.
+    (as in the paper, it keeps its initialisation: random, or ``init_student``'s weights), so
+    its parameters are frozen while fitting (``requires_grad=False`` from ``setup("fit")``,
+    before DDP wraps the module; see :meth:`unused_parameters` for the other cases); DDP would
+    otherwise fail on parameters that never get a gradient. ``teardown`` (or, when the fit
+    fails, a callback the module adds) makes them trainable again, so networks passed as
+    instances come back as they were given. The KD stage trains the student, ``S_1`` included.
 
     Args:
         teacher_preset: teacher preset name (see :func:`sftkd_fastmri.models.list_models`).
