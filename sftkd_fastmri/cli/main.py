@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -562,6 +563,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         with _own_warnings_as_lines():
             return args.func(args)
     except SystemExit as stop:
+        if type(stop).__name__ == "SIGTERMException":  # Lightning's, with no exit status
+            print(
+                "error: stopped by SIGTERM; the same command resumes the run from its last "
+                "finished epoch (checkpoints/last.ckpt)",
+                file=sys.stderr,
+            )
+            return 128 + int(signal.SIGTERM)
         if isinstance(stop.code, str) and stop.code.startswith("error:"):
             print(stop.code, file=sys.stderr)  # a config file's error: exit status 2 too
             return 2

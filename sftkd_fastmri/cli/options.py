@@ -240,7 +240,12 @@ GROUPS: Dict[str, List[Option]] = {
             fraction_or_count,
         ),
         _O("accumulate_grad_batches", 1, "gradient accumulation", positive_int),
-        _O("resume", True, "resume from out_dir/checkpoints/last.ckpt when it exists", _bool),
+        _O(
+            "resume",
+            True,
+            "resume from out_dir/checkpoints/last.ckpt when it exists (false: start over there, removing the earlier run's checkpoints, exports and done.json; logs stay)",
+            _bool,
+        ),
         _O(
             "logger",
             "csv",

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 
 from ..callbacks.finite import FiniteLossCheck
 from ..data.datasets import TARGET_KEYS, missing_split_hint
@@ -139,7 +140,12 @@ class RunCheckpoint(ModelCheckpoint):
     Lightning forgets the best score when a checkpoint's recorded ``dirpath`` differs from
     the callback's (a run folder moved or copied, then resumed), so the first validation after
     the resume would replace ``best.ckpt`` whatever its score. Here the recorded paths are
-    moved along with the folder and the score is kept."""
+    moved along with the folder and the score is kept.
+
+    Lightning 2 also writes ``last.ckpt`` only when the best checkpoint was replaced in the
+    same step: an epoch that did not improve the monitored value left ``last.ckpt`` at an
+    older epoch, so a killed run lost those epochs and a finished one looked unfinished.
+    Here ``last.ckpt`` is written after every validation (and at the end of training)."""
 
     @property
     def state_key(self) -> str:
@@ -147,6 +153,49 @@ class RunCheckpoint(ModelCheckpoint):
         # trainers) holds this callback's state under it
         key = super().state_key
         return "ModelCheckpoint" + key[len(type(self).__qualname__) :]
+
+    def _skips_saving(self, trainer: pl.Trainer) -> bool:
+        # Lightning's reasons not to save, less "already saved at this step"
+        return (
+            not self.save_last
+            or bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+        )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skip = self._skips_saving(trainer) or not self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        if not skip and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skip = self._skips_saving(trainer) or self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        if not skip and self._last_saved_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # an epoch with no validation (check_val_every_n_epoch, limit_val_batches=0)
+        if (
+            self.save_last
+            and not trainer.fast_dev_run
+            and trainer.global_step > 0
+            and self._last_saved_step != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @property
+    def _last_saved_step(self) -> int:
+        return getattr(self, "_last_step_written", -1)
+
+    def _save_last_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: Dict[str, Any]
+    ) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_step_written = trainer.global_step
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         before = state_dict.get("dirpath")

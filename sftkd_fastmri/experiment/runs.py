@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 
 from .._io import atomic_write_text
 from ..export.loading import load_reconstruction_model
@@ -261,6 +262,7 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if not resume:
+        _clear_earlier_run(out_dir)
         atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(run_record(cfg), indent=2))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -308,6 +310,33 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
             f"{checkpoint} was trained on {recorded} k-space; evaluating it on {challenge} "
             "data (--challenge, --kspace-from-target)",
             stacklevel=2,
+        )
+
+
+#: What a stage writes besides its checkpoints (the exports of train/distill and of sft).
+STAGE_EXPORTS = ("model.pt", "sft_teacher.ckpt", "sft_student_init.ckpt")
+
+
+def _clear_earlier_run(out_dir: Path) -> None:
+    """Before a new run starts in ``out_dir`` (``--resume false``, or no ``last.ckpt``),
+    remove what an earlier run left there: ``done.json`` first (a stage must never look
+    finished with another run's outputs), then its checkpoints and exports. Otherwise a kill
+    before the new run's first checkpoint would leave the old ``last.ckpt`` to be resumed
+    under the new record, and the old ``done.json`` would make a study reuse the old run.
+    Logs stay (each run writes its own version folder). Rank zero only."""
+    if rank_zero_only.rank != 0:
+        return
+    old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
+    old += [out_dir / name for name in STAGE_EXPORTS]
+    removed = []
+    for path in old:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        print(
+            f"{out_dir}: starting a new run; removed the earlier run's {', '.join(removed)}",
+            flush=True,
         )
 
 

@@ -113,3 +113,43 @@ def test_a_checkpoint_saved_again_digests_the_same(tmp_path):
     with torch.no_grad():
         net.cascades[0].cnn.conv0.bias.add_(1e-3)
     assert _sha256(save_model_checkpoint(net, tmp_path / "c.pt")) != _sha256(a)
+
+
+def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp_path):
+    """Lightning 2 writes last.ckpt only when best.ckpt is replaced in the same step; a run
+    whose validation stopped improving kept an old last.ckpt and lost epochs when killed."""
+    import pytorch_lightning as pl
+
+    from sftkd_fastmri.experiment.builders import build_trainer
+
+    class Worsening(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+
+        val_dataloader = train_dataloader
+
+        def training_step(self, batch, idx):
+            return (self.w * batch).sum() + self.w.sum() * 0
+
+        def validation_step(self, batch, idx):
+            # rises every epoch: only the first validation is the best
+            self.log("validation_loss", float(self.current_epoch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = {"max_epochs": 3, "accumulate_grad_batches": 1, "logger": "none",
+           "accelerator": "cpu", "devices": 1, "precision": "32-true", "progress": False,
+           "limit_train_batches": 1.0, "limit_val_batches": 1.0}  # fmt: skip
+    build_trainer(cfg, tmp_path).fit(Worsening())
+    ckpt = tmp_path / "checkpoints"
+    last = torch.load(ckpt / "last.ckpt", weights_only=False)
+    best = torch.load(ckpt / "best.ckpt", weights_only=False)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 6
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert float(state["best_model_score"]) == 0.0  # the best score survives in last.ckpt
