@@ -103,6 +103,36 @@ RUN_INPUT_FILES = (
 _DIGESTS = "file_digests"
 #: Compared only for distillation runs (a study hands its KD options to every stage).
 _KD_KEYS = ("methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
+#: Compared only for SFT runs: the two presets, their starts and the SFT loss.
+_SFT_KEYS = (
+    "teacher",
+    "student",
+    "teacher_overrides",
+    "student_overrides",
+    "init_teacher",
+    "init_student",
+    "train_first_student_cascade",
+    "teacher_weight",
+    "branch_weight",
+    "imitation_weight",
+)
+#: The network of train and distill runs (an SFT run has two presets instead).
+_SINGLE_NETWORK_KEYS = ("model", "model_overrides", "init_checkpoint")
+
+
+def _identity_keys(stage: Optional[str], cfg: Dict[str, Any]) -> list:
+    """The :data:`RUN_IDENTITY_KEYS` that define a run of ``stage`` (train, sft, distill):
+    a study hands every option to every stage, and an SFT loss weight changed for the next
+    study must not make its standard teacher look like another run."""
+    if stage == "train":
+        skip = _SFT_KEYS + _KD_KEYS
+    elif stage == "distill":
+        skip = _SFT_KEYS
+    elif stage == "sft":
+        skip = _SINGLE_NETWORK_KEYS + _KD_KEYS
+    else:  # a record of an earlier version without its stage
+        skip = () if cfg.get("teacher_checkpoint") else _KD_KEYS
+    return [k for k in RUN_IDENTITY_KEYS if k not in skip]
 
 
 def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -169,9 +199,15 @@ def _differs(
     return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 
-def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool = False) -> None:
+def check_run_settings(
+    cfg: Dict[str, Any],
+    out_dir: os.PathLike,
+    finished: bool = False,
+    stage: Optional[str] = None,
+) -> None:
     """Raise ValueError when ``out_dir`` holds a run started with other settings than
-    ``cfg`` (the :data:`RUN_IDENTITY_KEYS` recorded in its ``run_config.json``).
+    ``cfg`` (the :data:`RUN_IDENTITY_KEYS` recorded in its ``run_config.json`` that define
+    a run of its stage: ``stage``, else the one recorded).
 
     ``finished``: the run is complete (a study about to reuse it) rather than about to resume.
     """
@@ -188,8 +224,14 @@ def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool
             f"{path}: damaged run record ({err}), so this run's settings cannot be compared; "
             "use another out_dir, or remove that folder to train it again"
         ) from None
+    recorded_stage = before.get("stage")
+    if stage and recorded_stage and stage != recorded_stage:
+        raise ValueError(
+            f"{out_dir} holds a {recorded_stage} run, not a {stage} run; use another out_dir "
+            "for this one"
+        )
     now = _jsonable(cfg)
-    keys = [k for k in RUN_IDENTITY_KEYS if cfg.get("teacher_checkpoint") or k not in _KD_KEYS]
+    keys = _identity_keys(stage or recorded_stage, cfg)
     digests = _file_digests(cfg)
     changed = [d for d in (_differs(k, before, now, digests) for k in keys) if d is not None]
     if not changed:
@@ -212,12 +254,20 @@ def check_run_settings(cfg: Dict[str, Any], out_dir: os.PathLike, finished: bool
 
 @dataclass
 class StageResult:
-    """Where a finished stage left its outputs."""
+    """Where a finished stage left its outputs, and what it trained.
+
+    ``done.json`` records the checkpoint and export paths relative to the stage folder
+    (``out_dir`` is ``"."`` there), so a study folder that was moved or copied reads its own
+    files, not the original's; :meth:`load` returns them as paths under the folder given.
+    ``epochs``: the epochs its training finished; ``limit_train_batches``: the batches per
+    epoch it was asked for (``None`` in records of earlier versions)."""
 
     name: str
     out_dir: str
     best_checkpoint: str
     exports: Dict[str, str] = field(default_factory=dict)
+    epochs: Optional[int] = None
+    limit_train_batches: Any = None
 
     @classmethod
     def load(cls, out_dir: os.PathLike) -> Optional[StageResult]:
@@ -225,15 +275,50 @@ class StageResult:
         if not path.is_file():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
+            record = json.loads(path.read_text())
+            result = cls(**record)
+            if not isinstance(result.exports, dict):
+                raise TypeError("exports is not a mapping")
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{path}: not a stage record this package wrote ({err}); remove it (and the "
                 "stage folder, to train the stage again)"
             ) from None
+        here = Path(out_dir)
+
+        def locate(recorded: str) -> str:
+            p = Path(recorded)
+            if result.out_dir == ".":  # this version's record: relative to the stage folder
+                return str(p if p.is_absolute() else here / p)
+            # an earlier version's record: the path as written then, under its out_dir
+            for base in {str(result.out_dir), os.path.abspath(result.out_dir)}:
+                if recorded.startswith(base.rstrip(os.sep) + os.sep):
+                    return str(here / recorded[len(base.rstrip(os.sep)) + 1 :])
+            return recorded
+
+        result.best_checkpoint = locate(result.best_checkpoint)
+        result.exports = {k: locate(v) for k, v in result.exports.items()}
+        result.out_dir = str(here)
+        return result
 
     def save(self) -> None:
-        atomic_write_text(Path(self.out_dir) / DONE_FILE, json.dumps(asdict(self), indent=2))
+        here = Path(self.out_dir)
+
+        def relative(path: str) -> str:
+            try:
+                return Path(os.path.relpath(path, here)).as_posix() if _inside(path, here) else path
+            except ValueError:  # another drive
+                return path
+
+        record = asdict(self)
+        record["out_dir"] = "."  # the paths below are relative to the folder of done.json
+        record["best_checkpoint"] = relative(self.best_checkpoint)
+        record["exports"] = {k: relative(v) for k, v in self.exports.items()}
+        atomic_write_text(here / DONE_FILE, json.dumps(record, indent=2))
+
+
+def _inside(path: os.PathLike, folder: os.PathLike) -> bool:
+    return Path(os.path.abspath(folder)) in Path(os.path.abspath(path)).parents
 
 
 def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
@@ -248,7 +333,9 @@ def _seed(cfg: Dict[str, Any]) -> None:
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
 
 
-def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbacks=()) -> str:
+def _fit(
+    cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, stage: str, callbacks=()
+) -> str:
     """Fit with resume from ``last.ckpt``; return the best checkpoint's path.
 
     Seeds again before building the data, so the masks and batch order of a stage depend on
@@ -257,13 +344,14 @@ def _fit(cfg: Dict[str, Any], module: pl.LightningModule, out_dir: Path, callbac
     last = out_dir / CKPT_DIR / "last.ckpt"
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume:
-        check_run_settings(cfg, out_dir)
+        check_run_settings(cfg, out_dir, stage=stage)
         _say_if_finished(last, int(cfg["max_epochs"]))
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if not resume:
         _clear_earlier_run(out_dir)
-        atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(run_record(cfg), indent=2))
+        record = {**run_record(cfg), "stage": stage}
+        atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(record, indent=2))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except RuntimeError as err:
@@ -367,29 +455,53 @@ def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trai
         pass
 
 
-def _say_if_finished(last: Path, max_epochs: int) -> None:
-    """Say so when the run to resume has already trained ``max_epochs`` epochs."""
+def _trained_epochs(last: Path) -> Optional[int]:
+    """The epochs whose training finished in checkpoint ``last`` (``None``: not readable
+    with ``weights_only``; Lightning decides). A damaged file raises ValueError."""
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # readable, but not with weights_only: Lightning decides
-        return
+    except pickle.UnpicklingError:  # readable, but not with weights_only
+        return None
     except Exception as err:  # a cut-short or damaged file
         raise ValueError(
             f"{last}: cannot resume from it ({type(err).__name__}: {err}); the run was "
             "probably stopped while writing it. Pass --resume false to start over, or replace "
             "it with another checkpoint of the run (e.g. checkpoints/best.ckpt)"
         ) from None
-    try:  # epochs whose training Lightning finished (saved at validation end: epoch + 1)
-        trained = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
+    try:  # epochs whose training Lightning finished (saved at epoch end: epoch + 1)
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
     except (KeyError, TypeError, ValueError):
-        trained = int(ckpt.get("epoch", -1))
-    if trained >= max_epochs:
+        epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+        return int(epoch) + 1 if isinstance(epoch, int) else None
+
+
+def _say_if_finished(last: Path, max_epochs: int) -> None:
+    """Say so when the run to resume has already trained ``max_epochs`` epochs."""
+    trained = _trained_epochs(last)
+    if trained is not None and trained >= max_epochs:
         print(
             f"{last.parent.parent}: this run has already trained max_epochs={max_epochs} "
             "epochs; nothing to train (raise --max-epochs to train on, or --resume false to "
             "start over)",
             flush=True,
         )
+
+
+def _finished(
+    name: str, cfg: Dict[str, Any], out_dir: Path, best: str, exports: Dict[str, str]
+) -> StageResult:
+    """Record the finished stage (``done.json``, written last) and return it."""
+    last = out_dir / CKPT_DIR / "last.ckpt"
+    result = StageResult(
+        name,
+        str(out_dir),
+        best,
+        exports,
+        epochs=_trained_epochs(last) if last.is_file() else None,
+        limit_train_batches=cfg.get("limit_train_batches"),
+    )
+    result.save()
+    return result
 
 
 def _optim(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -411,14 +523,12 @@ def _train_single_network(
         init_checkpoint=cfg.get("init_checkpoint"),
         **_optim(cfg),
     )
-    best = _fit(cfg, module, out_dir, callbacks)
+    best = _fit(cfg, module, out_dir, name, callbacks)
     model = load_reconstruction_model(best)
     model_path = save_model_checkpoint(
         model, out_dir / "model.pt", role=role, extra={"challenge": _input_challenge(cfg)}
     )
-    result = StageResult(name, str(out_dir), best, {"model": str(model_path)})
-    result.save()
-    return result
+    return _finished(name, cfg, out_dir, best, {"model": str(model_path)})
 
 
 def run_train(cfg: Dict[str, Any]) -> StageResult:
@@ -464,14 +574,12 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         init_student=cfg.get("init_student"),
         **_optim(cfg),
     )
-    best = _fit(cfg, module, out_dir)
+    best = _fit(cfg, module, out_dir, "sft")
     teacher_path, student_path = export_sft(
         best, out_dir, extra={"challenge": _input_challenge(cfg)}
     )
     exports = {"teacher": str(teacher_path), "student_init": str(student_path)}
-    result = StageResult("sft", str(out_dir), best, exports)
-    result.save()
-    return result
+    return _finished("sft", cfg, out_dir, best, exports)
 
 
 def run_distill(cfg: Dict[str, Any]) -> StageResult:

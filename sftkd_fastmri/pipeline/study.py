@@ -12,7 +12,11 @@ Stages, each in its own folder under ``out_dir`` (``seed_<s>/<stage>`` for every
 
 Checkpoints are selected on the validation split; every model is then scored on the held-out
 test split (``test_split``) that no selection has seen. A stage that finished (``done.json``)
-is skipped on re-run; an interrupted one resumes from its ``last.ckpt``.
+is skipped on re-run, after its recorded settings are compared with the study's (those
+that define a run of its kind); one that trained fewer epochs than now asked for trains on
+from its ``last.ckpt``, one that trained more (or other batches per epoch) is refused. An
+interrupted stage resumes from its ``last.ckpt``. Paths in ``done.json`` are relative to the
+stage folder, so a moved or copied study reads its own models.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from ..experiment import (
     run_sft,
     run_train,
 )
+from ..experiment.builders import batch_limit
+from ..experiment.runs import _trained_epochs
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model
@@ -129,14 +135,51 @@ def _stage(
     stage_cfg["out_dir"] = str(out_dir)
     done = StageResult.load(out_dir)
     if done is not None:
-        check_run_settings(stage_cfg, out_dir, finished=True)
-        log.append(f"[skip] {name}: finished earlier ({out_dir})")
-        print(log[-1], flush=True)
-        return done
-    print(f"[run ] {name} -> {out_dir}", flush=True)
+        check_run_settings(stage_cfg, out_dir, finished=True, stage=done.name)
+        more = _reuse_or_train_on(done, stage_cfg)
+        if not more:
+            log.append(f"[skip] {name}: finished earlier ({out_dir})")
+            print(log[-1], flush=True)
+            return done
+        print(f"[more] {name}: {more}", flush=True)
+    else:
+        print(f"[run ] {name} -> {out_dir}", flush=True)
     result = runner(stage_cfg)
     log.append(f"[done] {name}")
     return result
+
+
+def _batches(limit: Any) -> Tuple[bool, float]:
+    # Lightning's reading: an int counts batches, a float is a fraction (1 != 1.0)
+    value = batch_limit(limit)
+    return isinstance(value, int), float(value)
+
+
+def _reuse_or_train_on(done: StageResult, cfg: Dict[str, Any]) -> Optional[str]:
+    """``None`` when the finished stage ``done`` trained what ``cfg`` asks for; a reason to
+    train it on when it trained fewer epochs (it resumes from its ``last.ckpt``). A stage
+    that trained more epochs, or other batches per epoch, than asked is refused: the report
+    would state epochs its models did not train."""
+    wanted, trained = int(cfg["max_epochs"]), done.epochs
+    if trained is None:
+        last = Path(done.out_dir) / "checkpoints" / "last.ckpt"
+        trained = _trained_epochs(last) if last.is_file() else None
+    limit, recorded = cfg.get("limit_train_batches"), done.limit_train_batches
+    if recorded is not None and limit is not None and _batches(recorded) != _batches(limit):
+        raise ValueError(
+            f"{done.out_dir} holds a finished stage trained with limit_train_batches="
+            f"{recorded}; this study asks for {limit}. Use another out_dir for the new "
+            "setting, or remove that folder to train the stage again"
+        )
+    if trained is None or trained == wanted:
+        return None
+    if trained > wanted:
+        raise ValueError(
+            f"{done.out_dir} holds a finished stage of {trained} epochs; this study asks for "
+            f"{wanted} (epochs). Ask for {trained}, use another out_dir, or remove that "
+            "folder to train the stage again"
+        )
+    return f"trained {trained} of the {wanted} epochs now asked for; training on"
 
 
 def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tuple[str, Any]]:

@@ -69,3 +69,39 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert "holds a finished run with other settings" in err
     assert "accelerations: [4] then, [8] now" in err and "lr: 0.001 then, 0.01 now" in err
     assert (out_dir / "stages.log").read_text() == log  # nothing rewritten
+
+    # a moved study folder reads its own models (done.json paths are relative to the stage)
+    from sftkd_fastmri.experiment import StageResult
+
+    moved = tmp_path / "moved"
+    out_dir.rename(moved)
+    config["out_dir"] = str(moved)
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert (moved / "stages.log").read_text().count("[skip]") == 8
+    teacher = StageResult.load(moved / "seed_0" / "teacher")
+    assert teacher.exports["model"] == str(moved / "seed_0" / "teacher" / "model.pt")
+    assert teacher.epochs == 1
+
+    # an SFT-only setting concerns the SFT stage alone: the standard teacher is not refused
+    capsys.readouterr()
+    path.write_text(yaml.safe_dump({**config, "teacher_weight": 0.5}))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "[skip] teacher" in out and "[skip] student" in out
+    assert "seed_0/sft holds a finished run with other settings" in err
+    assert "teacher_weight: 1.0 then, 0.5 now" in err
+
+    # more epochs for the KD stages: those train on from their last epoch, the rest is reused
+    path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 2}}))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[more]") == 5 and "trained 1 of the 2 epochs" in out  # control + 4 KD
+    log = (moved / "stages.log").read_text()
+    assert log.count("[skip]") == 3 and log.count("[done]") == 5
+    assert StageResult.load(moved / "seed_0" / "kd_sft_at").epochs == 2
+    assert json.loads((moved / "report.json").read_text())["meta"]["epochs"]["kd"] == 2
+    # fewer epochs than a finished stage trained: refused, not reported as the fewer
+    path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 1}}))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "holds a finished stage of 2 epochs; this study asks for 1" in capsys.readouterr().err
