@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Mapping, Union
@@ -14,6 +16,7 @@ __all__ = [
     "atomic_write_text",
     "make_temp_dir",
     "make_temp_file",
+    "remove_stale_temporaries",
     "save_reconstructions_atomic",
 ]
 
@@ -24,13 +27,56 @@ def _umask() -> int:
     return mask
 
 
+def _owner() -> str:
+    """``<host>-<pid>``: which process a temporary name belongs to (no dots in it)."""
+    host = socket.gethostname().replace(".", "_").replace(os.sep, "_") or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temporaries(parent: Union[str, os.PathLike], prefix: str) -> None:
+    """Remove temporaries named ``<prefix><host>-<pid>.*`` in ``parent`` whose process, on
+    this host, is gone: what a killed process (SIGKILL, power loss) could not clean up.
+    Those of live processes and of other hosts (a shared file system) stay."""
+    host = _owner().rsplit("-", 1)[0]
+    try:
+        candidates = list(Path(parent).glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return
+    for path in candidates:
+        owner = path.name[len(prefix) :].split(".", 1)[0]
+        name_host, _, pid = owner.rpartition("-")
+        if name_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove
+
+
 def make_temp_file(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Path:
     """An empty temporary file beside ``path`` (a hidden name, unique), to be renamed onto
     ``path`` once written. ``tempfile.mkstemp`` makes files private (0600); this one gets the
     permissions a plain ``open()`` would give (0666 minus the umask), so a renamed output is as
-    readable as any other file the user writes."""
+    readable as any other file the user writes. The name holds the host and process id, so
+    the next write of ``path`` removes what a killed process left
+    (:func:`remove_stale_temporaries`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_stale_temporaries(path.parent, f".{path.name}.")
+    prefix = f".{path.name}.{_owner()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return Path(tmp)
@@ -38,8 +84,10 @@ def make_temp_file(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Path:
 
 def make_temp_dir(parent: Union[str, os.PathLike], prefix: str) -> Path:
     """A temporary folder in ``parent`` with the permissions ``mkdir`` would give (0777 minus
-    the umask; ``tempfile.mkdtemp`` makes it private)."""
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    the umask; ``tempfile.mkdtemp`` makes it private); named with the host and process id
+    like :func:`make_temp_file`, and the stale ones of killed processes removed first."""
+    remove_stale_temporaries(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{_owner()}.", dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
     return Path(tmp)
 

@@ -95,3 +95,32 @@ def test_written_files_and_folders_get_the_umasks_permissions(tmp_path, umask_02
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     for folder in (tmp_path / "singlecoil_test_heldout", tmp_path / "singlecoil_val_select"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+
+
+def test_the_next_write_removes_what_a_killed_process_left(tmp_path):
+    """A process killed with SIGKILL cannot remove its temporary file; the next write of the
+    same output removes it, but never one of a live process or of another host."""
+    import subprocess
+    import sys
+
+    from sftkd_fastmri._io import _owner, make_temp_dir
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    host = _owner().rsplit("-", 1)[0]
+    out = tmp_path / "model.onnx"
+    stale = tmp_path / f".model.onnx.{host}-{gone.pid}.abc123.tmp"
+    live = tmp_path / f".model.onnx.{host}-{os.getpid()}.def456.tmp"
+    elsewhere = tmp_path / f".model.onnx.otherhost-{gone.pid}.ghi789.tmp"
+    unrelated = tmp_path / ".model.onnx.notes"
+    for p in (stale, live, elsewhere, unrelated):
+        p.write_text("")
+    atomic_write_text(out, "graph")
+    assert out.read_text() == "graph"
+    assert not stale.exists()
+    assert live.exists() and elsewhere.exists() and unrelated.exists()
+    # staging folders too (reconstructions, holdout splits)
+    folder = tmp_path / f".partial-{host}-{gone.pid}.xyz"
+    (folder / "inner").mkdir(parents=True)
+    made = make_temp_dir(tmp_path, ".partial-")
+    assert made.is_dir() and not folder.exists()

@@ -651,16 +651,21 @@ def _export_onnx(
     inputs = _example_inputs(shape, coils, batch=2)
     meta = {**meta, "format": "onnx", **_signature(coils), "example_shape": list(shape)}
     dynamo = _have("onnx", "onnxscript")
-    with _atomic_output(out) as tmp:
+    program = None
+    if dynamo:  # the long part, before any file exists
         try:
             with _quiet():
-                if dynamo:
-                    program = _onnx_dynamo(wrapper, inputs, names, opset)
-                else:
-                    _onnx_legacy(wrapper, inputs, names, opset, tmp)
+                program = _onnx_dynamo(wrapper, inputs, names, opset)
         except Exception as err:
             raise _onnx_failure(err, dynamo, opset) from err
-        if dynamo:
+    with _atomic_output(out) as tmp:
+        if not dynamo:  # the legacy exporter writes the file itself
+            try:
+                with _quiet():
+                    _onnx_legacy(wrapper, inputs, names, opset, tmp)
+            except Exception as err:
+                raise _onnx_failure(err, dynamo, opset) from err
+        if program is not None:
             graph_inputs = program.model.graph.inputs
             meta["input_shapes"] = [[_dim(d) for d in v.shape] for v in graph_inputs]
             meta["dynamic_shapes"] = not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4])
