@@ -216,7 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ..pipeline import STUDY_DEFAULTS, run_study, study_summary
+    from ..pipeline import STUDY_DEFAULTS, parse_controls, run_study, study_summary
 
     groups = ("data", "optim", "trainer", "runtime")
     cfg = _cfg(args, groups, extra=STUDY_DEFAULTS)
@@ -232,12 +232,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as err:
             raise SystemExit(f"error: {source}: seeds: {err} (a list such as [0, 1, 2])") from None
     try:
-        cfg["controls"] = boolean(cfg["controls"])
+        cfg["controls"] = list(parse_controls(cfg["controls"]))
+    except ValueError as err:
+        raise SystemExit(f"error: {source}: {err}") from None
+    try:
         cfg["train_first_student_cascade"] = boolean(cfg["train_first_student_cascade"])
     except argparse.ArgumentTypeError as err:
-        raise SystemExit(
-            f"error: {source}: controls / train_first_student_cascade: {err}"
-        ) from None
+        raise SystemExit(f"error: {source}: train_first_student_cascade: {err}") from None
     result = run_study(cfg)
     result.report.print()
     print(study_summary(result))
@@ -292,7 +293,8 @@ STUDY_KEY_HELP = {
     "layers": "KD layer pairings per method (default: the presets' pairings)",
     "loss_options": "options per KD method, e.g. {at: {p: 2}}",
     "epochs": "epochs per stage: a number, or {teacher, student, sft, kd} (default: max_epochs)",
-    "controls": "also train control (a): the SFT student initialisation without KD",
+    "controls": "controls of a fair comparison: true (= [a]), false, or [a, b]: (a) the SFT "
+    "student initialisation without KD, (b) Std-KD for the SFT and KD epochs together",
     "seeds": "seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
     "train_first_student_cascade": "SFT branch 0 trains the student's first cascade",
     "teacher_weight": "SFT loss weight of the teacher term",

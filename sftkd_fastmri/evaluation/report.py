@@ -17,7 +17,9 @@ Roles are read from ``kind`` and ``variant``:
   ``variant="sft"`` is control (a) of the fair comparison, the student initialised from the
   SFT branches and fine-tuned without KD;
 * ``kind="kd"``: a distilled student, ``method`` names the KD loss, ``variant`` is ``"std"``
-  (KD from the standard teacher) or ``"sft"`` (KD from the SFT teacher).
+  (KD from the standard teacher), ``"sft"`` (KD from the SFT teacher) or ``"budget"``:
+  control (b), Std-KD trained from scratch for as many epochs as the SFT stage and SFT-KD
+  together, so that SFT-KD's head start is matched by epochs.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 KINDS = ("baseline", "teacher", "student", "kd")
-VARIANTS = ("std", "sft", None)
+VARIANTS = ("std", "sft", "budget", None)
 METRICS = ("psnr", "ssim", "nmse", "hfen")
 
 # Display names of the KD losses registered in sftkd_fastmri.kd (paper spelling).
@@ -106,7 +108,8 @@ class ModelEntry:
             raise ValueError(f"model {self.key!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.variant not in VARIANTS:
             raise ValueError(
-                f"model {self.key!r}: variant must be 'std', 'sft' or None, got {self.variant!r}"
+                f"model {self.key!r}: variant must be 'std', 'sft', 'budget' or None, got "
+                f"{self.variant!r}"
             )
         if self.kind == "kd" and not self.method:
             raise ValueError(f"model {self.key!r}: a KD entry needs its method (e.g. 'at')")
@@ -194,8 +197,19 @@ class KDComparison:
     diff_psnr: Optional[float] = None
     diff_ssim: Optional[float] = None
     sft_minus_control_psnr: Optional[float] = None
-    # Per seed, paired (same seed): SFT-KD PSNR minus Std-KD PSNR.
+    # Control (b): Std-KD with the epochs of the SFT stage and SFT-KD together.
+    budget_key: Optional[str] = None
+    budget_psnr: Optional[float] = None
+    budget_psnr_std: Optional[float] = None
+    budget_ssim: Optional[float] = None
+    budget_ssim_std: Optional[float] = None
+    budget_gap_closed: Optional[float] = None
+    sft_minus_budget_psnr: Optional[float] = None
+    # Per seed, paired (same seed): SFT-KD PSNR minus Std-KD PSNR, minus control (a)'s, minus
+    # control (b)'s.
     seed_diffs_psnr: List[float] = field(default_factory=list)
+    seed_diffs_control_psnr: List[float] = field(default_factory=list)
+    seed_diffs_budget_psnr: List[float] = field(default_factory=list)
 
     @property
     def diff_psnr_seed_std(self) -> Optional[float]:
@@ -506,7 +520,7 @@ def _kd_table(
         if m.kind != "kd":
             continue
         row = rows.setdefault(m.method, KDComparison(method=m.method, name=method_name(m.method)))
-        prefix = "sft" if m.variant == "sft" else "std"
+        prefix = m.variant if m.variant in ("sft", "budget") else "std"
         if getattr(row, f"{prefix}_key") is not None:
             raise ValueError(
                 f"two {prefix.upper()}-KD models for method {m.method!r}: "
@@ -519,19 +533,69 @@ def _kd_table(
         setattr(row, f"{prefix}_ssim_std", m.std("ssim"))
         setattr(row, f"{prefix}_gap_closed", m.gap_closed)
     for row in rows.values():
-        if row.std_key is not None and row.sft_key is not None:
+        sft_m = by_key.get(row.sft_key) if row.sft_key is not None else None
+        if sft_m is not None and row.std_key is not None:
             row.diff_psnr = row.sft_psnr - row.std_psnr
             row.diff_ssim = row.sft_ssim - row.std_ssim
-            std_m, sft_m = by_key[row.std_key], by_key[row.sft_key]
-            std_by_seed = dict(zip(std_m.seeds, std_m.seed_psnr))
-            row.seed_diffs_psnr = [
-                v - std_by_seed[seed]
-                for seed, v in zip(sft_m.seeds, sft_m.seed_psnr)
-                if seed is not None and seed in std_by_seed
-            ]
-        if row.sft_key is not None and control is not None:
+            row.seed_diffs_psnr = _paired(sft_m, by_key[row.std_key])
+        if sft_m is not None and control is not None:
             row.sft_minus_control_psnr = row.sft_psnr - control.mean("psnr")
+            row.seed_diffs_control_psnr = _paired(sft_m, control)
+        if sft_m is not None and row.budget_key is not None:
+            row.sft_minus_budget_psnr = row.sft_psnr - row.budget_psnr
+            row.seed_diffs_budget_psnr = _paired(sft_m, by_key[row.budget_key])
     return list(rows.values())
+
+
+def _budget_caveat(report: Report) -> str:
+    """Control (b): whether Std-KD got the epochs SFT-KD had (SFT stage + KD) and what the
+    comparison with it shows."""
+    with_sft = [r for r in report.kd_table if r.sft_key is not None]
+    matched = [r for r in with_sft if r.budget_key is not None]
+    if matched:
+        text = (
+            "Control (b) present: Std-KD trained from scratch for the epochs of the SFT stage "
+            "and SFT-KD together (column 'SFT - ctrl(b)'); a margin of SFT-KD over it is not "
+            "explained by more training epochs."
+        )
+        below = [
+            r.name
+            for r in matched
+            if r.sft_minus_budget_psnr is not None and not r.sft_minus_budget_psnr > 0
+        ]
+        if below:
+            text += f" SFT-KD is not above control (b) for {', '.join(below)}."
+        unmatched = [r.name for r in with_sft if r.budget_key is None]
+        if unmatched:
+            text += f" Not run for {', '.join(unmatched)}."
+        return text
+    epochs = report.meta.get("epochs")
+    if isinstance(epochs, Mapping) and "sft" in epochs and "kd" in epochs:
+        return (
+            f"Control (b) not run: Std-KD students trained {epochs['kd']} epochs from scratch, "
+            f"SFT-KD students {epochs['sft']} (the SFT stage, as student branches) + "
+            f"{epochs['kd']}, so Std-KD vs SFT-KD is not matched in epochs. The pipeline runs "
+            "it with `controls: [a, b]`."
+        )
+    listed = (
+        ", ".join(f"{k}: {v}" for k, v in epochs.items())
+        if isinstance(epochs, Mapping) and epochs
+        else "not given"
+    )
+    return (
+        f"Control (b) not run (epoch budgets: {listed}): Std-KD should get the same total "
+        "number of epochs as the SFT stage plus SFT-KD for the comparison to be fair."
+    )
+
+
+def _paired(a: ModelSummary, b: ModelSummary) -> List[float]:
+    """Per seed both models share: mean PSNR of ``a`` minus that of ``b``."""
+    b_by_seed = dict(zip(b.seeds, b.seed_psnr))
+    return [
+        v - b_by_seed[seed]
+        for seed, v in zip(a.seeds, a.seed_psnr)
+        if seed is not None and seed in b_by_seed
+    ]
 
 
 def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
@@ -554,24 +618,24 @@ def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
             "the SFT-KD advantage cannot be separated from that head start."
         )
     elif has_sft_kd:
-        out.append(
+        text = (
             "Control (a) present: compare SFT-KD against the SFT-initialised student without KD "
             "(column 'SFT - ctrl(a)'); only the margin over it is attributable to distillation "
             "from the SFT teacher."
         )
-    epochs = report.meta.get("epochs")
+        below = [
+            r.name
+            for r in report.kd_table
+            if r.sft_minus_control_psnr is not None and not r.sft_minus_control_psnr > 0
+        ]
+        if below:
+            text += (
+                f" SFT-KD is not above control (a) for {', '.join(below)}: there its result "
+                "comes from the SFT initialisation, not from distillation."
+            )
+        out.append(text)
     if has_sft_kd:
-        if isinstance(epochs, Mapping) and epochs:
-            listed = ", ".join(f"{k}: {v}" for k, v in epochs.items())
-            out.append(
-                f"Control (b), epoch budgets ({listed}): Std-KD should get the same total epochs "
-                "as SFT stage + SFT-KD for the comparison to be fair."
-            )
-        else:
-            out.append(
-                "Control (b) unknown: epoch budgets not given; Std-KD should get the same total "
-                "number of epochs as the SFT stage plus SFT-KD."
-            )
+        out.append(_budget_caveat(report))
     split = report.meta.get("split")
     if split is not None and str(split).lower() in ("val", "validation"):
         out.append(
@@ -671,8 +735,11 @@ def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
         "PSNR SFT - Std",
         "SSIM SFT - Std",
     ]
+    budget = any(r.budget_key is not None for r in report.kd_table)
     if control:
         head.append("PSNR SFT - ctrl(a)")
+    if budget:
+        head.append("PSNR SFT - ctrl(b)")
     rows = []
     for r in report.kd_table:
         row = [
@@ -683,22 +750,24 @@ def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
             _pm(r.sft_ssim, r.sft_ssim_std, 4),
             _pct(r.std_gap_closed),
             _pct(r.sft_gap_closed),
-            _diff_cell(r),
+            _diff_cell(r.diff_psnr, r.seed_diffs_psnr),
             _num(r.diff_ssim, "+.4f"),
         ]
         if control:
-            row.append(_num(r.sft_minus_control_psnr, "+.3f"))
+            row.append(_diff_cell(r.sft_minus_control_psnr, r.seed_diffs_control_psnr))
+        if budget:
+            row.append(_diff_cell(r.sft_minus_budget_psnr, r.seed_diffs_budget_psnr))
         rows.append(row)
     return head, rows
 
 
-def _diff_cell(r: KDComparison) -> str:
+def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float]) -> str:
     """``+0.249``, or with several paired seeds ``+0.249 ± 0.110 (3/3)``: the std over seeds of
-    the paired difference and the seeds in which SFT-KD won."""
-    text = _num(r.diff_psnr, "+.3f")
-    spread, wins = r.diff_psnr_seed_std, r.sft_wins
-    if r.diff_psnr is not None and spread is not None and wins is not None:
-        text += f" ± {spread:.3f} ({wins[0]}/{wins[1]})"
+    the paired difference and the seeds in which SFT-KD was ahead."""
+    text = _num(diff, "+.3f")
+    if diff is not None and len(seed_diffs) >= 2:
+        spread = float(np.std(seed_diffs, ddof=1))
+        text += f" ± {spread:.3f} ({sum(d > 0 for d in seed_diffs)}/{len(seed_diffs)})"
     return text
 
 
@@ -748,18 +817,37 @@ def _gap_lines(report: Report) -> List[str]:
         )
     both = [r for r in report.kd_table if r.diff_psnr is not None]
     if both:
-        wins = sum(r.diff_psnr > 0 for r in both)
-        lines.append(
-            f"SFT-KD beats Std-KD in PSNR for {wins} of {len(both)} method(s) with both variants "
-            f"(mean difference {np.mean([r.diff_psnr for r in both]):+.3f} dB)."
+        ahead = sum(r.diff_psnr > 0 for r in both)
+        line = (
+            f"SFT-KD's mean PSNR is above Std-KD's for {ahead} of {len(both)} method(s) with "
+            f"both variants (mean difference {np.mean([r.diff_psnr for r in both]):+.3f} dB)."
         )
-        paired = [r.sft_wins for r in both if r.sft_wins is not None and r.sft_wins[1] > 1]
+        if report.num_seeds < MIN_SEEDS:
+            line += (
+                f" With {report.num_seeds} seed(s) that does not separate them from seed noise "
+                "(see the caveats)."
+            )
+        lines.append(line)
+        paired = [r for r in both if len(r.seed_diffs_psnr) > 1]
         if paired:
-            won, total = sum(w for w, _ in paired), sum(n for _, n in paired)
+            won = sum(sum(d > 0 for d in r.seed_diffs_psnr) for r in paired)
+            total = sum(len(r.seed_diffs_psnr) for r in paired)
+            every = [r.name for r in paired if all(d > 0 for d in r.seed_diffs_psnr)]
             lines.append(
-                f"Per seed (same seed, same data order): SFT-KD beats Std-KD in {won} of {total} "
-                "(method, seed) pairs; 'PSNR SFT - Std' shows the mean ± std over seeds of the "
-                "paired difference and the seeds SFT-KD won."
+                f"Per seed (same seed, same data order): SFT-KD is ahead of Std-KD in {won} of "
+                f"{total} (method, seed) pairs, in every seed for "
+                f"{', '.join(every) if every else 'no method'}; 'PSNR SFT - Std' shows the "
+                "mean ± std over seeds of the paired difference and the seeds SFT-KD was ahead."
+            )
+    for column, label, diffs in (
+        ("ctrl(a)", "control (a)", [r.sft_minus_control_psnr for r in report.kd_table]),
+        ("ctrl(b)", "control (b)", [r.sft_minus_budget_psnr for r in report.kd_table]),
+    ):
+        diffs = [d for d in diffs if d is not None]
+        if diffs:
+            lines.append(
+                f"SFT-KD is above {label} for {sum(d > 0 for d in diffs)} of {len(diffs)} "
+                f"method(s) (mean 'SFT - {column}' {np.mean(diffs):+.3f} dB)."
             )
     return lines
 

@@ -1,5 +1,19 @@
 """The end-to-end SFT-KD study: train, distil, evaluate, report."""
 
-from .study import STUDY_DEFAULTS, StudyResult, run_study, study_summary
+from .study import (
+    CONTROLS,
+    STUDY_DEFAULTS,
+    StudyResult,
+    parse_controls,
+    run_study,
+    study_summary,
+)
 
-__all__ = ["STUDY_DEFAULTS", "StudyResult", "run_study", "study_summary"]
+__all__ = [
+    "CONTROLS",
+    "STUDY_DEFAULTS",
+    "StudyResult",
+    "parse_controls",
+    "run_study",
+    "study_summary",
+]

@@ -5,10 +5,13 @@ Stages, each in its own folder under ``out_dir`` (``seed_<s>/<stage>`` for every
 1. ``teacher``: the standard teacher (e.g. D5C5) trained alone;
 2. ``student``: the student (e.g. D3C5) trained alone, without KD;
 3. ``sft``: the student-friendly teacher, trained with unfolded student branches;
-4. ``control_sft_init`` (``controls: true``): control (a) of a fair comparison - the student
-   initialised from the SFT branches and fine-tuned without KD;
+4. ``control_sft_init`` (``controls`` holds ``a``; ``true`` is ``[a]``): control (a) of a
+   fair comparison - the student initialised from the SFT branches and fine-tuned without KD;
 5. for every KD method: ``kd_std_<m>`` (student from scratch, standard teacher) and
-   ``kd_sft_<m>`` (student initialised from the SFT branches, SFT teacher), as in the paper.
+   ``kd_sft_<m>`` (student initialised from the SFT branches, SFT teacher), as in the paper;
+   with ``controls: [a, b]`` also ``control_budget_<m>``: control (b), Std-KD from scratch
+   for the epochs of the SFT stage and the KD stage together (the epochs SFT-KD's student
+   has had), so a margin of SFT-KD over it is not a matter of more training.
 
 Checkpoints are selected on the validation split; every model is then scored on the held-out
 test split (``test_split``) that no selection has seen. A stage that finished (``done.json``)
@@ -51,7 +54,7 @@ from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model
 
-__all__ = ["STUDY_DEFAULTS", "StudyResult", "run_study"]
+__all__ = ["CONTROLS", "STUDY_DEFAULTS", "StudyResult", "parse_controls", "run_study"]
 
 #: Study-level options (besides the data/optim/trainer/runtime options of the CLI).
 STUDY_DEFAULTS: Dict[str, Any] = {
@@ -76,6 +79,32 @@ STUDY_DEFAULTS: Dict[str, Any] = {
     "title": "SFT-KD study",
 }
 STAGE_EPOCH_KEYS = ("teacher", "student", "sft", "kd")
+#: The controls of a fair comparison a study can train (method.md section 6).
+CONTROLS = ("a", "b")
+
+
+def parse_controls(value: Any) -> Tuple[str, ...]:
+    """The study's ``controls``: ``true`` (control (a), the default), ``false`` (none),
+    ``all``, or a list of ``a`` (the SFT-initialised student without KD) and ``b`` (Std-KD
+    with the epochs of the SFT stage and SFT-KD together)."""
+    words = {"true": ("a",), "yes": ("a",), "on": ("a",), "false": (), "no": (), "off": ()}
+    if value is None or isinstance(value, bool):
+        return ("a",) if value else ()
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in words:
+            return words[word]
+        items = list(CONTROLS) if word == "all" else [w.strip() for w in word.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip().lower() for v in value]
+    else:
+        items = [value]
+    if not items or any(item not in CONTROLS for item in items):
+        raise ValueError(
+            f"controls: expected true, false, all or a list of {', '.join(CONTROLS)} "
+            f"(e.g. [a, b]), got {value!r}"
+        )
+    return tuple(c for c in CONTROLS if c in items)
 
 
 class StudyResult:
@@ -205,7 +234,8 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
     add("student", student, "model", name="Student (no KD)", kind="student", variant="std")
     sft = stage("sft", run_sft, max_epochs=ep["sft"])
     add("sft_teacher", sft, "teacher", name="SFT teacher", kind="teacher", variant="sft")
-    if cfg["controls"]:
+    controls = parse_controls(cfg["controls"])
+    if "a" in controls:
         ctrl = stage(
             "control_sft_init",
             run_train,
@@ -255,6 +285,23 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
             method=method,
             variant="sft",
         )
+        if "b" in controls:
+            budget = stage(
+                f"control_budget_{method}",
+                run_distill,
+                **{**kd, "max_epochs": ep["sft"] + ep["kd"]},
+                init_checkpoint=None,
+                teacher_checkpoint=teacher.exports["model"],
+            )
+            add(
+                f"kd_budget/{method}",
+                budget,
+                "model",
+                name=f"Std-KD {method}, SFT+KD epochs",
+                kind="kd",
+                method=method,
+                variant="budget",
+            )
     return models
 
 
@@ -290,6 +337,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
     _check_networks(cfg)
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
+    parse_controls(cfg["controls"])
     # ... and the held-out split must have targets to score, and the training splits exist
     test_folder = check_scored_split(
         cfg, cfg["test_split"], "the study's test_split", option="--test-split"

@@ -522,7 +522,17 @@ def test_config_values_are_checked_like_flags(tiny_demo, tmp_path, capsys):
     assert "seeds: expected an integer, got 'one'" in capsys.readouterr().err
     study.write_text(f"data_path: {tiny_demo}\nchallenge: multicoil\ncontrols: maybe\n")
     assert main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")]) == 2
-    assert "controls / train_first_student_cascade: expected true/false, got 'maybe'" in (
+    assert "controls: expected true, false, all or a list of a, b (e.g. [a, b]), got 'maybe'" in (
+        capsys.readouterr().err
+    )
+    study.write_text(f"data_path: {tiny_demo}\nchallenge: multicoil\ncontrols: [a, c]\n")
+    assert main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")]) == 2
+    assert "got ['a', 'c']" in capsys.readouterr().err
+    study.write_text(
+        f"data_path: {tiny_demo}\nchallenge: multicoil\ntrain_first_student_cascade: maybe\n"
+    )
+    assert main(["pipeline", "--config", str(study), "--out-dir", str(tmp_path / "st")]) == 2
+    assert "train_first_student_cascade: expected true/false, got 'maybe'" in (
         capsys.readouterr().err
     )
     study.write_text(f"data_path: {tiny_demo}\nchallenge: multicoil\nepochs: two\ntest_split: x\n")

@@ -105,3 +105,50 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 1}}))
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "holds a finished stage of 2 epochs; this study asks for 1" in capsys.readouterr().err
+
+
+def test_controls_are_read_as_the_study_documents():
+    from sftkd_fastmri.pipeline import parse_controls
+
+    assert parse_controls(True) == ("a",) and parse_controls("yes") == ("a",)
+    assert parse_controls(False) == () and parse_controls("off") == ()
+    assert parse_controls(["b", "a"]) == ("a", "b") == parse_controls("all")
+    assert parse_controls("b") == ("b",) and parse_controls("a, b") == ("a", "b")
+    for bad in ("maybe", ["a", "c"], [], 3):
+        with pytest.raises(ValueError, match="controls: expected"):
+            parse_controls(bad)
+
+
+def test_control_b_trains_std_kd_for_the_sft_and_kd_epochs(tiny_demo, tmp_path, capsys):
+    from sftkd_fastmri.experiment import StageResult
+
+    out_dir = tmp_path / "study"
+    config = {
+        "data_path": str(tiny_demo),
+        "challenge": "multicoil",
+        "test_split": "test_full",
+        "batch_size": 2,
+        "accelerator": "cpu",
+        "progress": False,
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "teacher_overrides": {"chans": 4},
+        "student_overrides": {"chans": 4},
+        "methods": {"imitation": 1.0},
+        "controls": ["b"],
+        "out_dir": str(out_dir),
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert not (out_dir / "seed_0" / "control_sft_init").exists()  # (a) not asked for
+    budget = StageResult.load(out_dir / "seed_0" / "control_budget_imitation")
+    assert budget.epochs == 2  # the SFT stage's epoch and the KD stage's
+    assert StageResult.load(out_dir / "seed_0" / "kd_std_imitation").epochs == 1
+    report = json.loads((out_dir / "report.json").read_text())
+    (row,) = report["kd_table"]
+    assert row["budget_key"] == "kd_budget/imitation"
+    assert row["sft_minus_budget_psnr"] == pytest.approx(row["sft_psnr"] - row["budget_psnr"])
+    assert "PSNR SFT - ctrl(b)" in (out_dir / "report.md").read_text()
+    assert any(c.startswith("Control (b) present") for c in report["caveats"])
+    assert any(c.startswith("Control (a) missing") for c in report["caveats"])

@@ -232,3 +232,48 @@ def test_write_report_files(tmp_path):
         assert needle in md, needle
     text = str(report)
     assert "Demo study" in text and "kd_std/at".replace("_", " ") in text
+
+
+def test_control_b_and_the_summary_say_what_the_seeds_show():
+    """Control (b): Std-KD trained for the SFT stage's and SFT-KD's epochs together. The
+    summary states where SFT-KD is below either control, and per-seed spreads of both."""
+    entries = []
+    # per seed (0, 1, 2): SFT-KD AT 40.0/40.2/40.1; ctrl(a) 39.9/40.3/40.0; ctrl(b) 39.8/40.0/39.9
+    for seed, (sft, ctrl, budget) in enumerate(
+        ((40.0, 39.9, 39.8), (40.2, 40.3, 40.0), (40.1, 40.0, 39.9))
+    ):
+        entries += [
+            entry("teacher", "teacher", (40.4, 40.4), variant="std", seed=seed),
+            entry("student", "student", (39.5, 39.5), variant="std", seed=seed),
+            entry("ctrl", "student", (ctrl, ctrl), variant="sft", seed=seed),
+            entry("kd_std/at", "kd", (39.7, 39.7), "at", "std", seed=seed),
+            entry("kd_sft/at", "kd", (sft, sft), "at", "sft", seed=seed),
+            entry("kd_budget/at", "kd", (budget, budget), "at", "budget", seed=seed),
+        ]
+    report = build_report(entries, {"epochs": {"sft": 2, "kd": 3}})
+    row = report.kd_table[0]
+    assert row.budget_key == "kd_budget/at" and row.budget_psnr == pytest.approx(39.9)
+    assert row.sft_minus_budget_psnr == pytest.approx(0.2)
+    assert row.seed_diffs_budget_psnr == pytest.approx([0.2, 0.2, 0.2])
+    assert row.seed_diffs_control_psnr == pytest.approx([0.1, -0.1, 0.1])
+    assert report.model("kd_budget/at").gap_closed == pytest.approx(0.4 / 0.9)
+    text = report.to_markdown()
+    assert "PSNR SFT - ctrl(b)" in text
+    assert "+0.033 ± 0.115 (2/3)" in text  # SFT - ctrl(a): mean, std over seeds, seeds ahead
+    assert "+0.200 ± 0.000 (3/3)" in text  # SFT - ctrl(b)
+    assert "in every seed for AT" in text
+    assert "SFT-KD is above control (b) for 1 of 1 method(s)" in text
+    caveats = " ".join(report.caveats)
+    assert "Control (b) present" in caveats and "not above control (b)" not in caveats
+
+    # without control (b), the caveat states the unmatched epochs; a method below control (a)
+    # and a single seed are named in the summary
+    fewer = [e for e in entries if e["key"] != "kd_budget/at" and e["seed"] == 1]
+    report = build_report(fewer, {"epochs": {"teacher": 5, "sft": 2, "kd": 3}})
+    caveats = " ".join(report.caveats)
+    assert "Control (b) not run: Std-KD students trained 3 epochs from scratch" in caveats
+    assert "SFT-KD students 2 (the SFT stage, as student branches) + 3" in caveats
+    assert "SFT-KD is not above control (a) for AT" in caveats
+    text = report.to_markdown()
+    assert "With 1 seed(s) that does not separate them from seed noise" in text
+    assert "SFT-KD is above control (a) for 0 of 1 method(s)" in text
