@@ -153,6 +153,7 @@ def measure_latency(
     device: Union[str, torch.device] = "cpu",
     warmup: int = 3,
     repeats: int = 10,
+    warmup_s: float = 0.25,
 ) -> Dict[str, Any]:
     """Wall-clock seconds per slice of an inference forward on ``device``.
 
@@ -164,35 +165,47 @@ def measure_latency(
         model: the network.
         example_inputs: as for :func:`count_flops`.
         device: where to run.
-        warmup: untimed forwards first (allocator, oneDNN/cuDNN algorithm selection).
+        warmup: the fewest untimed forwards first (allocator, oneDNN/cuDNN algorithm
+            selection, thread pools); more follow until they have taken ``warmup_s``
+            seconds, so the first network a process times is not charged for what the
+            process sets up once. 0: none.
+        warmup_s: the least time the untimed forwards take together (with ``warmup`` > 0).
         repeats: timed forwards.
 
     Returns:
-        ``{"median_s", "mean_s", "std_s", "min_s"}`` per slice, plus ``batch_size``,
-        ``repeats``, ``warmup``, ``device``, ``device_name`` and ``num_threads``.
+        ``{"median_s", "mean_s", "std_s", "min_s", "max_s"}`` per slice, plus
+        ``batch_size``, ``repeats``, ``warmup`` (the untimed forwards run), ``device``, ``device_name`` and
+        ``num_threads``.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
     device = torch.device(device)
     batch = _batch_size(example_inputs)
     args, kwargs = _prepared(example_inputs, device)
-    times: List[float] = []
+
+    def timed() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        model(*args, **kwargs)
+        _sync(device)
+        return (time.perf_counter() - start) / batch
+
+    warmed = 0
     with _on_device(model, device), _eval_mode(model), torch.inference_mode():
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
-            model(*args, **kwargs)
-            _sync(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) / batch)
+        start = time.perf_counter()
+        while warmed < warmup or (warmup and time.perf_counter() - start < warmup_s):
+            timed()
+            warmed += 1
+        times = [timed() for _ in range(repeats)]
     return {
         "median_s": statistics.median(times),
         "mean_s": statistics.fmean(times),
         "std_s": statistics.pstdev(times),
         "min_s": min(times),
+        "max_s": max(times),
         "batch_size": batch,
         "repeats": repeats,
-        "warmup": warmup,
+        "warmup": warmed,
         "device": str(device),
         "device_name": _device_name(device),
         "num_threads": torch.get_num_threads(),
@@ -311,7 +324,8 @@ def profile_model(
         model: the network.
         example_inputs: as for :func:`count_flops`, e.g. ``(masked_kspace, mask, sens_maps)``.
         device: where latency and memory are measured (FLOPs do not depend on it).
-        warmup: untimed forwards before timing.
+        warmup: the fewest untimed forwards before timing (more until 0.25 s have passed;
+            see :func:`measure_latency`).
         repeats: timed forwards.
 
     Returns:

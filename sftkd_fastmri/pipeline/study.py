@@ -369,20 +369,24 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     zero = evaluate_model(None, loader, progress=False)
     entries = [ModelEntry("zero_filled", "Zero-filled", "baseline", zero.metrics)]
     recons: Dict[str, Dict[str, np.ndarray]] = {"Zero-filled": zero.reconstructions}
-    profiles: Dict[str, Dict[str, Any]] = {}
+    profiles: Dict[Tuple, Dict[str, Any]] = {}
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     for seed, models in per_seed.items():
         for key, (path, info) in models.items():
             model = load_reconstruction_model(path)
             result = evaluate_model(model, loader, device=device, progress=False)
-            if key not in profiles:  # architecture-level numbers: once per model kind
-                profiles[key] = profile_model(model.cpu(), example, device=cfg["profile_device"])
+            # architecture-level numbers, once per architecture: networks of the same
+            # shapes (every student, both teachers) get the same latency, not the noise of
+            # separate timings
+            arch = _architecture(model)
+            if arch not in profiles:
+                profiles[arch] = profile_model(model.cpu(), example, device=cfg["profile_device"])
             entries.append(
                 ModelEntry(
                     key,
                     info.pop("name"),
                     metrics=result.metrics,
-                    profile=profiles[key],
+                    profile=profiles[arch],
                     seed=seed,
                     **info,
                 )
@@ -405,6 +409,12 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     files.update(_figures(report, entries, recons, loader, out_dir, figure_volume))
     atomic_write_text(out_dir / "stages.log", "\n".join(log) + "\n")
     return StudyResult(report, out_dir, files)
+
+
+def _architecture(model: torch.nn.Module) -> Tuple:
+    """What a network's cost depends on: its class and the names and shapes of its weights."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return (type(model).__qualname__, shapes)
 
 
 def _figure_volume(cfg: Dict[str, Any], test_folder: Path) -> Optional[str]:

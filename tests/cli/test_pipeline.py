@@ -47,6 +47,10 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     }
     assert set(rows) == expected
     assert float(rows["teacher"]["params"]) > float(rows["student"]["params"])
+    # latency is timed once per architecture: the students share one figure, the teachers one
+    students = {k for k in expected if k.startswith(("kd_", "student", "control"))}
+    assert len({rows[k]["latency_median_s"] for k in students}) == 1
+    assert rows["teacher"]["latency_median_s"] == rows["sft_teacher"]["latency_median_s"]
     report = json.loads((out_dir / "report.json").read_text())
     assert {m["key"] for m in report["models"]} == expected
     # the teacher-student gap is the difference of the two rows' mean PSNRs

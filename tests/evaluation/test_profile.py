@@ -109,6 +109,35 @@ def test_latency_is_positive():
     assert latency["device"] == "cpu"
 
 
+class SlowStart(nn.Module):
+    """Its first ``slow`` forwards take 50 ms more (what a process sets up once)."""
+
+    def __init__(self, slow: int):
+        super().__init__()
+        self.calls, self.slow = 0, slow
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        if self.calls <= self.slow:
+            time.sleep(0.05)
+        return x * 2
+
+
+def test_warm_up_lasts_long_enough_for_a_slow_start():
+    """One or three warm-up forwards did not cover a slow start: the timed ones were charged
+    for it (the first network a process timed looked many times slower)."""
+    model = SlowStart(slow=3)  # 150 ms of slow start
+    latency = measure_latency(model, torch.ones(1, 4), warmup=1, repeats=5, warmup_s=0.25)
+    assert latency["warmup"] >= 4 and latency["median_s"] < 0.025
+    assert latency["max_s"] < 0.025  # no slow forward among the timed ones
+    # no warm-up asked for: none run, and the slow start is in the times
+    model = SlowStart(slow=1)
+    latency = measure_latency(model, torch.ones(1, 4), warmup=0, repeats=3)
+    assert latency["warmup"] == 0 and latency["max_s"] > 0.04 and model.calls == 3
+
+
 class Temporaries(nn.Module):
     """``y`` (N floats) and ``z`` (N/2, computed from a view of y) are alive together."""
 
