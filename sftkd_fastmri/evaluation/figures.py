@@ -238,7 +238,8 @@ def psnr_plot(
     title: Optional[str] = None,
     dpi: int = DPI,
 ) -> Path:
-    """PSNR per KD method, Std-KD vs SFT-KD as grouped bars with std error bars.
+    """PSNR per KD method, Std-KD vs SFT-KD (and control (b), where the study has it) as
+    grouped bars with error bars of the std over volumes (of all seeds pooled).
 
     Dashed horizontal lines mark the standard and SFT teachers, the student without KD and
     control (a), the student from the SFT initialisation without KD. The y axis
@@ -260,6 +261,8 @@ def psnr_plot(
         ``out_path`` as a :class:`~pathlib.Path`.
     """
     rows, teacher, student, sft_teacher, control = _plot_inputs(report_or_rows)
+    seeds = getattr(report_or_rows, "num_seeds", 1)
+    spread = "volumes" if seeds <= 1 else f"volumes\nof {seeds} seeds pooled"
     teacher = teacher if teacher_psnr is None else teacher_psnr
     student = student if student_psnr is None else student_psnr
     if not rows:
@@ -271,10 +274,12 @@ def psnr_plot(
     fig = _figure(figsize=(max(4.5, 1.1 * len(rows) + 2.5), 3.6), layout="constrained")
     ax = fig.subplots()
     values: List[float] = []
-    for offset, variant, label, color in (
-        (-width / 2, "std", "Std-KD", "#8c8c8c"),
-        (width / 2, "sft", "SFT-KD", "#1f77b4"),
-    ):
+    bars = [("std", "Std-KD", "#8c8c8c"), ("sft", "SFT-KD", "#1f77b4")]
+    if any(r.get("budget_psnr") is not None for r in rows):
+        bars.insert(1, ("budget", "Std-KD, SFT+KD epochs\n(control (b))", "#bcbd22"))
+        width = 0.27
+    offsets = (np.arange(len(bars)) - (len(bars) - 1) / 2) * width
+    for offset, (variant, label, color) in zip(offsets, bars):
         means = [r.get(f"{variant}_psnr") for r in rows]
         stds = [r.get(f"{variant}_psnr_std") or 0.0 for r in rows]
         keep = [i for i, m in enumerate(means) if m is not None and math.isfinite(m)]
@@ -300,7 +305,7 @@ def psnr_plot(
     pad = max(0.15 * (hi - lo), 0.05)
     ax.set_ylim(lo - 2 * pad, hi + pad)  # bars are cut: differences of tenths of a dB matter
     ax.set_xticks(x, names)
-    ax.set_ylabel("PSNR (dB), mean ± std\n(axis does not start at 0)")
+    ax.set_ylabel(f"PSNR (dB), mean ± std over {spread}\n(axis does not start at 0)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if title:

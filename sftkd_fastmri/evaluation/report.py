@@ -761,6 +761,17 @@ def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
     return head, rows
 
 
+def _kd_table_note(report: Report) -> str:
+    """What the two kinds of ± in the KD table are: they are not comparable."""
+    pooled = "volumes" if report.num_seeds <= 1 else "volumes of all seeds pooled"
+    return (
+        f"PSNR and SSIM columns: mean ± std over {pooled} (how much the test volumes differ). "
+        "The 'SFT - ...' columns: the difference of the means; with several seeds, ± the std "
+        "over seeds of the per-seed paired difference and (k/n) the seeds with SFT-KD ahead "
+        "(how much a repeat of the study could move it)."
+    )
+
+
 def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float]) -> str:
     """``+0.249``, or with several paired seeds ``+0.249 ± 0.110 (3/3)``: the std over seeds of
     the paired difference and the seeds in which SFT-KD was ahead."""
@@ -909,6 +920,8 @@ def _render(report: Report, markdown: bool) -> str:
     if report.kd_table:
         section("Std-KD vs SFT-KD per method (paper-style table, Matcha et al. 2023)")
         lines.extend(_table(*_kd_rows(report), markdown))
+        lines.append("")
+        lines.append(_kd_table_note(report))
     if markdown:
         section("How the numbers were measured")
         bullets(_measurement_lines(report))

@@ -457,8 +457,13 @@ def _figures(
     if first_method is not None:
         order += [f"Std-KD {first_method}", f"SFT-KD {first_method}"]
     images = {name: recons[name][fname][mid] for name in order if name in recons}
+    seed = next((e.seed for e in entries if e.seed is not None), None)
+    of_seed = "" if seed is None else f", models of seed {seed}"
     files["panel"] = paper_panel(
-        images, target, out_dir / "panel.png", title=f"{fname}, slice {slices[mid]}"
+        images,
+        target,
+        out_dir / "panel.png",
+        title=f"{fname}, slice {slices[mid]}{of_seed} (PSNR of this slice)",
     )
     return files
 

@@ -106,3 +106,40 @@ def test_psnr_plot_lines_include_control_a():
     rows, teacher, student, sft_teacher, control = _plot_inputs(build_report(entries))
     assert (teacher, student, sft_teacher, control) == pytest.approx((40.0, 39.4, 40.1, 39.7))
     assert [r["name"] for r in rows] == ["AT"]
+
+
+def test_psnr_plot_draws_control_b_and_names_its_spread(tmp_path, monkeypatch):
+    """Control (b) gets its own bar; the error bars are the std over volumes of all seeds
+    pooled, and the axis says so (not a spread over seeds)."""
+    from sftkd_fastmri.evaluation import figures
+
+    drawn = {}
+    real_save = figures._save
+
+    def keep(fig, out_path, dpi):
+        drawn["fig"] = fig
+        return real_save(fig, out_path, dpi)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    entries = []
+    for seed in (0, 1):
+        entries += [
+            dict(key="teacher", name="T", kind="teacher", variant="std", metrics=_vm(40.0)),
+            dict(key="student", name="S", kind="student", variant="std", metrics=_vm(39.4)),
+            dict(key="kd_std/at", name="a", kind="kd", method="at", variant="std",
+                 metrics=_vm(39.6)),
+            dict(key="kd_sft/at", name="b", kind="kd", method="at", variant="sft",
+                 metrics=_vm(39.9)),
+            dict(key="kd_budget/at", name="c", kind="kd", method="at", variant="budget",
+                 metrics=_vm(39.7)),
+        ]  # fmt: skip
+        for e in entries[-5:]:
+            e["seed"] = seed
+    assert_png(psnr_plot(build_report(entries), tmp_path / "psnr.png"))
+    ax = drawn["fig"].axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "Std-KD, SFT+KD epochs\n(control (b))" in labels
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == [39.6, 39.7, 39.9]  # three bars for the one method
+    assert "std over volumes\nof 2 seeds pooled" in ax.get_ylabel()
+    assert "mean ± std over volumes of all seeds pooled" in build_report(entries).to_markdown()
