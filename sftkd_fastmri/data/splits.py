@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Union
+from typing import List, Tuple, Union
 
 import h5py
 import numpy as np
@@ -155,8 +155,17 @@ def holdout_split(
             raise FileExistsError(
                 f"{dest} exists; pass --overwrite (overwrite=True in Python) to replace it"
             )
-    for dest, members in targets.values():
-        _write_folder(dest, members, mode)
+    # Both folders are filled under temporary names first and renamed into place together
+    # at the end: an interruption never leaves a new selection split beside an old test
+    # split (which could share volumes with it).
+    filled: List[Tuple[Path, Path]] = []
+    try:
+        for dest, members in targets.values():
+            filled.append((_fill_folder(dest, members, mode), dest))
+        _swap_in(filled)
+    finally:
+        for tmp, _ in filled:
+            shutil.rmtree(tmp, ignore_errors=True)  # those not renamed into place
 
     result = HoldoutSplit(
         source=str(src),
@@ -173,8 +182,8 @@ def holdout_split(
     return result
 
 
-def _write_folder(dest: Path, members: List[Path], mode: str) -> None:
-    """Fill a temporary sibling of ``dest`` and rename it into place."""
+def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
+    """A temporary sibling of ``dest`` holding ``members`` (links or copies)."""
     tmp = make_temp_dir(dest.parent, f".{dest.name}.")
     try:
         for f in members:
@@ -183,9 +192,32 @@ def _write_folder(dest: Path, members: List[Path], mode: str) -> None:
                 os.symlink(os.path.relpath(os.path.abspath(f), os.path.abspath(dest)), tmp / f.name)
             else:
                 shutil.copy2(f, tmp / f.name)
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
-        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp
+
+
+def _swap_in(filled: List[Tuple[Path, Path]]) -> None:
+    """Rename each filled temporary folder onto its destination: the old folders are first
+    renamed aside (quick, unlike deleting a copied split), then the new ones renamed in,
+    then the old ones deleted."""
+    aside: List[Tuple[Path, Path]] = []
+    try:
+        for _, dest in filled:
+            if dest.is_symlink() or dest.is_file():
+                dest.unlink()
+            elif dest.exists():
+                old = make_temp_dir(dest.parent, f".{dest.name}.")
+                os.replace(dest, old / dest.name)
+                aside.append((old, dest))
+        for tmp, dest in filled:
+            os.replace(tmp, dest)
+    except BaseException:
+        for old, dest in aside:  # put the old folders back where no new one arrived
+            if not dest.exists():
+                os.replace(old / dest.name, dest)
+        raise
+    finally:
+        for old, _ in aside:
+            shutil.rmtree(old, ignore_errors=True)

@@ -124,3 +124,30 @@ def test_linked_split_survives_moving_the_data_folder(tmp_path):
             assert link.is_symlink() and not os.path.isabs(os.readlink(link))
             with h5py.File(link, "r") as hf:
                 np.testing.assert_array_equal(hf["x"][()], np.arange(3))
+
+
+def test_an_interrupted_overwrite_never_mixes_old_and_new_splits(tmp_path, monkeypatch):
+    """The selection folder used to be replaced before the test folder was written: a stop
+    in between left a new selection split beside the old test split, sharing volumes."""
+    import shutil as shutil_module
+
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    real_copy = shutil_module.copy2
+    copied = []
+
+    def stopped(src, dst, *args, **kwargs):
+        copied.append(dst)
+        if len(copied) == 8:  # the test folder's first volume, after the whole selection
+            raise KeyboardInterrupt
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil_module, "copy2", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, mode="copy", overwrite=True)
+    monkeypatch.undo()
+    select = sorted(os.listdir(tmp_path / "singlecoil_val_select"))
+    test = sorted(os.listdir(tmp_path / "singlecoil_test_heldout"))
+    assert test == sorted(first.test) and select == sorted(first.select)  # the old pair, whole
+    assert (tmp_path / "singlecoil_test_heldout" / test[0]).is_symlink()  # not the copies
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
