@@ -2,5 +2,12 @@
 
 from .distillation import DistillationCallback, find_network
 from .finite import FiniteLossCheck, NonFiniteLossError
+from .random_state import RandomStateCheckpoint
 
-__all__ = ["DistillationCallback", "FiniteLossCheck", "NonFiniteLossError", "find_network"]
+__all__ = [
+    "DistillationCallback",
+    "FiniteLossCheck",
+    "NonFiniteLossError",
+    "RandomStateCheckpoint",
+    "find_network",
+]

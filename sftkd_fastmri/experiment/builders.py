@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from ..callbacks.finite import FiniteLossCheck
+from ..callbacks.random_state import RandomStateCheckpoint
 from ..data.datasets import TARGET_KEYS, missing_split_hint
 from ..pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
@@ -252,7 +253,7 @@ def build_trainer(
         limit_train_batches=batch_limit(cfg["limit_train_batches"]),
         limit_val_batches=batch_limit(cfg["limit_val_batches"]),
         accumulate_grad_batches=cfg["accumulate_grad_batches"],
-        callbacks=[checkpoint, FiniteLossCheck(), *(callbacks or [])],
+        callbacks=[checkpoint, FiniteLossCheck(), RandomStateCheckpoint(), *(callbacks or [])],
         logger=logger,
         enable_progress_bar=cfg["progress"],
         enable_model_summary=cfg["progress"],

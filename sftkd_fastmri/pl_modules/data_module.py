@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import h5py
 import pytorch_lightning as pl
@@ -302,6 +302,27 @@ class FastMRIDataModule(pl.LightningDataModule):
         if self.kspace_from_target:  # k-space is computed from the target: its shape decides
             return [target for _, target in shapes]
         return shapes
+
+    # -- resuming -----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved in Lightning checkpoints: how many training masks this process has drawn.
+
+        With ``num_workers=0`` the training masks are seeded from a counter of this process,
+        which a resumed run would otherwise start again from 0 (drawing the masks of the first
+        epochs again). Worker processes count for themselves and are not saved: a resumed run
+        with workers draws other (equally random) masks than an uninterrupted one."""
+        dataset = self.datasets.get("train")
+        transform = getattr(dataset, "transform", None)
+        calls = getattr(transform, "_calls", None)
+        return {} if calls is None else {"train_mask_calls": int(calls)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        calls = state_dict.get("train_mask_calls")
+        if calls is None:
+            return
+        transform = getattr(self.dataset("train"), "transform", None)
+        if transform is not None and hasattr(transform, "_calls"):
+            transform._calls = int(calls)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

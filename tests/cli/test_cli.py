@@ -732,3 +732,22 @@ def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path, cap
             "chans=4", "--out-dir", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_a_resumed_run_trains_on_as_the_uninterrupted_run(tiny_demo, tmp_path):
+    """Lightning checkpoints neither the random generators nor the count of training masks
+    drawn: a run resumed after epoch 1 shuffled and masked differently from the run it
+    continued, and ended with other weights."""
+    import torch
+
+    argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides",
+            "chans=4"]  # fmt: skip
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main([*argv, "--max-epochs", "3", "--out-dir", str(whole)]) == 0
+    assert main([*argv, "--max-epochs", "1", "--out-dir", str(resumed)]) == 0
+    assert main([*argv, "--max-epochs", "3", "--out-dir", str(resumed)]) == 0
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)  # still readable
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0)
