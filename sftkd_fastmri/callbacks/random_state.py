@@ -23,8 +23,8 @@ class RandomStateCheckpoint(Callback):
     a run resumed from the end of an epoch trains on as the uninterrupted run would (on the
     same machine, with the same settings). The states are saved as tensors and lists, so a
     ``weights_only`` load still reads the checkpoint. Checkpoints without them (other
-    trainers) resume as before. Per process: each DDP rank saves and restores its own only
-    where Lightning gives it its own checkpoint; rank zero's is used otherwise.
+    trainers) resume as before. Under DDP every rank restores the state saved by rank zero,
+    as every rank started from the same seed.
     """
 
     KEY = "sftkd_random_state"
