@@ -41,6 +41,7 @@ __all__ = [
     "RUN_INPUT_FILES",
     "StageResult",
     "check_run_settings",
+    "run_differences",
     "run_distill",
     "run_evaluate",
     "run_sft",
@@ -49,8 +50,26 @@ __all__ = [
 
 DONE_FILE = "done.json"
 RUN_CONFIG_FILE = "run_config.json"
+#: The network of train and distill runs (an SFT run has two presets instead).
+_SINGLE_NETWORK_KEYS = ("model", "model_overrides", "init_checkpoint")
+#: Compared only for SFT runs: the two presets, their starts and the SFT loss.
+_SFT_KEYS = (
+    "teacher",
+    "student",
+    "teacher_overrides",
+    "student_overrides",
+    "init_teacher",
+    "init_student",
+    "train_first_student_cascade",
+    "teacher_weight",
+    "branch_weight",
+    "imitation_weight",
+)
+#: Compared only for distillation runs (a study hands its KD options to every stage).
+_KD_KEYS = ("teacher_checkpoint", "methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
 #: Options that define what a run trains: resuming from ``last.ckpt`` with any of them changed
 #: is refused. The rest (epochs, batch limits, devices, workers, paths, logging) may change.
+#: Of the network and loss options, those of the run's kind count (:func:`_identity_keys`).
 RUN_IDENTITY_KEYS = (
     "challenge",
     "train_split",
@@ -71,25 +90,9 @@ RUN_IDENTITY_KEYS = (
     "weight_decay",
     "loss",
     "accumulate_grad_batches",
-    "model",
-    "model_overrides",
-    "init_checkpoint",
-    "teacher",
-    "student",
-    "teacher_overrides",
-    "student_overrides",
-    "init_teacher",
-    "init_student",
-    "train_first_student_cascade",
-    "teacher_weight",
-    "branch_weight",
-    "imitation_weight",
-    "teacher_checkpoint",
-    "methods",
-    "kd_schedule",
-    "kd_epochs",
-    "layers",
-    "loss_options",
+    *_SINGLE_NETWORK_KEYS,
+    *_SFT_KEYS,
+    *_KD_KEYS,
 )
 #: Identity options naming a file: compared by the file's SHA-256 where the run recorded it
 #: (``file_digests`` in ``run_config.json``), so that a moved study folder still resumes.
@@ -101,23 +104,6 @@ RUN_INPUT_FILES = (
     "mask_path",
 )
 _DIGESTS = "file_digests"
-#: Compared only for distillation runs (a study hands its KD options to every stage).
-_KD_KEYS = ("methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
-#: Compared only for SFT runs: the two presets, their starts and the SFT loss.
-_SFT_KEYS = (
-    "teacher",
-    "student",
-    "teacher_overrides",
-    "student_overrides",
-    "init_teacher",
-    "init_student",
-    "train_first_student_cascade",
-    "teacher_weight",
-    "branch_weight",
-    "imitation_weight",
-)
-#: The network of train and distill runs (an SFT run has two presets instead).
-_SINGLE_NETWORK_KEYS = ("model", "model_overrides", "init_checkpoint")
 
 
 def _identity_keys(stage: Optional[str], cfg: Dict[str, Any]) -> list:
@@ -199,22 +185,17 @@ def _differs(
     return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 
-def check_run_settings(
-    cfg: Dict[str, Any],
-    out_dir: os.PathLike,
-    finished: bool = False,
-    stage: Optional[str] = None,
-) -> None:
-    """Raise ValueError when ``out_dir`` holds a run started with other settings than
-    ``cfg`` (the :data:`RUN_IDENTITY_KEYS` recorded in its ``run_config.json`` that define
-    a run of its stage: ``stage``, else the one recorded).
-
-    ``finished``: the run is complete (a study about to reuse it) rather than about to resume.
-    """
+def run_differences(
+    cfg: Dict[str, Any], out_dir: os.PathLike, stage: Optional[str] = None
+) -> Dict[str, str]:
+    """The options that define a run (:data:`RUN_IDENTITY_KEYS` of its kind) in which
+    ``cfg`` differs from the run recorded in ``out_dir/run_config.json``: option -> how it
+    differs. Empty when they match or nothing is recorded. A damaged record, or a run of
+    another kind than ``stage``, raises ValueError."""
     out_dir = Path(out_dir)
     path = out_dir / RUN_CONFIG_FILE
     if not path.is_file():
-        return  # a run from before the record existed: nothing to compare
+        return {}  # a run from before the record existed: nothing to compare
     try:
         before = json.loads(path.read_text())
         if not isinstance(before, dict):
@@ -231,9 +212,26 @@ def check_run_settings(
             "for this one"
         )
     now = _jsonable(cfg)
-    keys = _identity_keys(stage or recorded_stage, cfg)
     digests = _file_digests(cfg)
-    changed = [d for d in (_differs(k, before, now, digests) for k in keys) if d is not None]
+    found = {
+        k: _differs(k, before, now, digests) for k in _identity_keys(stage or recorded_stage, cfg)
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def check_run_settings(
+    cfg: Dict[str, Any],
+    out_dir: os.PathLike,
+    finished: bool = False,
+    stage: Optional[str] = None,
+) -> None:
+    """Raise ValueError when ``out_dir`` holds a run started with other settings than
+    ``cfg`` (the :data:`RUN_IDENTITY_KEYS` recorded in its ``run_config.json`` that define
+    a run of its stage: ``stage``, else the one recorded; see :func:`run_differences`).
+
+    ``finished``: the run is complete (a study about to reuse it) rather than about to resume.
+    """
+    changed = list(run_differences(cfg, out_dir, stage).values())
     if not changed:
         return
     shown = "; ".join(changed[:6])

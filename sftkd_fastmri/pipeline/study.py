@@ -17,8 +17,9 @@ Checkpoints are selected on the validation split; every model is then scored on 
 test split (``test_split``) that no selection has seen. A stage that finished (``done.json``)
 is skipped on re-run, after its recorded settings are compared with the study's (those
 that define a run of its kind); one that trained fewer epochs than now asked for trains on
-from its ``last.ckpt``, one that trained more (or other batches per epoch) is refused. An
-interrupted stage resumes from its ``last.ckpt``. Paths in ``done.json`` are relative to the
+from its ``last.ckpt``, one that trained more (or other batches per epoch) is refused. A
+stage whose teacher or initialisation came from a stage that has trained on since starts
+over (``[redo]``). An interrupted stage resumes from its ``last.ckpt``. Paths in ``done.json`` are relative to the
 stage folder, so a moved or copied study reads its own models.
 """
 
@@ -49,7 +50,7 @@ from ..experiment import (
     run_train,
 )
 from ..experiment.builders import batch_limit
-from ..experiment.runs import _trained_epochs
+from ..experiment.runs import RUN_CONFIG_FILE, _inside, _trained_epochs, run_differences
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model
@@ -163,7 +164,14 @@ def _stage(
     stage_cfg.update(overrides)
     stage_cfg["out_dir"] = str(out_dir)
     done = StageResult.load(out_dir)
-    if done is not None:
+    stale = _stale_inputs(stage_cfg, out_dir, _KIND[runner.__name__], root)
+    if stale:
+        # its teacher or initialisation came from a stage that has trained on since: this
+        # stage's run is of the old one, and starts over (resuming it would mix the two)
+        print(f"[redo] {name}: {stale}; training it again", flush=True)
+        stage_cfg["resume"] = False
+        done = None
+    elif done is not None:
         check_run_settings(stage_cfg, out_dir, finished=True, stage=done.name)
         more = _reuse_or_train_on(done, stage_cfg)
         if not more:
@@ -178,6 +186,27 @@ def _stage(
     return result
 
 
+#: The kind of run each stage runner records (``run_config.json``).
+_KIND = {"run_train": "train", "run_sft": "sft", "run_distill": "distill"}
+#: What a stage takes from the stages before it.
+_UPSTREAM_FILES = {"init_checkpoint": "student initialisation", "teacher_checkpoint": "teacher"}
+
+
+def _stale_inputs(cfg: Dict[str, Any], out_dir: Path, kind: str, root: Path) -> Optional[str]:
+    """Why the run in ``out_dir`` is stale, when the only settings it differs in are files
+    this study's own stages wrote (a teacher export that trained on since); else ``None``
+    (other differences are refused where the run is resumed or reused)."""
+    if not (out_dir / RUN_CONFIG_FILE).is_file():
+        return None
+    changed = run_differences(cfg, out_dir, kind)
+    if not changed or not set(changed) <= set(_UPSTREAM_FILES):
+        return None
+    if not all(cfg.get(key) and _inside(cfg[key], root) for key in changed):
+        return None
+    what = " and ".join(_UPSTREAM_FILES[key] for key in changed)
+    return f"its {what} changed since it ran (the stage it comes from trained on)"
+
+
 def _batches(limit: Any) -> Tuple[bool, float]:
     # Lightning's reading: an int counts batches, a float is a fraction (1 != 1.0)
     value = batch_limit(limit)
@@ -190,8 +219,8 @@ def _reuse_or_train_on(done: StageResult, cfg: Dict[str, Any]) -> Optional[str]:
     that trained more epochs, or other batches per epoch, than asked is refused: the report
     would state epochs its models did not train."""
     wanted, trained = int(cfg["max_epochs"]), done.epochs
+    last = Path(done.out_dir) / "checkpoints" / "last.ckpt"
     if trained is None:
-        last = Path(done.out_dir) / "checkpoints" / "last.ckpt"
         trained = _trained_epochs(last) if last.is_file() else None
     limit, recorded = cfg.get("limit_train_batches"), done.limit_train_batches
     if recorded is not None and limit is not None and _batches(recorded) != _batches(limit):
@@ -207,6 +236,11 @@ def _reuse_or_train_on(done: StageResult, cfg: Dict[str, Any]) -> Optional[str]:
             f"{done.out_dir} holds a finished stage of {trained} epochs; this study asks for "
             f"{wanted} (epochs). Ask for {trained}, use another out_dir, or remove that "
             "folder to train the stage again"
+        )
+    if not last.is_file():
+        return (
+            f"trained {trained} of the {wanted} epochs now asked for, and its last.ckpt is "
+            "gone; training it again"
         )
     return f"trained {trained} of the {wanted} epochs now asked for; training on"
 
@@ -253,54 +287,40 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
         )
     for method, weight in _methods(cfg).items():
         kd = dict(**student_net, max_epochs=ep["kd"], methods={method: weight})
-        std = stage(
-            f"kd_std_{method}",
-            run_distill,
-            **kd,
-            init_checkpoint=None,
-            teacher_checkpoint=teacher.exports["model"],
-        )
-        add(
-            f"kd_std/{method}",
-            std,
-            "model",
-            name=f"Std-KD {method}",
-            kind="kd",
-            method=method,
-            variant="std",
-        )
-        sftkd = stage(
-            f"kd_sft_{method}",
-            run_distill,
-            **kd,
-            init_checkpoint=sft.exports["student_init"],
-            teacher_checkpoint=sft.exports["teacher"],
-        )
-        add(
-            f"kd_sft/{method}",
-            sftkd,
-            "model",
-            name=f"SFT-KD {method}",
-            kind="kd",
-            method=method,
-            variant="sft",
-        )
-        if "b" in controls:
-            budget = stage(
-                f"control_budget_{method}",
+        # (variant, stage folder, display name, options, student start, teacher)
+        runs = [
+            ("std", f"kd_std_{method}", f"Std-KD {method}", kd, None, teacher.exports["model"]),
+            (
+                "sft",
+                f"kd_sft_{method}",
+                f"SFT-KD {method}",
+                kd,
+                sft.exports["student_init"],
+                sft.exports["teacher"],
+            ),
+        ]
+        if "b" in controls:  # Std-KD for the epochs SFT-KD's student has had in all
+            budget = {**kd, "max_epochs": ep["sft"] + ep["kd"]}
+            name = f"Std-KD {method}, SFT+KD epochs"
+            runs.append(
+                ("budget", f"control_budget_{method}", name, budget, None, teacher.exports["model"])
+            )
+        for variant, folder, name, options, start, teacher_file in runs:
+            result = stage(
+                folder,
                 run_distill,
-                **{**kd, "max_epochs": ep["sft"] + ep["kd"]},
-                init_checkpoint=None,
-                teacher_checkpoint=teacher.exports["model"],
+                **options,
+                init_checkpoint=start,
+                teacher_checkpoint=teacher_file,
             )
             add(
-                f"kd_budget/{method}",
-                budget,
+                f"kd_{variant}/{method}",
+                result,
                 "model",
-                name=f"Std-KD {method}, SFT+KD epochs",
+                name=name,
                 kind="kd",
                 method=method,
-                variant="budget",
+                variant=variant,
             )
     return models
 

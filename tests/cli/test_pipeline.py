@@ -9,10 +9,10 @@ import yaml
 from sftkd_fastmri.cli.main import main
 
 
-def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path, capsys):
-    out_dir = tmp_path / "study"
-    config = {
-        "data_path": str(tiny_demo),
+def _tiny_study(data, out_dir, **changes):
+    """A study config on the tiny demo data: one epoch per stage, 4-channel networks."""
+    return {
+        "data_path": str(data),
         "challenge": "multicoil",
         "test_split": "test_full",
         "batch_size": 2,
@@ -23,7 +23,13 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
         "student_overrides": {"chans": 4},
         "methods": {"at": 1.0, "imitation": 1.0},
         "out_dir": str(out_dir),
+        **changes,
     }
+
+
+def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path, capsys):
+    out_dir = tmp_path / "study"
+    config = _tiny_study(tiny_demo, out_dir)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["pipeline", "--config", str(path)]) == 0
@@ -105,8 +111,17 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert log.count("[skip]") == 3 and log.count("[done]") == 5
     assert StageResult.load(moved / "seed_0" / "kd_sft_at").epochs == 2
     assert json.loads((moved / "report.json").read_text())["meta"]["epochs"]["kd"] == 2
+    # the teacher trains on: the Std-KD stages distilled from its old weights start over,
+    # the SFT-side stages (which never saw it) are reused
+    path.write_text(yaml.safe_dump({**config, "epochs": {"teacher": 2, "kd": 2}}))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[more] teacher: trained 1 of the 2 epochs" in out
+    assert out.count("[redo]") == 2 and "[redo] kd_std_at: its teacher changed" in out
+    assert "[skip] kd_sft_at" in out and "[skip] control_sft_init" in out
+    assert StageResult.load(moved / "seed_0" / "kd_std_at").epochs == 2
     # fewer epochs than a finished stage trained: refused, not reported as the fewer
-    path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 1}}))
+    path.write_text(yaml.safe_dump({**config, "epochs": {"teacher": 2, "kd": 1}}))
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "holds a finished stage of 2 epochs; this study asks for 1" in capsys.readouterr().err
 
@@ -127,21 +142,9 @@ def test_control_b_trains_std_kd_for_the_sft_and_kd_epochs(tiny_demo, tmp_path, 
     from sftkd_fastmri.experiment import StageResult
 
     out_dir = tmp_path / "study"
-    config = {
-        "data_path": str(tiny_demo),
-        "challenge": "multicoil",
-        "test_split": "test_full",
-        "batch_size": 2,
-        "accelerator": "cpu",
-        "progress": False,
-        "max_epochs": 1,
-        "limit_train_batches": 2,
-        "teacher_overrides": {"chans": 4},
-        "student_overrides": {"chans": 4},
-        "methods": {"imitation": 1.0},
-        "controls": ["b"],
-        "out_dir": str(out_dir),
-    }
+    config = _tiny_study(
+        tiny_demo, out_dir, limit_train_batches=2, methods={"imitation": 1.0}, controls=["b"]
+    )
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["pipeline", "--config", str(path)]) == 0
