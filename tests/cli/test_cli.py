@@ -718,20 +718,33 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
     assert json.loads((out / "run_config.json").read_text())["lr"] == 0.02
 
 
-def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path, capsys, monkeypatch):
+def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path):
     """Lightning stops on SIGTERM with a SystemExit carrying no status, so the command used
-    to exit 0 as if it had finished: schedulers and scripts must see 143."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    to exit 0 as if it had finished: schedulers and scripts must see 143 (a real signal to a
+    real process here), and the run keeps its last finished epoch to resume from."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    def stopped(self, *args, **kwargs):
-        raise SIGTERMException
-
-    monkeypatch.setattr(pl.Trainer, "fit", stopped)
-    argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides",
-            "chans=4", "--out-dir", str(tmp_path / "run")]  # fmt: skip
-    assert main(argv) == 143
-    assert "stopped by SIGTERM" in capsys.readouterr().err
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "sftkd_fastmri.cli.main", "train", *_common(tiny_demo),
+            "--model", "dccnn_d3c5", "--model-overrides", "chans=4", "--max-epochs", "500",
+            "--out-dir", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.ckpt").is_file():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no epoch finished in 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "error: stopped by SIGTERM" in err
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "done.json").exists()
 
 
 def test_a_resumed_run_trains_on_as_the_uninterrupted_run(tiny_demo, tmp_path):
