@@ -199,25 +199,27 @@ def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
 
 
 def _swap_in(filled: List[Tuple[Path, Path]]) -> None:
-    """Rename each filled temporary folder onto its destination: the old folders are first
-    renamed aside (quick, unlike deleting a copied split), then the new ones renamed in,
-    then the old ones deleted."""
-    aside: List[Tuple[Path, Path]] = []
+    """Rename each filled temporary folder onto its destination, all or none: the old
+    destinations (folders, or links) are first renamed aside (quick, unlike deleting a
+    copied split), then the new ones renamed in; on any failure the new ones are taken out
+    again and the old ones put back, so the folders never mix two splits."""
+    aside: List[Tuple[Path, Path]] = []  # (holder folder, destination)
+    placed: List[Tuple[Path, Path]] = []  # (temporary folder, destination)
     try:
         for _, dest in filled:
-            if dest.is_symlink() or dest.is_file():
-                dest.unlink()
-            elif dest.exists():
-                old = make_temp_dir(dest.parent, f".{dest.name}.")
-                os.replace(dest, old / dest.name)
-                aside.append((old, dest))
+            if dest.exists() or dest.is_symlink():
+                holder = make_temp_dir(dest.parent, f".{dest.name}.")
+                os.replace(dest, holder / dest.name)
+                aside.append((holder, dest))
         for tmp, dest in filled:
             os.replace(tmp, dest)
+            placed.append((tmp, dest))
     except BaseException:
-        for old, dest in aside:  # put the old folders back where no new one arrived
-            if not dest.exists():
-                os.replace(old / dest.name, dest)
+        for tmp, dest in placed:  # back to its temporary name (removed by the caller)
+            os.replace(dest, tmp)
+        for holder, dest in aside:
+            os.replace(holder / dest.name, dest)
         raise
     finally:
-        for old, _ in aside:
-            shutil.rmtree(old, ignore_errors=True)
+        for holder, _ in aside:
+            shutil.rmtree(holder, ignore_errors=True)

@@ -564,7 +564,12 @@ def _budget_caveat(report: Report) -> str:
             if r.sft_minus_budget_psnr is not None and not r.sft_minus_budget_psnr > 0
         ]
         if below:
-            text += f" SFT-KD is not above control (b) for {', '.join(below)}."
+            text += f" SFT-KD is not above control (b) for {', '.join(below)}"
+            text += (
+                f" (with {report.num_seeds} seed(s): not separable from seed noise)."
+                if report.num_seeds < MIN_SEEDS
+                else ": there the SFT-KD margin over Std-KD is explained by its extra epochs."
+            )
         unmatched = [r.name for r in with_sft if r.budget_key is None]
         if unmatched:
             text += f" Not run for {', '.join(unmatched)}."
@@ -629,10 +634,13 @@ def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
             if r.sft_minus_control_psnr is not None and not r.sft_minus_control_psnr > 0
         ]
         if below:
-            text += (
-                f" SFT-KD is not above control (a) for {', '.join(below)}: there its result "
-                "comes from the SFT initialisation, not from distillation."
-            )
+            text += f" SFT-KD is not above control (a) for {', '.join(below)}"
+            if report.num_seeds < MIN_SEEDS:
+                text += f" (with {report.num_seeds} seed(s): not separable from seed noise)."
+            else:
+                text += (
+                    ": there its result comes from the SFT initialisation, not from distillation."
+                )
         out.append(text)
     if has_sft_kd:
         out.append(_budget_caveat(report))

@@ -41,6 +41,7 @@ __all__ = [
     "RUN_INPUT_FILES",
     "StageResult",
     "check_run_settings",
+    "recorded_weights_changed",
     "run_differences",
     "run_distill",
     "run_evaluate",
@@ -219,6 +220,28 @@ def run_differences(
     return {k: v for k, v in found.items() if v is not None}
 
 
+def recorded_weights_changed(cfg: Dict[str, Any], out_dir: os.PathLike, key: str) -> bool:
+    """True when the file option ``key`` names a network other than the one the run in
+    ``out_dir`` started from: the recorded and the present digest are both of weights and
+    differ. False for anything less certain (no digest, a digest of an earlier version's
+    kind, a file that is gone)."""
+    try:
+        before = json.loads((Path(out_dir) / RUN_CONFIG_FILE).read_text())
+        recorded = before[_DIGESTS][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    path = cfg.get(key)
+    if not path or not Path(path).is_file():
+        return False
+    now = _sha256(path)
+    return (
+        isinstance(recorded, str)
+        and recorded.startswith("weights:")
+        and now.startswith("weights:")
+        and recorded != now
+    )
+
+
 def check_run_settings(
     cfg: Dict[str, Any],
     out_dir: os.PathLike,
@@ -303,8 +326,11 @@ class StageResult:
         here = Path(self.out_dir)
 
         def relative(path: str) -> str:
+            # real paths: Lightning writes its checkpoints under the resolved folder
             try:
-                return Path(os.path.relpath(path, here)).as_posix() if _inside(path, here) else path
+                inside = _inside(path, here)
+                rel = os.path.relpath(os.path.realpath(path), os.path.realpath(here))
+                return Path(rel).as_posix() if inside else path
             except ValueError:  # another drive
                 return path
 
@@ -316,7 +342,8 @@ class StageResult:
 
 
 def _inside(path: os.PathLike, folder: os.PathLike) -> bool:
-    return Path(os.path.abspath(folder)) in Path(os.path.abspath(path)).parents
+    """``path`` lies inside ``folder`` (links resolved: a folder reached through a link)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
@@ -478,9 +505,9 @@ def _say_if_finished(last: Path, max_epochs: int) -> None:
     trained = _trained_epochs(last)
     if trained is not None and trained >= max_epochs:
         print(
-            f"{last.parent.parent}: this run has already trained max_epochs={max_epochs} "
-            "epochs; nothing to train (raise --max-epochs to train on, or --resume false to "
-            "start over)",
+            f"{last.parent.parent}: this run has already trained {trained} epochs "
+            f"(max_epochs={max_epochs}); nothing to train (raise --max-epochs to train on, or "
+            "--resume false to start over)",
             flush=True,
         )
 

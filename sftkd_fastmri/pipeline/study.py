@@ -50,7 +50,14 @@ from ..experiment import (
     run_train,
 )
 from ..experiment.builders import batch_limit
-from ..experiment.runs import RUN_CONFIG_FILE, _inside, _trained_epochs, run_differences
+from ..experiment.runs import (
+    DONE_FILE,
+    RUN_CONFIG_FILE,
+    _inside,
+    _trained_epochs,
+    recorded_weights_changed,
+    run_differences,
+)
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model
@@ -85,8 +92,8 @@ CONTROLS = ("a", "b")
 
 
 def parse_controls(value: Any) -> Tuple[str, ...]:
-    """The study's ``controls``: ``true`` (control (a), the default), ``false`` (none),
-    ``all``, or a list of ``a`` (the SFT-initialised student without KD) and ``b`` (Std-KD
+    """The study's ``controls``: ``true`` (control (a), the default), ``false`` or ``[]``
+    (none), ``all``, or a list of ``a`` (the SFT-initialised student without KD) and ``b`` (Std-KD
     with the epochs of the SFT stage and SFT-KD together)."""
     words = {"true": ("a",), "yes": ("a",), "on": ("a",), "false": (), "no": (), "off": ()}
     if value is None or isinstance(value, bool):
@@ -97,10 +104,10 @@ def parse_controls(value: Any) -> Tuple[str, ...]:
             return words[word]
         items = list(CONTROLS) if word == "all" else [w.strip() for w in word.split(",")]
     elif isinstance(value, (list, tuple)):
-        items = [str(v).strip().lower() for v in value]
+        items = [str(v).strip().lower() for v in value]  # [] is no control
     else:
         items = [value]
-    if not items or any(item not in CONTROLS for item in items):
+    if any(item not in CONTROLS for item in items):
         raise ValueError(
             f"controls: expected true, false, all or a list of {', '.join(CONTROLS)} "
             f"(e.g. [a, b]), got {value!r}"
@@ -168,9 +175,8 @@ def _stage(
     if stale:
         # its teacher or initialisation came from a stage that has trained on since: this
         # stage's run is of the old one, and starts over (resuming it would mix the two)
-        print(f"[redo] {name}: {stale}; training it again", flush=True)
+        log.append(f"[redo] {name}: {stale}; training it again")
         stage_cfg["resume"] = False
-        done = None
     elif done is not None:
         check_run_settings(stage_cfg, out_dir, finished=True, stage=done.name)
         more = _reuse_or_train_on(done, stage_cfg)
@@ -178,12 +184,31 @@ def _stage(
             log.append(f"[skip] {name}: finished earlier ({out_dir})")
             print(log[-1], flush=True)
             return done
-        print(f"[more] {name}: {more}", flush=True)
+        log.append(f"[more] {name}: {more}")
+        # not finished until it has trained on: a stop before the new record must not leave
+        # the old one beside a newer export
+        (out_dir / DONE_FILE).unlink()
     else:
-        print(f"[run ] {name} -> {out_dir}", flush=True)
+        _refuse_more_epochs_than_asked(out_dir, stage_cfg)
+        log.append(f"[run ] {name} -> {out_dir}")
+    print(log[-1], flush=True)
     result = runner(stage_cfg)
     log.append(f"[done] {name}")
     return result
+
+
+def _refuse_more_epochs_than_asked(out_dir: Path, cfg: Dict[str, Any]) -> None:
+    """An interrupted stage (no ``done.json``) whose ``last.ckpt`` has trained more epochs
+    than the study now asks for: resuming would train nothing and export a network of more
+    epochs than the report would state."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    trained = _trained_epochs(last) if last.is_file() else None
+    if trained is not None and trained > int(cfg["max_epochs"]):
+        raise ValueError(
+            f"{out_dir} holds an unfinished stage that has trained {trained} epochs; this "
+            f"study asks for {cfg['max_epochs']} (epochs). Ask for at least {trained}, use "
+            "another out_dir, or remove that folder to train the stage again"
+        )
 
 
 #: The kind of run each stage runner records (``run_config.json``).
@@ -194,15 +219,21 @@ _UPSTREAM_FILES = {"init_checkpoint": "student initialisation", "teacher_checkpo
 
 def _stale_inputs(cfg: Dict[str, Any], out_dir: Path, kind: str, root: Path) -> Optional[str]:
     """Why the run in ``out_dir`` is stale, when the only settings it differs in are files
-    this study's own stages wrote (a teacher export that trained on since); else ``None``
-    (other differences are refused where the run is resumed or reused)."""
+    this study's own stages wrote whose weights have changed since (a teacher export that
+    trained on); else ``None``. Other differences, and records that
+    cannot tell changed weights from a change of digest or place (earlier versions), are
+    refused where the run is resumed or reused rather than trained again."""
     if not (out_dir / RUN_CONFIG_FILE).is_file():
         return None
     changed = run_differences(cfg, out_dir, kind)
     if not changed or not set(changed) <= set(_UPSTREAM_FILES):
         return None
-    if not all(cfg.get(key) and _inside(cfg[key], root) for key in changed):
-        return None
+    for key in changed:
+        path = cfg.get(key)
+        if not (path and _inside(path, root)):
+            return None
+        if not recorded_weights_changed(cfg, out_dir, key):
+            return None
     what = " and ".join(_UPSTREAM_FILES[key] for key in changed)
     return f"its {what} changed since it ran (the stage it comes from trained on)"
 

@@ -61,7 +61,7 @@ def test_train_with_config_file_flags_override_and_resume(tiny_demo, tmp_path, c
     # the same settings again: the run is finished, and says so
     capsys.readouterr()
     assert main(argv) == 0
-    assert "already trained max_epochs=2 epochs; nothing to train" in capsys.readouterr().out
+    assert "already trained 2 epochs (max_epochs=2); nothing to train" in capsys.readouterr().out
     # other settings in the same folder: refused before anything trains, differences listed
     before = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
     assert main([*argv, "--model", "dccnn_d5c5", "--lr", "0.5"]) == 2

@@ -120,10 +120,36 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert out.count("[redo]") == 2 and "[redo] kd_std_at: its teacher changed" in out
     assert "[skip] kd_sft_at" in out and "[skip] control_sft_init" in out
     assert StageResult.load(moved / "seed_0" / "kd_std_at").epochs == 2
+    log = (moved / "stages.log").read_text()
+    assert "[more] teacher: trained 1 of the 2 epochs" in log and log.count("[redo]") == 2
+    from sftkd_fastmri.experiment.runs import _sha256
+
+    # a record whose digest is of an earlier kind cannot tell a changed teacher from an
+    # unchanged one: refused, never retrained (its outputs stay)
+    both = {**config, "epochs": {"teacher": 2, "kd": 2}}
+    record_file = moved / "seed_0" / "kd_std_at" / "run_config.json"
+    record = json.loads(record_file.read_text())
+    record["file_digests"]["teacher_checkpoint"] = "0" * 64  # a digest of the file's bytes
+    record_file.write_text(json.dumps(record))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    assert "kd_std_at holds a finished run with other settings" in capsys.readouterr().err
+    assert (moved / "seed_0" / "kd_std_at" / "model.pt").is_file()
+    record["file_digests"]["teacher_checkpoint"] = _sha256(
+        moved / "seed_0" / "teacher" / "model.pt"
+    )
+    record_file.write_text(json.dumps(record))
+    path.write_text(yaml.safe_dump(both))
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert "[redo]" not in capsys.readouterr().out
     # fewer epochs than a finished stage trained: refused, not reported as the fewer
     path.write_text(yaml.safe_dump({**config, "epochs": {"teacher": 2, "kd": 1}}))
     assert main(["pipeline", "--config", str(path)]) == 2
     assert "holds a finished stage of 2 epochs; this study asks for 1" in capsys.readouterr().err
+    # ... and so is an unfinished one (no done.json) that trained more than asked
+    (moved / "seed_0" / "control_sft_init" / "done.json").unlink()
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "control_sft_init holds an unfinished stage that has trained 2 epochs" in err
 
 
 def test_controls_are_read_as_the_study_documents():
@@ -133,7 +159,8 @@ def test_controls_are_read_as_the_study_documents():
     assert parse_controls(False) == () and parse_controls("off") == ()
     assert parse_controls(["b", "a"]) == ("a", "b") == parse_controls("all")
     assert parse_controls("b") == ("b",) and parse_controls("a, b") == ("a", "b")
-    for bad in ("maybe", ["a", "c"], [], 3):
+    assert parse_controls([]) == ()
+    for bad in ("maybe", ["a", "c"], 3, "a,"):
         with pytest.raises(ValueError, match="controls: expected"):
             parse_controls(bad)
 

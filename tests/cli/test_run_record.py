@@ -153,3 +153,31 @@ def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp
     assert last["epoch"] == 2 and last["global_step"] == 6
     state = next(v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
     assert float(state["best_model_score"]) == 0.0  # the best score survives in last.ckpt
+
+
+def test_stage_records_are_relative_also_through_a_linked_folder(tmp_path):
+    """Lightning writes checkpoints under the resolved folder: through a linked out_dir the
+    best checkpoint was recorded absolute, so a copied stage pointed at the original."""
+    import os
+
+    from sftkd_fastmri.experiment import StageResult
+
+    real = tmp_path / "real"
+    (real / "checkpoints").mkdir(parents=True)
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    StageResult(
+        "train",
+        str(link),
+        str(real / "checkpoints" / "best.ckpt"),  # as Lightning reports it
+        {"model": str(link / "model.pt")},
+        epochs=3,
+    ).save()
+    record = json.loads((real / "done.json").read_text())
+    assert record["best_checkpoint"] == "checkpoints/best.ckpt"
+    assert record["exports"] == {"model": "model.pt"} and record["out_dir"] == "."
+    copy = tmp_path / "copy"
+    shutil.copytree(real, copy)
+    loaded = StageResult.load(copy)
+    assert loaded.best_checkpoint == str(copy / "checkpoints" / "best.ckpt")
+    assert loaded.exports["model"] == str(copy / "model.pt") and loaded.epochs == 3

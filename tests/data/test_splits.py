@@ -151,3 +151,26 @@ def test_an_interrupted_overwrite_never_mixes_old_and_new_splits(tmp_path, monke
     assert test == sorted(first.test) and select == sorted(first.select)  # the old pair, whole
     assert (tmp_path / "singlecoil_test_heldout" / test[0]).is_symlink()  # not the copies
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
+
+
+def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monkeypatch):
+    import sftkd_fastmri.data.splits as splits
+
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    real_replace = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # both old folders set aside, the first new one in place
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(splits.os, "replace", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
+    assert sorted(os.listdir(tmp_path / "singlecoil_val_select")) == sorted(first.select)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

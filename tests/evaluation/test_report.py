@@ -273,7 +273,7 @@ def test_control_b_and_the_summary_say_what_the_seeds_show():
     caveats = " ".join(report.caveats)
     assert "Control (b) not run: Std-KD students trained 3 epochs from scratch" in caveats
     assert "SFT-KD students 2 (the SFT stage, as student branches) + 3" in caveats
-    assert "SFT-KD is not above control (a) for AT" in caveats
+    assert "SFT-KD is not above control (a) for AT (with 1 seed(s): not separable" in caveats
     text = report.to_markdown()
     assert "With 1 seed(s) that does not separate them from seed noise" in text
     assert "SFT-KD is above control (a) for 0 of 1 method(s)" in text
