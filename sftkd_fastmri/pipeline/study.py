@@ -189,26 +189,31 @@ def _stage(
         # the old one beside a newer export
         (out_dir / DONE_FILE).unlink()
     else:
-        _refuse_more_epochs_than_asked(out_dir, stage_cfg)
-        log.append(f"[run ] {name} -> {out_dir}")
+        trained = _unfinished_epochs(out_dir, stage_cfg)
+        resuming = f" (resuming after epoch {trained})" if trained else ""
+        log.append(f"[run ] {name} -> {out_dir}{resuming}")
     print(log[-1], flush=True)
     result = runner(stage_cfg)
     log.append(f"[done] {name}")
     return result
 
 
-def _refuse_more_epochs_than_asked(out_dir: Path, cfg: Dict[str, Any]) -> None:
-    """An interrupted stage (no ``done.json``) whose ``last.ckpt`` has trained more epochs
-    than the study now asks for: resuming would train nothing and export a network of more
-    epochs than the report would state."""
+def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any]) -> Optional[int]:
+    """The epochs an interrupted stage (no ``done.json``) has trained, from its
+    ``last.ckpt`` (``None``: none to resume). More than the study now asks for is refused:
+    resuming would train nothing and export a network of more epochs than the report would
+    state."""
     last = out_dir / "checkpoints" / "last.ckpt"
-    trained = _trained_epochs(last) if last.is_file() else None
+    if cfg.get("resume", True) is False or not last.is_file():
+        return None
+    trained = _trained_epochs(last)
     if trained is not None and trained > int(cfg["max_epochs"]):
         raise ValueError(
             f"{out_dir} holds an unfinished stage that has trained {trained} epochs; this "
             f"study asks for {cfg['max_epochs']} (epochs). Ask for at least {trained}, use "
             "another out_dir, or remove that folder to train the stage again"
         )
+    return trained
 
 
 #: The kind of run each stage runner records (``run_config.json``).

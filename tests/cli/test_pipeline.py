@@ -150,6 +150,11 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert main(["pipeline", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "control_sft_init holds an unfinished stage that has trained 2 epochs" in err
+    path.write_text(yaml.safe_dump(both))  # as many epochs as it trained: it is finished
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert "[run ] control_sft_init -> " in capsys.readouterr().out
+    assert "(resuming after epoch 2)" in (moved / "stages.log").read_text()
+    assert StageResult.load(moved / "seed_0" / "control_sft_init").epochs == 2
 
 
 def test_controls_are_read_as_the_study_documents():
