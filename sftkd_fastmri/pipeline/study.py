@@ -427,10 +427,13 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     recons: Dict[str, Dict[str, np.ndarray]] = {"Zero-filled": zero.reconstructions}
     profiles: Dict[Tuple, Dict[str, Any]] = {}
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
+    show = bool(cfg.get("progress", True))
     for seed, models in per_seed.items():
         for key, (path, info) in models.items():
             model = load_reconstruction_model(path)
-            result = evaluate_model(model, loader, device=device, progress=False)
+            result = evaluate_model(model, loader, device=device, progress=show)
+            psnr = float(np.mean([v.psnr for v in result.metrics]))
+            print(f"[eval] {key} (seed {seed}): PSNR {psnr:.2f} dB", flush=True)
             # architecture-level numbers, once per architecture: networks of the same
             # shapes (every student, both teachers) get the same latency, not the noise of
             # separate timings

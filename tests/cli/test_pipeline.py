@@ -35,6 +35,7 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert main(["pipeline", "--config", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "Std-KD vs SFT-KD" in printed
+    assert "[eval] kd_sft/at (seed 0): PSNR " in printed  # one line per model scored
 
     for name in ("report.md", "report.csv", "report.json", "panel.png", "psnr_per_method.png"):
         assert (out_dir / name).is_file(), name
