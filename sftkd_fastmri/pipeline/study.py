@@ -225,9 +225,9 @@ _UPSTREAM_FILES = {"init_checkpoint": "student initialisation", "teacher_checkpo
 def _stale_inputs(cfg: Dict[str, Any], out_dir: Path, kind: str, root: Path) -> Optional[str]:
     """Why the run in ``out_dir`` is stale, when the only settings it differs in are files
     this study's own stages wrote whose weights have changed since (a teacher export that
-    trained on); else ``None``. Other differences, and records that
-    cannot tell changed weights from a change of digest or place (earlier versions), are
-    refused where the run is resumed or reused rather than trained again."""
+    trained on); else ``None``. Other differences, and records that cannot tell changed
+    weights from a change of digest or place (earlier versions), are refused where the run
+    is resumed or reused rather than trained again."""
     if not (out_dir / RUN_CONFIG_FILE).is_file():
         return None
     changed = run_differences(cfg, out_dir, kind)
