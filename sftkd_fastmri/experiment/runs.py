@@ -428,12 +428,16 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
 
 #: What a stage writes besides its checkpoints (the exports of train/distill and of sft).
 STAGE_EXPORTS = ("model.pt", "sft_teacher.ckpt", "sft_student_init.ckpt")
+#: Suffixes of what ``export`` writes next to a checkpoint by default
+#: (:func:`~sftkd_fastmri.export.deploy.default_export_path`).
+_DEPLOY_SUFFIXES = (".ts.pt", ".pt2", ".onnx", ".pt")
 
 
 def _clear_earlier_run(out_dir: Path) -> None:
     """Before a new run starts in ``out_dir`` (``--resume false``, or no ``last.ckpt``),
     remove what an earlier run left there: ``done.json`` first (a stage must never look
-    finished with another run's outputs), then its checkpoints and exports. Otherwise a kill
+    finished with another run's outputs), then its checkpoints and exports, and the
+    deployment exports ``export`` wrote next to them by default. Otherwise a kill
     before the new run's first checkpoint would leave the old ``last.ckpt`` to be resumed
     under the new record, and the old ``done.json`` would make a study reuse the old run.
     Logs stay (each run writes its own version folder). Rank zero only."""
@@ -441,6 +445,11 @@ def _clear_earlier_run(out_dir: Path) -> None:
         return
     old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
     old += [out_dir / name for name in STAGE_EXPORTS]
+    # deployment exports `export` wrote beside them by default (model.ts.pt, best.student.onnx)
+    beside = [(out_dir, Path(name).stem) for name in STAGE_EXPORTS]
+    beside += [(out_dir / CKPT_DIR, stem) for stem in ("best", "last")]
+    for folder, stem in beside:
+        old += sorted(p for p in folder.glob(f"{stem}.*") if p.name.endswith(_DEPLOY_SUFFIXES))
     removed = []
     for path in old:
         if path.is_file():

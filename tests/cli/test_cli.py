@@ -698,6 +698,10 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
             "chans=4", "--out-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     assert StageResult.load(out) is not None and (out / "model.pt").is_file()
+    # deployment exports `export` writes beside them by default, and a file of the user's
+    (out / "model.ts.pt").write_bytes(b"old network")
+    (out / "checkpoints" / "best.student.onnx").write_bytes(b"old network")
+    (out / "model.txt").write_text("notes")
     capsys.readouterr()
 
     def killed(self, *args, **kwargs):
@@ -706,9 +710,11 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
     monkeypatch.setattr(pl.Trainer, "fit", killed)
     with pytest.raises(KeyboardInterrupt):
         main([*argv, "--resume", "false", "--lr", "0.01"])
-    assert "removed the earlier run's done.json, best.ckpt, last.ckpt, model.pt" in (
-        capsys.readouterr().out
-    )
+    assert (
+        "removed the earlier run's done.json, best.ckpt, last.ckpt, model.pt, model.ts.pt, "
+        "best.student.onnx"
+    ) in capsys.readouterr().out
+    assert (out / "model.txt").read_text() == "notes"
     assert StageResult.load(out) is None
     assert not (out / "model.pt").exists()
     assert not list((out / "checkpoints").glob("*.ckpt"))
