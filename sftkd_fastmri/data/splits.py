@@ -202,7 +202,8 @@ def _swap_in(filled: List[Tuple[Path, Path]]) -> None:
     """Rename each filled temporary folder onto its destination, all or none: the old
     destinations (folders, or links) are first renamed aside (quick, unlike deleting a
     copied split), then the new ones renamed in; on any failure the new ones are taken out
-    again and the old ones put back, so the folders never mix two splits."""
+    again and the old ones put back, so the folders never mix two splits. Should putting
+    them back fail too, the old folders are kept under visible names the error gives."""
     aside: List[Tuple[Path, Path]] = []  # (holder folder, destination)
     placed: List[Tuple[Path, Path]] = []  # (temporary folder, destination)
     try:
@@ -214,12 +215,37 @@ def _swap_in(filled: List[Tuple[Path, Path]]) -> None:
         for tmp, dest in filled:
             os.replace(tmp, dest)
             placed.append((tmp, dest))
-    except BaseException:
+    except BaseException as err:
+        _roll_back(aside, placed, err)
+        raise
+    for holder, _ in aside:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _roll_back(
+    aside: List[Tuple[Path, Path]], placed: List[Tuple[Path, Path]], err: BaseException
+) -> None:
+    """Undo a partial :func:`_swap_in`; its holders are removed only once emptied."""
+    try:
         for tmp, dest in placed:  # back to its temporary name (removed by the caller)
             os.replace(dest, tmp)
-        for holder, dest in aside:
+        while aside:
+            holder, dest = aside[0]
             os.replace(holder / dest.name, dest)
-        raise
-    finally:
-        for holder, _ in aside:
             shutil.rmtree(holder, ignore_errors=True)
+            aside.pop(0)
+    except BaseException as again:
+        kept = []
+        for holder, dest in aside:  # out of the hidden holders a later run would remove
+            visible = dest.with_name(f"{dest.name}.before-holdout-{os.getpid()}")
+            try:
+                os.replace(holder / dest.name, visible)
+                shutil.rmtree(holder, ignore_errors=True)
+                kept.append(str(visible))
+            except OSError:
+                kept.append(str(holder / dest.name))
+        raise OSError(
+            f"holdout-split failed ({type(err).__name__}: {err}) and could not put the "
+            f"earlier split folders back ({type(again).__name__}: {again}); they are kept "
+            f"as {', '.join(kept)}: rename them back, or run holdout-split again"
+        ) from err

@@ -15,6 +15,8 @@ from (:data:`RUN_INPUT_FILES`: initial weights, teacher, mask) are compared by c
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -428,9 +430,21 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
 
 #: What a stage writes besides its checkpoints (the exports of train/distill and of sft).
 STAGE_EXPORTS = ("model.pt", "sft_teacher.ckpt", "sft_student_init.ckpt")
-#: Suffixes of what ``export`` writes next to a checkpoint by default
-#: (:func:`~sftkd_fastmri.export.deploy.default_export_path`).
-_DEPLOY_SUFFIXES = (".ts.pt", ".pt2", ".onnx", ".pt")
+
+
+def _default_export_names(stem: str) -> list:
+    """The names :func:`~sftkd_fastmri.export.deploy.default_export_path` gives the exports
+    of a checkpoint named ``<stem>.*``: ``<stem><suffix>`` (a plain model) and
+    ``<stem>.<role><suffix>``."""
+    from ..export.deploy import SUFFIXES
+
+    names = [f"{stem}{suffix}" for fmt, suffix in SUFFIXES.items() if fmt != "state_dict"]
+    names += [
+        f"{stem}.{role}{suffix}"
+        for role in ("model", "teacher", "student")
+        for suffix in SUFFIXES.values()
+    ]
+    return names
 
 
 def _clear_earlier_run(out_dir: Path) -> None:
@@ -445,11 +459,12 @@ def _clear_earlier_run(out_dir: Path) -> None:
         return
     old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
     old += [out_dir / name for name in STAGE_EXPORTS]
-    # deployment exports `export` wrote beside them by default (model.ts.pt, best.student.onnx)
+    # deployment exports `export` wrote beside them under its default names (model.ts.pt,
+    # checkpoints/best.student.onnx): exactly those names, never other files of the user's
     beside = [(out_dir, Path(name).stem) for name in STAGE_EXPORTS]
     beside += [(out_dir / CKPT_DIR, stem) for stem in ("best", "last")]
     for folder, stem in beside:
-        old += sorted(p for p in folder.glob(f"{stem}.*") if p.name.endswith(_DEPLOY_SUFFIXES))
+        old += [folder / name for name in _default_export_names(stem)]
     removed = []
     for path in old:
         if path.is_file():
@@ -509,14 +524,31 @@ def _trained_epochs(last: Path) -> Optional[int]:
         return int(epoch) + 1 if isinstance(epoch, int) else None
 
 
+_IN_STUDY: contextvars.ContextVar[bool] = contextvars.ContextVar("in_study", default=False)
+
+
+@contextlib.contextmanager
+def in_study() -> Iterator[None]:
+    """Stages run by a study: messages name the study's settings, not the command's flags."""
+    token = _IN_STUDY.set(True)
+    try:
+        yield
+    finally:
+        _IN_STUDY.reset(token)
+
+
 def _say_if_finished(last: Path, max_epochs: int) -> None:
     """Say so when the run to resume has already trained ``max_epochs`` epochs."""
     trained = _trained_epochs(last)
     if trained is not None and trained >= max_epochs:
+        hint = (
+            "; its last checkpoints are exported"
+            if _IN_STUDY.get()
+            else " (raise --max-epochs to train on, or --resume false to start over)"
+        )
         print(
             f"{last.parent.parent}: this run has already trained {trained} epochs "
-            f"(max_epochs={max_epochs}); nothing to train (raise --max-epochs to train on, or "
-            "--resume false to start over)",
+            f"(max_epochs={max_epochs}); nothing to train{hint}",
             flush=True,
         )
 

@@ -55,6 +55,7 @@ from ..experiment.runs import (
     RUN_CONFIG_FILE,
     _inside,
     _trained_epochs,
+    in_study,
     recorded_weights_changed,
     run_differences,
 )
@@ -189,11 +190,18 @@ def _stage(
         # the old one beside a newer export
         (out_dir / DONE_FILE).unlink()
     else:
+        if (
+            stage_cfg.get("resume", True) is not False
+            and (out_dir / "checkpoints" / "last.ckpt").is_file()
+        ):
+            # an interrupted run of other settings: refused before any advice on its epochs
+            check_run_settings(stage_cfg, out_dir, stage=_KIND[runner.__name__])
         trained = _unfinished_epochs(out_dir, stage_cfg)
         resuming = f" (resuming after epoch {trained})" if trained else ""
         log.append(f"[run ] {name} -> {out_dir}{resuming}")
     print(log[-1], flush=True)
-    result = runner(stage_cfg)
+    with in_study():
+        result = runner(stage_cfg)
     log.append(f"[done] {name}")
     return result
 

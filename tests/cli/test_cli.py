@@ -701,7 +701,8 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
     # deployment exports `export` writes beside them by default, and a file of the user's
     (out / "model.ts.pt").write_bytes(b"old network")
     (out / "checkpoints" / "best.student.onnx").write_bytes(b"old network")
-    (out / "model.txt").write_text("notes")
+    for mine in ("model.txt", "model.backup.pt", "checkpoints/best.keep-me.onnx"):
+        (out / mine).write_text("the user's")
     capsys.readouterr()
 
     def killed(self, *args, **kwargs):
@@ -714,7 +715,8 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
         "removed the earlier run's done.json, best.ckpt, last.ckpt, model.pt, model.ts.pt, "
         "best.student.onnx"
     ) in capsys.readouterr().out
-    assert (out / "model.txt").read_text() == "notes"
+    for mine in ("model.txt", "model.backup.pt", "checkpoints/best.keep-me.onnx"):
+        assert (out / mine).read_text() == "the user's"
     assert StageResult.load(out) is None
     assert not (out / "model.pt").exists()
     assert not list((out / "checkpoints").glob("*.ckpt"))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -153,9 +154,19 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert "control_sft_init holds an unfinished stage that has trained 2 epochs" in err
     path.write_text(yaml.safe_dump(both))  # as many epochs as it trained: it is finished
     assert main(["pipeline", "--config", str(path)]) == 0
-    assert "[run ] control_sft_init -> " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[run ] control_sft_init -> " in out
+    assert "nothing to train; its last checkpoints are exported" in out  # no CLI flags
     assert "(resuming after epoch 2)" in (moved / "stages.log").read_text()
     assert StageResult.load(moved / "seed_0" / "control_sft_init").epochs == 2
+    # an interrupted stage of other settings is refused as such, before any epoch advice
+    (moved / "seed_0" / "kd_std_at" / "done.json").unlink()
+    shutil.rmtree(moved / "seed_0" / "control_sft_init")  # retrains with the 1 epoch asked
+    other = {**config, "epochs": {"teacher": 2, "kd": 1}, "kd_schedule": "two_stage"}
+    path.write_text(yaml.safe_dump(other))
+    assert main(["pipeline", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "kd_std_at holds a run started with other settings (kd_schedule:" in err
 
 
 def test_controls_are_read_as_the_study_documents():

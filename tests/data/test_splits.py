@@ -174,3 +174,27 @@ def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monk
     assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
     assert sorted(os.listdir(tmp_path / "singlecoil_val_select")) == sorted(first.select)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_failed_rollback_keeps_the_old_splits_where_the_error_says(tmp_path, monkeypatch):
+    import sftkd_fastmri.data.splits as splits
+
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    real_replace = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append(dst)
+        if len(calls) in (4, 5):  # the second rename-in, then the first step of undoing
+            raise OSError(f"failure {len(calls)}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(splits.os, "replace", failing)
+    with pytest.raises(OSError, match="could not put the earlier split folders back") as err:
+        holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
+    monkeypatch.undo()
+    kept = re.search(r"they are kept as (.*): rename", str(err.value)).group(1).split(", ")
+    assert len(kept) == 2 and all(not os.path.basename(k).startswith(".") for k in kept)
+    contents = sorted(sorted(os.listdir(k)) for k in kept)
+    assert contents == sorted([sorted(first.select), sorted(first.test)])  # nothing lost

@@ -277,3 +277,34 @@ def test_control_b_and_the_summary_say_what_the_seeds_show():
     text = report.to_markdown()
     assert "With 1 seed(s) that does not separate them from seed noise" in text
     assert "SFT-KD is above control (a) for 0 of 1 method(s)" in text
+
+
+def test_conclusions_below_a_control_follow_the_paired_seeds():
+    """'Comes from the SFT initialisation' / 'explained by its extra epochs' only where the
+    SFT-KD student is at or below the control in every one of >= 3 seeds (and, for (b), is
+    above Std-KD, so that there is a margin to explain)."""
+
+    def study(sft, ctrl, budget, std):
+        entries = []
+        for seed in range(3):
+            entries += [
+                entry("teacher", "teacher", (40.4, 40.4), variant="std", seed=seed),
+                entry("student", "student", (39.5, 39.5), variant="std", seed=seed),
+                entry("ctrl", "student", (ctrl[seed],) * 2, variant="sft", seed=seed),
+                entry("kd_std/at", "kd", (std[seed],) * 2, "at", "std", seed=seed),
+                entry("kd_sft/at", "kd", (sft[seed],) * 2, "at", "sft", seed=seed),
+                entry("kd_budget/at", "kd", (budget[seed],) * 2, "at", "budget", seed=seed),
+            ]
+        return " ".join(build_report(entries).caveats)
+
+    # below both controls in every seed, above Std-KD: both conclusions
+    text = study(sft=(40, 40, 40), ctrl=(40.1,) * 3, budget=(40.2,) * 3, std=(39.8,) * 3)
+    assert "for AT (in every seed: there its result comes from the SFT initialisation" in text
+    assert "for AT (in every seed: there the SFT-KD margin over Std-KD is explained" in text
+    # mixed signs over seeds, mean below: no conclusion
+    text = study(sft=(40.4, 39.5, 40.07), ctrl=(40.0,) * 3, budget=(40.5,) * 3, std=(39.8,) * 3)
+    assert "for AT (above it in some seeds: not separable from seed noise)" in text
+    # below control (b) but also below Std-KD: no margin to explain
+    text = study(sft=(39.5,) * 3, ctrl=(39.4,) * 3, budget=(40.0,) * 3, std=(40.0,) * 3)
+    assert "control (b) for AT (SFT-KD is not above Std-KD either)" in text
+    assert "explained by its extra epochs" not in text
