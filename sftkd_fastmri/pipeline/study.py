@@ -415,6 +415,7 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
                 f"the study's {key}: split folder {folder} does not exist"
                 f"{missing_split_hint(folder)}"
             )
+    _check_held_out(cfg, data_path, test_folder)
     out_dir = Path(cfg.get("out_dir") or "runs/study")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")
@@ -482,6 +483,31 @@ def _architecture(model: torch.nn.Module) -> Tuple:
     """What a network's cost depends on: its class and the names and shapes of its weights."""
     shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
     return (type(model).__qualname__, shapes)
+
+
+def _check_held_out(cfg: Dict[str, Any], data_path: Path, test_folder: Path) -> None:
+    """The report's test split must hold no volume the study trains on or selects
+    checkpoints with (by file name: fastMRI volumes are named uniquely, and holdout-split
+    links keep the names). The common slip: after ``holdout-split``, selecting on ``val``,
+    which still holds the held-out volumes, instead of ``val_select``. A test split that *is*
+    the validation split is allowed; the report says so in its caveats."""
+    if cfg["test_split"] == cfg["val_split"]:
+        return
+    test = {p.name for p in test_folder.glob("*.h5")}
+    for key in ("train_split", "val_split"):
+        folder = data_path / f"{cfg['challenge']}_{cfg[key]}"
+        shared = sorted(test & {p.name for p in folder.glob("*.h5")})
+        if shared:
+            hint = (
+                " (after holdout-split, select on the split it made: val_split: val_select)"
+                if key == "val_split"
+                else ""
+            )
+            raise ValueError(
+                f"the study's test_split {test_folder.name} shares {len(shared)} volume(s) "
+                f"with its {key} {folder.name} (e.g. {shared[0]}): those are no held-out "
+                f"test{hint}"
+            )
 
 
 def _figure_volume(cfg: Dict[str, Any], test_folder: Path) -> Optional[str]:

@@ -465,6 +465,28 @@ def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "multicoil_nope does not exist" in err and not out.exists()
     assert "(its data folder holds multicoil_test," in err  # what there is instead
+    # a held-out split whose volumes are still in the selection split: no held-out test
+    import shutil
+
+    from sftkd_fastmri.data import holdout_split
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_demo / f"multicoil_{split}", data / f"multicoil_{split}")
+    (data / "multicoil_val" / "copy.h5").symlink_to(
+        next((data / "multicoil_val").glob("*.h5")).resolve()
+    )  # two volumes to divide
+    held = holdout_split(data, "multicoil", fraction=0.5, seed=0)
+    study = ["pipeline", *_common(data, "multicoil"), "--out-dir", str(out)]
+    assert main([*study, "--test-split", "test_heldout"]) == 2
+    err = capsys.readouterr().err
+    assert f"shares {len(held.test)} volume(s) with its val_split multicoil_val" in err
+    assert "val_split: val_select" in err and not out.exists()
+    from sftkd_fastmri.pipeline.study import _check_held_out
+
+    cfg = {"challenge": "multicoil", "train_split": "train", "val_split": "val_select",
+           "test_split": "test_heldout"}  # fmt: skip
+    _check_held_out(cfg, data, data / "multicoil_test_heldout")  # selecting on the rest
     # a challenge whose folders are not there: the other challenge is suggested
     single = tmp_path / "single"
     (single / "singlecoil_train").mkdir(parents=True)
