@@ -547,22 +547,28 @@ def _kd_table(
     return list(rows.values())
 
 
-def _below_verdict(
+def _below_control(
     rows: Sequence[KDComparison],
-    seed_diffs,
+    control: str,
+    margins,
     num_seeds: int,
     conclusion: str,
     needs_margin: bool = False,
 ) -> str:
-    """The methods (``rows``) for which SFT-KD's mean PSNR is not above a control, and what
-    that shows: ``conclusion`` only for methods at or below the control in every one of
+    """The methods for which SFT-KD's mean PSNR is not above control ``control`` (``margins``
+    gives a row's mean SFT - control difference and its per-seed paired differences), and
+    what that shows: ``conclusion`` only for methods at or below the control in every one of
     >= MIN_SEEDS paired seeds (with ``needs_margin``, only where SFT-KD is above Std-KD:
-    there is a margin to explain); the others with the reason no conclusion is drawn."""
+    there is a margin to explain); the others with the reason no conclusion is drawn. Empty
+    when SFT-KD is above the control for every method."""
     groups: Dict[str, List[str]] = {}
     for r in rows:
-        diffs = seed_diffs(r)
+        mean, diffs = margins(r)
+        if mean is None or mean > 0:
+            continue
         if num_seeds < MIN_SEEDS or len(diffs) < MIN_SEEDS:
-            why = f"with {min(num_seeds, len(diffs) or num_seeds)} seed(s): not separable from seed noise"
+            seeds = min(num_seeds, len(diffs) or num_seeds)
+            why = f"with {seeds} seed(s): not separable from seed noise"
         elif not all(d <= 0 for d in diffs):
             why = "above it in some seeds: not separable from seed noise"
         elif needs_margin and not (r.diff_psnr is not None and r.diff_psnr > 0):
@@ -570,7 +576,10 @@ def _below_verdict(
         else:
             why = f"in every seed: {conclusion}"
         groups.setdefault(why, []).append(r.name)
-    return "; ".join(f"{', '.join(names)} ({why})" for why, names in groups.items()) + "."
+    if not groups:
+        return ""
+    listed = "; ".join(f"{', '.join(names)} ({why})" for why, names in groups.items())
+    return f" SFT-KD is not above control ({control}) for {listed}."
 
 
 def _budget_caveat(report: Report) -> str:
@@ -584,16 +593,14 @@ def _budget_caveat(report: Report) -> str:
             "and SFT-KD together (column 'SFT - ctrl(b)'); a margin of SFT-KD over it is not "
             "explained by more training epochs."
         )
-        below = [r for r in matched if r.sft_minus_budget_psnr is not None]
-        below = [r for r in below if not r.sft_minus_budget_psnr > 0]
-        if below:
-            text += " SFT-KD is not above control (b) for " + _below_verdict(
-                below,
-                lambda r: r.seed_diffs_budget_psnr,
-                report.num_seeds,
-                "there the SFT-KD margin over Std-KD is explained by its extra epochs",
-                needs_margin=True,
-            )
+        text += _below_control(
+            matched,
+            "b",
+            lambda r: (r.sft_minus_budget_psnr, r.seed_diffs_budget_psnr),
+            report.num_seeds,
+            "there the SFT-KD margin over Std-KD is explained by its extra epochs",
+            needs_margin=True,
+        )
         unmatched = [r.name for r in with_sft if r.budget_key is None]
         if unmatched:
             text += f" Not run for {', '.join(unmatched)}."
@@ -652,15 +659,13 @@ def _caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
             "(column 'SFT - ctrl(a)'); only the margin over it is attributable to distillation "
             "from the SFT teacher."
         )
-        below = [r for r in report.kd_table if r.sft_minus_control_psnr is not None]
-        below = [r for r in below if not r.sft_minus_control_psnr > 0]
-        if below:
-            text += " SFT-KD is not above control (a) for " + _below_verdict(
-                below,
-                lambda r: r.seed_diffs_control_psnr,
-                report.num_seeds,
-                "there its result comes from the SFT initialisation, not from distillation",
-            )
+        text += _below_control(
+            report.kd_table,
+            "a",
+            lambda r: (r.sft_minus_control_psnr, r.seed_diffs_control_psnr),
+            report.num_seeds,
+            "there its result comes from the SFT initialisation, not from distillation",
+        )
         out.append(text)
     if has_sft_kd:
         out.append(_budget_caveat(report))

@@ -153,22 +153,27 @@ def test_an_interrupted_overwrite_never_mixes_old_and_new_splits(tmp_path, monke
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
 
 
-def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monkeypatch):
+def _renames_failing_at(monkeypatch, failing_calls):
+    """Make the split module's ``os.replace`` raise at the given call numbers (1-based)."""
     import sftkd_fastmri.data.splits as splits
 
-    _fake_split(tmp_path, 10)
-    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
     real_replace = os.replace
     calls = []
 
-    def failing(src, dst):
+    def replace(src, dst):
         calls.append(dst)
-        if len(calls) == 4:  # both old folders set aside, the first new one in place
-            raise OSError("disk went away")
+        if len(calls) in failing_calls:
+            raise OSError(f"failure {len(calls)}")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(splits.os, "replace", failing)
-    with pytest.raises(OSError, match="disk went away"):
+    monkeypatch.setattr(splits.os, "replace", replace)
+
+
+def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monkeypatch):
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    _renames_failing_at(monkeypatch, {4})  # both old folders set aside, one new one in
+    with pytest.raises(OSError, match="failure 4"):
         holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
@@ -177,20 +182,9 @@ def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monk
 
 
 def test_a_failed_rollback_keeps_the_old_splits_where_the_error_says(tmp_path, monkeypatch):
-    import sftkd_fastmri.data.splits as splits
-
     _fake_split(tmp_path, 10)
     first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
-    real_replace = os.replace
-    calls = []
-
-    def failing(src, dst):
-        calls.append(dst)
-        if len(calls) in (4, 5):  # the second rename-in, then the first step of undoing
-            raise OSError(f"failure {len(calls)}")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(splits.os, "replace", failing)
+    _renames_failing_at(monkeypatch, {4, 5})  # the second rename-in, then the first undo
     with pytest.raises(OSError, match="could not put the earlier split folders back") as err:
         holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
     monkeypatch.undo()
