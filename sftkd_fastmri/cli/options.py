@@ -243,7 +243,8 @@ GROUPS: Dict[str, List[Option]] = {
         _O(
             "resume",
             True,
-            "resume from out_dir/checkpoints/last.ckpt when it exists (false: start over there, removing the earlier run's checkpoints, exports and done.json; logs stay)",
+            "resume from out_dir/checkpoints/last.ckpt when it exists (false: start over "
+            "there, removing the earlier run's checkpoints, exports and done.json; logs stay)",
             _bool,
         ),
         _O(

@@ -148,6 +148,10 @@ class RunCheckpoint(ModelCheckpoint):
     older epoch, so a killed run lost those epochs and a finished one looked unfinished.
     Here ``last.ckpt`` is written after every validation (and at the end of training)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_saved_step = -1  # the global step last.ckpt was last written at
+
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's key: the last.ckpt of earlier runs (and of plain Lightning
@@ -187,16 +191,12 @@ class RunCheckpoint(ModelCheckpoint):
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    @property
-    def _last_saved_step(self) -> int:
-        return getattr(self, "_last_step_written", -1)
-
     def _save_last_checkpoint(
         self, trainer: pl.Trainer, monitor_candidates: Dict[str, Any]
     ) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
-            self._last_step_written = trainer.global_step
+            self._last_saved_step = trainer.global_step
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         before = state_dict.get("dirpath")

@@ -43,6 +43,7 @@ __all__ = [
     "RUN_INPUT_FILES",
     "StageResult",
     "check_run_settings",
+    "last_checkpoint",
     "recorded_weights_changed",
     "run_differences",
     "run_distill",
@@ -368,7 +369,7 @@ def _fit(
     Seeds again before building the data, so the masks and batch order of a stage depend on
     its seed alone (not on how many random numbers building its networks took)."""
     _seed(cfg)
-    last = out_dir / CKPT_DIR / "last.ckpt"
+    last = last_checkpoint(out_dir)
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume:
         check_run_settings(cfg, out_dir, stage=stage)
@@ -426,6 +427,11 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
             "data (--challenge, --kspace-from-target)",
             stacklevel=2,
         )
+
+
+def last_checkpoint(out_dir: os.PathLike) -> Path:
+    """Where a run in ``out_dir`` keeps the checkpoint it resumes from."""
+    return Path(out_dir) / CKPT_DIR / "last.ckpt"
 
 
 #: What a stage writes besides its checkpoints (the exports of train/distill and of sft).
@@ -557,7 +563,7 @@ def _finished(
     name: str, cfg: Dict[str, Any], out_dir: Path, best: str, exports: Dict[str, str]
 ) -> StageResult:
     """Record the finished stage (``done.json``, written last) and return it."""
-    last = out_dir / CKPT_DIR / "last.ckpt"
+    last = last_checkpoint(out_dir)
     result = StageResult(
         name,
         str(out_dir),

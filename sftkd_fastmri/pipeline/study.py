@@ -19,8 +19,9 @@ is skipped on re-run, after its recorded settings are compared with the study's 
 that define a run of its kind); one that trained fewer epochs than now asked for trains on
 from its ``last.ckpt``, one that trained more (or other batches per epoch) is refused. A
 stage whose teacher or initialisation came from a stage that has trained on since starts
-over (``[redo]``). An interrupted stage resumes from its ``last.ckpt``. Paths in ``done.json`` are relative to the
-stage folder, so a moved or copied study reads its own models.
+over (``[redo]``). An interrupted stage resumes from its ``last.ckpt``. Paths in
+``done.json`` are relative to the stage folder, so a moved or copied study reads its own
+models.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from ..experiment.runs import (
     _inside,
     _trained_epochs,
     in_study,
+    last_checkpoint,
     recorded_weights_changed,
     run_differences,
 )
@@ -94,8 +96,8 @@ CONTROLS = ("a", "b")
 
 def parse_controls(value: Any) -> Tuple[str, ...]:
     """The study's ``controls``: ``true`` (control (a), the default), ``false`` or ``[]``
-    (none), ``all``, or a list of ``a`` (the SFT-initialised student without KD) and ``b`` (Std-KD
-    with the epochs of the SFT stage and SFT-KD together)."""
+    (none), ``all``, or a list of ``a`` (the SFT-initialised student without KD) and ``b``
+    (Std-KD with the epochs of the SFT stage and SFT-KD together)."""
     words = {"true": ("a",), "yes": ("a",), "on": ("a",), "false": (), "no": (), "off": ()}
     if value is None or isinstance(value, bool):
         return ("a",) if value else ()
@@ -172,7 +174,8 @@ def _stage(
     stage_cfg.update(overrides)
     stage_cfg["out_dir"] = str(out_dir)
     done = StageResult.load(out_dir)
-    stale = _stale_inputs(stage_cfg, out_dir, _KIND[runner.__name__], root)
+    kind = _KIND[runner]
+    stale = _stale_inputs(stage_cfg, out_dir, kind, root)
     if stale:
         # its teacher or initialisation came from a stage that has trained on since: this
         # stage's run is of the old one, and starts over (resuming it would mix the two)
@@ -190,13 +193,7 @@ def _stage(
         # the old one beside a newer export
         (out_dir / DONE_FILE).unlink()
     else:
-        if (
-            stage_cfg.get("resume", True) is not False
-            and (out_dir / "checkpoints" / "last.ckpt").is_file()
-        ):
-            # an interrupted run of other settings: refused before any advice on its epochs
-            check_run_settings(stage_cfg, out_dir, stage=_KIND[runner.__name__])
-        trained = _unfinished_epochs(out_dir, stage_cfg)
+        trained = _unfinished_epochs(out_dir, stage_cfg, kind)
         resuming = f" (resuming after epoch {trained})" if trained else ""
         log.append(f"[run ] {name} -> {out_dir}{resuming}")
     print(log[-1], flush=True)
@@ -206,14 +203,15 @@ def _stage(
     return result
 
 
-def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any]) -> Optional[int]:
-    """The epochs an interrupted stage (no ``done.json``) has trained, from its
-    ``last.ckpt`` (``None``: none to resume). More than the study now asks for is refused:
-    resuming would train nothing and export a network of more epochs than the report would
-    state."""
-    last = out_dir / "checkpoints" / "last.ckpt"
+def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any], kind: str) -> Optional[int]:
+    """The epochs an interrupted stage (no ``done.json``) of kind ``kind`` has trained, from
+    its ``last.ckpt`` (``None``: none to resume). A run of other settings is refused as
+    such first; more epochs than the study now asks for are refused too: resuming would
+    train nothing and export a network of more epochs than the report would state."""
+    last = last_checkpoint(out_dir)
     if cfg.get("resume", True) is False or not last.is_file():
         return None
+    check_run_settings(cfg, out_dir, stage=kind)
     trained = _trained_epochs(last)
     if trained is not None and trained > int(cfg["max_epochs"]):
         raise ValueError(
@@ -225,7 +223,7 @@ def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any]) -> Optional[int]:
 
 
 #: The kind of run each stage runner records (``run_config.json``).
-_KIND = {"run_train": "train", "run_sft": "sft", "run_distill": "distill"}
+_KIND = {run_train: "train", run_sft: "sft", run_distill: "distill"}
 #: What a stage takes from the stages before it.
 _UPSTREAM_FILES = {"init_checkpoint": "student initialisation", "teacher_checkpoint": "teacher"}
 
@@ -263,7 +261,7 @@ def _reuse_or_train_on(done: StageResult, cfg: Dict[str, Any]) -> Optional[str]:
     that trained more epochs, or other batches per epoch, than asked is refused: the report
     would state epochs its models did not train."""
     wanted, trained = int(cfg["max_epochs"]), done.epochs
-    last = Path(done.out_dir) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(done.out_dir)
     if trained is None:
         trained = _trained_epochs(last) if last.is_file() else None
     limit, recorded = cfg.get("limit_train_batches"), done.limit_train_batches
