@@ -9,9 +9,9 @@ deterministically from a seed, into two new folders of links (or copies) next to
     knee/singlecoil_val_select/     ~80 %: pass as --val-split val_select
     knee/singlecoil_test_heldout/   ~20 %: pass as --test-split test_heldout
 
-Both folders are written under temporary names and renamed when complete, with a
-``holdout_{challenge}_{test_name}.json`` manifest in the parent folder, so an interrupted call leaves no half-filled
-split behind.
+Both folders and a ``holdout_{challenge}_{test_name}.json`` manifest in the parent folder are
+written under temporary names and renamed into place together when complete, so an interrupted
+call leaves no half-filled split behind and the manifest always describes the folders.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import List, Tuple, Union
 import h5py
 import numpy as np
 
-from .._io import atomic_write_text, make_temp_dir
+from .._io import make_temp_dir, make_temp_file
 from .datasets import TARGET_KEYS, check_volume, split_dir
 from .transforms import DataError
 
@@ -158,15 +158,6 @@ def holdout_split(
     # Both folders are filled under temporary names first and renamed into place together
     # at the end: an interruption never leaves a new selection split beside an old test
     # split (which could share volumes with it).
-    filled: List[Tuple[Path, Path]] = []
-    try:
-        for dest, members in targets.values():
-            filled.append((_fill_folder(dest, members, mode), dest))
-        _swap_in(filled)
-    finally:
-        for tmp, _ in filled:
-            shutil.rmtree(tmp, ignore_errors=True)  # those not renamed into place
-
     result = HoldoutSplit(
         source=str(src),
         select_dir=str(targets[select_name][0]),
@@ -177,9 +168,43 @@ def holdout_split(
         fraction=float(fraction),
         mode=mode,
     )
+    # The manifest is renamed in with the two folders, so it never describes folders that
+    # were not (or not yet) swapped in.
     manifest = Path(root) / f"holdout_{challenge}_{test_name}.json"
-    atomic_write_text(manifest, json.dumps(asdict(result), indent=2) + "\n")
+    filled: List[Tuple[Path, Path]] = []
+    try:
+        for dest, members in targets.values():
+            filled.append((_fill_folder(dest, members, mode), dest))
+        filled.append(
+            (_stage_text(manifest, json.dumps(asdict(result), indent=2) + "\n"), manifest)
+        )
+        _swap_in(filled)
+    finally:
+        for tmp, _ in filled:
+            _remove(tmp)  # those not renamed into place
     return result
+
+
+def _stage_text(path: Path, text: str) -> Path:
+    """A temporary sibling of ``path`` holding ``text``."""
+    tmp = make_temp_file(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder if it is there (errors ignored)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
@@ -199,7 +224,7 @@ def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
 
 
 def _swap_in(filled: List[Tuple[Path, Path]]) -> None:
-    """Rename each filled temporary folder onto its destination, all or none: the old
+    """Rename each filled temporary folder (or file) onto its destination, all or none: the old
     destinations (folders, or links) are first renamed aside (quick, unlike deleting a
     copied split), then the new ones renamed in; on any failure the new ones are taken out
     again and the old ones put back, so the folders never mix two splits. Should putting

@@ -150,6 +150,8 @@ def test_an_interrupted_overwrite_never_mixes_old_and_new_splits(tmp_path, monke
     test = sorted(os.listdir(tmp_path / "singlecoil_test_heldout"))
     assert test == sorted(first.test) and select == sorted(first.select)  # the old pair, whole
     assert (tmp_path / "singlecoil_test_heldout" / test[0]).is_symlink()  # not the copies
+    manifest = json.loads((tmp_path / "holdout_singlecoil_test_heldout.json").read_text())
+    assert manifest["seed"] == 1 and sorted(manifest["test"]) == test
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporaries left
 
 
@@ -172,23 +174,48 @@ def _renames_failing_at(monkeypatch, failing_calls):
 def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monkeypatch):
     _fake_split(tmp_path, 10)
     first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
-    _renames_failing_at(monkeypatch, {4})  # both old folders set aside, one new one in
-    with pytest.raises(OSError, match="failure 4"):
+    manifest = tmp_path / "holdout_singlecoil_test_heldout.json"
+    # Calls 1-3 set the old folders and manifest aside, 4 renames the first new folder in.
+    _renames_failing_at(monkeypatch, {5})
+    with pytest.raises(OSError, match="failure 5"):
         holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
     assert sorted(os.listdir(tmp_path / "singlecoil_val_select")) == sorted(first.select)
+    assert json.loads(manifest.read_text())["seed"] == 1  # describes the folders that stayed
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_a_failed_rollback_keeps_the_old_splits_where_the_error_says(tmp_path, monkeypatch):
     _fake_split(tmp_path, 10)
     first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
-    _renames_failing_at(monkeypatch, {4, 5})  # the second rename-in, then the first undo
+    _renames_failing_at(monkeypatch, {5, 6})  # the second rename-in, then the first undo
     with pytest.raises(OSError, match="could not put the earlier split folders back") as err:
         holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
     monkeypatch.undo()
     kept = re.search(r"they are kept as (.*): rename", str(err.value)).group(1).split(", ")
-    assert len(kept) == 2 and all(not os.path.basename(k).startswith(".") for k in kept)
-    contents = sorted(sorted(os.listdir(k)) for k in kept)
+    assert len(kept) == 3 and all(not os.path.basename(k).startswith(".") for k in kept)
+    folders = [k for k in kept if os.path.isdir(k)]
+    contents = sorted(sorted(os.listdir(k)) for k in folders)
     assert contents == sorted([sorted(first.select), sorted(first.test)])  # nothing lost
+    (manifest,) = [k for k in kept if not os.path.isdir(k)]
+    assert json.loads(open(manifest).read())["seed"] == 1
+
+
+def test_the_manifest_is_renamed_in_with_the_folders(tmp_path, monkeypatch):
+    """The manifest used to be written after both folders were in place: a stop in between
+    left it describing the earlier split. Now a failure renaming it in puts the old pair back
+    too, so the manifest and the folders always agree."""
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    manifest = tmp_path / "holdout_singlecoil_test_heldout.json"
+    _renames_failing_at(monkeypatch, {6})  # 1-3 set aside, 4-5 the folders in, 6 the manifest
+    with pytest.raises(OSError, match="failure 6"):
+        holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
+    assert json.loads(manifest.read_text())["test"] == first.test
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    second = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
+    assert json.loads(manifest.read_text())["test"] == second.test
+    assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(second.test)
