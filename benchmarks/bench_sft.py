@@ -20,7 +20,9 @@ and 4): the 2->32 and 32->2 convolutions (whose weight gradients are the slowest
 step on the GPU, see ``--profile``), the bias, ReLU and DC passes do not shrink with depth,
 which predicts 1 + 2 x that cost = 1.93-1.98 (CPU) and 2.2-2.4 (GPU). The script therefore also
 times one teacher and one student cascade (forward + backward) and prints the ratio those costs
-predict, so a miss can be told apart from wrapper overhead. With ``batch_branches=True`` (the
+predict, so a miss can be told apart from wrapper overhead; ``--profile`` splits both steps'
+profiled time into the convolutions and everything else (DC, wrapper, loss, optimiser), in
+units of the teacher step. With ``batch_branches=True`` (the
 default on CUDA) the active branches of each student cascade run as one batch (fewer, larger
 calls), which beats that prediction on a GPU.
 
@@ -163,9 +165,26 @@ def profile_step(args: argparse.Namespace, device: str) -> None:
         "teacher": _teacher_step(args.teacher, inputs, target, device),
         "sft": _sft_step(args.teacher, args.student, inputs, target, device, None),
     }
+    spent = {}
     for name, step in steps.items():
         title = f"{name} steps, batch {args.batch}, {args.size}x{args.size}, {device}"
-        print_profile(step, device, title, args.warmup)
+        spent[name] = print_profile(step, device, title, args.warmup)
+    print(profile_summary(spent["teacher"], spent["sft"]))
+
+
+def profile_summary(teacher: Dict[str, float], sft: Dict[str, float]) -> str:
+    """Where the SFT step's extra time goes, in units of the teacher step's profiled time:
+    the convolutions (the student cascades' and the teacher's) against everything else (DC,
+    wrapper, loss, optimiser)."""
+    base = teacher["total"]
+    other_t, other_s = base - teacher["convolution"], sft["total"] - sft["convolution"]
+    return (
+        f"profiled SFT / teacher time {sft['total'] / base:.2f}: convolutions "
+        f"{sft['convolution'] / base:.2f} (teacher alone {teacher['convolution'] / base:.2f}), "
+        f"everything else {other_s / base:.2f} (teacher alone {other_t / base:.2f}); the "
+        f"convolutions take {sft['convolution'] / sft['total']:.0%} of the SFT step and "
+        f"{teacher['convolution'] / base:.0%} of the teacher step"
+    )
 
 
 def _num_cascades(preset: str) -> int:

@@ -121,11 +121,20 @@ def apply_malloc(mode: str, device: str) -> str:
     return "default"
 
 
+#: The outermost convolution operators (their totals include the kernels they call).
+CONVOLUTION_OPS = ("aten::convolution", "aten::convolution_backward")
+
+
 def print_profile(
     step: Callable[[], None], device: str, title: str, warmup: int = 1, rows: int = 15
-) -> None:
+) -> Dict[str, float]:
     """Profile three calls of ``step`` after ``warmup`` and print the most expensive operators
-    (self CUDA time on a GPU, self CPU time otherwise)."""
+    (self CUDA time on a GPU, self CPU time otherwise).
+
+    Returns:
+        Seconds per call: ``"total"`` (all operators' self time) and ``"convolution"`` (the
+        forward and backward convolutions, :data:`CONVOLUTION_OPS`, with what they call).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(max(warmup, 1)):
@@ -138,6 +147,15 @@ def print_profile(
         for _ in range(3):
             step()
         sync(device)
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    cuda = device.startswith("cuda")
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"profile of 3 {title}")
-    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    events = prof.key_averages()
+    print(events.table(sort_by=key, row_limit=rows))
+    if cuda:
+        total = sum(e.self_device_time_total for e in events)
+        conv = sum(e.device_time_total for e in events if e.key in CONVOLUTION_OPS)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        conv = sum(e.cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
+    return {"total": total / 3e6, "convolution": conv / 3e6}  # microseconds -> s per call

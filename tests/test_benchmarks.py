@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,50 @@ def test_bench_data_times_the_transform_against_fastmris_plain_steps():
     assert row["case"] == "knee_1" and row["kspace"] == [640, 368]
     assert row["speedup"] == pytest.approx(row["reference_ms"] / row["transform_ms"])
     assert row["max_abs_difference"] < 1e-5  # both compute the same sample
+
+
+def test_bench_sft_profile_splits_the_step_into_convolutions_and_the_rest():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_sft", "--profile", "--warmup", "1"]
+        + ["--size", "32", "--batch", "2", "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"profiled SFT / teacher time ([\d.]+): convolutions ([\d.]+) \(teacher alone "
+        r"([\d.]+)\), everything else ([\d.]+) \(teacher alone ([\d.]+)\); .*",
+        last,
+    )
+    assert found, last
+    ratio, conv, conv_t, other, other_t = map(float, found.groups())
+    assert conv + other == pytest.approx(ratio, abs=0.011)  # printed to two decimals
+    assert conv_t + other_t == pytest.approx(1.0, abs=0.011)
+    assert conv > conv_t > 0  # the student cascades add convolutions
+
+
+def test_profile_counts_the_convolutions_once():
+    """The forward and backward convolutions, kernels included, against all operators."""
+    import torch
+
+    from benchmarks.bench_sft import profile_summary
+    from benchmarks.common import print_profile
+
+    conv = torch.nn.Conv2d(2, 8, 3, padding=1)
+    x = torch.randn(2, 2, 32, 32)
+
+    def step():
+        (conv(x).relu() * 2).sum().backward()
+
+    spent = print_profile(step, "cpu", "test")
+    assert 0 < spent["convolution"] < spent["total"]
+    summary = profile_summary(
+        {"total": 2.0, "convolution": 1.5}, {"total": 3.6, "convolution": 3.0}
+    )
+    assert summary.startswith(
+        "profiled SFT / teacher time 1.80: convolutions 1.50 (teacher alone 0.75), everything "
+        "else 0.30 (teacher alone 0.25)"
+    )
