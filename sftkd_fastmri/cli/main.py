@@ -240,6 +240,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as err:
         raise SystemExit(f"error: {source}: train_first_student_cascade: {err}") from None
     result = run_study(cfg)
+    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
+        return 0
     result.report.print()
     print(study_summary(result))
     return 0
@@ -264,6 +266,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     cfg = demo_config(data_dir, out_dir, epochs=args.epochs, progress=not args.quiet)
     result = run_study(cfg)
+    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
+        return 0
     result.report.print()
     print(study_summary(result))
     return 0

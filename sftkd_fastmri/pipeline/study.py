@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 
 from .._io import atomic_write_text
 from ..callbacks.distillation import check_batch_size
@@ -190,8 +191,8 @@ def _stage(
             return done
         log.append(f"[more] {name}: {more}")
         # not finished until it has trained on: a stop before the new record must not leave
-        # the old one beside a newer export
-        (out_dir / DONE_FILE).unlink()
+        # the old one beside a newer export (under DDP another rank may have removed it)
+        (out_dir / DONE_FILE).unlink(missing_ok=True)
     else:
         trained = _unfinished_epochs(out_dir, stage_cfg, kind)
         resuming = f" (resuming after epoch {trained})" if trained else ""
@@ -390,9 +391,17 @@ def _check_networks(cfg: Dict[str, Any]) -> None:
         )
 
 
-def run_study(cfg: Dict[str, Any]) -> StudyResult:
+def _is_rank_zero() -> bool:
+    """Whether this process is rank zero of a multi-device run (or the only process)."""
+    return rank_zero_only.rank == 0
+
+
+def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     """Run the whole study described by ``cfg`` (see :data:`STUDY_DEFAULTS` and the CLI
-    options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``."""
+    options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``.
+
+    With ``devices > 1`` every rank trains the stages; the other ranks return ``None`` after
+    training, and rank zero scores the models and writes the report."""
     cfg = {**STUDY_DEFAULTS, **cfg}
     # before any stage trains: a KD method that no batch can compute would fail only after
     # the teacher, student and SFT stages
@@ -425,6 +434,10 @@ def run_study(cfg: Dict[str, Any]) -> StudyResult:
     for seed in seeds:
         seed_cfg = {**cfg, "seed": seed}
         per_seed[seed] = _train_seed(seed_cfg, out_dir / f"seed_{seed}", log)
+    if not _is_rank_zero():
+        # under DDP (devices > 1) every rank runs the study to train its stages together;
+        # rank zero alone scores the models and writes the report and figures
+        return None
 
     print(f"[eval] scoring every model on {cfg['challenge']}_{cfg['test_split']}", flush=True)
     loader = build_datamodule(cfg).test_dataloader()

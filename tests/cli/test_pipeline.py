@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,7 +29,9 @@ def _tiny_study(data, out_dir, **changes):
     }
 
 
-def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path, capsys):
+def test_pipeline_runs_end_to_end_and_skips_finished_stages(
+    tiny_demo, tmp_path, capsys, monkeypatch
+):
     out_dir = tmp_path / "study"
     config = _tiny_study(tiny_demo, out_dir)
     path = tmp_path / "study.yaml"
@@ -72,6 +75,19 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert main(["pipeline", "--config", str(path)]) == 0
     log = (out_dir / "stages.log").read_text()
     assert log.count("[skip]") == 8 and "[done]" not in log
+    # under DDP the ranks other than zero train the stages with it, and leave the scoring
+    # and the report to rank zero
+    import sftkd_fastmri.pipeline.study as study
+
+    capsys.readouterr()
+    (out_dir / "report.md").unlink()
+    monkeypatch.setattr(study, "_is_rank_zero", lambda: False)
+    assert main(["pipeline", "--config", str(path)]) == 0
+    monkeypatch.undo()
+    assert "[skip] teacher" in capsys.readouterr().out
+    assert not (out_dir / "report.md").exists()
+    assert main(["pipeline", "--config", str(path)]) == 0
+    assert (out_dir / "report.md").is_file()
     # with other settings the finished stages are not passed off as the new ones
     capsys.readouterr()
     changed = {**config, "accelerations": [8], "lr": 0.01}
@@ -104,9 +120,20 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(tiny_demo, tmp_path,
     assert "seed_0/sft holds a finished run with other settings" in err
     assert "teacher_weight: 1.0 then, 0.5 now" in err
 
-    # more epochs for the KD stages: those train on from their last epoch, the rest is reused
+    # more epochs for the KD stages: those train on from their last epoch, the rest is reused;
+    # (another DDP rank removing done.json first is no error)
+    reuse = study._reuse_or_train_on
+
+    def other_rank_first(done, cfg):
+        more = reuse(done, cfg)
+        if more:
+            (Path(done.out_dir) / "done.json").unlink()
+        return more
+
+    monkeypatch.setattr(study, "_reuse_or_train_on", other_rank_first)
     path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 2}}))
     assert main(["pipeline", "--config", str(path)]) == 0
+    monkeypatch.undo()
     out = capsys.readouterr().out
     assert out.count("[more]") == 5 and "trained 1 of the 2 epochs" in out  # control + 4 KD
     log = (moved / "stages.log").read_text()
