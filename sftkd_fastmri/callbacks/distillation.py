@@ -61,7 +61,9 @@ Schedules:
 
 Logged every training step (and as epoch means): ``kd/{name}`` (unweighted terms),
 ``kd/total`` (their weighted sum), ``kd/recon`` (the module's loss), ``kd/loss`` (what is
-optimised) and ``kd/stage`` (1 = distillation, 2 = reconstruction only).
+optimised) and ``kd/stage`` (1 = distillation, 2 = reconstruction only). Under DDP these are
+each rank's own values (the logger shows rank zero's), not synchronised: SP and CC may leave a
+step out on one rank only, and a synchronisation must be called by every rank alike.
 
 SP and CC relate the samples of a batch to each other and are undefined on one sample (the last
 batch of an epoch, or of a k-space shape, when the slice count leaves a remainder of 1): such a
@@ -79,6 +81,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
@@ -303,6 +306,8 @@ class DistillationCallback(Callback):
             except BaseException:  # e.g. a layer name the student lacks
                 self._give_teacher_back()
                 raise
+        if trainer.world_size > 1:  # per-rank logs on purpose (see the module docstring)
+            warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('kd/")
         # A submodule: moved, cast and DDP-wrapped with the module, optimised with its params.
         pl_module.add_module(self.attr_name, self.distiller)
         self._module = pl_module
