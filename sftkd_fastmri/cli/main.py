@@ -108,6 +108,7 @@ def cmd_holdout_split(args: argparse.Namespace) -> int:
         test_name=args.test_name,
         mode="copy" if args.copy else "link",
         overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     print(
         f"{len(result.select)} volume(s) -> {result.select_dir} (use --"
@@ -409,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-name", default="test_heldout", help="split name of the held-out part")
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while copying")
 
     p = command("train", cmd_train, "train a DC-CNN preset (teacher or student, no KD)")
     _add_config(p)

@@ -21,10 +21,11 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import Callable, List, Tuple, Union
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 from .._io import make_temp_dir, make_temp_file
 from .datasets import TARGET_KEYS, check_volume, split_dir
@@ -69,6 +70,7 @@ def holdout_split(
     test_name: str = "test_heldout",
     mode: str = "link",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> HoldoutSplit:
     """Divide the volumes of ``root/{challenge}_{source}`` into a selection and a test split.
 
@@ -87,6 +89,7 @@ def holdout_split(
         test_name: Split name of the held-out volumes.
         mode: ``"link"`` (symbolic links to the source files, no extra disk) or ``"copy"``.
         overwrite: Replace existing target folders.
+        progress: Show a progress bar while copying (``mode="copy"``; links are instant).
 
     Returns:
         :class:`HoldoutSplit` (also written to ``root/holdout_{challenge}_{test_name}.json``).
@@ -173,8 +176,14 @@ def holdout_split(
     manifest = Path(root) / f"holdout_{challenge}_{test_name}.json"
     filled: List[Tuple[Path, Path]] = []
     try:
-        for dest, members in targets.values():
-            filled.append((_fill_folder(dest, members, mode), dest))
+        with tqdm(
+            total=len(files),
+            desc="copying volumes",
+            unit="volume",
+            disable=not progress or mode != "copy",
+        ) as bar:
+            for dest, members in targets.values():
+                filled.append((_fill_folder(dest, members, mode, bar.update), dest))
         filled.append(
             (_stage_text(manifest, json.dumps(asdict(result), indent=2) + "\n"), manifest)
         )
@@ -207,8 +216,11 @@ def _remove(path: Path) -> None:
             pass
 
 
-def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
-    """A temporary sibling of ``dest`` holding ``members`` (links or copies)."""
+def _fill_folder(
+    dest: Path, members: List[Path], mode: str, done: Callable[[int], object] = lambda n: None
+) -> Path:
+    """A temporary sibling of ``dest`` holding ``members`` (links or copies); ``done(1)`` is
+    called after each member."""
     tmp = make_temp_dir(dest.parent, f".{dest.name}.")
     try:
         for f in members:
@@ -217,6 +229,7 @@ def _fill_folder(dest: Path, members: List[Path], mode: str) -> Path:
                 os.symlink(os.path.relpath(os.path.abspath(f), os.path.abspath(dest)), tmp / f.name)
             else:
                 shutil.copy2(f, tmp / f.name)
+            done(1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -219,3 +219,18 @@ def test_the_manifest_is_renamed_in_with_the_folders(tmp_path, monkeypatch):
     second = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
     assert json.loads(manifest.read_text())["test"] == second.test
     assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(second.test)
+
+
+def test_copying_shows_progress_and_quiet_hides_it(tmp_path, capsys):
+    _fake_split(tmp_path, 5)
+    holdout_split(tmp_path, "singlecoil", fraction=0.4, mode="copy")
+    err = capsys.readouterr().err
+    assert "copying volumes" in err and "5/5" in err
+    main(["holdout-split", str(tmp_path), "--challenge", "singlecoil", "--copy", "--overwrite"])
+    err = capsys.readouterr().err
+    assert "copying volumes" in err and "5/5" in err
+    args = [str(tmp_path), "--challenge", "singlecoil", "--copy", "--overwrite", "--quiet"]
+    main(["holdout-split", *args])
+    assert "copying volumes" not in capsys.readouterr().err
+    holdout_split(tmp_path, "singlecoil", fraction=0.4, overwrite=True)  # links: no bar
+    assert "copying volumes" not in capsys.readouterr().err
