@@ -187,7 +187,7 @@ def _stage(
         more = _reuse_or_train_on(done, stage_cfg)
         if not more:
             log.append(f"[skip] {name}: finished earlier ({out_dir})")
-            print(log[-1], flush=True)
+            _say(log[-1])
             return done
         log.append(f"[more] {name}: {more}")
         # not finished until it has trained on: a stop before the new record must not leave
@@ -197,7 +197,7 @@ def _stage(
         trained = _unfinished_epochs(out_dir, stage_cfg, kind)
         resuming = f" (resuming after epoch {trained})" if trained else ""
         log.append(f"[run ] {name} -> {out_dir}{resuming}")
-    print(log[-1], flush=True)
+    _say(log[-1])
     with in_study():
         result = runner(stage_cfg)
     log.append(f"[done] {name}")
@@ -394,6 +394,12 @@ def _check_networks(cfg: Dict[str, Any]) -> None:
 def _is_rank_zero() -> bool:
     """Whether this process is rank zero of a multi-device run (or the only process)."""
     return rank_zero_only.rank == 0
+
+
+def _say(line: str) -> None:
+    """Print a stage line once, from rank zero (every rank of a DDP study runs the stages)."""
+    if _is_rank_zero():
+        print(line, flush=True)
 
 
 def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
