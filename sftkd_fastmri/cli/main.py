@@ -118,12 +118,22 @@ def cmd_holdout_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_once(text: str) -> None:
+    """Print from rank zero only: under DDP every rank runs the command to its end."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(text)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ..experiment import run_train
 
     cfg = _cfg(args, TRAIN_GROUPS + ("model",))
     result = run_train(cfg)
-    print(f"best checkpoint: {result.best_checkpoint}\nmodel export:    {result.exports['model']}")
+    _print_once(
+        f"best checkpoint: {result.best_checkpoint}\nmodel export:    {result.exports['model']}"
+    )
     return 0
 
 
@@ -132,9 +142,11 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args, TRAIN_GROUPS + ("sft",))
     result = run_sft(cfg)
-    print(f"best checkpoint:        {result.best_checkpoint}")
-    print(f"teacher export:         {result.exports['teacher']}")
-    print(f"student initialisation: {result.exports['student_init']}")
+    _print_once(
+        f"best checkpoint:        {result.best_checkpoint}\n"
+        f"teacher export:         {result.exports['teacher']}\n"
+        f"student initialisation: {result.exports['student_init']}"
+    )
     return 0
 
 
@@ -145,7 +157,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if "model" not in vars(args) and "model" not in load_config(args.config):
         cfg["model"] = STUDENT_PRESET  # distillation trains a student
     result = run_distill(cfg)
-    print(f"best checkpoint: {result.best_checkpoint}\nstudent export:  {result.exports['model']}")
+    _print_once(
+        f"best checkpoint: {result.best_checkpoint}\nstudent export:  {result.exports['model']}"
+    )
     return 0
 
 

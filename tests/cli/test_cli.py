@@ -794,3 +794,17 @@ def test_a_resumed_run_trains_on_as_the_uninterrupted_run(tiny_demo, tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for key in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0)
+
+
+def test_command_summaries_are_printed_by_rank_zero_only(monkeypatch, capsys):
+    """Under DDP every rank runs a command to its end; its summary comes once."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from sftkd_fastmri.cli.main import _print_once
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    _print_once("best checkpoint: x")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    _print_once("best checkpoint: x")
+    assert capsys.readouterr().out == "best checkpoint: x\n"
