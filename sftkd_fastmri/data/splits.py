@@ -158,9 +158,6 @@ def holdout_split(
             raise FileExistsError(
                 f"{dest} exists; pass --overwrite (overwrite=True in Python) to replace it"
             )
-    # Both folders are filled under temporary names first and renamed into place together
-    # at the end: an interruption never leaves a new selection split beside an old test
-    # split (which could share volumes with it).
     result = HoldoutSplit(
         source=str(src),
         select_dir=str(targets[select_name][0]),
@@ -171,8 +168,10 @@ def holdout_split(
         fraction=float(fraction),
         mode=mode,
     )
-    # The manifest is renamed in with the two folders, so it never describes folders that
-    # were not (or not yet) swapped in.
+    # Both folders are filled under temporary names first and renamed into place together
+    # at the end: an interruption never leaves a new selection split beside an old test
+    # split (which could share volumes with it). The manifest is renamed in with them, so it
+    # never describes folders that were not (or not yet) swapped in.
     manifest = Path(root) / f"holdout_{challenge}_{test_name}.json"
     filled: List[Tuple[Path, Path]] = []
     try:
