@@ -230,3 +230,26 @@ def test_control_b_trains_std_kd_for_the_sft_and_kd_epochs(tiny_demo, tmp_path, 
     assert "PSNR SFT - ctrl(b)" in (out_dir / "report.md").read_text()
     assert any(c.startswith("Control (b) present") for c in report["caveats"])
     assert any(c.startswith("Control (a) missing") for c in report["caveats"])
+
+
+def test_a_ddp_study_trains_on_every_rank_and_reports_once(tiny_demo, tmp_path):
+    """Two CPU processes (gloo): Lightning re-runs the command for rank 1, which trains every
+    stage with rank zero. Every rank used to score every model again and write the same
+    report, print every stage line twice, and a stage that trained on could fail on the
+    ``done.json`` the other rank had removed."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "study"
+    config = _tiny_study(tiny_demo, out_dir, devices=2, methods={"imitation": 1.0})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "sftkd_fastmri.cli.main", "pipeline", "--config", str(path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in proc.stderr  # two processes trained
+    assert proc.stdout.count("[run ] teacher") == 1  # once, from rank zero
+    assert proc.stdout.count("[eval] kd_sft/imitation") == 1
+    assert proc.stdout.count("report and figures in") == 1
+    report = json.loads((out_dir / "report.json").read_text())
+    assert {m["key"] for m in report["models"]} >= {"teacher", "kd_sft/imitation"}
