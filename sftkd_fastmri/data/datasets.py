@@ -98,15 +98,15 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
     if require_target:
         if target_key not in hf:
             raise DataError(f"{fname}: missing target dataset '{target_key}'")
-        if hf[target_key].shape[0] != hf["kspace"].shape[0]:
-            raise DataError(
-                f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
-                f"has {hf['kspace'].shape[0]}"
-            )
         if not isinstance(hf[target_key], h5py.Dataset) or hf[target_key].ndim != 3:
             raise DataError(
                 f"{fname}: '{target_key}' must be a (slices, H, W) dataset, got "
                 f"{getattr(hf[target_key], 'shape', 'a group')}"
+            )
+        if hf[target_key].shape[0] != hf["kspace"].shape[0]:
+            raise DataError(
+                f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
+                f"has {hf['kspace'].shape[0]}"
             )
         if np.issubdtype(hf[target_key].dtype, np.complexfloating):
             raise DataError(f"{fname}: '{target_key}' is complex; expected magnitude images")

@@ -239,6 +239,10 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
     with pytest.raises(DataError, match="broken.h5: missing target dataset 'reconstruction_esc'"):
         CheckedSliceDataset(folder, "singlecoil")
     with h5py.File(broken, "a") as h:
+        h.create_group("reconstruction_esc")  # a group where the target images belong
+    with pytest.raises(DataError, match=r"'reconstruction_esc' must be a \(slices, H, W\) data"):
+        CheckedSliceDataset(folder, "singlecoil")
+    with h5py.File(broken, "a") as h:
         del h["kspace"]
     with pytest.raises(DataError, match="broken.h5: missing dataset 'kspace'"):
         CheckedSliceDataset(folder, "singlecoil", require_target=False)
