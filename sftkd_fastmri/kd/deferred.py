@@ -19,7 +19,11 @@ gradient is a fresh tensor nobody else reads (``fresh_output_gradient``, e.g. a 
 ReLU, whose output only the next convolution consumes), the terms are added into it in place
 (``addcmul_`` / ``baddbmm_``), saving a full-size copy per term; otherwise out of place, since
 autograd may hand one gradient tensor to several inputs (an addition does). Values and
-gradients are those of the plain computation (up to floating-point summation order).
+gradients are those of the plain computation (up to floating-point summation order), for a
+backward pass that runs through the tap, as every training step does. Not for analysis that
+differentiates with respect to a tapped feature itself (``torch.autograd.grad(loss,
+[tapped])`` sees no loss gradient there, and the recorded term then stays for a later backward
+of the same graph): capture features without ``defer_gradients`` for that.
 
 Used by :class:`~sftkd_fastmri.kd.distiller.Distiller` (``defer_gradients=True``) for the
 student layers of AT (``p = 2``) and FSP; the losses fall back to the plain computation for

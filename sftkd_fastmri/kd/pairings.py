@@ -24,6 +24,12 @@ loss           default pairs (every student cascade ``i`` unless stated)
 ``imitation``  the final outputs, ``[("", "")]`` (KD-MRI's output imitation).
 =============  =================================================================================
 
+Imitation compares the networks' whole outputs, on the grid the data consistency runs on (the
+readout cropped to the target's height, the full phase-encoding width): where fastMRI's k-space
+is wider than the target (knee: 368 vs 320 columns), the border outside the scored field of
+view is imitated too, as ``|S(x) - T(x)|_1`` reads, while the reconstruction loss and the
+metrics see the centre-cropped image only.
+
 Cascade counts may differ: student cascade ``i`` of ``n_s`` is paired with the teacher cascade
 at the same relative depth, ``t(i) = floor((i + 1) * n_t / n_s + 1/2) - 1`` (clamped to
 ``[0, n_t - 1]``; the last cascades always pair; equal counts give ``t(i) = i``). With more
