@@ -92,18 +92,29 @@ def make_temp_dir(parent: Union[str, os.PathLike], prefix: str) -> Path:
     return Path(tmp)
 
 
+def write_temp_text(path: Union[str, os.PathLike], text: str) -> Path:
+    """A temporary file beside ``path`` (:func:`make_temp_file`) holding ``text``, for the
+    caller to rename onto ``path``; removed again if writing fails."""
+    tmp = make_temp_file(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``, so an
     interrupted write never leaves a half-written file (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_file(path)
+    tmp = write_temp_text(path, text)
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

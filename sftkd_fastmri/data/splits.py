@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._io import make_temp_dir, make_temp_file
+from .._io import make_temp_dir, write_temp_text
 from .datasets import TARGET_KEYS, check_volume, split_dir
 from .transforms import DataError
 
@@ -184,24 +184,13 @@ def holdout_split(
             for dest, members in targets.values():
                 filled.append((_fill_folder(dest, members, mode, bar.update), dest))
         filled.append(
-            (_stage_text(manifest, json.dumps(asdict(result), indent=2) + "\n"), manifest)
+            (write_temp_text(manifest, json.dumps(asdict(result), indent=2) + "\n"), manifest)
         )
         _swap_in(filled)
     finally:
         for tmp, _ in filled:
             _remove(tmp)  # those not renamed into place
     return result
-
-
-def _stage_text(path: Path, text: str) -> Path:
-    """A temporary sibling of ``path`` holding ``text``."""
-    tmp = make_temp_file(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
 
 
 def _remove(path: Path) -> None:
