@@ -23,8 +23,10 @@ So the ratio is the overhead of hooks, KD losses and their backward; target <= 1
 ``(control)`` row is the floor without any of that: one step with the teacher forward and an L1
 imitation term written by hand (no hooks, no Distiller); above 1 it shows what merely holding
 both networks' activations in one step costs on the device (caches, page faults). All steps
-are timed round-robin in one process (:func:`benchmarks.common.interleaved_times`), so a noisy
-shared machine disturbs numerator and denominator alike.
+are timed round-robin in one process (:func:`benchmarks.common.interleaved_samples`), so a
+noisy shared machine disturbs numerator and denominator alike. The ratio reported is that of the
+medians; the quartiles of the per-round ratios (each round's KD step over the same round's
+student step + teacher forward) show how much the machine's noise moves it.
 
 Memory during KD, per method, each measured in a fresh process
 (:func:`benchmarks.common.run_isolated`):
@@ -59,9 +61,11 @@ from benchmarks.common import (
     add_malloc_option,
     apply_malloc,
     default_device,
-    interleaved_times,
+    interleaved_samples,
+    median,
     peak_rss_mib,
     print_profile,
+    round_ratios,
     run_isolated,
     sync,
     synthetic_batch,
@@ -137,8 +141,8 @@ def _control_step(student, teacher, inputs, target) -> Callable[[], None]:
     return step
 
 
-def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
-    """Median seconds of the student step, the teacher forward and each method's KD step."""
+def time_methods(args: argparse.Namespace, device: str) -> Dict[str, List[float]]:
+    """Seconds of the student step, the teacher forward and each method's KD step, per round."""
     kspace, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, device)
     inputs = (kspace, mask, sens)
     student, teacher = _networks(args.student, args.teacher, device)
@@ -152,7 +156,7 @@ def time_methods(args: argparse.Namespace, device: str) -> Dict[str, float]:
         fns[method] = _kd_step(
             copy.deepcopy(student), copy.deepcopy(teacher), method, inputs, target
         )
-    return interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
+    return interleaved_samples(fns, device, warmup=args.warmup, rounds=args.rounds)
 
 
 def profile_method(args: argparse.Namespace, device: str, method: str) -> None:
@@ -305,8 +309,10 @@ def main() -> None:
         profile_method(args, device, args.profile)
         return
 
-    times = time_methods(args, device)
+    samples = time_methods(args, device)
+    times = {name: median(values) for name, values in samples.items()}
     base = times["student_step"] + times["teacher_forward"]
+    base_rounds = [s + t for s, t in zip(samples["student_step"], samples["teacher_forward"])]
     print(
         f"KD step cost, {args.teacher} -> {args.student}, {args.size}x{args.size} single-coil, "
         f"batch {args.batch}, {device} ({torch.get_num_threads()} CPU threads, malloc "
@@ -315,16 +321,32 @@ def main() -> None:
     )
     print(f"student step {times['student_step']:.3f} s, teacher no-grad forward "
           f"{times['teacher_forward']:.3f} s, sum {base:.3f} s")  # fmt: skip
-    print(f"{'method':<12}{'KD step s':>12}{'ratio':>10}{'<= 1.1':>8}")
+    print(
+        f"{'method':<12}{'KD step s':>12}{'ratio':>10}{'<= 1.1':>8}"
+        f"{'per-round ratios: q1  median  q3':>36}"
+    )
+
+    def row(name: str, ratio: float, spread: Dict[str, float], verdict: str) -> None:
+        print(
+            f"{name:<12}{times[name if name != '(control)' else 'control']:>12.3f}{ratio:>10.3f}"
+            f"{verdict:>8}{spread['q1']:>20.3f}{spread['median']:>8.3f}{spread['q3']:>8.3f}"
+        )
+
     control = times["control"] / base
-    print(f"{'(control)':<12}{times['control']:>12.3f}{control:>10.3f}{'':>8}")
+    control_rounds = round_ratios(samples["control"], base_rounds)
+    row("(control)", control, control_rounds, "")
     rows = []
     for method in args.methods:
         ratio = times[method] / base
-        rows.append({"method": method, "kd_step_s": times[method], "ratio": ratio})
-        print(
-            f"{method:<12}{times[method]:>12.3f}{ratio:>10.3f}{'yes' if ratio <= 1.1 else 'NO':>8}"
+        spread = round_ratios(samples[method], base_rounds)
+        rows.append(
+            {"method": method, "kd_step_s": times[method], "ratio": ratio, "round_ratios": spread}
         )
+        row(method, ratio, spread, "yes" if ratio <= 1.1 else "NO")
+    print(
+        "ratio: median KD step / (median student step + median teacher forward); per-round "
+        "ratios: the same within each round, their quartiles across rounds"
+    )
     result = {
         "device": device,
         "size": args.size,
@@ -333,6 +355,8 @@ def main() -> None:
         "student_step_s": times["student_step"],
         "teacher_forward_s": times["teacher_forward"],
         "control_ratio": control,
+        "control_round_ratios": control_rounds,
+        "rounds": args.rounds,
         "methods": rows,
     }
     if not args.no_memory:

@@ -26,9 +26,11 @@ units of the teacher step. With ``batch_branches=True`` (the
 default on CUDA) the active branches of each student cascade run as one batch (fewer, larger
 calls), which beats that prediction on a GPU.
 
-All variants are measured round-robin in one process (``interleaved_times``), so a noisy
+All variants are measured round-robin in one process (``interleaved_samples``), so a noisy
 machine disturbs them alike; each variant has its own copies of the networks (same seed) and
-its own optimiser.
+its own optimiser. The ratio printed is that of the median step times; next to it are the
+quartiles of the per-round ratios (each round's SFT step over the same round's teacher step),
+which show how far the machine's noise moves it.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from benchmarks.common import (
     add_malloc_option,
     apply_malloc,
     default_device,
-    interleaved_times,
+    interleaved_samples,
+    median,
     print_profile,
+    round_ratios,
     synthetic_batch,
 )
 
@@ -126,7 +130,8 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
     if not args.no_breakdown:
         fns["teacher_cascade"] = _cascade_step(args.teacher, inputs, device)
         fns["student_cascade"] = _cascade_step(args.student, inputs, device)
-    times = interleaved_times(fns, device, warmup=args.warmup, rounds=args.rounds)
+    samples = interleaved_samples(fns, device, warmup=args.warmup, rounds=args.rounds)
+    times = {name: median(values) for name, values in samples.items()}
     steps = {k: v for k, v in times.items() if not k.endswith("_cascade")}
     result = {
         "teacher": args.teacher,
@@ -139,6 +144,9 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         "rounds": args.rounds,
         "step_s": steps,
         "ratio": {k: v / times["teacher"] for k, v in steps.items() if k != "teacher"},
+        "round_ratios": {
+            k: round_ratios(samples[k], samples["teacher"]) for k in steps if k != "teacher"
+        },
         "target_ratio": TARGET_RATIO,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
@@ -250,7 +258,12 @@ def main() -> None:
     print(f"  teacher step          {times['teacher'] * 1e3:9.1f} ms")
     for name, ratio in result["ratio"].items():
         verdict = "ok" if ratio <= TARGET_RATIO else f"above target {TARGET_RATIO}"
-        print(f"  {name:<21} {times[name] * 1e3:9.1f} ms   ratio {ratio:5.2f}  ({verdict})")
+        spread = result["round_ratios"][name]
+        print(
+            f"  {name:<21} {times[name] * 1e3:9.1f} ms   ratio {ratio:5.2f}  ({verdict}); "
+            f"per-round ratios q1 {spread['q1']:.2f}, median {spread['median']:.2f}, "
+            f"q3 {spread['q3']:.2f}"
+        )
     if "predicted_ratio" in result:
         cascades = result["cascade_s"]
         print(

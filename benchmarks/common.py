@@ -55,11 +55,11 @@ def time_call(fn: Callable[[], None], device: str, warmup: int = 2, repeats: int
     return times[len(times) // 2]
 
 
-def interleaved_times(
+def interleaved_samples(
     fns: Dict[str, Callable[[], None]], device: str, warmup: int = 2, rounds: int = 5
-) -> Dict[str, float]:
-    """Median seconds per call of each function, measured round-robin in one run so that a
-    noisy shared machine disturbs all of them alike (ratios are what the scripts report)."""
+) -> Dict[str, List[float]]:
+    """Seconds of every call of each function, measured round-robin in one run (round ``r`` is
+    index ``r`` of every list) so that a noisy shared machine disturbs all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -71,7 +71,43 @@ def interleaved_times(
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return samples
+
+
+def median(values: List[float]) -> float:
+    """The middle value (the upper one of the two middle values for an even count)."""
+    return sorted(values)[len(values) // 2]
+
+
+def interleaved_times(
+    fns: Dict[str, Callable[[], None]], device: str, warmup: int = 2, rounds: int = 5
+) -> Dict[str, float]:
+    """Median seconds per call of each function, measured round-robin in one run so that a
+    noisy shared machine disturbs all of them alike (ratios are what the scripts report)."""
+    samples = interleaved_samples(fns, device, warmup, rounds)
+    return {k: median(v) for k, v in samples.items()}
+
+
+def round_ratios(numerator: List[float], denominator: List[float]) -> Dict[str, float]:
+    """Quartiles of the per-round ratios ``numerator[r] / denominator[r]``.
+
+    Each round times every variant back to back, so a ratio within one round sees one state of
+    a shared machine; the spread of these paired ratios across rounds says how far the
+    reported ratio of medians can be trusted. Returns ``min``, ``q1``, ``median``, ``q3`` and
+    ``max`` of the sorted ratios; the quartiles are the values at ranks ``floor((n - 1) / 4)``
+    and ``n - 1`` minus that (symmetric about the median's rank for odd ``n``).
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("round_ratios needs two equally long, non-empty lists of round times")
+    ratios = sorted(n / d for n, d in zip(numerator, denominator))
+    quarter = (len(ratios) - 1) // 4
+    return {
+        "min": ratios[0],
+        "q1": ratios[quarter],
+        "median": median(ratios),
+        "q3": ratios[len(ratios) - 1 - quarter],
+        "max": ratios[-1],
+    }
 
 
 def peak_rss_mib() -> float:

@@ -36,6 +36,8 @@ def test_bench_sft_reports_ratios_and_the_cascade_prediction():
     for name, ratio in out["ratio"].items():
         assert ratio == pytest.approx(out["step_s"][name] / out["step_s"]["teacher"])
         assert ratio > 1  # the SFT step does the teacher's work and more
+        # One round: its paired ratio is the ratio of the (single-sample) medians.
+        assert list(out["round_ratios"][name].values()) == [pytest.approx(ratio)] * 5
     cost = out["student_to_teacher_cascade_cost"]
     assert 0 < cost and out["predicted_ratio"] == pytest.approx(1 + 2 * cost)  # N = 5
 
@@ -47,6 +49,8 @@ def test_bench_kd_reports_ratios_and_memory():
     assert [m["method"] for m in out["methods"]] == ["at", "fsp"]
     for row in out["methods"]:
         assert row["ratio"] == pytest.approx(row["kd_step_s"] / base)
+        assert list(row["round_ratios"].values()) == [pytest.approx(row["ratio"])] * 5  # 1 round
+    assert out["rounds"] == 1
     memory = out["memory"]
     assert memory["kind"] == "peak RSS" and memory["student_only_peak_mib"] > 0
     assert set(memory["teacher_mib"]) == {"at", "fsp"}
@@ -116,3 +120,25 @@ def test_profile_counts_the_convolutions_once():
         "profiled SFT / teacher time 1.80: convolutions 1.50 (teacher alone 0.75), everything "
         "else 0.30 (teacher alone 0.25)"
     )
+
+
+def test_round_ratios_pair_each_round_and_give_nearest_rank_quartiles():
+    from benchmarks.common import interleaved_samples, median, round_ratios
+
+    # Round r: numerator r + 1 against denominator 1, except that round 2's machine was twice
+    # as slow for both (paired, its ratio stays 3).
+    numerator = [1.0, 2.0, 6.0, 4.0, 5.0, 6.0, 7.0]
+    denominator = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    spread = round_ratios(numerator, denominator)
+    assert spread == {"min": 1.0, "q1": 2.0, "median": 4.0, "q3": 6.0, "max": 7.0}
+    assert median(numerator) / median(denominator) == 5.0  # the ratio of medians differs
+    assert round_ratios([3.0], [2.0]) == dict.fromkeys(("min", "q1", "median", "q3", "max"), 1.5)
+    with pytest.raises(ValueError, match="equally long"):
+        round_ratios([1.0, 2.0], [1.0])
+
+    calls = []
+    samples = interleaved_samples(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", 1, 3
+    )
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then round-robin
+    assert [len(v) for v in samples.values()] == [3, 3]
