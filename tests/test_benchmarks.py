@@ -142,3 +142,16 @@ def test_round_ratios_pair_each_round_and_give_nearest_rank_quartiles():
     )
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then round-robin
     assert [len(v) for v in samples.values()] == [3, 3]
+
+
+def test_bench_conv_times_both_backward_paths_of_the_block_convolution():
+    quick = ("--batch", "1", "--rounds", "1", "--warmup", "0", "--threads", "1")
+    # 1 x 128 x 128 = MIN_POSITIONS: the smallest size that takes the path.
+    out = _run("benchmarks.bench_conv", "--size", "128", *quick, "--cases", "conv", "d3_cascade")
+    assert out["path_taken"] is True
+    assert [row["case"] for row in out["rows"]] == ["conv", "d3_cascade"]
+    for row in out["rows"]:
+        assert row["speedup"] == pytest.approx(row["pytorch_s"] / row["ours_s"])
+    assert 0 < out["weight_gradient_relative_difference"] < 1e-4  # float32 rounding only
+    below = _run("benchmarks.bench_conv", "--size", "64", *quick, "--cases", "conv")
+    assert below["path_taken"] is False and below["weight_gradient_relative_difference"] == 0

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from .conv import BlockConv2d
 from .data_consistency import DataConsistency, complex_to_channels, sens_reduce
 
 __all__ = [
@@ -71,7 +72,9 @@ class BlockReLU(nn.ReLU):
 class ConvBlock(nn.Module):
     """``depth`` 3x3 convolutions with bias, ReLU after all but the last, no normalisation.
 
-    Channels: ``in_chans -> chans -> ... -> chans -> in_chans``. Submodules are named
+    Channels: ``in_chans -> chans -> ... -> chans -> in_chans``. The convolutions are
+    :class:`~sftkd_fastmri.models.conv.BlockConv2d` (``nn.Conv2d`` with a faster weight gradient
+    on the CPU; same parameters and state-dict keys). Submodules are named
     ``conv0 .. conv{depth-1}`` and ``relu0 .. relu{depth-2}`` (separate modules, so each
     activation can be hooked).
     """
@@ -83,7 +86,7 @@ class ConvBlock(nn.Module):
         self.depth = depth
         widths = [in_chans] + [chans] * (depth - 1) + [in_chans]
         for j in range(depth):
-            self.add_module(f"conv{j}", nn.Conv2d(widths[j], widths[j + 1], 3, padding=1))
+            self.add_module(f"conv{j}", BlockConv2d(widths[j], widths[j + 1], 3, padding=1))
             if j < depth - 1:
                 self.add_module(f"relu{j}", BlockReLU())
 

@@ -1,0 +1,260 @@
+"""The 3x3 convolution of the DC-CNN blocks, with a faster weight gradient on the CPU.
+
+On the CPU, PyTorch's oneDNN kernels compute the weight gradient of a 3x3 convolution on
+channels-last activations (the layout DC-CNN activations have: the complex image enters the
+first convolution as a permuted view, and the layout propagates) about three times slower
+than its input gradient, and asking for the bias gradient alone runs the same slow kernel. On
+a 2-core CPU, at batch 4 and 320 x 320 with 32 channels, the weight gradient took 250-280 ms
+against 76-83 ms for the input gradient and 78 ms for the forward; three such convolutions per
+D5 cascade made it about half of a D5C5 training step.
+
+:class:`BlockConv2d` keeps the forward and the input gradient of those kernels and computes
+the other two gradients itself:
+
+* bias: the sum of the output gradient over batch and positions;
+* weight, for ``C_in, C_out >= 16`` (the 32 -> 32 convolutions,
+  :func:`shifted_weight_gradient`): for each of the nine kernel offsets ``(dy, dx)``,
+  ``dW[:, :, dy, dx] = sum_b G_b^T X_b(shifted)``, where ``G_b`` is the ``(H W, C_out)``
+  output gradient and ``X_b`` the ``(H W, C_in)`` input of sample ``b``, both views of the
+  channels-last tensors (no copy, no im2col buffer). Shifting a flattened image by
+  ``dy W + dx`` pairs every position with its neighbour except at the left and right borders,
+  where it wraps to the neighbouring row; those ``H`` wrapped pairs per offset are subtracted
+  again with one small product. The positions are taken in cache-sized blocks of rows;
+* weight, for ``C_in >= 16`` and ``C_out <= 4`` (a block's last convolution, 32 -> 2,
+  :func:`thin_output_weight_gradient`): one matrix product of the thin output gradient's
+  3x3 neighbourhoods (``9 C_out`` columns, a small copy) with the input, read once.
+
+Both are the weight gradient's definition (Dumoulin & Visin, "A guide to convolution
+arithmetic for deep learning", 2016: the weight gradient of a stride-1 convolution is the
+correlation of its input with its output gradient) written as matrix products; the result
+equals oneDNN's to float32 rounding (the sums run in another order: a relative difference of
+about 3e-5 at 320 x 320). Measured on that CPU (``python -m benchmarks.bench_conv``): a
+32 -> 32 convolution's forward and backward 2.0x faster, a D5C5 training step 1.7x (6.4 s ->
+3.8 s), a D3C5 step 1.7x (2.8 s -> 1.6 s).
+
+The path is taken only where it helps and is exact: CPU float32 tensors in a channels-last
+layout, 3x3 kernel, stride 1, padding 1 (zeros), no dilation or groups, channel counts as
+above (the 2 -> 32 convolution stays with oneDNN, as fast there), at least
+:data:`MIN_POSITIONS` positions (batch x height x width: 128 x 128, or 64 x 64 at batch 4;
+smaller images are faster with oneDNN), gradients enabled, and not
+while tracing, scripting, exporting, compiling or under CPU autocast. Everywhere else, and on
+CUDA, :class:`BlockConv2d` is :class:`torch.nn.Conv2d`. ``SFTKD_FASTMRI_CONV=native`` (read at
+each call) or :func:`use_native_weight_gradient` turns the path off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BlockConv2d",
+    "MAX_THIN_CHANNELS",
+    "MIN_CHANNELS",
+    "MIN_POSITIONS",
+    "shifted_weight_gradient",
+    "thin_output_weight_gradient",
+    "use_native_weight_gradient",
+]
+
+#: Smallest input channel count (and, but for thin outputs, output channel count) for which
+#: :class:`BlockConv2d` computes the weight gradient itself.
+MIN_CHANNELS = 16
+
+#: Output channel count up to which a convolution from at least :data:`MIN_CHANNELS` inputs
+#: (a block's last, 32 -> 2) gets its weight gradient from one product over the output
+#: gradient's 3x3 neighbourhoods (:func:`thin_output_weight_gradient`).
+MAX_THIN_CHANNELS = 4
+
+#: Fewest positions (batch x height x width) for which :class:`BlockConv2d` computes the
+#: weight gradient itself: below, the products are too small to beat oneDNN's kernel (on the
+#: 2-core CPU measured, the crossover lay between 9 000 and 16 000).
+MIN_POSITIONS = 16384
+
+#: Bytes of input and output gradient per block of rows in :func:`shifted_weight_gradient`
+#: (a few MiB: the block stays in the cache while its nine products read it).
+BLOCK_BYTES = 4 << 20
+
+_native = False
+
+
+def use_native_weight_gradient(native: bool = True) -> None:
+    """Let every :class:`BlockConv2d` use PyTorch's own convolution backward (``True``) or
+    its CPU weight gradient where it applies (``False``, the default)."""
+    global _native
+    _native = bool(native)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def shifted_weight_gradient(inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """Weight gradient ``(C_out, C_in, 3, 3)`` of a 3x3, stride-1, padding-1 convolution.
+
+    Args:
+        inputs: ``(B, C_in, H, W)`` convolution input, channels-last.
+        grad_output: ``(B, C_out, H, W)`` gradient of its output, channels-last.
+
+    Returns:
+        ``dW[o, i, ky, kx] = sum_{b, h, w} g[b, o, h, w] x[b, i, h + ky - 1, w + kx - 1]``
+        (zero outside the image), as matrix products over views of the two tensors. The
+        positions are taken in blocks of rows of about :data:`BLOCK_BYTES` of both tensors, all
+        nine offsets per block, so each block is read from the cache eight of nine times.
+    """
+    batch, c_in, height, width = inputs.shape
+    c_out = grad_output.shape[1]
+    positions = height * width
+    # (B, H W, C) views of channels-last tensors: rows are positions, columns channels.
+    x = inputs.permute(0, 2, 3, 1).reshape(batch, positions, c_in)
+    g = grad_output.permute(0, 2, 3, 1).reshape(batch, positions, c_out)
+    per_row = batch * width * (c_in + c_out) * inputs.element_size()
+    block = max(1, BLOCK_BYTES // per_row) * width
+    shifts = [(ky - 1) * width + (kx - 1) for ky in range(3) for kx in range(3)]
+    # Per offset and sample; summed over the samples at the end.
+    parts = inputs.new_zeros(9, batch, c_out, c_in)
+    for start in range(0, positions, block):
+        end = min(positions, start + block)
+        for k, shift in enumerate(shifts):
+            # Output positions p whose flattened neighbour p + shift lies in the image.
+            first, stop = max(start, -shift), min(end, positions - shift)
+            if first < stop:
+                parts[k].baddbmm_(
+                    g[:, first:stop].transpose(1, 2), x[:, first + shift : stop + shift]
+                )
+    for k, shift in enumerate(shifts):
+        if k % 3 == 1:
+            continue
+        # Left (kx = 0) or right (kx = 2) border column: its flattened neighbour is the other
+        # border of the previous or next row, not a zero-padding pixel; take those pairs out.
+        first, stop = max(0, -shift), min(positions, positions - shift)
+        column = 0 if k % 3 == 0 else width - 1
+        low = max(0, _ceil_div(first - column, width))
+        high = min(height, _ceil_div(stop - column, width))
+        if low < high:
+            rows = slice(low * width + column, (high - 1) * width + column + 1, width)
+            wrapped = slice(rows.start + shift, rows.stop + shift, width)
+            parts[k].baddbmm_(g[:, rows].transpose(1, 2), x[:, wrapped], alpha=-1)
+    return parts.sum(dim=1).permute(1, 2, 0).reshape(c_out, c_in, 3, 3)
+
+
+def mirrored_neighbourhoods(grad_output: Tensor) -> Tensor:
+    """``(B H W, C, 3, 3)``: at each position ``q`` of a channels-last ``(B, C, H, W)`` tensor
+    ``g``, the values ``g[q - (ky - 1, kx - 1)]`` (zero outside the image)."""
+    batch, chans, height, width = grad_output.shape
+    padded = F.pad(grad_output.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
+    out = grad_output.new_empty(batch, height, width, chans, 3, 3)
+    for ky in range(3):
+        for kx in range(3):
+            out[..., ky, kx] = padded[:, 2 - ky : 2 - ky + height, 2 - kx : 2 - kx + width]
+    return out.view(batch * height * width, chans, 3, 3)
+
+
+def thin_output_weight_gradient(inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """The weight gradient of :func:`shifted_weight_gradient` for a convolution with few output
+    channels (a block's last, 32 -> 2): one matrix product of the output gradient's mirrored
+    3x3 neighbourhoods (:func:`mirrored_neighbourhoods`, ``9 C_out`` columns) with the input,
+    ``dW[o, i, ky, kx] = sum_q g[q - (ky - 1, kx - 1), o] x[q, i]``, reading the wide input
+    once instead of nine times."""
+    c_in, c_out = inputs.shape[1], grad_output.shape[1]
+    columns = mirrored_neighbourhoods(grad_output).view(-1, c_out * 9)
+    x = inputs.permute(0, 2, 3, 1).reshape(-1, c_in)  # (B H W, C_in), a view (channels-last)
+    return (columns.t() @ x).view(c_out, 3, 3, c_in).permute(0, 3, 1, 2).contiguous()
+
+
+class _ShiftedWeightGradConv(torch.autograd.Function):
+    """3x3 convolution whose backward takes the input gradient from PyTorch's kernel and
+    computes the weight gradient with :func:`shifted_weight_gradient` or, for at most
+    :data:`MAX_THIN_CHANNELS` outputs, :func:`thin_output_weight_gradient`, and the bias
+    gradient as a sum."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(inputs, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(inputs, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):
+        inputs, weight = ctx.saved_tensors
+        grad_output = grad_output.contiguous(memory_format=torch.channels_last)
+        need_input, need_weight, need_bias = ctx.needs_input_grad
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            grad_input = torch.ops.aten.convolution_backward(
+                grad_output,
+                inputs,
+                weight,
+                None,
+                [1, 1],  # stride
+                [1, 1],  # padding
+                [1, 1],  # dilation
+                False,
+                [0, 0],
+                1,
+                [True, False, False],  # input gradient only: the others run the slow kernel
+            )[0]
+        if need_weight:
+            if weight.shape[0] <= MAX_THIN_CHANNELS:
+                grad_weight = thin_output_weight_gradient(inputs, grad_output)
+            else:
+                grad_weight = shifted_weight_gradient(inputs, grad_output)
+        if ctx.has_bias and need_bias:
+            grad_bias = grad_output.sum(dim=(0, 2, 3))
+        return grad_input, grad_weight, grad_bias
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")  # torch >= 2.4
+    except TypeError:
+        return torch.is_autocast_cpu_enabled()
+
+
+def _tracing_or_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        check = getattr(compiler, name, None)
+        if check is not None and check():
+            return True
+    return torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+class BlockConv2d(nn.Conv2d):
+    """:class:`torch.nn.Conv2d` (same parameters, state-dict keys and hooks) whose weight and
+    bias gradients are computed by :func:`shifted_weight_gradient` where that is faster: see
+    the module docstring for when."""
+
+    def _shifted_path(self, inputs: Tensor) -> bool:
+        weight = self.weight
+        return (
+            not _native
+            and not _tracing_or_compiling()  # first: nothing below is traced or compiled
+            and inputs.device.type == "cpu"
+            and inputs.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and inputs.dim() == 4
+            and inputs.shape[0] * inputs.shape[2] * inputs.shape[3] >= MIN_POSITIONS
+            and self.kernel_size == (3, 3)
+            and self.stride == (1, 1)
+            and self.padding == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and self.in_channels >= MIN_CHANNELS
+            and (self.out_channels >= MIN_CHANNELS or self.out_channels <= MAX_THIN_CHANNELS)
+            and torch.is_grad_enabled()
+            and (weight.requires_grad or inputs.requires_grad)
+            and inputs.is_contiguous(memory_format=torch.channels_last)
+            and not _cpu_autocast()
+            and os.environ.get("SFTKD_FASTMRI_CONV", "").lower() != "native"
+        )
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
+        if self._shifted_path(input):
+            return _ShiftedWeightGradConv.apply(input, self.weight, self.bias)
+        return super().forward(input)

@@ -1,0 +1,186 @@
+"""BlockConv2d: the CPU weight gradient of the DC-CNN blocks' convolutions."""
+
+import fastmri
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftkd_fastmri.models import create_model
+from sftkd_fastmri.models.conv import (
+    BlockConv2d,
+    shifted_weight_gradient,
+    thin_output_weight_gradient,
+    use_native_weight_gradient,
+)
+
+from .helpers import random_batch
+
+
+@pytest.fixture(autouse=True)
+def small_images_take_the_path(monkeypatch):
+    """The tests' images are below MIN_POSITIONS; let them take the path all the same."""
+    import sftkd_fastmri.models.conv as conv
+
+    monkeypatch.setattr(conv, "MIN_POSITIONS", 0)
+
+
+def _channels_last(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "batch,c_in,c_out,height,width",
+    [(2, 3, 4, 5, 7), (1, 2, 2, 1, 1), (1, 2, 3, 1, 6), (3, 2, 2, 6, 1), (2, 5, 3, 2, 2),
+     (2, 16, 16, 9, 11), (1, 4, 4, 3, 2)],
+)  # fmt: skip
+def test_shifted_weight_gradient_is_the_convolutions_weight_gradient(
+    batch, c_in, c_out, height, width
+):
+    """Against autograd through F.conv2d in float64, on sizes where every border case
+    (a single row or column, wrapped pairs at both borders) occurs."""
+    torch.manual_seed(0)
+    x = _channels_last(batch, c_in, height, width, dtype=torch.float64)
+    grad = _channels_last(batch, c_out, height, width, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, 3, 3, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), weight, grad)
+    # Independent of autograd too: the correlation written as explicit sums.
+    padded = F.pad(x, (1, 1, 1, 1))
+    by_hand = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.einsum("bohw,bihw->oi", grad, padded[:, :, ky : ky + height, kx : kx + width])
+                    for kx in range(3)
+                ],
+                dim=-1,
+            )
+            for ky in range(3)
+        ],
+        dim=-2,
+    )  # fmt: skip
+    torch.testing.assert_close(by_hand, expected, rtol=1e-12, atol=1e-12)
+    for method in (shifted_weight_gradient, thin_output_weight_gradient):
+        got = method(x, grad)
+        assert got.shape == (c_out, c_in, 3, 3)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_row_blocks_of_the_shifted_weight_gradient_add_up(monkeypatch):
+    """Blocks of one row, and blocks that do not divide the image, give the same sums."""
+    import sftkd_fastmri.models.conv as conv
+
+    torch.manual_seed(0)
+    x = _channels_last(2, 3, 7, 5, dtype=torch.float64)
+    grad = _channels_last(2, 4, 7, 5, dtype=torch.float64)
+    whole = shifted_weight_gradient(x, grad)  # one block: the image is far below BLOCK_BYTES
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(conv, "BLOCK_BYTES", rows * 2 * 5 * 7 * 8)  # batch*W*(Ci+Co)*8 B
+        torch.testing.assert_close(shifted_weight_gradient(x, grad), whole, rtol=0, atol=1e-12)
+
+
+def _grads(conv, x, native):
+    use_native_weight_gradient(native)
+    try:
+        y = conv(x)
+        path = type(y.grad_fn).__name__
+        grads = torch.autograd.grad(y.square().sum(), [x, conv.weight, conv.bias])
+    finally:
+        use_native_weight_gradient(False)
+    return path, grads
+
+
+@pytest.mark.parametrize("c_out", [24, 2])  # the shifted products; the thin-output product
+def test_block_conv_takes_its_path_on_cpu_and_matches_pytorchs_gradients(c_out):
+    torch.manual_seed(0)
+    conv = BlockConv2d(16, c_out, 3, padding=1)
+    x = _channels_last(2, 16, 12, 10).requires_grad_(True)
+    path, ours = _grads(conv, x, native=False)
+    native_path, native = _grads(conv, x, native=True)
+    assert "ShiftedWeightGrad" in path and "ShiftedWeightGrad" not in native_path
+    for got, expected in zip(ours, native):  # input, weight, bias
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours[0], native[0])  # the input gradient is PyTorch's own kernel
+
+
+def test_block_conv_second_derivatives_match():
+    torch.manual_seed(0)
+    conv = BlockConv2d(16, 16, 3, padding=1)
+    x = _channels_last(2, 16, 6, 7).requires_grad_(True)
+    results = []
+    for native in (True, False):
+        use_native_weight_gradient(native)
+        try:
+            (grad_x,) = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
+            results.append(torch.autograd.grad(grad_x.square().sum(), conv.weight)[0])
+        finally:
+            use_native_weight_gradient(False)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["contiguous", "thin_input", "middle_output", "no_grad", "float64", "env", "autocast",
+     "stride", "small", "no_bias"],
+)  # fmt: skip
+def test_block_conv_falls_back_to_pytorch_where_its_path_does_not_apply(case, monkeypatch):
+    torch.manual_seed(0)
+    c_in = 2 if case == "thin_input" else 16
+    c_out = 8 if case == "middle_output" else 16
+    conv = BlockConv2d(
+        c_in, c_out, 3, padding=1, stride=2 if case == "stride" else 1, bias=case != "no_bias"
+    )
+    dtype = torch.float64 if case == "float64" else torch.float32
+    conv = conv.to(dtype)
+    x = torch.randn(2, c_in, 8, 8, dtype=dtype)
+    if case != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    if case == "env":
+        monkeypatch.setenv("SFTKD_FASTMRI_CONV", "native")
+    if case == "small":
+        import sftkd_fastmri.models.conv as conv_module
+
+        monkeypatch.setattr(conv_module, "MIN_POSITIONS", 2 * 8 * 8 + 1)
+    if case == "no_grad":
+        with torch.no_grad():
+            y = conv(x)
+        assert y.grad_fn is None
+        torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1))
+        return
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+    else:
+        y = conv(x)
+    if case == "no_bias":  # no bias is not a reason to fall back
+        assert "ShiftedWeightGrad" in type(y.grad_fn).__name__
+        (grad_w,) = torch.autograd.grad(y.sum(), conv.weight)
+        (expected,) = torch.autograd.grad(
+            F.conv2d(x, conv.weight, None, padding=1).sum(), conv.weight
+        )
+        torch.testing.assert_close(grad_w, expected, rtol=1e-4, atol=1e-4)
+        return
+    assert "ShiftedWeightGrad" not in type(y.grad_fn).__name__
+
+
+def test_a_dccnn_trains_alike_with_either_weight_gradient():
+    """One training step's gradients of a D3C5 with the CPU path and with PyTorch's backward;
+    the state-dict keys are those of nn.Conv2d."""
+    masked, mask, _, kspace = random_batch(batch=2, coils=1, height=24, width=20)
+    target = fastmri.complex_abs(fastmri.ifft2c(kspace))[:, 0]
+    grads = []
+    for native in (True, False):
+        torch.manual_seed(0)
+        model = create_model("dccnn_d3c5").train()
+        use_native_weight_gradient(native)
+        try:
+            F.l1_loss(model(masked, mask), target).backward()
+        finally:
+            use_native_weight_gradient(False)
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert "cascades.0.cnn.conv1.weight" in grads[0] and "cascades.0.cnn.conv1.bias" in grads[0]
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-3, atol=1e-6, msg=name)
+    conv = create_model("dccnn_d3c5").cascades[0].cnn.conv1
+    assert isinstance(conv, BlockConv2d) and isinstance(conv, torch.nn.Conv2d)
