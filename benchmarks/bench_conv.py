@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.bench_conv                  # 320 x 320, batch 4
     python -m benchmarks.bench_conv --size 160 --rounds 7
+    python -m benchmarks.bench_conv --cases conv --out-chans 2 --batch 1 --size 96 --min-positions 0
 
 :class:`~sftkd_fastmri.models.conv.BlockConv2d` computes the weight and bias gradients of the
 blocks' 32 -> 32 convolutions itself on the CPU (nine matrix products over channels-last
@@ -12,7 +13,8 @@ gradient from PyTorch. This script times, round-robin in one process
 (:func:`benchmarks.common.interleaved_samples`), each of these with that path and with
 PyTorch's own backward (:func:`~sftkd_fastmri.models.conv.use_native_weight_gradient`):
 
-* ``conv``: one 32 -> 32 convolution, forward and backward (weight, bias and input gradients);
+* ``conv``: one 32 -> 32 convolution (``--chans``, ``--out-chans``), forward and backward
+  (weight, bias and input gradients);
 * ``d5_cascade`` / ``d3_cascade``: one D5 / D3 cascade (block + DC), forward and backward;
 * ``d5c5_step`` / ``d3c5_step``: a training step (forward, L1, backward, Adam).
 
@@ -53,14 +55,20 @@ def _with_path(native: bool, fn: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
+def _conv_tensors(args: argparse.Namespace):
+    """Channels-last input (requiring grad) and output gradient of the 'conv' case."""
+    size = (args.batch, args.chans, args.size, args.size)
+    x = torch.randn(size).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(args.batch, args.out_chans, args.size, args.size)
+    return x, grad.contiguous(memory_format=torch.channels_last)
+
+
 def _conv_step(args: argparse.Namespace) -> Callable[[], None]:
     from sftkd_fastmri.models.conv import BlockConv2d
 
     torch.manual_seed(0)
-    conv = BlockConv2d(args.chans, args.chans, 3, padding=1)
-    shape = (args.batch, args.chans, args.size, args.size)
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    conv = BlockConv2d(args.chans, args.out_chans, 3, padding=1)
+    x, grad = _conv_tensors(args)
 
     def step() -> None:
         conv.zero_grad(set_to_none=True)
@@ -74,10 +82,8 @@ def _weight_gradient_difference(args: argparse.Namespace) -> float:
     from sftkd_fastmri.models.conv import BlockConv2d, use_native_weight_gradient
 
     torch.manual_seed(0)
-    conv = BlockConv2d(args.chans, args.chans, 3, padding=1)
-    shape = (args.batch, args.chans, args.size, args.size)
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    conv = BlockConv2d(args.chans, args.out_chans, 3, padding=1)
+    x, grad = _conv_tensors(args)
     grads = []
     for native in (True, False):
         use_native_weight_gradient(native)
@@ -123,7 +129,7 @@ def _path_taken(args: argparse.Namespace) -> bool:
     """Whether a block's 32 -> 32 convolution takes the CPU path at this size."""
     from sftkd_fastmri.models.conv import BlockConv2d
 
-    conv = BlockConv2d(args.chans, args.chans, 3, padding=1)
+    conv = BlockConv2d(args.chans, args.out_chans, 3, padding=1)
     x = torch.empty(args.batch, args.chans, args.size, args.size)
     return conv._shifted_path(x.contiguous(memory_format=torch.channels_last))
 
@@ -160,6 +166,7 @@ def measure(args: argparse.Namespace) -> Dict:
         "size": args.size,
         "batch": args.batch,
         "chans": args.chans,
+        "out_chans": args.out_chans,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "path_taken": _path_taken(args),
@@ -174,7 +181,16 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=320, help="image height = width")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--chans", type=int, default=32, help="channels of the 'conv' case")
+    parser.add_argument("--chans", type=int, default=32, help="input channels of the 'conv' case")
+    parser.add_argument(
+        "--out-chans", type=int, default=None, help="its output channels (default: --chans)"
+    )
+    parser.add_argument(
+        "--min-positions",
+        type=int,
+        default=None,
+        help="set sftkd_fastmri.models.conv.MIN_POSITIONS for this run (time smaller sizes)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
     parser.add_argument(
@@ -187,6 +203,12 @@ def main() -> None:
     add_malloc_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
+    if args.out_chans is None:
+        args.out_chans = args.chans
+    if args.min_positions is not None:
+        import sftkd_fastmri.models.conv as conv
+
+        conv.MIN_POSITIONS = args.min_positions
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = apply_malloc(args.malloc, "cpu")
@@ -204,8 +226,9 @@ def main() -> None:
         from sftkd_fastmri.models.conv import MIN_POSITIONS
 
         print(
-            f"note: batch x size x size = {args.batch * args.size**2} positions is below "
-            f"MIN_POSITIONS = {MIN_POSITIONS}: both variants run PyTorch's backward"
+            f"note: the path does not apply to a {args.chans} -> {args.out_chans} convolution "
+            f"at {args.batch * args.size**2} positions (MIN_POSITIONS = {MIN_POSITIONS}, see "
+            "sftkd_fastmri.models.conv): both variants run PyTorch's backward"
         )
     print(f"{'case':<12}{'PyTorch ms':>12}{'ours ms':>10}{'speed-up':>10}{'per round q1-q3':>18}")
     for row in result["rows"]:
