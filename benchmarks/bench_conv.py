@@ -30,15 +30,16 @@ import json
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     add_malloc_option,
     apply_malloc,
+    cascade_step,
     interleaved_samples,
     median,
     round_ratios,
     synthetic_batch,
+    training_step,
 )
 
 
@@ -95,36 +96,6 @@ def _weight_gradient_difference(args: argparse.Namespace) -> float:
     return float((grads[0] - grads[1]).abs().max() / grads[0].abs().max())
 
 
-def _cascade_step(preset: str, inputs) -> Callable[[], None]:
-    from sftkd_fastmri.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(preset).train()
-    x0 = model.initial_state(*inputs).detach()
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_(True)
-        model.cascade_step(1, x, *inputs).sum().backward()
-
-    return step
-
-
-def _training_step(preset: str, inputs, target) -> Callable[[], None]:
-    from sftkd_fastmri.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(preset).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.l1_loss(model(*inputs), target).backward()
-        opt.step()
-
-    return step
-
-
 def _path_taken(args: argparse.Namespace) -> bool:
     """Whether a block's 32 -> 32 convolution takes the CPU path at this size."""
     from sftkd_fastmri.models.conv import BlockConv2d
@@ -139,10 +110,10 @@ def measure(args: argparse.Namespace) -> Dict:
     inputs = (masked, mask, sens)
     cases = {
         "conv": lambda: _conv_step(args),
-        "d5_cascade": lambda: _cascade_step("dccnn_d5c5", inputs),
-        "d3_cascade": lambda: _cascade_step("dccnn_d3c5", inputs),
-        "d5c5_step": lambda: _training_step("dccnn_d5c5", inputs, target),
-        "d3c5_step": lambda: _training_step("dccnn_d3c5", inputs, target),
+        "d5_cascade": lambda: cascade_step("dccnn_d5c5", inputs),
+        "d3_cascade": lambda: cascade_step("dccnn_d3c5", inputs),
+        "d5c5_step": lambda: training_step("dccnn_d5c5", inputs, target),
+        "d3c5_step": lambda: training_step("dccnn_d3c5", inputs, target),
     }
     cases = {name: make for name, make in cases.items() if name in args.cases}
     fns: Dict[str, Callable[[], None]] = {}

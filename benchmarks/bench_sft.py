@@ -40,35 +40,21 @@ import json
 from typing import Callable, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import (
     add_malloc_option,
     apply_malloc,
+    cascade_step,
     default_device,
     interleaved_samples,
     median,
     print_profile,
     round_ratios,
     synthetic_batch,
+    training_step,
 )
 
 TARGET_RATIO = 1.8
-
-
-def _teacher_step(preset: str, inputs, target, device: str) -> Callable[[], None]:
-    from sftkd_fastmri.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(preset).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.l1_loss(model(*inputs), target).backward()
-        opt.step()
-
-    return step
 
 
 def _sft_step(
@@ -94,21 +80,6 @@ def _sft_step(
     return step
 
 
-def _cascade_step(preset: str, inputs, device: str) -> Callable[[], None]:
-    """Forward + backward of one cascade (block + DC) from the zero-filled image."""
-    from sftkd_fastmri.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(preset).to(device).train()
-    x0 = model.initial_state(*inputs).detach()
-
-    def step() -> None:
-        x = x0.clone().requires_grad_(True)
-        model.cascade_step(1, x, *inputs).sum().backward()
-
-    return step
-
-
 def _batch(args: argparse.Namespace, device: str):
     """``(masked k-space, mask, sens maps)`` and the target of the configured size."""
     masked, mask, sens, target = synthetic_batch(
@@ -120,7 +91,7 @@ def _batch(args: argparse.Namespace, device: str):
 def measure(args: argparse.Namespace, device: str) -> Dict:
     inputs, target = _batch(args, device)
     fns = {
-        "teacher": _teacher_step(args.teacher, inputs, target, device),
+        "teacher": training_step(args.teacher, inputs, target, device),
         "sft": _sft_step(args.teacher, args.student, inputs, target, device, False),
     }
     if not args.no_batch_branches:
@@ -128,8 +99,8 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
             args.teacher, args.student, inputs, target, device, True
         )
     if not args.no_breakdown:
-        fns["teacher_cascade"] = _cascade_step(args.teacher, inputs, device)
-        fns["student_cascade"] = _cascade_step(args.student, inputs, device)
+        fns["teacher_cascade"] = cascade_step(args.teacher, inputs, device)
+        fns["student_cascade"] = cascade_step(args.student, inputs, device)
     samples = interleaved_samples(fns, device, warmup=args.warmup, rounds=args.rounds)
     times = {name: median(values) for name, values in samples.items()}
     steps = {k: v for k, v in times.items() if not k.endswith("_cascade")}
@@ -170,7 +141,7 @@ def profile_step(args: argparse.Namespace, device: str) -> None:
     """Print the operators that take the time of one SFT step and one teacher step."""
     inputs, target = _batch(args, device)
     steps = {
-        "teacher": _teacher_step(args.teacher, inputs, target, device),
+        "teacher": training_step(args.teacher, inputs, target, device),
         "sft": _sft_step(args.teacher, args.student, inputs, target, device, None),
     }
     spent = {}

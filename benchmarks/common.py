@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import fastmri
 import torch
+import torch.nn.functional as F
 
 
 def synthetic_batch(
@@ -195,3 +196,36 @@ def print_profile(
         total = sum(e.self_cpu_time_total for e in events)
         conv = sum(e.cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
     return {"total": total / 3e6, "convolution": conv / 3e6}  # microseconds -> s per call
+
+
+def training_step(preset: str, inputs, target, device: str = "cpu") -> Callable[[], None]:
+    """One training step of a fresh model of ``preset`` (seed 0): forward, L1, backward, Adam."""
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(preset).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.l1_loss(model(*inputs), target).backward()
+        opt.step()
+
+    return step
+
+
+def cascade_step(preset: str, inputs, device: str = "cpu") -> Callable[[], None]:
+    """Forward + backward of one cascade (block + DC) of a fresh ``preset`` model (seed 0),
+    from its zero-filled image."""
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(preset).to(device).train()
+    x0 = model.initial_state(*inputs).detach()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        model.cascade_step(1, x, *inputs).sum().backward()
+
+    return step
