@@ -22,9 +22,13 @@ the other two gradients itself:
   again with one small product. The positions are taken in cache-sized blocks of rows;
 * weight, for ``C_in >= 16`` and ``C_out <= 4`` (a block's last convolution, 32 -> 2,
   :func:`thin_output_weight_gradient`): one matrix product of the thin output gradient's
-  3x3 neighbourhoods (``9 C_out`` columns, a small copy) with the input, read once.
+  3x3 neighbourhoods (``9 C_out`` rows of shifted planes, a small copy) with the input, read
+  once;
+* weight and bias, for ``C_in <= 4`` and ``C_out >= 16`` (a block's first convolution,
+  2 -> 32, :func:`thin_input_gradients`): one matrix product of the thin input's 3x3
+  neighbourhoods and a row of ones with the output gradient, read once.
 
-Both are the weight gradient's definition (Dumoulin & Visin, "A guide to convolution
+All three are the weight gradient's definition (Dumoulin & Visin, "A guide to convolution
 arithmetic for deep learning", 2016: the weight gradient of a stride-1 convolution is the
 correlation of its input with its output gradient) written as matrix products; the result
 equals oneDNN's to float32 rounding (the sums run in another order: a relative difference of
@@ -34,10 +38,10 @@ about 3e-5 at 320 x 320). Measured on that CPU (``python -m benchmarks.bench_con
 
 The path is taken only where it helps and is exact: CPU float32 tensors in a channels-last
 layout, 3x3 kernel, stride 1, padding 1 (zeros), no dilation or groups, channel counts as
-above (the 2 -> 32 convolution stays with oneDNN, as fast there), at least
-:data:`MIN_POSITIONS` positions (batch x height x width: 128 x 128, or 64 x 64 at batch 4;
-smaller images are faster with oneDNN), gradients enabled, and not
-while tracing, scripting, exporting, compiling or under CPU autocast. Everywhere else, and on
+above, at least :data:`MIN_POSITIONS` positions (batch x height x width: 128 x 128, or
+64 x 64 at batch 4; smaller images are faster with oneDNN; :data:`MIN_POSITIONS_THIN_INPUT`
+for the 2 -> 32 convolution), gradients enabled, and not while
+tracing, scripting, exporting, compiling or under CPU autocast. Everywhere else, and on
 CUDA, :class:`BlockConv2d` is :class:`torch.nn.Conv2d`. ``SFTKD_FASTMRI_CONV=native`` (read at
 each call) or :func:`use_native_weight_gradient` turns the path off.
 """
@@ -45,7 +49,7 @@ each call) or :func:`use_native_weight_gradient` turns the path off.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,24 +60,33 @@ __all__ = [
     "MAX_THIN_CHANNELS",
     "MIN_CHANNELS",
     "MIN_POSITIONS",
+    "MIN_POSITIONS_THIN_INPUT",
+    "neighbourhood_rows",
     "shifted_weight_gradient",
+    "thin_input_gradients",
+    "thin_input_weight_gradient",
     "thin_output_weight_gradient",
     "use_native_weight_gradient",
 ]
 
-#: Smallest input channel count (and, but for thin outputs, output channel count) for which
-#: :class:`BlockConv2d` computes the weight gradient itself.
+#: Smallest channel count of the wide side(s) of a convolution whose weight gradient
+#: :class:`BlockConv2d` computes itself (both sides, or one side with a thin other side).
 MIN_CHANNELS = 16
 
-#: Output channel count up to which a convolution from at least :data:`MIN_CHANNELS` inputs
-#: (a block's last, 32 -> 2) gets its weight gradient from one product over the output
-#: gradient's 3x3 neighbourhoods (:func:`thin_output_weight_gradient`).
+#: Channel count up to which one side of a convolution whose other side has at least
+#: :data:`MIN_CHANNELS` is thin: its weight gradient is one product over the thin side's 3x3
+#: neighbourhoods (a block's last, 32 -> 2, :func:`thin_output_weight_gradient`; its first,
+#: 2 -> 32, :func:`thin_input_gradients`).
 MAX_THIN_CHANNELS = 4
 
 #: Fewest positions (batch x height x width) for which :class:`BlockConv2d` computes the
 #: weight gradient itself: below, the products are too small to beat oneDNN's kernel (on the
 #: 2-core CPU measured, the crossover lay between 9 000 and 16 000).
 MIN_POSITIONS = 16384
+
+#: :data:`MIN_POSITIONS` for a thin input (a block's first convolution, 2 -> 32), whose
+#: native backward is cheaper (crossover measured between 26 000 and 37 000 positions).
+MIN_POSITIONS_THIN_INPUT = 32768
 
 #: Bytes of input and output gradient per block of rows in :func:`shifted_weight_gradient`
 #: (a few MiB: the block stays in the cache while its nine products read it).
@@ -142,35 +155,74 @@ def shifted_weight_gradient(inputs: Tensor, grad_output: Tensor) -> Tensor:
     return parts.sum(dim=1).permute(1, 2, 0).reshape(c_out, c_in, 3, 3)
 
 
-def mirrored_neighbourhoods(grad_output: Tensor) -> Tensor:
-    """``(B H W, C, 3, 3)``: at each position ``q`` of a channels-last ``(B, C, H, W)`` tensor
-    ``g``, the values ``g[q - (ky - 1, kx - 1)]`` (zero outside the image)."""
-    batch, chans, height, width = grad_output.shape
-    padded = F.pad(grad_output.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, C)
-    out = grad_output.new_empty(batch, height, width, chans, 3, 3)
+def neighbourhood_rows(tensor: Tensor, mirrored: bool = False, ones: bool = False) -> Tensor:
+    """The 3x3 neighbourhoods of a channels-last ``(B, C, H, W)`` tensor ``t``, one row per
+    channel and offset: ``(9 C, B H W)``, row ``9 c + 3 ky + kx`` holding at each position
+    ``q`` the value ``t[c, q + (ky - 1, kx - 1)]`` (``mirrored=False``) or
+    ``t[c, q - (ky - 1, kx - 1)]`` (``mirrored=True``), zero outside the image. With
+    ``ones=True`` a last row of ones is appended (a bias gradient in the same product).
+
+    The rows are whole shifted planes, so building them reads the thin tensor once and
+    writes contiguous rows; the product with a ``(B H W, C')`` view then reads the wide
+    tensor once."""
+    batch, chans, height, width = tensor.shape
+    padded = F.pad(tensor.permute(1, 0, 2, 3), (1, 1, 1, 1))  # (C, B, H+2, W+2), a copy
+    rows = tensor.new_empty(chans * 9 + int(ones), batch * height * width)
+    planes = rows[: chans * 9].view(chans, 3, 3, batch, height, width)
     for ky in range(3):
         for kx in range(3):
-            out[..., ky, kx] = padded[:, 2 - ky : 2 - ky + height, 2 - kx : 2 - kx + width]
-    return out.view(batch * height * width, chans, 3, 3)
+            top, left = (2 - ky, 2 - kx) if mirrored else (ky, kx)
+            planes[:, ky, kx] = padded[:, :, top : top + height, left : left + width]
+    if ones:
+        rows[-1] = 1.0
+    return rows
+
+
+def _positions(tensor: Tensor) -> Tensor:
+    """``(B H W, C)`` view of a channels-last ``(B, C, H, W)`` tensor."""
+    return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
 
 
 def thin_output_weight_gradient(inputs: Tensor, grad_output: Tensor) -> Tensor:
     """The weight gradient of :func:`shifted_weight_gradient` for a convolution with few output
     channels (a block's last, 32 -> 2): one matrix product of the output gradient's mirrored
-    3x3 neighbourhoods (:func:`mirrored_neighbourhoods`, ``9 C_out`` columns) with the input,
+    3x3 neighbourhoods (:func:`neighbourhood_rows`, ``9 C_out`` rows) with the input,
     ``dW[o, i, ky, kx] = sum_q g[q - (ky - 1, kx - 1), o] x[q, i]``, reading the wide input
     once instead of nine times."""
     c_in, c_out = inputs.shape[1], grad_output.shape[1]
-    columns = mirrored_neighbourhoods(grad_output).view(-1, c_out * 9)
-    x = inputs.permute(0, 2, 3, 1).reshape(-1, c_in)  # (B H W, C_in), a view (channels-last)
-    return (columns.t() @ x).view(c_out, 3, 3, c_in).permute(0, 3, 1, 2).contiguous()
+    product = neighbourhood_rows(grad_output, mirrored=True) @ _positions(inputs)
+    return product.view(c_out, 3, 3, c_in).permute(0, 3, 1, 2).contiguous()
+
+
+def thin_input_gradients(
+    inputs: Tensor, grad_output: Tensor, bias: bool = True
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Weight (and bias) gradient of a 3x3, stride-1, padding-1 convolution with few input
+    channels (a block's first, 2 -> 32): one matrix product of the input's 3x3 neighbourhoods
+    (:func:`neighbourhood_rows`, ``9 C_in`` rows, plus a row of ones for the bias) with the
+    output gradient, ``dW[o, i, ky, kx] = sum_q g[q, o] x[q + (ky - 1, kx - 1), i]`` and
+    ``db[o] = sum_q g[q, o]``, reading the wide output gradient once.
+
+    Returns:
+        ``(dW, db)``; ``db`` is None when ``bias`` is False.
+    """
+    c_in, c_out = inputs.shape[1], grad_output.shape[1]
+    product = neighbourhood_rows(inputs, ones=bias) @ _positions(grad_output)
+    weight = product[: c_in * 9].view(c_in, 3, 3, c_out).permute(3, 0, 1, 2).contiguous()
+    return weight, (product[-1].clone() if bias else None)
+
+
+def thin_input_weight_gradient(inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """The weight gradient alone of :func:`thin_input_gradients`."""
+    return thin_input_gradients(inputs, grad_output, bias=False)[0]
 
 
 class _ShiftedWeightGradConv(torch.autograd.Function):
     """3x3 convolution whose backward takes the input gradient from PyTorch's kernel and
     computes the weight gradient with :func:`shifted_weight_gradient` or, for at most
     :data:`MAX_THIN_CHANNELS` outputs, :func:`thin_output_weight_gradient`, and the bias
-    gradient as a sum."""
+    gradient as a sum; for at most :data:`MAX_THIN_CHANNELS` inputs, both with
+    :func:`thin_input_gradients`."""
 
     @staticmethod
     def forward(ctx: Any, inputs: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -198,14 +250,26 @@ class _ShiftedWeightGradConv(torch.autograd.Function):
                 1,
                 [True, False, False],  # input gradient only: the others run the slow kernel
             )[0]
-        if need_weight:
-            if weight.shape[0] <= MAX_THIN_CHANNELS:
-                grad_weight = thin_output_weight_gradient(inputs, grad_output)
-            else:
-                grad_weight = shifted_weight_gradient(inputs, grad_output)
-        if ctx.has_bias and need_bias:
+        need_bias = ctx.has_bias and need_bias
+        if need_weight and weight.shape[1] <= MAX_THIN_CHANNELS:
+            # The bias gradient comes from the same product (a row of ones).
+            grad_weight, grad_bias = thin_input_gradients(inputs, grad_output, need_bias)
+            need_bias = False
+        elif need_weight and weight.shape[0] <= MAX_THIN_CHANNELS:
+            grad_weight = thin_output_weight_gradient(inputs, grad_output)
+        elif need_weight:
+            grad_weight = shifted_weight_gradient(inputs, grad_output)
+        if need_bias:
             grad_bias = grad_output.sum(dim=(0, 2, 3))
         return grad_input, grad_weight, grad_bias
+
+
+def _supported_channels(c_in: int, c_out: int) -> bool:
+    """Wide to wide (shifted products), wide to thin or thin to wide (one product over the
+    thin side's neighbourhoods)."""
+    wide_in, wide_out = c_in >= MIN_CHANNELS, c_out >= MIN_CHANNELS
+    thin_in, thin_out = c_in <= MAX_THIN_CHANNELS, c_out <= MAX_THIN_CHANNELS
+    return (wide_in and (wide_out or thin_out)) or (thin_in and wide_out)
 
 
 def _cpu_autocast() -> bool:
@@ -240,15 +304,17 @@ class BlockConv2d(nn.Conv2d):
             and inputs.dtype == torch.float32
             and weight.dtype == torch.float32
             and inputs.dim() == 4
-            and inputs.shape[0] * inputs.shape[2] * inputs.shape[3] >= MIN_POSITIONS
+            and inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
+            >= (
+                MIN_POSITIONS_THIN_INPUT if self.in_channels <= MAX_THIN_CHANNELS else MIN_POSITIONS
+            )
             and self.kernel_size == (3, 3)
             and self.stride == (1, 1)
             and self.padding == (1, 1)
             and self.dilation == (1, 1)
             and self.groups == 1
             and self.padding_mode == "zeros"
-            and self.in_channels >= MIN_CHANNELS
-            and (self.out_channels >= MIN_CHANNELS or self.out_channels <= MAX_THIN_CHANNELS)
+            and _supported_channels(self.in_channels, self.out_channels)
             and torch.is_grad_enabled()
             and (weight.requires_grad or inputs.requires_grad)
             and inputs.is_contiguous(memory_format=torch.channels_last)

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from sftkd_fastmri.models import create_model
 from sftkd_fastmri.models.conv import (
     BlockConv2d,
+    neighbourhood_rows,
     shifted_weight_gradient,
+    thin_input_gradients,
+    thin_input_weight_gradient,
     thin_output_weight_gradient,
     use_native_weight_gradient,
 )
@@ -22,6 +25,7 @@ def small_images_take_the_path(monkeypatch):
     import sftkd_fastmri.models.conv as conv
 
     monkeypatch.setattr(conv, "MIN_POSITIONS", 0)
+    monkeypatch.setattr(conv, "MIN_POSITIONS_THIN_INPUT", 0)
 
 
 def _channels_last(*shape, dtype=torch.float32):
@@ -59,10 +63,39 @@ def test_shifted_weight_gradient_is_the_convolutions_weight_gradient(
         dim=-2,
     )  # fmt: skip
     torch.testing.assert_close(by_hand, expected, rtol=1e-12, atol=1e-12)
-    for method in (shifted_weight_gradient, thin_output_weight_gradient):
+    methods = (shifted_weight_gradient, thin_output_weight_gradient, thin_input_weight_gradient)
+    for method in methods:
         got = method(x, grad)
         assert got.shape == (c_out, c_in, 3, 3)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_thin_input_gradients_include_the_bias_gradient():
+    torch.manual_seed(0)
+    x = _channels_last(2, 2, 5, 6, dtype=torch.float64)
+    grad = _channels_last(2, 7, 5, 6, dtype=torch.float64)
+    weight, bias = thin_input_gradients(x, grad)
+    torch.testing.assert_close(bias, grad.sum(dim=(0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight, thin_input_weight_gradient(x, grad), rtol=0, atol=0)
+    assert thin_input_gradients(x, grad, bias=False)[1] is None
+
+
+def test_neighbourhood_rows_hold_the_shifted_planes():
+    """Row 9 c + 3 ky + kx at position (b, h, w): t[b, c, h + ky - 1, w + kx - 1], mirrored
+    t[b, c, h - ky + 1, w - kx + 1], zero outside; a last row of ones on request."""
+    torch.manual_seed(0)
+    t = _channels_last(2, 3, 4, 5)
+    rows = neighbourhood_rows(t).view(3, 3, 3, 2, 4, 5)
+    mirrored = neighbourhood_rows(t, mirrored=True).view(3, 3, 3, 2, 4, 5)
+    for c, ky, kx, b, h, w in [(0, 0, 0, 0, 0, 0), (1, 2, 1, 1, 3, 4), (2, 1, 2, 0, 2, 3),
+                               (1, 0, 2, 1, 1, 0), (2, 2, 0, 1, 2, 4)]:  # fmt: skip
+        for got, (y, x) in ((rows, (h + ky - 1, w + kx - 1)), (mirrored, (h - ky + 1, w - kx + 1))):
+            inside = 0 <= y < 4 and 0 <= x < 5
+            assert got[c, ky, kx, b, h, w] == (t[b, c, y, x] if inside else 0)
+    with_ones = neighbourhood_rows(t, ones=True)
+    assert with_ones.shape == (28, 40)
+    assert torch.equal(with_ones[-1], torch.ones(40))
+    assert torch.equal(with_ones[:27], neighbourhood_rows(t))
 
 
 def test_the_row_blocks_of_the_shifted_weight_gradient_add_up(monkeypatch):
@@ -89,11 +122,13 @@ def _grads(conv, x, native):
     return path, grads
 
 
-@pytest.mark.parametrize("c_out", [24, 2])  # the shifted products; the thin-output product
-def test_block_conv_takes_its_path_on_cpu_and_matches_pytorchs_gradients(c_out):
+@pytest.mark.parametrize(
+    "c_in,c_out", [(16, 24), (16, 2), (2, 16), (1, 16)]
+)  # the shifted products; the thin-output product; the thin-input product (2 and 1 channels)
+def test_block_conv_takes_its_path_on_cpu_and_matches_pytorchs_gradients(c_in, c_out):
     torch.manual_seed(0)
-    conv = BlockConv2d(16, c_out, 3, padding=1)
-    x = _channels_last(2, 16, 12, 10).requires_grad_(True)
+    conv = BlockConv2d(c_in, c_out, 3, padding=1)
+    x = _channels_last(2, c_in, 12, 10).requires_grad_(True)
     path, ours = _grads(conv, x, native=False)
     native_path, native = _grads(conv, x, native=True)
     assert "ShiftedWeightGrad" in path and "ShiftedWeightGrad" not in native_path
@@ -119,15 +154,15 @@ def test_block_conv_second_derivatives_match():
 
 @pytest.mark.parametrize(
     "case",
-    ["contiguous", "thin_input", "middle_output", "no_grad", "float64", "env", "autocast",
-     "stride", "small", "no_bias"],
+    ["contiguous", "thin_both", "middle_input", "middle_output", "no_grad", "float64", "env",
+     "autocast", "stride", "small", "small_thin_input", "no_bias", "no_bias_thin_input"],
 )  # fmt: skip
 def test_block_conv_falls_back_to_pytorch_where_its_path_does_not_apply(case, monkeypatch):
     torch.manual_seed(0)
-    c_in = 2 if case == "thin_input" else 16
-    c_out = 8 if case == "middle_output" else 16
+    c_in = {"thin_both": 2, "middle_input": 8}.get(case, 2 if "thin_input" in case else 16)
+    c_out = {"thin_both": 2, "middle_output": 8}.get(case, 16)
     conv = BlockConv2d(
-        c_in, c_out, 3, padding=1, stride=2 if case == "stride" else 1, bias=case != "no_bias"
+        c_in, c_out, 3, padding=1, stride=2 if case == "stride" else 1, bias="no_bias" not in case
     )
     dtype = torch.float64 if case == "float64" else torch.float32
     conv = conv.to(dtype)
@@ -137,10 +172,11 @@ def test_block_conv_falls_back_to_pytorch_where_its_path_does_not_apply(case, mo
     x.requires_grad_(True)
     if case == "env":
         monkeypatch.setenv("SFTKD_FASTMRI_CONV", "native")
-    if case == "small":
+    if case.startswith("small"):  # one position fewer than the threshold that applies
         import sftkd_fastmri.models.conv as conv_module
 
-        monkeypatch.setattr(conv_module, "MIN_POSITIONS", 2 * 8 * 8 + 1)
+        name = "MIN_POSITIONS_THIN_INPUT" if case == "small_thin_input" else "MIN_POSITIONS"
+        monkeypatch.setattr(conv_module, name, 2 * 8 * 8 + 1)
     if case == "no_grad":
         with torch.no_grad():
             y = conv(x)
@@ -152,7 +188,7 @@ def test_block_conv_falls_back_to_pytorch_where_its_path_does_not_apply(case, mo
             y = conv(x)
     else:
         y = conv(x)
-    if case == "no_bias":  # no bias is not a reason to fall back
+    if case.startswith("no_bias"):  # no bias is not a reason to fall back
         assert "ShiftedWeightGrad" in type(y.grad_fn).__name__
         (grad_w,) = torch.autograd.grad(y.sum(), conv.weight)
         (expected,) = torch.autograd.grad(
