@@ -33,8 +33,8 @@ arithmetic for deep learning", 2016: the weight gradient of a stride-1 convoluti
 correlation of its input with its output gradient) written as matrix products; the result
 equals oneDNN's to float32 rounding (the sums run in another order: a relative difference of
 about 3e-5 at 320 x 320). Measured on that CPU (``python -m benchmarks.bench_conv``): a
-32 -> 32 convolution's forward and backward 2.0x faster, a D5C5 training step 1.7x (6.4 s ->
-3.8 s), a D3C5 step 1.7x (2.8 s -> 1.6 s).
+32 -> 32 convolution's forward and backward 1.75-2.0x faster, a 2 -> 32 one 1.3x, a 32 -> 2
+one 2.0x, a D5C5 training step 1.7-1.9x (6.4 s -> 3.5-3.8 s), a D3C5 step 1.7-1.9x.
 
 The path is taken only where it helps and is exact: CPU float32 tensors in a channels-last
 layout, 3x3 kernel, stride 1, padding 1 (zeros), no dilation or groups, channel counts as
