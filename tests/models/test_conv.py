@@ -137,19 +137,25 @@ def test_block_conv_takes_its_path_on_cpu_and_matches_pytorchs_gradients(c_in, c
     assert torch.equal(ours[0], native[0])  # the input gradient is PyTorch's own kernel
 
 
-def test_block_conv_second_derivatives_match():
+@pytest.mark.parametrize("c_in,c_out", [(16, 16), (16, 2), (2, 16)])
+def test_block_conv_second_derivatives_match(c_in, c_out):
+    """Through the input gradient (PyTorch's kernel) and through the weight gradient (the
+    products, differentiable torch operations)."""
     torch.manual_seed(0)
-    conv = BlockConv2d(16, 16, 3, padding=1)
-    x = _channels_last(2, 16, 6, 7).requires_grad_(True)
+    conv = BlockConv2d(c_in, c_out, 3, padding=1)
+    x = _channels_last(2, c_in, 6, 7).requires_grad_(True)
     results = []
     for native in (True, False):
         use_native_weight_gradient(native)
         try:
             (grad_x,) = torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
             results.append(torch.autograd.grad(grad_x.square().sum(), conv.weight)[0])
+            (grad_w,) = torch.autograd.grad(conv(x).square().sum(), conv.weight, create_graph=True)
+            results.append(torch.autograd.grad(grad_w.square().sum(), x)[0])
         finally:
             use_native_weight_gradient(False)
-    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[2], results[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[3], results[1], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize(
