@@ -22,7 +22,9 @@ which predicts 1 + 2 x that cost = 1.93-1.98 (CPU) and 2.2-2.4 (GPU). The script
 times one teacher and one student cascade (forward + backward) and prints the ratio those costs
 predict, so a miss can be told apart from wrapper overhead; ``--profile`` splits both steps'
 profiled time into the convolutions and everything else (DC, wrapper, loss, optimiser), in
-units of the teacher step. With ``batch_branches=True`` (the
+units of the teacher step. From the two cascades' costs it also fits
+``cascade = fixed + (depth - 2) x per_layer`` (:func:`cascade_cost_model`) and prints the
+largest ``fixed`` part, what does not shrink with depth, for which the target would hold. With ``batch_branches=True`` (the
 default on CUDA) the active branches of each student cascade run as one batch (fewer, larger
 calls), which beats that prediction on a GPU.
 
@@ -132,6 +134,16 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         }
         result["student_to_teacher_cascade_cost"] = cost
         result["predicted_ratio"] = 1.0 + n * (n - 1) / 2 * cost / n
+        model = cascade_cost_model(
+            times["teacher_cascade"],
+            times["student_cascade"],
+            _depth(args.teacher),
+            _depth(args.student),
+            n,
+            TARGET_RATIO,
+        )
+        if model is not None:
+            result["cascade_cost_model_s"] = model
     if device.startswith("cuda"):
         result["gpu"] = torch.cuda.get_device_name()
     return result
@@ -164,6 +176,39 @@ def profile_summary(teacher: Dict[str, float], sft: Dict[str, float]) -> str:
         f"convolutions take {sft['convolution'] / sft['total']:.0%} of the SFT step and "
         f"{teacher['convolution'] / base:.0%} of the teacher step"
     )
+
+
+def cascade_cost_model(
+    teacher_s: float,
+    student_s: float,
+    teacher_depth: int,
+    student_depth: int,
+    n: int,
+    target: float,
+) -> Optional[Dict[str, Optional[float]]]:
+    """Split one cascade's forward and backward into ``fixed + (depth - 2) x per_layer``.
+
+    ``per_layer`` is one more hidden (32 -> 32) convolution with its ReLU; ``fixed`` is what
+    does not grow with the depth (the first and last convolutions, a ReLU, the DC, autograd).
+    From the two measured cascades of different depth. The SFT ratio is then
+    ``1 + (n - 1) / 2 x (fixed + (d_s - 2) per_layer) / (fixed + (d_t - 2) per_layer)``, and
+    ``fixed_for_target`` is the largest ``fixed`` for which it reaches ``target`` (same
+    ``per_layer``; ``None`` where any ``fixed`` would). ``None`` for equal depths."""
+    if teacher_depth == student_depth:
+        return None
+    per_layer = (teacher_s - student_s) / (teacher_depth - student_depth)
+    fixed = student_s - (student_depth - 2) * per_layer
+    m, room = (n - 1) / 2, target - 1
+    needed = None
+    if m > room:
+        needed = per_layer * (room * (teacher_depth - 2) - m * (student_depth - 2)) / (m - room)
+    return {"fixed": fixed, "per_layer": per_layer, "fixed_for_target": needed}
+
+
+def _depth(preset: str) -> int:
+    from sftkd_fastmri.models import model_config
+
+    return int(model_config(preset)["depth"])
 
 
 def _num_cascades(preset: str) -> int:
@@ -241,6 +286,19 @@ def main() -> None:
             f"  one cascade fwd+bwd: teacher {cascades['teacher'] * 1e3:.1f} ms, student "
             f"{cascades['student'] * 1e3:.1f} ms (x{result['student_to_teacher_cascade_cost']:.2f})"
             f" -> ratio predicted from cascade costs {result['predicted_ratio']:.2f}"
+        )
+    model = result.get("cascade_cost_model_s")
+    if model is not None:
+        needed = model["fixed_for_target"]
+        if needed is None:
+            verdict = "the target holds for any fixed part"
+        elif needed < 0:
+            verdict = "no fixed part meets the target"
+        else:
+            verdict = f"the target needs fixed <= {needed * 1e3:.1f} ms"
+        print(
+            f"  cascade = fixed + (depth - 2) x per-layer: fixed {model['fixed'] * 1e3:.1f} ms, "
+            f"per layer {model['per_layer'] * 1e3:.1f} ms; {verdict}"
         )
     print(json.dumps(result))
 

@@ -40,6 +40,23 @@ def test_bench_sft_reports_ratios_and_the_cascade_prediction():
         assert list(out["round_ratios"][name].values()) == [pytest.approx(ratio)] * 5
     cost = out["student_to_teacher_cascade_cost"]
     assert 0 < cost and out["predicted_ratio"] == pytest.approx(1 + 2 * cost)  # N = 5
+    model, cascades = out["cascade_cost_model_s"], out["cascade_s"]
+    for depth, name in ((5, "teacher"), (3, "student")):  # D5C5, D3C5
+        assert model["fixed"] + (depth - 2) * model["per_layer"] == pytest.approx(cascades[name])
+
+
+def test_the_cascade_cost_model_gives_the_fixed_cost_the_target_allows():
+    from benchmarks.bench_sft import cascade_cost_model
+
+    # fixed 103 ms, 179 ms per layer: D5 = 103 + 3 * 179, D3 = 103 + 179
+    model = cascade_cost_model(0.103 + 3 * 0.179, 0.103 + 0.179, 5, 3, 5, 1.8)
+    assert model["fixed"] == pytest.approx(0.103) and model["per_layer"] == pytest.approx(0.179)
+    needed = model["fixed_for_target"]
+    assert needed == pytest.approx(0.179 / 3)  # 2 (c + k) / (c + 3 k) <= 0.8  <=>  c <= k / 3
+    ratio = 1 + 2 * (needed + 0.179) / (needed + 3 * 0.179)
+    assert ratio == pytest.approx(1.8)
+    assert cascade_cost_model(0.5, 0.5, 5, 5, 5, 1.8) is None  # equal depths: no split
+    assert cascade_cost_model(0.6, 0.3, 5, 3, 5, 3.5)["fixed_for_target"] is None  # any c does
 
 
 def test_bench_kd_reports_ratios_and_memory():
