@@ -162,9 +162,8 @@ def neighbourhood_rows(tensor: Tensor, mirrored: bool = False, ones: bool = Fals
     ``t[c, q - (ky - 1, kx - 1)]`` (``mirrored=True``), zero outside the image. With
     ``ones=True`` a last row of ones is appended (a bias gradient in the same product).
 
-    The rows are whole shifted planes, so building them reads the thin tensor once and
-    writes contiguous rows; the product with a ``(B H W, C')`` view then reads the wide
-    tensor once."""
+    The rows are whole shifted planes of one padded copy of the thin tensor, written
+    contiguously; the product with a ``(B H W, C')`` view then reads the wide tensor once."""
     batch, chans, height, width = tensor.shape
     padded = F.pad(tensor.permute(1, 0, 2, 3), (1, 1, 1, 1))  # (C, B, H+2, W+2), a copy
     rows = tensor.new_empty(chans * 9 + int(ones), batch * height * width)
@@ -291,8 +290,8 @@ def _tracing_or_compiling() -> bool:
 class BlockConv2d(nn.Conv2d):
     """:class:`torch.nn.Conv2d` (same parameters, state-dict keys and hooks) whose weight and
     bias gradients are computed by :func:`shifted_weight_gradient` (or, for a thin output,
-    :func:`thin_output_weight_gradient`) where that is faster: see the module docstring for
-    when. Its forward output may be overwritten in place (the blocks' ReLUs do): the backward
+    :func:`thin_output_weight_gradient`; for a thin input, :func:`thin_input_gradients`) where
+    that is faster: see the module docstring for when. Its forward output may be overwritten in place (the blocks' ReLUs do): the backward
     needs only the input and the weight."""
 
     def _shifted_path(self, inputs: Tensor) -> bool:
