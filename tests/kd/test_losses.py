@@ -473,7 +473,7 @@ def test_attention_of_half_precision_features_does_not_overflow(p, dtype):
 def test_split_k_reduction_gives_the_same_loss_and_gradient(cls, monkeypatch):
     """On CUDA the long reductions of FSP, SP and CC are summed over chunks (split-K); forced
     on here, it must reproduce the single product in value and gradient."""
-    from sftkd_fastmri.kd import losses as losses_module
+    from sftkd_fastmri.kd import grams as grams_module
 
     s_np = [_rand(B, 4, 6, 10, seed=120), _rand(B, 4, 6, 10, seed=121)]
     t_np = [_rand(B, 4, 6, 10, seed=122), _rand(B, 4, 6, 10, seed=123)]
@@ -486,7 +486,7 @@ def test_split_k_reduction_gives_the_same_loss_and_gradient(cls, monkeypatch):
     results = []
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(losses_module, "_split_k_chunks", chunks_of_four)
+            monkeypatch.setattr(grams_module, "_split_k_chunks", chunks_of_four)
         s = [_t(a).requires_grad_() for a in s_np]
         value = cls()(s, [_t(a) for a in t_np])
         value.backward()
