@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.bench_conv                  # 320 x 320, batch 4
     python -m benchmarks.bench_conv --size 160 --rounds 7
     python -m benchmarks.bench_conv --cases conv --out-chans 2 --batch 1 --size 96 --min-positions 0
+    python -m benchmarks.bench_conv --presets paper   # the authors' 1-channel D5C5 / D3C5
 
 :class:`~sftkd_fastmri.models.conv.BlockConv2d` computes the weight and bias gradients of the
 blocks' 32 -> 32 convolutions itself on the CPU (nine matrix products over channels-last
@@ -15,7 +16,8 @@ PyTorch's own backward (:func:`~sftkd_fastmri.models.conv.use_native_weight_grad
 
 * ``conv``: one 32 -> 32 convolution (``--chans``, ``--out-chans``), forward and backward
   (weight, bias and input gradients);
-* ``d5_cascade`` / ``d3_cascade``: one D5 / D3 cascade (block + DC), forward and backward;
+* ``d5_cascade`` / ``d3_cascade``: one D5 / D3 cascade (block + DC), forward and backward, of
+  the ``--presets`` D5C5 / D3C5;
 * ``d5c5_step`` / ``d3c5_step``: a training step (forward, L1, backward, Adam).
 
 It prints the speed-up (PyTorch's time / ours) of each, and the largest difference between the
@@ -41,6 +43,12 @@ from benchmarks.common import (
     synthetic_batch,
     training_step,
 )
+
+#: ``--presets``: the D5C5 and D3C5 the cascade and step cases build.
+PRESETS = {
+    "standard": ("dccnn_d5c5", "dccnn_d3c5"),  # complex images as 2 channels
+    "paper": ("dccnn_d5c5_paper", "dccnn_d3c5_paper"),  # the authors' 1-channel real images
+}
 
 
 def _with_path(native: bool, fn: Callable[[], None]) -> Callable[[], None]:
@@ -104,12 +112,13 @@ def _path_taken(args: argparse.Namespace) -> bool:
 def measure(args: argparse.Namespace) -> Dict:
     masked, mask, sens, target = synthetic_batch(args.batch, args.size, args.size, 1, "cpu")
     inputs = (masked, mask, sens)
+    teacher, student = PRESETS[args.presets]
     cases = {
         "conv": lambda: _conv_step(args),
-        "d5_cascade": lambda: cascade_step("dccnn_d5c5", inputs),
-        "d3_cascade": lambda: cascade_step("dccnn_d3c5", inputs),
-        "d5c5_step": lambda: training_step("dccnn_d5c5", inputs, target),
-        "d3c5_step": lambda: training_step("dccnn_d3c5", inputs, target),
+        "d5_cascade": lambda: cascade_step(teacher, inputs),
+        "d3_cascade": lambda: cascade_step(student, inputs),
+        "d5c5_step": lambda: training_step(teacher, inputs, target),
+        "d3c5_step": lambda: training_step(student, inputs, target),
     }
     cases = {name: make for name, make in cases.items() if name in args.cases}
     fns: Dict[str, Callable[[], None]] = {}
@@ -134,6 +143,7 @@ def measure(args: argparse.Namespace) -> Dict:
         "batch": args.batch,
         "chans": args.chans,
         "out_chans": args.out_chans,
+        "presets": list(PRESETS[args.presets]),
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "path_taken": _path_taken(args),
@@ -156,7 +166,15 @@ def main() -> None:
         "--min-positions",
         type=int,
         default=None,
-        help="set sftkd_fastmri.models.conv.MIN_POSITIONS for this run (time smaller sizes)",
+        help="set sftkd_fastmri.models.conv.MIN_POSITIONS and MIN_POSITIONS_THIN_INPUT for "
+        "this run (time smaller sizes)",
+    )
+    parser.add_argument(
+        "--presets",
+        choices=sorted(PRESETS),
+        default="standard",
+        help="the D5C5 / D3C5 of the cascade and step cases: 'standard' (2-channel complex "
+        "images) or 'paper' (the authors' 1-channel real images, padded by 5)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
@@ -175,7 +193,7 @@ def main() -> None:
     if args.min_positions is not None:
         import sftkd_fastmri.models.conv as conv
 
-        conv.MIN_POSITIONS = args.min_positions
+        conv.MIN_POSITIONS = conv.MIN_POSITIONS_THIN_INPUT = args.min_positions
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = apply_malloc(args.malloc, "cpu")
@@ -187,14 +205,15 @@ def main() -> None:
     print(
         f"CPU convolution backward, ours vs PyTorch's: batch {args.batch}, "
         f"{args.size}x{args.size}, {result['threads']} threads, malloc {malloc}, median of "
-        f"{args.rounds} interleaved rounds"
+        f"{args.rounds} interleaved rounds; presets {', '.join(result['presets'])}"
     )
     if not result["path_taken"]:
-        from sftkd_fastmri.models.conv import MIN_POSITIONS
+        from sftkd_fastmri.models.conv import MIN_POSITIONS, MIN_POSITIONS_THIN_INPUT
 
         print(
             f"note: the path does not apply to a {args.chans} -> {args.out_chans} convolution "
-            f"at {args.batch * args.size**2} positions (MIN_POSITIONS = {MIN_POSITIONS}, see "
+            f"at {args.batch * args.size**2} positions (MIN_POSITIONS = {MIN_POSITIONS}, "
+            f"MIN_POSITIONS_THIN_INPUT = {MIN_POSITIONS_THIN_INPUT}, see "
             "sftkd_fastmri.models.conv): both variants run PyTorch's backward"
         )
     print(f"{'case':<12}{'PyTorch ms':>12}{'ours ms':>10}{'speed-up':>10}{'per round q1-q3':>18}")

@@ -172,3 +172,12 @@ def test_bench_conv_times_both_backward_paths_of_the_block_convolution():
     assert 0 < out["weight_gradient_relative_difference"] < 1e-4  # float32 rounding only
     below = _run("benchmarks.bench_conv", "--size", "64", *quick, "--cases", "conv")
     assert below["path_taken"] is False and below["weight_gradient_relative_difference"] == 0
+    # The thin-input convolution below its own threshold, taken with --min-positions 0.
+    thin = ("--size", "64", *quick, "--cases", "conv", "--chans", "2", "--out-chans", "32")
+    assert _run("benchmarks.bench_conv", *thin)["path_taken"] is False
+    forced = _run("benchmarks.bench_conv", *thin, "--min-positions", "0")
+    assert forced["path_taken"] is True and forced["weight_gradient_relative_difference"] < 1e-4
+    paper = _run("benchmarks.bench_conv", "--size", "128", *quick, "--cases", "d3_cascade",
+                 "--presets", "paper")  # fmt: skip
+    assert paper["presets"] == ["dccnn_d5c5_paper", "dccnn_d3c5_paper"]
+    assert out["presets"] == ["dccnn_d5c5", "dccnn_d3c5"]

@@ -39,11 +39,16 @@ def channels_to_complex(image: Tensor) -> Tensor:
 
 
 def complex_to_channels(image: Tensor, chans: int) -> Tensor:
-    """Complex-last ``(B, H, W, 2)`` -> ``(B, chans, H, W)``; one channel keeps the real part."""
+    """Complex-last ``(B, H, W, 2)`` -> ``(B, chans, H, W)``; one channel keeps the real part.
+
+    Both come out in the channels-last layout (the two-channel image as a view), so the
+    blocks' convolutions keep their activations channels-last, where
+    :class:`~sftkd_fastmri.models.conv.BlockConv2d` computes its gradients on the CPU. A
+    one-channel tensor with NCHW strides would make oneDNN write NCHW activations."""
     if chans == 2:
         return image.permute(0, 3, 1, 2)
     if chans == 1:
-        return image[..., 0].unsqueeze(1)
+        return image[..., :1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     raise ValueError(f"chans must be 1 or 2, got {chans}")
 
 

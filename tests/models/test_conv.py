@@ -205,15 +205,28 @@ def test_block_conv_falls_back_to_pytorch_where_its_path_does_not_apply(case, mo
     assert "ShiftedWeightGrad" not in type(y.grad_fn).__name__
 
 
-def test_a_dccnn_trains_alike_with_either_weight_gradient():
+@pytest.mark.parametrize("preset", ["dccnn_d3c5", "dccnn_d3c5_paper"])  # 2- and 1-channel
+def test_a_dccnn_trains_alike_with_either_weight_gradient(preset):
     """One training step's gradients of a D3C5 with the CPU path and with PyTorch's backward;
-    the state-dict keys are those of nn.Conv2d."""
+    every block convolution takes the path (the activations stay channels-last, the
+    one-channel image included); the state-dict keys are those of nn.Conv2d."""
     masked, mask, _, kspace = random_batch(batch=2, coils=1, height=24, width=20)
     target = fastmri.complex_abs(fastmri.ifft2c(kspace))[:, 0]
+    model = create_model(preset).train()
+    paths = []
+    convs = [m for m in model.modules() if isinstance(m, BlockConv2d)]
+    hooks = [
+        c.register_forward_hook(lambda m, i, o: paths.append(type(o.grad_fn).__name__))
+        for c in convs
+    ]
+    model(masked, mask)
+    for hook in hooks:
+        hook.remove()
+    assert len(paths) == len(convs) == 15 and all("ShiftedWeightGrad" in p for p in paths), paths
     grads = []
     for native in (True, False):
         torch.manual_seed(0)
-        model = create_model("dccnn_d3c5").train()
+        model = create_model(preset).train()
         use_native_weight_gradient(native)
         try:
             F.l1_loss(model(masked, mask), target).backward()
@@ -224,5 +237,5 @@ def test_a_dccnn_trains_alike_with_either_weight_gradient():
     assert "cascades.0.cnn.conv1.weight" in grads[0] and "cascades.0.cnn.conv1.bias" in grads[0]
     for name, expected in grads[0].items():
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-3, atol=1e-6, msg=name)
-    conv = create_model("dccnn_d3c5").cascades[0].cnn.conv1
+    conv = create_model(preset).cascades[0].cnn.conv1
     assert isinstance(conv, BlockConv2d) and isinstance(conv, torch.nn.Conv2d)

@@ -182,3 +182,16 @@ def test_multi_coil_kspace_without_sensitivity_maps_is_refused(height):
     masked, mask, _, _ = random_batch(coils=3, height=height, width=10, seed=16)
     with pytest.raises(ValueError, match="3 coils.*sensitivity maps"):
         DataConsistency(2, "hard")(torch.randn(2, 2, height, 10), masked, mask, None)
+
+
+@pytest.mark.parametrize("chans", [1, 2])
+def test_complex_to_channels_puts_the_channels_innermost(chans):
+    """Channels-last for one channel too (stride 1 on the channel axis), so oneDNN keeps the
+    blocks' activations channels-last; the values are the real (and imaginary) parts."""
+    from sftkd_fastmri.models.data_consistency import complex_to_channels
+
+    image = torch.randn(2, 5, 7, 2)
+    out = complex_to_channels(image, chans)
+    assert out.shape == (2, chans, 5, 7) and out.stride(1) == 1
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, image.permute(0, 3, 1, 2)[:, :chans])
