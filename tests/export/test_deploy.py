@@ -146,6 +146,29 @@ def test_torchscript_reproduces_eager_output(sources, source, coils, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_the_one_channel_paper_preset_exports_like_the_eager_model(fmt, tmp_path):
+    """The authors' 1-channel real-image DC-CNN (padded blocks, a channels-last real image)."""
+    if fmt == "onnx":
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(module)
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5_paper").eval()
+    out = export_model(model, tmp_path / f"paper.{fmt}", format=fmt, example_shape=SHAPE)
+    inputs = _inputs(batch=2, height=15, width=11, seed=5)
+    if fmt == "torchscript":
+        module, _ = load_torchscript_export(out)
+        with torch.no_grad():
+            got = module(*inputs)
+    else:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        got = torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0])
+    torch.testing.assert_close(got, _eager(model, inputs), atol=1e-4, rtol=1e-4)
+
+
 def test_traced_module_fixed_to_its_size_is_recorded(monkeypatch, tmp_path):
     # Simulate a trace that bakes the size in: the second-size check fails.
     model = create_model("dccnn_d3c5", chans=4, num_cascades=1)
