@@ -63,6 +63,7 @@ from benchmarks.common import (
     default_device,
     interleaved_samples,
     median,
+    optimizer_step,
     peak_rss_mib,
     print_profile,
     round_ratios,
@@ -86,14 +87,7 @@ def _networks(student_preset: str, teacher_preset: str, device: str):
 
 
 def _student_step(student: torch.nn.Module, inputs, target) -> Callable[[], None]:
-    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.l1_loss(student(*inputs), target).backward()
-        opt.step()
-
-    return step
+    return optimizer_step(student, inputs, target, lr=1e-4)
 
 
 def _teacher_forward(teacher: torch.nn.Module, inputs) -> Callable[[], None]:

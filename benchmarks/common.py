@@ -198,13 +198,9 @@ def print_profile(
     return {"total": total / 3e6, "convolution": conv / 3e6}  # microseconds -> s per call
 
 
-def training_step(preset: str, inputs, target, device: str = "cpu") -> Callable[[], None]:
-    """One training step of a fresh model of ``preset`` (seed 0): forward, L1, backward, Adam."""
-    from sftkd_fastmri.models import create_model
-
-    torch.manual_seed(0)
-    model = create_model(preset).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def optimizer_step(model: torch.nn.Module, inputs, target, lr: float = 1e-3) -> Callable[[], None]:
+    """One training step of ``model``: forward, L1 against ``target``, backward, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -212,6 +208,14 @@ def training_step(preset: str, inputs, target, device: str = "cpu") -> Callable[
         opt.step()
 
     return step
+
+
+def training_step(preset: str, inputs, target, device: str = "cpu") -> Callable[[], None]:
+    """One training step of a fresh model of ``preset`` (seed 0): forward, L1, backward, Adam."""
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    return optimizer_step(create_model(preset).to(device).train(), inputs, target)
 
 
 def cascade_step(preset: str, inputs, device: str = "cpu") -> Callable[[], None]:
