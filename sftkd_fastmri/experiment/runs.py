@@ -22,10 +22,12 @@ import json
 import os
 import pickle
 import shutil
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -129,9 +131,37 @@ def _jsonable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(cfg, default=str, sort_keys=True))
 
 
+#: Digests by (path, device, inode, size, modification time): a study compares a stage's
+#: input files with its record more than once (:func:`run_differences`, then
+#: :func:`recorded_weights_changed`, then the run's own record), and a VarNet checkpoint takes
+#: seconds to read and hash.
+_DIGESTS_SEEN: OrderedDict[Tuple[str, int, int, int, int], str] = OrderedDict()
+_DIGESTS_KEPT = 64
+#: Files modified less than this long ago are hashed every time: a rewrite within the file
+#: system's timestamp resolution could keep size and time (git's "racy" files).
+_RACY_SECONDS = 2.0
+
+
 def _sha256(path: os.PathLike) -> str:
     """SHA-256 of a checkpoint's weights (names, dtypes, shapes, values: the same network
-    saved again digests the same), or of the file's bytes for anything else (a mask)."""
+    saved again digests the same), or of the file's bytes for anything else (a mask).
+
+    Remembered for the file as it is (same inode, size and modification time), unless it
+    was modified in the last :data:`_RACY_SECONDS`."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS_SEEN:
+        _DIGESTS_SEEN.move_to_end(key)
+        return _DIGESTS_SEEN[key]
+    value = _hash_file(path)
+    if time.time() - st.st_mtime > _RACY_SECONDS:
+        _DIGESTS_SEEN[key] = value
+        while len(_DIGESTS_SEEN) > _DIGESTS_KEPT:
+            _DIGESTS_SEEN.popitem(last=False)
+    return value
+
+
+def _hash_file(path: os.PathLike) -> str:
     digest = hashlib.sha256()
     try:
         state = read_checkpoint(path).get("state_dict")

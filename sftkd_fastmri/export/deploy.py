@@ -30,31 +30,44 @@ Four formats (:data:`EXPORT_FORMATS`):
 
 Every file is written to a temporary name in the output folder, checked against the eager
 model, then renamed into place, so a failed export leaves no (half-written) file behind.
+
+The ONNX path lives in :mod:`.onnx_export`; the example inputs, the checks against the eager
+model and the atomic write that all formats share in :mod:`.checks`; the fixed input signature
+and its guards in :mod:`.signature`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.util
-import io
 import json
 import os
-import re
-import sys
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._io import make_temp_file
 from ..models import load_model, read_checkpoint
 from ..models.checkpoint import FORMAT_KEY, save_model_checkpoint
+from .checks import (
+    METADATA_NAME,
+    TORCHSCRIPT_ATOL,
+    ExportError,
+    _atomic_output,
+    _check_close,
+    _check_other_mask,
+    _example_inputs,
+    _first_line,
+    _forward,
+    _other_inputs,
+    _quiet,
+)
 from .loading import ROLES, checkpoint_kind, load_reconstruction_model
+from .onnx_export import _export_onnx
 from .signature import (
+    _dim,
+    _dynamic_shapes,
     _guarded,
     _input_names,
     _MultiCoilGuard,
@@ -88,20 +101,6 @@ SUFFIXES: Dict[str, str] = {
 MULTICOIL_EXAMPLE_COILS = 4
 #: Example (H, W) for tracing when neither the caller nor the checkpoint gives one.
 DEFAULT_EXAMPLE_SHAPE: Tuple[int, int] = (320, 320)
-#: Name of the JSON metadata stored in TorchScript ``_extra_files``, ``torch.export``'s
-#: ``extra_files`` and ONNX metadata_props.
-METADATA_NAME = "sftkd_fastmri.json"
-#: TorchScript and torch.export programs run the eager model's kernels: any difference is a bug.
-TORCHSCRIPT_ATOL = 1e-5
-#: ONNX Runtime computes the FFTs with its own DFT kernels: allow float32 rounding, relative
-#: to the output's magnitude.
-ONNX_RTOL = 1e-4
-
-_FFT_HINTS = ("fft", "dft", "complex")
-
-
-class ExportError(RuntimeError):
-    """An export that could not be written or did not reproduce the eager model."""
 
 
 # -- roles and paths ----------------------------------------------------------------------
@@ -351,56 +350,6 @@ def _export_state_dict(
             raise ExportError(f"{out}: the written checkpoint does not rebuild the same weights")
 
 
-# -- example inputs -----------------------------------------------------------------------
-def _example_inputs(
-    shape: Tuple[int, int], coils: int, batch: int = 1, seed: int = 0
-) -> Tuple[Tensor, ...]:
-    """Random under-sampled k-space, a column mask and normalised sensitivity maps."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w = shape
-    mask = torch.rand(batch, 1, 1, w, 1, generator=gen) < 0.5
-    mask[..., w // 2, :] = True  # a sampled centre line, as in every fastMRI mask
-    kspace = torch.randn(batch, coils, h, w, 2, generator=gen) * mask
-    if coils == 1:
-        return kspace, mask
-    sens = torch.randn(batch, coils, h, w, 2, generator=gen)
-    sens = sens / sens.pow(2).sum(dim=(1, 4), keepdim=True).sqrt()
-    return kspace, mask, sens
-
-
-def _other_inputs(shape: Tuple[int, int], coils: int) -> Tuple[Tensor, ...]:
-    """Inputs differing in every dimension: batch, coils (multi-coil) and the parity of H, W
-    (fftshift and ifftshift roll by different amounts on odd sizes)."""
-    other_shape = (shape[0] + 1, shape[1] + 1)
-    return _example_inputs(other_shape, coils + 1 if coils > 1 else 1, batch=2, seed=1)
-
-
-def _other_mask_inputs(shape: Tuple[int, int], coils: int) -> Tuple[Tensor, ...]:
-    """Inputs of the example's size with another sampling pattern: a wider fully sampled
-    centre and other columns (a network that reads the mask data-dependently, as fastMRI's
-    VarNet finds its sampled centre, differs here if an export froze those values)."""
-    kspace, mask, *sens = _example_inputs(shape, coils, seed=2)
-    width = shape[1]
-    mask = mask.clone()
-    mask[..., max(0, width // 2 - 3) : width // 2 + 3, :] = True
-    return (kspace * mask, mask, *sens)
-
-
-def _check_other_mask(
-    module: Any, wrapper: nn.Module, shape: Tuple[int, int], coils: int, what: str
-) -> None:
-    """Refuse an export that reproduces the model only for the example's sampling mask."""
-    args = _other_mask_inputs(shape, coils)
-    try:
-        _check_close(_forward(module, args), _forward(wrapper, args), TORCHSCRIPT_ATOL, what)
-    except ExportError as err:
-        raise ExportError(
-            f"{err} for another sampling mask at the example size: the network reads the mask "
-            "with data-dependent operations that the export freezes (fastMRI's VarNet finds "
-            "its sampled centre this way). Export format='state_dict' instead"
-        ) from None
-
-
 # -- TorchScript --------------------------------------------------------------------------
 def _script_or_trace(
     wrapper: nn.Module, inputs: Tuple[Tensor, ...]
@@ -529,266 +478,6 @@ def _export_program(
         for args, want in checks:
             _check_close(_forward(loaded, args), want, TORCHSCRIPT_ATOL, "torch.export program")
         _check_other_mask(loaded, wrapper, shape, coils, "torch.export program")
-
-
-# -- ONNX ---------------------------------------------------------------------------------
-def _have(*modules: str) -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in modules)
-
-
-def _export_onnx(
-    model: nn.Module,
-    out: Path,
-    meta: Dict[str, Any],
-    shape: Tuple[int, int],
-    coils: int,
-    opset: Optional[int],
-) -> None:
-    wrapper = _wrap(model, coils)
-    names = _input_names(coils)
-    # Batch 2: torch.export specialises every dimension whose example size is 1.
-    inputs = _example_inputs(shape, coils, batch=2)
-    meta = {**meta, "format": "onnx", **_signature(coils), "example_shape": list(shape)}
-    dynamo = _have("onnx", "onnxscript")
-    program = None
-    if dynamo:  # the long part, before any file exists
-        try:
-            with _quiet():
-                program = _onnx_dynamo(wrapper, inputs, names, opset)
-        except Exception as err:
-            raise _onnx_failure(err, dynamo, opset) from err
-    with _atomic_output(out) as tmp:
-        if not dynamo:  # the legacy exporter writes the file itself
-            try:
-                with _quiet():
-                    _onnx_legacy(wrapper, inputs, names, opset, tmp)
-            except Exception as err:
-                raise _onnx_failure(err, dynamo, opset) from err
-        if program is not None:
-            graph_inputs = program.model.graph.inputs
-            meta["input_shapes"] = [[_dim(d) for d in v.shape] for v in graph_inputs]
-            meta["dynamic_shapes"] = not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4])
-            program.model.metadata_props[METADATA_NAME] = json.dumps(meta)
-            with _quiet():
-                program.save(str(tmp), external_data=False)  # one file: DC-CNNs are small
-        _verify_onnx(tmp, wrapper, inputs, _other_inputs(shape, coils), shape, coils)
-
-
-def _onnx_dynamo(
-    wrapper: nn.Module, inputs: Tuple[Tensor, ...], names: List[str], opset: Optional[int]
-) -> Any:
-    return torch.onnx.export(
-        wrapper,
-        inputs,
-        dynamo=True,
-        dynamic_shapes=_dynamic_shapes(names),
-        input_names=names,
-        output_names=["image"],
-        opset_version=opset,
-        verbose=False,
-    )
-
-
-def _dynamic_shapes(names: List[str]) -> Dict[str, Dict[int, Any]]:
-    """``torch.export`` dims of the inputs: batch, H, W and (multi-coil) coils symbolic."""
-    from torch.export import Dim
-
-    auto = Dim.AUTO  # dynamic where the model allows it, static where it does not
-    kspace = {0: auto, 2: auto, 3: auto}
-    if "sens_maps" in names:
-        kspace[1] = auto  # any number of coils; single-coil exports keep exactly one
-    dims = {"masked_kspace": kspace, "mask": {0: auto, 3: auto}, "sens_maps": kspace}
-    return {name: dims[name] for name in names}
-
-
-def _onnx_legacy(
-    wrapper: nn.Module,
-    inputs: Tuple[Tensor, ...],
-    names: List[str],
-    opset: Optional[int],
-    tmp: Path,
-) -> None:
-    axes = {"masked_kspace": {0: "batch", 2: "height", 3: "width"}}
-    if "sens_maps" in names:
-        axes["masked_kspace"][1] = "coils"
-    axes["mask"] = {0: "batch", 3: "width"}
-    axes["sens_maps"] = axes["masked_kspace"]
-    torch.onnx.export(
-        wrapper,
-        inputs,
-        str(tmp),
-        dynamo=False,
-        input_names=names,
-        output_names=["image"],
-        dynamic_axes={name: axes[name] for name in names},
-        opset_version=opset or 17,  # DFT needs opset >= 17
-    )
-
-
-def _dim(d: Any) -> Union[int, str]:
-    return d if isinstance(d, int) else str(d)
-
-
-def _onnx_failure(err: BaseException, dynamo: bool, opset: Optional[int]) -> ExportError:
-    """A clear error for a failed ONNX export, naming the operator when the error does."""
-    text = _error_text(err)
-    op = _unsupported_op(text)
-    suggestion = (
-        "Use format='torchscript' (sftkd-fastmri export CKPT --format torchscript) to deploy "
-        "the network with its FFTs."
-    )
-    if not dynamo:
-        return ExportError(
-            "ONNX export failed: ONNX has no complex tensors, and torch's TorchScript-based "
-            "ONNX exporter cannot translate the complex FFT operators that the "
-            f"data-consistency layers need (fastmri.fft2c / ifft2c; unsupported: {op or '?'}). "
-            "The dynamo-based exporter maps them onto ONNX's DFT operator but needs packages "
-            "that are not installed: pip install onnx onnxscript (and onnxruntime to check "
-            f"the file). {suggestion}"
-        )
-    if any(hint in text.lower() for hint in _FFT_HINTS):
-        low_opset = f" (opset {opset} < 17 has no DFT operator)" if opset and opset < 17 else ""
-        return ExportError(
-            "ONNX export failed: ONNX lacks support for the complex FFT operators that the "
-            f"data-consistency layers need{low_opset}; unsupported: {op or _first_line(err)}. "
-            + suggestion
-        )
-    return ExportError(f"ONNX export failed: {op or _first_line(err)}. {suggestion}")
-
-
-def _verify_onnx(
-    path: Path,
-    wrapper: nn.Module,
-    inputs: Tuple[Tensor, ...],
-    other: Tuple[Tensor, ...],
-    shape: Tuple[int, int],
-    coils: int,
-) -> None:
-    """Compare ONNX Runtime with the eager model, at the example size (two sampling masks)
-    and, where the graph's spatial dimensions are symbolic, at a second size."""
-    if not _have("onnxruntime"):
-        warnings.warn(
-            "onnxruntime is not installed: the ONNX file was not checked against the eager "
-            "model (pip install onnxruntime)",
-            stacklevel=4,
-        )
-        return
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    graph_inputs = session.get_inputs()
-    checks = [inputs, _other_mask_inputs(shape, coils)]
-    if not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4]):
-        checks.append(other)
-    for args in checks:
-        feed = {meta.name: arg.numpy() for meta, arg in zip(graph_inputs, args)}
-        try:
-            got = torch.from_numpy(session.run(None, feed)[0])
-        except Exception as err:
-            raise ExportError(f"ONNX Runtime cannot run the export: {_first_line(err)}") from err
-        expected = _forward(wrapper, args)
-        atol = ONNX_RTOL * max(1.0, float(expected.abs().max()))
-        _check_close(got, expected, atol, "ONNX (onnxruntime)")
-
-
-# -- helpers ------------------------------------------------------------------------------
-def _forward(module: Any, inputs: Tuple[Tensor, ...]) -> Tensor:
-    with torch.no_grad():
-        return module(*inputs)
-
-
-def _check_close(got: Tensor, expected: Tensor, atol: float, what: str) -> None:
-    if got.shape != expected.shape:
-        raise ExportError(
-            f"{what} output has shape {tuple(got.shape)}, eager {tuple(expected.shape)}"
-        )
-    diff = float((got - expected).abs().max()) if got.numel() else 0.0
-    if not diff < atol:  # also catches NaN
-        raise ExportError(
-            f"{what} output differs from the eager model: max |diff| = {diff:.3g} >= {atol:g}"
-        )
-
-
-@contextlib.contextmanager
-def _atomic_output(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out``, renamed onto it only if the block succeeds."""
-    # Readable as a plain open() would leave it, so a deployment service running as another
-    # user can read it.
-    tmp = make_temp_file(out)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, logs and warnings, Python- and C++-side.
-
-    The legacy ONNX exporter dumps the whole TorchScript graph to the process's standard
-    output when it fails (whatever ``verbose`` says), which would bury the error message.
-    Redirecting file descriptors is process-wide, so this only wraps the export calls.
-    """
-    buffer = io.StringIO()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("ignore")
-        for fd in (1, 2):
-            stack.enter_context(_redirect_fd(fd))
-        stack.enter_context(contextlib.redirect_stdout(buffer))
-        stack.enter_context(contextlib.redirect_stderr(buffer))
-        yield
-
-
-@contextlib.contextmanager
-def _redirect_fd(fd: int) -> Iterator[None]:
-    """Point file descriptor ``fd`` at a scratch file for the duration of the block."""
-    try:
-        saved = os.dup(fd)
-    except OSError:  # no such descriptor (e.g. a detached process): nothing to silence
-        yield
-        return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-
-
-def _error_text(err: BaseException) -> str:
-    """The messages of ``err`` and of the exceptions it was raised from."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        parts.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(parts)
-
-
-def _unsupported_op(text: str) -> Optional[str]:
-    """The operator an exporter error names (``aten::view_as_complex``, ``aten._fft_c2c``)."""
-    patterns = (
-        r"operator '([\w.:]+)'",
-        r"\b(aten::\w+)",
-        r"\b(aten\.\w+(?:\.\w+)?)",
-    )
-    for pattern in patterns:
-        match = re.search(pattern, text)
-        if match:
-            return match.group(1)
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _same_file(a: Path, b: Path) -> bool:

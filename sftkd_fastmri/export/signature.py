@@ -6,7 +6,7 @@ input layout recorded in every export's metadata (:mod:`.deploy`)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -120,3 +120,19 @@ def _signature(coils: int) -> Dict[str, Any]:
     names = _input_names(coils)
     layout = {name: INPUT_LAYOUT[name] for name in names + ["output"]}
     return {"inputs": names, "layout": layout, "coils": coils}
+
+
+def _dynamic_shapes(names: List[str]) -> Dict[str, Dict[int, Any]]:
+    """``torch.export`` dims of the inputs: batch, H, W and (multi-coil) coils symbolic."""
+    from torch.export import Dim
+
+    auto = Dim.AUTO  # dynamic where the model allows it, static where it does not
+    kspace = {0: auto, 2: auto, 3: auto}
+    if "sens_maps" in names:
+        kspace[1] = auto  # any number of coils; single-coil exports keep exactly one
+    dims = {"masked_kspace": kspace, "mask": {0: auto, 3: auto}, "sens_maps": kspace}
+    return {name: dims[name] for name in names}
+
+
+def _dim(d: Any) -> Union[int, str]:
+    return d if isinstance(d, int) else str(d)

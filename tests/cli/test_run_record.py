@@ -1,6 +1,7 @@
 """run_config.json: the files a run starts from are compared by content, not by path."""
 
 import json
+import os
 import shutil
 import warnings
 
@@ -113,6 +114,31 @@ def test_a_checkpoint_saved_again_digests_the_same(tmp_path):
     with torch.no_grad():
         net.cascades[0].cnn.conv0.bias.add_(1e-3)
     assert _sha256(save_model_checkpoint(net, tmp_path / "c.pt")) != _sha256(a)
+
+
+def test_digests_are_remembered_only_for_the_file_as_it_is(tmp_path, monkeypatch):
+    """A study digests each input file several times; a file older than the racy window is
+    hashed once, and rewriting it (new bytes, even of the same size) is hashed again."""
+    from sftkd_fastmri.experiment import runs
+
+    hashed = []
+    real = runs._hash_file
+    monkeypatch.setattr(runs, "_hash_file", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(runs, "_DIGESTS_SEEN", type(runs._DIGESTS_SEEN)())
+    mask = tmp_path / "mask.npy"
+    mask.write_bytes(b"0" * 64)
+    old = os.stat(mask).st_mtime - 60
+    os.utime(mask, (old, old))
+    first = runs._sha256(mask)
+    assert runs._sha256(mask) == first and len(hashed) == 1
+    mask.write_bytes(b"1" * 64)  # same size, new modification time
+    os.utime(mask, (old + 1, old + 1))
+    assert runs._sha256(mask) != first and len(hashed) == 2
+    fresh = tmp_path / "fresh.npy"
+    fresh.write_bytes(b"2" * 64)  # just written: within the racy window, never remembered
+    runs._sha256(fresh)
+    runs._sha256(fresh)
+    assert len(hashed) == 4
 
 
 def test_last_checkpoint_follows_every_epoch_even_when_validation_gets_worse(tmp_path):

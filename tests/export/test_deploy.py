@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftkd_fastmri.cli.main import main
-from sftkd_fastmri.export import EXPORT_FORMATS, deploy, export_model
+from sftkd_fastmri.export import EXPORT_FORMATS, deploy, export_model, onnx_export
 from sftkd_fastmri.export.deploy import (
     ExportError,
     default_export_path,
@@ -298,7 +298,7 @@ def test_onnx_without_its_packages_explains_what_to_install(sources, monkeypatch
     """Without onnx/onnxscript only the TorchScript-based exporter is there, which cannot
     translate the complex FFTs: the error says so, and nothing is written."""
     ckpt, role, _, _ = sources["sft-student"]
-    monkeypatch.setattr(deploy, "_have", lambda *modules: False)
+    monkeypatch.setattr(onnx_export, "_have", lambda *modules: False)
     out = tmp_path / "net.onnx"
     with pytest.raises(ExportError) as err:
         export_model(ckpt, out, format="onnx", role=role, example_shape=SHAPE)
