@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..models.registry import OptionError
 from .hooks import FeatureCapture, find_module
-from .losses import KDLoss, TeacherSummary
+from .base import KDLoss, TeacherSummary
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Type, TypeVar
 from ..models.registry import OptionError
 
 if TYPE_CHECKING:
-    from .losses import KDLoss
+    from .base import KDLoss
 
 __all__ = ["available_losses", "create_loss", "loss_class", "register_loss"]
 
