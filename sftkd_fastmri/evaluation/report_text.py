@@ -9,7 +9,8 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .report import MEASUREMENT_NOTES, MIN_SEEDS, ModelSummary, Report
+from .caveats import MIN_SEEDS
+from .report import MEASUREMENT_NOTES, ModelSummary, Report
 
 _NA = "-"
 

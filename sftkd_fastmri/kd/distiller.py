@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.registry import OptionError
-from .hooks import FeatureCapture, find_module
 from .base import KDLoss, TeacherSummary
+from .hooks import FeatureCapture, find_module
 from .pairings import Pairing, layer_channels, resolve_pairings
 from .registry import available_losses, create_loss
 
