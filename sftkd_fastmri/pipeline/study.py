@@ -52,16 +52,8 @@ from ..experiment import (
     run_train,
 )
 from ..experiment.builders import batch_limit
-from ..experiment.runs import (
-    DONE_FILE,
-    RUN_CONFIG_FILE,
-    _inside,
-    _trained_epochs,
-    in_study,
-    last_checkpoint,
-    recorded_weights_changed,
-    run_differences,
-)
+from ..experiment.run_record import RUN_CONFIG_FILE, recorded_weights_changed, run_differences
+from ..experiment.runs import DONE_FILE, _inside, _trained_epochs, in_study, last_checkpoint
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model

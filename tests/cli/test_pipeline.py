@@ -151,7 +151,7 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(
     assert StageResult.load(moved / "seed_0" / "kd_std_at").epochs == 2
     log = (moved / "stages.log").read_text()
     assert "[more] teacher: trained 1 of the 2 epochs" in log and log.count("[redo]") == 2
-    from sftkd_fastmri.experiment.runs import _sha256
+    from sftkd_fastmri.experiment.run_record import _sha256
 
     # a record whose digest is of an earlier kind cannot tell a changed teacher from an
     # unchanged one: refused, never retrained (its outputs stay)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from sftkd_fastmri.experiment.runs import RUN_CONFIG_FILE, check_run_settings, run_record
+from sftkd_fastmri.experiment.run_record import RUN_CONFIG_FILE, check_run_settings, run_record
 
 
 def _start(run, cfg):
@@ -102,7 +102,7 @@ def test_run_checkpoint_reads_the_state_plain_lightning_wrote():
 
 
 def test_a_checkpoint_saved_again_digests_the_same(tmp_path):
-    from sftkd_fastmri.experiment.runs import _sha256
+    from sftkd_fastmri.experiment.run_record import _sha256
     from sftkd_fastmri.models import create_model, save_model_checkpoint
 
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_a_checkpoint_saved_again_digests_the_same(tmp_path):
 def test_digests_are_remembered_only_for_the_file_as_it_is(tmp_path, monkeypatch):
     """A study digests each input file several times; a file older than the racy window is
     hashed once, and rewriting it (new bytes, even of the same size) is hashed again."""
-    from sftkd_fastmri.experiment import runs
+    from sftkd_fastmri.experiment import run_record as runs
 
     hashed = []
     real = runs._hash_file
