@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from fastmri.evaluate import psnr as fastmri_psnr
 
 from .._io import make_temp_file
 
@@ -56,12 +57,13 @@ def _save(fig, out_path: PathLike, dpi: int) -> Path:
 
 # -- the reconstruction panel --------------------------------------------------------------
 def slice_psnr(target: np.ndarray, image: np.ndarray, data_range: Optional[float] = None) -> float:
-    """PSNR (dB) of one slice, ``data_range`` defaulting to ``target.max()`` (fastMRI style)."""
+    """PSNR (dB) of one slice: :func:`fastmri.evaluate.psnr`, ``data_range`` defaulting to
+    ``target.max()``; ``inf`` for an exact reconstruction."""
     target = np.asarray(target, dtype=np.float64)
     image = np.asarray(image, dtype=np.float64)
-    data_range = float(target.max()) if data_range is None else float(data_range)
-    mse = float(np.mean((target - image) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    if np.array_equal(target, image):
+        return math.inf  # skimage would divide by zero
+    return float(fastmri_psnr(target, image, None if data_range is None else float(data_range)))
 
 
 def auto_zoom_box(target: np.ndarray, fraction: float = 0.25) -> ZoomBox:
