@@ -91,6 +91,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .._ddp import allow_unused_parameters
 from ..kd.distiller import Distiller, check_loss_weights
 from ..kd.pairings import check_pairing
 from ..kd.registry import loss_class
@@ -322,18 +323,12 @@ class DistillationCallback(Callback):
         the distilled features while distilling; the KD parameters while fine-tuning), which
         DDP rejects unless it looks for unused parameters: turn that on before DDP wraps the
         module (``setup`` runs before the strategy does)."""
-        what = (
+        allow_unused_parameters(
+            trainer,
             f"DistillationCallback(schedule={self.schedule!r}, kd_epochs={self.kd_epochs}) "
             "under DDP: some parameters get no gradient in one of the stages (student layers "
-            "after the distilled features in two-stage KD, the KD parameters after kd_epochs)"
+            "after the distilled features in two-stage KD, the KD parameters after kd_epochs)",
         )
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-        if isinstance(ddp_kwargs, dict):
-            if not ddp_kwargs.get("find_unused_parameters", False):
-                ddp_kwargs["find_unused_parameters"] = True
-                rank_zero_info(f"{what}; enabled DDP's find_unused_parameters")
-        else:
-            rank_zero_warn(f"{what}; use strategy='ddp_find_unused_parameters_true'")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.distiller is not None

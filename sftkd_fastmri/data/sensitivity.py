@@ -31,6 +31,9 @@ def estimate_sensitivity_maps(
 
     Returns:
         ``(coils, H, W, 2)`` maps with ``sum_c |S_c|^2 = 1`` where there is signal.
+
+    Raises:
+        ValueError: the mask samples none of the centre columns.
     """
     num_cols = masked_kspace.shape[-2]
     num_low = int(num_low_frequencies)
@@ -42,6 +45,12 @@ def estimate_sensitivity_maps(
     columns = torch.arange(start, start + num_low, device=masked_kspace.device)
     sampled = mask.reshape(-1).to(torch.bool)[columns]
     columns = columns[sampled]  # ACS columns the mask really acquired
+    if columns.numel() == 0:
+        raise ValueError(
+            f"the mask samples none of the {num_low} centre columns "
+            f"{start}..{start + num_low - 1} of {num_cols}: coil sensitivities are estimated "
+            "from a sampled centre (ACS), so multi-coil data need a mask with one"
+        )
     k = torch.view_as_complex(masked_kspace.contiguous())
     coil_images = ifft2c_columns(k, columns)  # low-resolution coil images (coils, H, W)
     rss = fastmri.rss_complex(torch.view_as_real(coil_images), dim=0)

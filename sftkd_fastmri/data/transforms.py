@@ -283,7 +283,10 @@ class DCCNNDataTransform:
         acquired = torch.nonzero(mask_t.reshape(-1)).reshape(-1)
         coil_images = ifft2c_columns(torch.view_as_complex(masked.contiguous()), acquired)
         if coils > 1:
-            sens_maps = estimate_sensitivity_maps(masked, mask_t, num_low)
+            try:
+                sens_maps = estimate_sensitivity_maps(masked, mask_t, num_low)
+            except ValueError as err:  # no sampled centre column
+                raise DataError(f"{where}: {err}") from None
             # SENSE coil combination (sens_reduce) in native complex arithmetic: one pass
             # instead of fastmri.complex_mul's separate real and imaginary products
             combined = (coil_images * torch.view_as_complex(sens_maps).conj()).sum(0)

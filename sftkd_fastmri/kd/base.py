@@ -195,7 +195,13 @@ class KDLoss(nn.Module):
                     "expected 4-D (B, C, H, W) student and teacher features, got student "
                     f"{tuple(s.shape)} and teacher {tuple(t.shape)}",
                 )
-            if s.dim() == 0 or t.dim() == 0 or s.shape[0] != t.shape[0]:
+            if s.dim() == 0 or t.dim() == 0:
+                raise self._error(
+                    k,
+                    "expected features with a batch axis, got student "
+                    f"{tuple(s.shape)} and teacher {tuple(t.shape)} (0-d tensors)",
+                )
+            if s.shape[0] != t.shape[0]:
                 raise self._error(
                     k,
                     "expected the same batch size for student and teacher, got student "

@@ -26,8 +26,10 @@ differentiates with respect to a tapped feature itself (``torch.autograd.grad(lo
 of the same graph): capture features without ``defer_gradients`` for that.
 
 Used by :class:`~sftkd_fastmri.kd.distiller.Distiller` (``defer_gradients=True``) for the
-student layers of AT (``p = 2``) and FSP; the losses fall back to the plain computation for
-untapped tensors, other dtypes than float32/float64, or FSP pairs of different spatial sizes.
+student layers of AT (``p = 2``) and FSP whose modules promise that nothing after them
+modifies their output in place (:data:`KEEPS_OUTPUT`: a DC-CNN block's ReLUs and
+convolutions); the losses fall back to the plain computation for untapped tensors, other dtypes
+than float32/float64, or FSP pairs of different spatial sizes.
 """
 
 from __future__ import annotations
@@ -37,9 +39,15 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DeferredGradient", "deferred_slot", "tap_feature"]
+__all__ = ["KEEPS_OUTPUT", "DeferredGradient", "deferred_slot", "tap_feature"]
 
 _ATTRIBUTE = "_sftkd_deferred_gradient"
+#: Attribute (on a module class or instance) promising that no layer after the module modifies
+#: its output in place. Only such modules are tapped: a tap's output is a view made inside a
+#: custom autograd function, which PyTorch refuses to let a consumer overwrite (e.g. the
+#: ``LeakyReLU(inplace=True)`` after every normalisation of fastMRI's U-Net); the outputs of
+#: other modules take the plain loss computation.
+KEEPS_OUTPUT = "kd_output_kept"
 _DTYPES = (torch.float32, torch.float64)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..models.dccnn import output_only_hook
-from .deferred import tap_feature
+from .deferred import KEEPS_OUTPUT, tap_feature
 
 __all__ = ["FeatureCapture", "ForwardCall", "find_module"]
 
@@ -115,6 +115,8 @@ class FeatureCapture:
         tap: Layers whose outputs are replaced by :func:`~sftkd_fastmri.kd.deferred.tap_feature`
             of them (the same values; the model's later layers receive the tapped tensor), so
             that losses can defer their gradients on them (see :mod:`sftkd_fastmri.kd.deferred`).
+            Only modules marked :data:`~sftkd_fastmri.kd.deferred.KEEPS_OUTPUT` are tapped;
+            the others' outputs are passed on as they are.
 
     Raises:
         KeyError: If a layer name does not exist in ``model`` (listing similar names).
@@ -157,15 +159,16 @@ class FeatureCapture:
         self._handles: List[RemovableHandle] = []
         for name, module in modules.items():
             # The hook reads only the output, so a DC-CNN block's ReLU may still run in place.
-            hook = output_only_hook(self._output_hook(name))
+            hook = output_only_hook(self._output_hook(name, module))
             self._handles.append(module.register_forward_hook(hook))
         if record_calls:
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._call_hook))
 
     # -- hooks ------------------------------------------------------------------------------
-    def _output_hook(self, name: str):
-        tapped = name in self._tap
+    def _output_hook(self, name: str, module: nn.Module):
+        # A module whose later layers may overwrite its output in place is not tapped.
+        tapped = name in self._tap and getattr(module, KEEPS_OUTPUT, False)
 
         def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
             if self.enabled:

@@ -77,8 +77,8 @@ class AttentionTransfer(KDLoss):
 
     def __init__(self, p: float = 2.0, normalize: str = "sample", squared: bool = False) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-            raise ValueError(f"AttentionTransfer: p must be positive (a number), got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:
+            raise ValueError(f"AttentionTransfer: p must be a positive finite number, got {p!r}")
         if normalize not in ("sample", "batch"):
             raise ValueError(
                 f"AttentionTransfer: normalize must be 'sample' or 'batch', got {normalize!r}"
@@ -427,8 +427,14 @@ class CorrelationCongruence(_SampleRelationLoss):
 
     def __init__(self, gamma: float = 0.4, order: int = 2, pool: bool = False) -> None:
         super().__init__()
-        if not gamma > 0:
-            raise ValueError(f"CorrelationCongruence: gamma must be positive, got {gamma}")
+        if (
+            isinstance(gamma, bool)
+            or not isinstance(gamma, (int, float))
+            or not 0 < gamma < math.inf
+        ):
+            raise ValueError(
+                f"CorrelationCongruence: gamma must be a positive finite number, got {gamma!r}"
+            )
         if isinstance(order, bool) or not isinstance(order, int) or order < 0:
             raise ValueError(
                 f"CorrelationCongruence: order must be a non-negative integer, got {order!r}"
@@ -480,8 +486,8 @@ class OutputImitation(KDLoss):
     MIDL 2020).
 
     Loss: mean absolute error between student and teacher outputs, averaged over pairs. Any
-    tensor shape is accepted (e.g. ``(B, H, W)`` magnitude images or ``(B, C, H, W)``) as long
-    as student and teacher shapes match within a pair.
+    tensor shape with a leading batch axis is accepted (e.g. ``(B, H, W)`` magnitude images or
+    ``(B, C, H, W)``) as long as student and teacher shapes match within a pair.
     """
 
     requires_4d = False

@@ -114,6 +114,12 @@ def load_state_dict_strict(
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{source}: expected a state dict, got {type(state_dict).__name__}")
+    not_names = sorted(repr(k) for k in state_dict if not isinstance(k, str))
+    if not_names:
+        raise CheckpointError(
+            f"{source}: state-dict keys must be parameter names (str); not names: "
+            f"{_short(not_names)}"
+        )
     not_tensors = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, Tensor))
     if not_tensors:
         raise CheckpointError(
@@ -298,6 +304,11 @@ def load_model(
         meta = ckpt[FORMAT_KEY]
         if not isinstance(meta, Mapping):
             raise CheckpointError(f"{path}: '{FORMAT_KEY}' entry is not a mapping: {meta!r}")
+        if "state_dict" not in ckpt:
+            raise CheckpointError(
+                f"{path}: a model export (its '{FORMAT_KEY}' entry) without the 'state_dict' "
+                "entry that holds its weights"
+            )
         preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
         _check_sft_export_role(path, meta, role)
     elif kind == "lightning":

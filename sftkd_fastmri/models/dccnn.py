@@ -64,6 +64,8 @@ class BlockReLU(nn.ReLU):
     """
 
     fresh_output_gradient = True
+    #: Its output is read, never overwritten (:data:`sftkd_fastmri.kd.deferred.KEEPS_OUTPUT`).
+    kd_output_kept = True
 
     def forward(self, input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002
         return F.relu(input, inplace=inplace or self.inplace)
@@ -86,7 +88,12 @@ class ConvBlock(nn.Module):
         self.depth = depth
         widths = [in_chans] + [chans] * (depth - 1) + [in_chans]
         for j in range(depth):
-            self.add_module(f"conv{j}", BlockConv2d(widths[j], widths[j + 1], 3, padding=1))
+            conv = BlockConv2d(widths[j], widths[j + 1], 3, padding=1)
+            # Nothing overwrites an observed convolution's output (its ReLU then runs out of
+            # place, see forward) nor a ReLU's (the next convolution reads it): KD gradient
+            # taps may pass a view of either on.
+            conv.kd_output_kept = True
+            self.add_module(f"conv{j}", conv)
             if j < depth - 1:
                 self.add_module(f"relu{j}", BlockReLU())
 
@@ -298,6 +305,30 @@ class DCCNN(nn.Module):
         return f"D{c['depth']}C{c['num_cascades']}, chans={c['chans']}, in_chans={c['in_chans']}"
 
 
+def _check_mask(mask: Tensor, masked_kspace: Tensor) -> None:
+    """The mask must broadcast to the k-space without enlarging it, and be the same for every
+    coil: a 4-D batch of masks ``(B, 1, W, 1)`` (fastMRI's single-coil masks, collated) would
+    otherwise be read with its batch axis on the coil axis."""
+    expected = "expected (B, 1, 1, W, 1), (1, 1, 1, W, 1) or (B, 1, H, W, 1)"
+    try:
+        shape = torch.broadcast_shapes(mask.shape, masked_kspace.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to k-space "
+            f"{tuple(masked_kspace.shape)}; {expected}"
+        ) from err
+    padded = (1,) * (5 - mask.dim()) + tuple(mask.shape)
+    if shape != masked_kspace.shape or mask.dim() > 5 or padded[1] != 1:
+        hint = ""
+        if mask.dim() == 4 and mask.shape[0] == masked_kspace.shape[0] and mask.shape[0] > 1:
+            hint = " (a batch of single-coil fastMRI masks: add the coil axis, mask.unsqueeze(1))"
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit k-space "
+            f"{tuple(masked_kspace.shape)}: it must broadcast to it without enlarging it and "
+            f"hold one mask for all coils; {expected}{hint}"
+        )
+
+
 def check_inputs(
     masked_kspace: Tensor,
     mask: Tensor,
@@ -319,13 +350,7 @@ def check_inputs(
             "masked_kspace must be (B, coils, H, W, 2) (coils = 1 for single-coil), "
             f"got {tuple(masked_kspace.shape)}"
         )
-    try:
-        torch.broadcast_shapes(mask.shape, masked_kspace.shape)
-    except RuntimeError as err:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to k-space "
-            f"{tuple(masked_kspace.shape)}; expected e.g. (B, 1, 1, W, 1)"
-        ) from err
+    _check_mask(mask, masked_kspace)
     if sens_maps is not None and sens_maps.shape != masked_kspace.shape:
         raise ValueError(
             f"sens_maps {tuple(sens_maps.shape)} must match k-space {tuple(masked_kspace.shape)}"

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 import pytorch_lightning as pl
 from torch import Tensor, nn
 
+from .._ddp import allow_unused_parameters
 from ..models import build_model, create_model, init_from_checkpoint
 from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
 from .recon_module import ReconModule, crop_to_target, model_inputs
@@ -160,7 +161,8 @@ class SFTModule(ReconModule):
         init_teacher: Optional[PathLike] = None,
         init_student: Optional[PathLike] = None,
     ):
-        distance = _DISTANCE_ALIASES.get(loss, loss)
+        name = loss.lower() if isinstance(loss, str) else loss  # as create_loss reads names
+        distance = _DISTANCE_ALIASES.get(name, name)
         if distance not in SFT_LOSSES:
             # SSIM-type losses have no per-branch form in SFTLoss; failing here beats a
             # validation_loss measured with another distance than the one trained.
@@ -240,6 +242,20 @@ class SFTModule(ReconModule):
             self._frozen_for_fit = [p for p in self.unused_parameters() if p.requires_grad]
             for param in self._frozen_for_fit:
                 param.requires_grad_(False)
+        given_maps = [
+            role
+            for role, net in (("teacher", self.teacher), ("student", self.student))
+            if getattr(net, "use_given_sens_maps", False)
+        ]
+        trainer = self._trainer
+        if stage == "fit" and given_maps and trainer is not None and trainer.world_size > 1:
+            # Whether the sensitivity networks get a gradient depends on the data: none where
+            # the batches carry sens_maps. Known only per batch, so DDP must look each step.
+            allow_unused_parameters(
+                trainer,
+                f"SFTModule under DDP with use_given_sens_maps=True ({', '.join(given_maps)}): "
+                "the sensitivity networks get no gradient where the batches carry sens_maps",
+            )
 
     def teardown(self, stage: str) -> None:
         """Give the networks back trainable as they came (they may be the caller's own

@@ -154,6 +154,15 @@ class SFTLoss(nn.Module):
         Returns:
             :class:`SFTLossTerms`; back-propagate ``.total``.
         """
+        if isinstance(output, Tensor) or not (
+            isinstance(output, (tuple, list)) and len(output) == 2
+        ):
+            got = f"a tensor {tuple(output.shape)}" if isinstance(output, Tensor) else type(output)
+            raise TypeError(
+                "SFTLoss takes the training-mode output of StudentFriendlyTeacher (the teacher "
+                f"output and the branch outputs), got {got}: in eval mode the wrapper returns "
+                "the teacher's image alone; call it after .train()"
+            )
         teacher, branches = output
         branches = list(branches)
         if not branches:

@@ -85,11 +85,11 @@ class StudentFriendlyTeacher(nn.Module):
     (fewer, larger kernel launches; the same arithmetic, up to floating-point reassociation in
     the convolutions, at the price of repeating the k-space, mask and sensitivity maps per
     active branch). Measured with ``benchmarks/bench_sft.py`` (D5C5 / D3C5, 320 x 320, batch
-    4), the SFT step costs 2.03 teacher steps batched against 2.23 unbatched on an H200 GPU,
-    but 2.94 against 2.60 on a 2-core CPU with glibc's default allocator. With freed memory
-    kept in the process (:func:`sftkd_fastmri.retain_freed_memory`, the CLI's default without
-    a GPU) the two are within the CPU's run-to-run noise (batched 1.69-2.13, unbatched
-    1.74-2.07 over eight days). The default ``batch_branches=None`` therefore batches on CUDA inputs only, and
+    4; every run in ``docs/benchmarks.md``), the SFT step costs 2.01-2.03 teacher steps
+    batched against 2.25 unbatched on an H200 GPU. On a 2-core CPU, with freed memory kept in
+    the process (:func:`sftkd_fastmri.retain_freed_memory`, the CLI's default without a GPU),
+    the two are within the run-to-run noise (batched 1.69-2.13, unbatched 1.74-2.00 over nine
+    days). The default ``batch_branches=None`` therefore batches on CUDA inputs only, and
     never for a student with batch normalisation (it would mix the branches' statistics);
     ``True`` or ``False`` forces the choice.
 

@@ -165,6 +165,13 @@ def test_bad_slices_raise_clear_errors():
         DCCNNDataTransform(None)(kspace, np.zeros(10), None, attrs, "f.h5", 0)
     with pytest.raises(DataError, match=r"target slice must be a real \(H, W\) image"):
         t(kspace, None, target[0], attrs, "f.h5", 0)
+    # a stored multi-coil mask without a sampled centre: the maps would be zero, and the error
+    # blamed the k-space
+    multi, _, wide = _slice(coils=3, w=32)
+    edges = np.zeros(32)
+    edges[:4] = edges[-4:] = 1
+    with pytest.raises(DataError, match="f.h5 slice 0: the mask samples none of the 8 centre"):
+        DCCNNDataTransform(None)(multi * edges, edges, None, wide, "f.h5", 0)
 
 
 def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():

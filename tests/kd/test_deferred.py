@@ -201,3 +201,51 @@ def test_taps_without_an_owned_gradient_never_write_into_it(owned):
         assert not torch.allclose(w.grad, untouched)
     else:
         torch.testing.assert_close(w.grad, untouched, rtol=0, atol=0)
+
+
+class _InPlaceNet(torch.nn.Module):
+    """conv -> ReLU(inplace=True) -> conv, as in fastMRI's U-Net (LeakyReLU(inplace=True))."""
+
+    def __init__(self, chans: int):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(1, chans, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.conv1 = torch.nn.Conv2d(chans, 1, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv1(self.act(self.conv0(x)))
+
+
+@pytest.mark.parametrize("method", ["at", "fsp"])
+def test_layers_whose_output_is_overwritten_in_place_are_not_tapped(method):
+    """A tap passes on a view made inside an autograd function, which a later in-place layer
+    may not overwrite: only modules that promise to keep their output are tapped, and the
+    others train with the plain gradients."""
+    grads = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        # FSP compares Gram matrices of equal size: equal widths
+        student, teacher = _InPlaceNet(4).double(), _InPlaceNet(6 if method == "at" else 4).double()
+        layers = (
+            [("conv0", "conv0")] if method == "at" else [("conv0", "conv0"), ("conv0", "conv0")]
+        )
+        distiller = Distiller(
+            student, teacher, {method: 1.0}, layers={method: layers}, defer_gradients=defer
+        )
+        x = torch.randn(2, 1, 8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        with distiller, distiller.step():
+            out = student(x)
+            kd = distiller()
+        (kd.total + out.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12)
+
+
+def test_dccnn_block_layers_are_still_tapped():
+    student, teacher = _nets()
+    inputs, _ = _inputs()
+    layers = ["cascades.0.cnn.relu0", "cascades.0.cnn.conv1"]
+    with FeatureCapture(student, layers, tap=layers) as capture:
+        student(*inputs)
+        assert all(deferred_slot(capture[name]) is not None for name in layers)

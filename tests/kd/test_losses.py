@@ -319,17 +319,23 @@ def test_validation_messages_name_loss_pair_and_shapes():
         OutputImitation()([a[:, 0]], [small[:, 0]])
     with pytest.raises(TypeError, match="list or tuple"):
         FSP()(a, a)
+    with pytest.raises(ValueError, match=r"expected features with a batch axis.*\(0-d"):
+        OutputImitation()([torch.tensor(1.0)], [torch.tensor(2.0)])
 
 
 def test_constructor_option_validation():
     with pytest.raises(ValueError, match="normalize"):
         AttentionTransfer(normalize="channel")
-    with pytest.raises(ValueError, match="p must be positive"):
+    with pytest.raises(ValueError, match="p must be a positive finite number"):
         AttentionTransfer(p=0)
-    with pytest.raises(ValueError, match=r"p must be positive \(a number\), got '2'"):
+    with pytest.raises(ValueError, match=r"p must be a positive finite number, got '2'"):
         AttentionTransfer(p="2")  # e.g. from a config read as text
+    with pytest.raises(ValueError, match="p must be a positive finite number, got inf"):
+        AttentionTransfer(p=float("inf"))  # gave a NaN loss
     with pytest.raises(ValueError, match="gamma"):
         CorrelationCongruence(gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma must be a positive finite number, got inf"):
+        CorrelationCongruence(gamma=float("inf"))  # gave a NaN loss
     with pytest.raises(ValueError, match="order"):
         CorrelationCongruence(order=1.5)
 

@@ -107,6 +107,12 @@ def test_malformed_and_diverged_checkpoints_are_refused_by_name(tmp_path):
     number = variant("number.pt", lambda o: o["state_dict"].__setitem__(first, 1.5))
     with pytest.raises(CheckpointError, match=f"must be tensors; not tensors: {first}"):
         load_model(number)
+    no_weights = variant("no_weights.pt", lambda o: o.pop("state_dict"))
+    with pytest.raises(CheckpointError, match="no_weights.pt: a model export .* 'state_dict'"):
+        load_model(no_weights)
+    int_key = variant("int_key.pt", lambda o: o["state_dict"].__setitem__(3, torch.zeros(1)))
+    with pytest.raises(CheckpointError, match="keys must be parameter names .* not names: 3"):
+        load_model(int_key)
     meta = variant("meta.pt", lambda o: o.__setitem__("sftkd_fastmri", "v1"))
     with pytest.raises(CheckpointError, match="meta.pt: 'sftkd_fastmri' entry is not a mapping"):
         load_model(meta)

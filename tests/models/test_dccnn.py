@@ -104,6 +104,26 @@ def test_input_errors_are_clear():
         model(masked, mask[..., :3, :], sens)
 
 
+@pytest.mark.parametrize("height", [8, 7])  # even sizes ran silently, odd ones failed late
+def test_a_batch_of_single_coil_fastmri_masks_is_refused_not_misread(height):
+    """fastMRI's single-coil masks (1, W, 1) collate to (B, 1, W, 1), which broadcasts to
+    (B, 1, H, W, 2) k-space with the batch on the coil axis: every sample would get sample
+    0's mask. It is refused with the fix; the same masks with their coil axis work."""
+    model = create_model("dccnn_d3c5", chans=4, num_cascades=1)
+    batch, width = 3, 8
+    mask = torch.zeros(batch, 1, width, 1, dtype=torch.bool)
+    mask[0, 0, :4], mask[1, 0, 4:], mask[2, 0, ::2] = True, True, True
+    kspace = torch.randn(batch, 1, height, width, 2) * mask.unsqueeze(1)
+    with pytest.raises(ValueError, match=r"mask\.unsqueeze\(1\)"):
+        model(kspace, mask)
+    with pytest.raises(ValueError, match="one mask for all coils"):
+        model(kspace, mask.unsqueeze(1).expand(batch, 2, 1, width, 1))
+    with pytest.raises(ValueError, match="without enlarging"):
+        model(kspace[:1], mask.unsqueeze(1))  # three masks for one sample
+    assert model(kspace, mask.unsqueeze(1)).shape == (batch, height, width)
+    assert model(kspace[:1], mask[0]).shape == (1, height, width)  # one (1, W, 1) mask
+
+
 def _relu_ops(block, x):
     """Names of the ReLU operators a block's forward runs."""
     with torch.profiler.profile() as prof:

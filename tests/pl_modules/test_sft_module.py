@@ -307,6 +307,8 @@ def test_frozen_parameters_are_exactly_those_without_gradient(options):
 def test_loss_choice():
     assert SFTModule(**TINY, loss="l2").sft_loss.distance == "l2"
     assert SFTModule(**TINY, loss="mse").sft_loss.distance == "l2"
+    assert SFTModule(**TINY, loss="L1").sft_loss.distance == "l1"  # as train reads "L1"
+    assert SFTModule(**TINY, loss="MSE").sft_loss.distance == "l2"
     with pytest.raises(ValueError, match="'ssim'"):
         SFTModule(**TINY, loss="ssim")
     with pytest.raises(ValueError, match="imitation_weight"):
@@ -503,3 +505,29 @@ def test_ddp_two_processes_with_the_unused_first_student_cascade(demo_root, tmp_
     s2 = {k: state[f"sft.student.cascades.1.{k}"] for k in s2_before}
     assert all(torch.equal(v, s1_before[k]) for k, v in s1.items())
     assert any(not torch.equal(v, s2_before[k]) for k, v in s2.items())
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_ddp_looks_for_unused_parameters_when_varnets_take_given_maps(given):
+    """With use_given_sens_maps=True the sensitivity networks get no gradient on batches that
+    carry maps (known per batch only): DDP must look for unused parameters, else it fails on
+    the second step. Without it every parameter is reached and DDP keeps its default."""
+    from types import SimpleNamespace
+
+    from fastmri.models import VarNet
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from sftkd_fastmri.models import CascadedVarNet
+
+    def net(chans):
+        varnet = VarNet(num_cascades=2, sens_chans=2, sens_pools=1, chans=chans, pools=1)
+        return CascadedVarNet(varnet, use_given_sens_maps=given)
+
+    module = SFTModule(teacher=net(4), student=net(2))
+    strategy = DDPStrategy()
+    module._trainer = SimpleNamespace(world_size=2, strategy=strategy)
+    module.setup("fit")
+    try:
+        assert strategy._ddp_kwargs.get("find_unused_parameters", False) is given
+    finally:
+        module.teardown("fit")

@@ -138,6 +138,11 @@ def test_invalid_inputs_and_options_raise():
         SFTLoss()(bad, target)
     with pytest.raises(ValueError, match="no student branch"):
         SFTLoss()(SFTOutput(output.teacher, []), target)
+    # the wrapper's eval-mode output (the teacher's image) was unpacked along the batch axis
+    for batch in (2, 3):
+        with pytest.raises(TypeError, match=r"training-mode output .* call it after \.train\(\)"):
+            SFTLoss()(torch.zeros(batch, 12, 10), torch.zeros(batch, 12, 10))
+    assert SFTLoss()(tuple(output), target).total == SFTLoss()(output, target).total
     with pytest.raises(ValueError, match="distance"):
         SFTLoss("ssim")
     with pytest.raises(ValueError, match="branch_reduction"):
