@@ -98,21 +98,23 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
 def cmd_holdout_split(args: argparse.Namespace) -> int:
     from ..data.splits import holdout_split
 
+    select_name = args.select_name or f"{args.source}_select"
     result = holdout_split(
         args.data_path,
         args.challenge,
         source=args.source,
         fraction=args.fraction,
         seed=args.seed,
-        select_name=args.select_name,
+        select_name=select_name,
         test_name=args.test_name,
         mode="copy" if args.copy else "link",
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
+    role = "val" if args.source == "val" else "train"  # the rest keeps its split's role
     print(
-        f"{len(result.select)} volume(s) -> {result.select_dir} (use --"
-        f"{'val' if args.source == 'val' else 'train'}-split {args.select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
+        f"{len(result.select)} volume(s) -> {result.select_dir} (use --{role}-split "
+        f"{select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
         f"--test-split {args.test_name})"
     )
     return 0
@@ -153,8 +155,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from ..experiment import run_distill
 
+    config = load_config(args.config)
+    if "init_student" in config and "init_checkpoint" not in config:
+        # the flag --init-student sets init_checkpoint; as a key, init_student is the SFT
+        # stage's option, which distill would ignore and train the student from scratch
+        raise SystemExit(
+            f"error: {args.config}: distill starts its student from init_checkpoint (the flag "
+            "--init-student sets it); init_student is an option of sft. Rename the key to "
+            "init_checkpoint"
+        )
     cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"))
-    if "model" not in vars(args) and "model" not in load_config(args.config):
+    if "model" not in vars(args) and "model" not in config:
         cfg["model"] = STUDENT_PRESET  # distillation trains a student
     result = run_distill(cfg)
     _print_once(
@@ -420,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="val", help="split to divide (default: val)")
     p.add_argument("--fraction", type=float, default=0.2, help="held-out fraction of volumes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--select-name", default="val_select", help="split name of the rest")
+    p.add_argument(
+        "--select-name", default=None, help="split name of the rest (default: SOURCE_select)"
+    )
     p.add_argument("--test-name", default="test_heldout", help="split name of the held-out part")
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.add_argument("--overwrite", action="store_true")
@@ -538,7 +551,10 @@ def _worker_message(text: str) -> str:
 
 def _is_input_error(err: Exception) -> bool:
     """Errors that describe the user's input or settings (printed as one ``error:`` line)."""
-    if isinstance(err, (FileNotFoundError, FileExistsError, ValueError, KeyError)):
+    # a path through a file (out/afile/sub) or to a folder where a file is expected: the
+    # user's paths, named in the OS message
+    path_errors = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+    if isinstance(err, (*path_errors, ValueError, KeyError)):
         return True
     # Lightning's refusal of a setting, e.g. ``accelerator: gpu`` on a machine without one
     return type(err).__name__ == "MisconfigurationException"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -110,6 +111,22 @@ def text_value(text: Any) -> str:
     if isinstance(text, (dict, list, tuple)):
         raise argparse.ArgumentTypeError(f"expected a single value, got {text!r}")
     return str(text)
+
+
+#: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
+#: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
+_HALF_TRUE = ("16-true", "bf16-true")
+
+
+def precision_value(text: Any) -> str:
+    """argparse type of ``--precision``: Lightning's names, the 16-bit "true" ones refused."""
+    value = text_value(text)
+    if value in _HALF_TRUE:
+        raise argparse.ArgumentTypeError(
+            f"{value} casts the whole network to 16 bits, and the data-consistency FFTs need "
+            "float32: use 16-mixed or bf16-mixed (the FFTs then run in float32)"
+        )
+    return value
 
 
 def fraction_or_count(text: Any):
@@ -258,7 +275,12 @@ GROUPS: Dict[str, List[Option]] = {
     "runtime": [
         _O("accelerator", "auto", "Lightning accelerator: auto, cpu, gpu", text_value),
         _O("devices", 1, "number of devices", positive_int),
-        _O("precision", "32-true", "Lightning precision, e.g. 32-true, bf16-mixed", text_value),
+        _O(
+            "precision",
+            "32-true",
+            "Lightning precision, e.g. 32-true, 16-mixed, bf16-mixed (not 16-true or bf16-true)",
+            precision_value,
+        ),
         _O("progress", True, "show progress bars", _bool),
     ],
     "model": [
@@ -434,6 +456,14 @@ def resolve(
         raise SystemExit(
             f"error: unknown key(s) in {source}: {', '.join(unknown)}; known keys: "
             f"{', '.join(sorted(names))}"
+        )
+    ignored = sorted(set(config) - names)
+    if ignored:
+        # options of other commands (a config shared with the pipeline or sft): said, so that
+        # a key meant for this command but spelled as another command's is not lost unseen
+        print(
+            f"note: {source}: not options of this command, ignored: {', '.join(ignored)}",
+            file=sys.stderr,
         )
     values = {o.name: o.default for g in groups for o in GROUPS[g]}
     values.update({k: _typed(k, v, source) for k, v in config.items() if k in names})

@@ -50,8 +50,18 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``) and return its top-level dict."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give a checkpoint file in it, e.g. "
+            f"{path / 'model.pt'} or {path / 'checkpoints' / 'best.ckpt'}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{path} is an ONNX export (a deployment file, not a checkpoint): run it with "
+            "onnxruntime, or give the checkpoint it was exported from"
+        )
     if _is_torchscript(path):
         raise CheckpointError(
             f"{path} is a TorchScript export (a deployment file, not a checkpoint): load it "
@@ -65,10 +75,13 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
+        # the first line only: torch appends advice to load with weights_only=False, which
+        # this package never does with a user's file
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint with weights_only=True (expected a "
             f"file written by torch.save or Lightning holding tensors, numbers, strings and "
-            f"containers only; {type(err).__name__}: {err})"
+            f"containers only; {type(err).__name__}: {first})"
         ) from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
@@ -394,7 +407,13 @@ def init_from_checkpoint(
     preset = getattr(model, "preset", None)
     theirs_preset = getattr(source, "preset", None)
     if preset is not None and theirs_preset != preset:
-        raise CheckpointError(f"{path} holds preset {theirs_preset!r}, expected {preset!r}")
+        hint = ""
+        if role != "student" and checkpoint_kind(path) == "sft":
+            hint = (
+                " (this SFT checkpoint's teacher; its student initialisation is the "
+                "sft_student_init.ckpt export beside it)"
+            )
+        raise CheckpointError(f"{path} holds preset {theirs_preset!r}, expected {preset!r}{hint}")
     ours = getattr(model, "config", None)
     theirs = getattr(source, "config", None)
     if ours is not None and theirs is not None:

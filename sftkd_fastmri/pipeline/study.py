@@ -169,7 +169,10 @@ def _stage(
     done = StageResult.load(out_dir)
     kind = _KIND[runner]
     stale = _stale_inputs(stage_cfg, out_dir, kind, root)
-    if stale:
+    if stage_cfg.get("resume", True) is False:
+        # the study asked to start over: no stage is reused or trained on
+        log.append(f"[new ] {name} -> {out_dir} (resume false: training it from the start)")
+    elif stale:
         # its teacher or initialisation came from a stage that has trained on since: this
         # stage's run is of the old one, and starts over (resuming it would mix the two)
         log.append(f"[redo] {name}: {stale}; training it again")
@@ -394,6 +397,23 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
+def _check_profile_device(value: Any) -> None:
+    """The device the report's latency is timed on must exist here: a CPU, or a CUDA GPU."""
+    try:
+        kind = torch.device(value).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(
+            f"profile_device must be 'cpu' or a CUDA device ('cuda', 'cuda:1'), got {value!r}"
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"profile_device {value!r}: no CUDA device here; use profile_device: cpu, or run "
+            "the study on a GPU machine"
+        )
+
+
 def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     """Run the whole study described by ``cfg`` (see :data:`STUDY_DEFAULTS` and the CLI
     options) and write ``report.{md,csv,json}`` and the figures into ``cfg["out_dir"]``.
@@ -407,6 +427,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     _check_networks(cfg)
     _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     parse_controls(cfg["controls"])
+    _check_profile_device(cfg["profile_device"])  # used only after every stage has trained
     # ... and the held-out split must have targets to score, and the training splits exist
     test_folder = check_scored_split(
         cfg, cfg["test_split"], "the study's test_split", option="--test-split"

@@ -234,3 +234,13 @@ def test_copying_shows_progress_and_quiet_hides_it(tmp_path, capsys):
     assert "copying volumes" not in capsys.readouterr().err
     holdout_split(tmp_path, "singlecoil", fraction=0.4, overwrite=True)  # links: no bar
     assert "copying volumes" not in capsys.readouterr().err
+
+
+def test_cli_names_the_rest_of_a_training_split_after_it(tmp_path, capsys):
+    """The rest of a divided split keeps the role of its source: train_select for
+    --train-split (it was named val_select whatever the source)."""
+    _fake_split(tmp_path, 6, split="train")
+    argv = ["holdout-split", str(tmp_path), "--challenge", "singlecoil", "--source", "train"]
+    assert main(argv) == 0
+    assert "(use --train-split train_select)" in capsys.readouterr().out
+    assert (tmp_path / "singlecoil_train_select").is_dir()

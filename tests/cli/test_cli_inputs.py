@@ -1,0 +1,111 @@
+"""Command-line input that used to be ignored, refused late or explained misleadingly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftkd_fastmri.cli.main import build_parser, main
+from sftkd_fastmri.models import CheckpointError, create_model, read_checkpoint
+
+
+def test_a_distill_config_with_the_sft_key_init_student_is_refused(tmp_path, capsys):
+    """--init-student sets init_checkpoint; as a config key, init_student belongs to sft and
+    was ignored: the student trained from scratch."""
+    config = tmp_path / "kd.yaml"
+    config.write_text("init_student: sft_student_init.ckpt\nmethods: {imitation: 1.0}\n")
+    assert main(["distill", "--config", str(config), "--data-path", str(tmp_path)]) == 2
+    assert "Rename the key to init_checkpoint" in capsys.readouterr().err
+
+
+def test_config_keys_of_other_commands_are_named(tmp_path, capsys):
+    from sftkd_fastmri.cli.options import resolve
+
+    config = {"lr": 0.01, "methods": {"at": 1.0}, "teacher": "dccnn_d5c5"}
+    cfg = resolve(("data", "optim"), config, {}, source="c")
+    assert cfg["lr"] == 0.01 and "methods" not in cfg and "teacher" not in cfg
+    assert "c: not options of this command, ignored: methods, teacher" in capsys.readouterr().err
+    resolve(("data", "optim"), {"lr": 0.01}, {}, source="c")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_16_bit_true_precision_is_refused_by_the_parser(precision, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--precision", precision])
+    assert "data-consistency FFTs need float32" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--precision", "bf16-mixed"]).precision == (
+        "bf16-mixed"
+    )
+
+
+def test_a_study_whose_profile_device_is_missing_fails_before_training(tmp_path):
+    from sftkd_fastmri.pipeline import run_study
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU")
+    from sftkd_fastmri.cli.options import GROUPS
+
+    defaults = {o.name: o.default for group in GROUPS.values() for o in group}
+    for device, message in (("cuda", "no CUDA device here"), ("tpu", "'cpu' or a CUDA device")):
+        cfg = {**defaults, "profile_device": device, "out_dir": str(tmp_path / "study")}
+        with pytest.raises(ValueError, match=message):
+            run_study(cfg)
+    assert not (tmp_path / "study").exists()
+
+
+def test_pipeline_resume_false_trains_every_stage_from_the_start(tmp_path, monkeypatch):
+    """It skipped finished stages and labelled a stage it then restarted 'training on'."""
+    from sftkd_fastmri.pipeline import study
+
+    calls = []
+
+    def runner(cfg):
+        calls.append(cfg)
+        return "trained"
+
+    monkeypatch.setitem(study._KIND, runner, "train")
+    finished = object()  # a stage that finished earlier
+    monkeypatch.setattr(study.StageResult, "load", staticmethod(lambda out_dir: finished))
+    log = []
+    result = study._stage("teacher", {"resume": False, "max_epochs": 2}, tmp_path, runner, log)
+    assert result == "trained" and calls[0]["resume"] is False
+    assert log[0].startswith("[new ] teacher") and "resume false" in log[0]
+
+
+def test_demo_runs_differ_in_epochs_only(tmp_path):
+    """A finished demo asked for more epochs trains on: its learning-rate step no longer
+    follows the epochs (which made the run look like one of other settings)."""
+    from sftkd_fastmri.cli.demo_config import demo_config
+    from sftkd_fastmri.experiment.run_record import RUN_IDENTITY_KEYS
+
+    one, two = demo_config(tmp_path, tmp_path, epochs=1), demo_config(tmp_path, tmp_path, 2)
+    assert [k for k in RUN_IDENTITY_KEYS if one.get(k) != two.get(k)] == []
+
+
+def test_checkpoint_paths_that_are_folders_or_onnx_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder; give a checkpoint file in it"):
+        read_checkpoint(tmp_path)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
+    with pytest.raises(CheckpointError, match="is an ONNX export"):
+        read_checkpoint(onnx)
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(other)
+    assert "weights_only=False" not in str(err.value)  # torch's advice is left out
+
+
+def test_an_sft_checkpoint_given_for_the_student_names_its_student_export(tmp_path):
+    from sftkd_fastmri.models import init_from_checkpoint
+
+    teacher, student = create_model("dccnn_d5c5", chans=4), create_model("dccnn_d3c5", chans=4)
+    state = {f"sft.teacher.{k}": v for k, v in teacher.state_dict().items()}
+    state.update({f"sft.student.{k}": v for k, v in student.state_dict().items()})
+    hp = {"teacher_preset": "dccnn_d5c5", "student_preset": "dccnn_d3c5",
+          "teacher_config": teacher.config, "student_config": student.config}  # fmt: skip
+    path = tmp_path / "best.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hp}, path)
+    with pytest.raises(CheckpointError, match="its student initialisation is the sft_student"):
+        init_from_checkpoint(create_model("dccnn_d3c5", chans=4), path)
