@@ -39,15 +39,15 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
+from ..models.dccnn import KEEPS_OUTPUT
+
 __all__ = ["KEEPS_OUTPUT", "DeferredGradient", "deferred_slot", "tap_feature"]
 
 _ATTRIBUTE = "_sftkd_deferred_gradient"
-#: Attribute (on a module class or instance) promising that no layer after the module modifies
-#: its output in place. Only such modules are tapped: a tap's output is a view made inside a
-#: custom autograd function, which PyTorch refuses to let a consumer overwrite (e.g. the
-#: ``LeakyReLU(inplace=True)`` after every normalisation of fastMRI's U-Net); the outputs of
-#: other modules take the plain loss computation.
-KEEPS_OUTPUT = "kd_output_kept"
+# Only modules marked KEEPS_OUTPUT are tapped: a tap's output is a view made inside a custom
+# autograd function, which PyTorch refuses to let a consumer overwrite (e.g. the
+# LeakyReLU(inplace=True) after every normalisation of fastMRI's U-Net); the outputs of other
+# modules take the plain loss computation.
 _DTYPES = (torch.float32, torch.float64)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ConvBlock",
     "DCCNN",
     "DCCNNCascade",
+    "KEEPS_OUTPUT",
     "OUTPUT_ONLY_HOOK",
     "check_inputs",
     "output_only_hook",
@@ -41,6 +42,10 @@ __all__ = [
 #: Attribute that marks a forward hook as reading only its module's output (not the inputs):
 #: such hooks on a block's ReLU still let it run in place (see :meth:`ConvBlock.forward`).
 OUTPUT_ONLY_HOOK = "_sftkd_reads_output_only"
+#: Attribute (on a module class or instance) promising that no layer after the module modifies
+#: its output in place, so KD gradient taps may pass a view of it on
+#: (:mod:`sftkd_fastmri.kd.deferred`): a block's ReLUs and convolutions.
+KEEPS_OUTPUT = "kd_output_kept"
 
 
 def output_only_hook(hook: Callable) -> Callable:
@@ -64,7 +69,7 @@ class BlockReLU(nn.ReLU):
     """
 
     fresh_output_gradient = True
-    #: Its output is read, never overwritten (:data:`sftkd_fastmri.kd.deferred.KEEPS_OUTPUT`).
+    #: Its output is read, never overwritten (:data:`KEEPS_OUTPUT`).
     kd_output_kept = True
 
     def forward(self, input: Tensor, inplace: bool = False) -> Tensor:  # noqa: A002
@@ -92,7 +97,7 @@ class ConvBlock(nn.Module):
             # Nothing overwrites an observed convolution's output (its ReLU then runs out of
             # place, see forward) nor a ReLU's (the next convolution reads it): KD gradient
             # taps may pass a view of either on.
-            conv.kd_output_kept = True
+            setattr(conv, KEEPS_OUTPUT, True)
             self.add_module(f"conv{j}", conv)
             if j < depth - 1:
                 self.add_module(f"relu{j}", BlockReLU())
