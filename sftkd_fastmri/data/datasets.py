@@ -17,7 +17,7 @@ from fastmri.data import SliceDataset
 
 from .transforms import DataError
 
-__all__ = ["CheckedSliceDataset", "check_volume", "split_dir", "TARGET_KEYS"]
+__all__ = ["CheckedSliceDataset", "check_split_entries", "check_volume", "split_dir", "TARGET_KEYS"]
 
 TARGET_KEYS = {"singlecoil": "reconstruction_esc", "multicoil": "reconstruction_rss"}
 
@@ -48,8 +48,33 @@ def missing_split_hint(folder: Union[str, os.PathLike]) -> str:
     return f" (its data folder holds {shown}{other})"
 
 
+def check_split_entries(folder: Union[str, os.PathLike]) -> None:
+    """Raise :class:`DataError` unless ``folder`` is a split folder whose every entry is an
+    HDF5 file: the checks of :func:`check_volume` that need no more than each file's first
+    bytes, so a command can make them before it changes anything on disk."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist{missing_split_hint(folder)}")
+    for fname in sorted(folder.iterdir()):
+        _check_entry(fname)
+
+
 def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
     """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume."""
+    _check_entry(fname)
+    try:
+        hf = h5py.File(fname, "r")
+    except OSError as err:  # truncated or damaged files: h5py's own words, with the name
+        raise DataError(
+            f"{fname}: unreadable HDF5 file ({err}); a copy or download that was cut short? "
+            "Replace or remove it"
+        ) from None
+    with hf:
+        _check_open_volume(hf, fname, challenge, require_target)
+
+
+def _check_entry(fname: Path) -> None:
+    """An entry of a split folder is a (reachable) HDF5 file."""
     if fname.is_dir():
         raise DataError(
             f"{fname}: a folder inside a split folder; fastMRI's reader takes every entry of a "
@@ -66,15 +91,6 @@ def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
             f"{fname}: not an HDF5 file; every entry of a fastMRI split folder must be a "
             ".h5 volume (move other files elsewhere)"
         )
-    try:
-        hf = h5py.File(fname, "r")
-    except OSError as err:  # truncated or damaged files: h5py's own words, with the name
-        raise DataError(
-            f"{fname}: unreadable HDF5 file ({err}); a copy or download that was cut short? "
-            "Replace or remove it"
-        ) from None
-    with hf:
-        _check_open_volume(hf, fname, challenge, require_target)
 
 
 def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_target: bool) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -726,6 +727,14 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
     for mine in ("model.txt", "model.backup.pt", "checkpoints/best.keep-me.onnx"):
         (out / mine).write_text("the user's")
     capsys.readouterr()
+    # a stray file in a split folder is named before anything of the earlier run is removed
+    data = tmp_path / "data"
+    shutil.copytree(tiny_demo, data)
+    (data / "singlecoil_train" / "notes.txt").write_text("not a volume")
+    stray = [a if a != str(tiny_demo) else str(data) for a in argv]
+    assert main([*stray, "--resume", "false"]) == 2
+    assert "notes.txt: not an HDF5 file" in capsys.readouterr().err
+    assert StageResult.load(out) is not None and (out / "model.pt").is_file()
 
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt  # stopped before the new run's first checkpoint
