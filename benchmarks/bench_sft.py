@@ -24,9 +24,9 @@ predict, so a miss can be told apart from wrapper overhead; ``--profile`` splits
 profiled time into the convolutions and everything else (DC, wrapper, loss, optimiser), in
 units of the teacher step. From the two cascades' costs it also fits
 ``cascade = fixed + (depth - 2) x per_layer`` (:func:`cascade_cost_model`) and prints the
-largest ``fixed`` part, what does not shrink with depth, for which the target would hold. With ``batch_branches=True`` (the
-default on CUDA) the active branches of each student cascade run as one batch (fewer, larger
-calls), which beats that prediction on a GPU.
+largest ``fixed`` part, what does not shrink with depth, for which the target would hold.
+With ``batch_branches=True`` (the default on CUDA) the active branches of each student
+cascade run as one batch (fewer, larger calls), which beats that prediction on a GPU.
 
 All variants are measured round-robin in one process (``interleaved_samples``), so a noisy
 machine disturbs them alike; each variant has its own copies of the networks (same seed) and

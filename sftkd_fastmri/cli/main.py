@@ -52,11 +52,12 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of options (flags override it)")
 
 
-def _cfg(args: argparse.Namespace, groups, extra=()) -> Dict:
+def _cfg(args: argparse.Namespace, groups, extra=(), config: Optional[Dict] = None) -> Dict:
+    """Defaults < ``--config`` file (``config``: that file already read) < flags."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    return resolve(
-        groups, load_config(args.config), flags, extra_keys=extra, source=args.config or "config"
-    )
+    if config is None:
+        config = load_config(args.config)
+    return resolve(groups, config, flags, extra_keys=extra, source=args.config or "config")
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "--init-student sets it); init_student is an option of sft. Rename the key to "
             "init_checkpoint"
         )
-    cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"))
+    cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"), config=config)
     if "model" not in vars(args) and "model" not in config:
         cfg["model"] = STUDENT_PRESET  # distillation trains a student
     result = run_distill(cfg)

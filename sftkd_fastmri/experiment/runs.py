@@ -32,10 +32,10 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from .._io import atomic_write_text
-from ..data.datasets import check_split_entries, split_dir
+from ..data.datasets import check_split_entries
 from ..export.loading import load_reconstruction_model
 from ..models import CheckpointError, read_checkpoint, save_model_checkpoint
-from .builders import CKPT_DIR, build_datamodule, build_trainer, resolve_data_path
+from .builders import CKPT_DIR, build_datamodule, build_trainer
 from .run_record import (
     RUN_CONFIG_FILE,
     RUN_IDENTITY_KEYS,
@@ -168,9 +168,8 @@ def _fit(
     if not resume:
         # what can be checked cheaply before an earlier run is removed: a stray file in a
         # split folder must not cost the user the run that --resume false would replace
-        data_path = resolve_data_path(cfg)
-        for split in (cfg["train_split"], cfg["val_split"]):
-            check_split_entries(split_dir(data_path, cfg["challenge"], split))
+        for stage_name in ("train", "val"):
+            check_split_entries(datamodule.split_folder(stage_name))
         _clear_earlier_run(out_dir)
         record = {**run_record(cfg), "stage": stage}
         atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(record, indent=2))

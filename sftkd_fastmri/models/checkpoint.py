@@ -269,10 +269,11 @@ def _check_sft_export_role(path: PathLike, meta: Mapping[str, Any], role: str) -
         and held in ("teacher", "student")
         and held != role
     ):
+        export = "sft_teacher.ckpt" if role == "teacher" else "sft_student_init.ckpt"
         raise CheckpointError(
             f"{path} is the SFT stage's {held} export; asked for the {role}: take the "
-            f"{role} export beside it ({'sft_teacher.ckpt' if role == 'teacher' else 'sft_student_init.ckpt'}"
-            f" by default), or the sft run's checkpoint with role={role!r}"
+            f"{role} export beside it ({export} by default), or the sft run's checkpoint with "
+            f"role={role!r}"
         )
 
 
@@ -403,17 +404,9 @@ def init_from_checkpoint(
             settings listed, with the overrides that match the checkpoint), or weights that do
             not fit (missing and unexpected keys listed).
     """
-    source = load_model(path, role=role)
+    # load_model refuses another preset (naming an SFT checkpoint's student export)
     preset = getattr(model, "preset", None)
-    theirs_preset = getattr(source, "preset", None)
-    if preset is not None and theirs_preset != preset:
-        hint = ""
-        if role != "student" and checkpoint_kind(path) == "sft":
-            hint = (
-                " (this SFT checkpoint's teacher; its student initialisation is the "
-                "sft_student_init.ckpt export beside it)"
-            )
-        raise CheckpointError(f"{path} holds preset {theirs_preset!r}, expected {preset!r}{hint}")
+    source = load_model(path, role=role, expected_preset=preset)
     ours = getattr(model, "config", None)
     theirs = getattr(source, "config", None)
     if ours is not None and theirs is not None:

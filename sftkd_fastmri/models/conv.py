@@ -292,8 +292,8 @@ class BlockConv2d(nn.Conv2d):
     """:class:`torch.nn.Conv2d` (same parameters, state-dict keys and hooks) whose weight and
     bias gradients are computed by :func:`shifted_weight_gradient` (or, for a thin output,
     :func:`thin_output_weight_gradient`; for a thin input, :func:`thin_input_gradients`) where
-    that is faster: see the module docstring for when. Its forward output may be overwritten in place (the blocks' ReLUs do): the backward
-    needs only the input and the weight."""
+    that is faster: see the module docstring for when. Its forward output may be overwritten
+    in place (the blocks' ReLUs do): the backward needs only the input and the weight."""
 
     def _shifted_path(self, inputs: Tensor) -> bool:
         weight = self.weight

@@ -63,9 +63,10 @@ class CascadedVarNet(nn.Module):
     ``(B, 2 * coils, H, W, 2)``, so a student branch of
     :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` that starts from a teacher state runs
     its blocks with the *teacher's* maps. Carrying the maps costs one copy of them per cascade
-    (the state is rebuilt by concatenation), small beside a block's FFTs and U-Net. The student's own sensitivity network is therefore
-    trained in the SFT stage only by branch 0 (``train_first_student_cascade=True``, the
-    student's own forward), as its first cascade is, and not at all where
+    (the state is rebuilt by concatenation), small beside a block's FFTs and U-Net. The
+    student's own sensitivity network is therefore trained in the SFT stage only by branch 0
+    (``train_first_student_cascade=True``, the student's own forward), as its first cascade
+    is, and not at all where
     ``use_given_sens_maps=True`` and the batches carry maps (nor is the teacher's; under DDP
     :class:`~sftkd_fastmri.pl_modules.SFTModule` then turns on ``find_unused_parameters``);
     the distillation stage trains all of it.

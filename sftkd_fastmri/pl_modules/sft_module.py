@@ -129,8 +129,9 @@ class SFTModule(ReconModule):
     Raises:
         CheckpointError: ``init_teacher`` or ``init_student`` is unreadable, holds another
             preset or configuration, or its weights do not fit.
-        ValueError: ``loss`` is not ``"l1"``, ``"l2"`` or ``"mse"``, invalid loss weights, or models that
-            cannot be paired (see :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
+        ValueError: ``loss`` is not ``"l1"``, ``"l2"`` or ``"mse"`` (any case), invalid loss
+            weights, or models that cannot be paired (see
+            :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`).
     """
 
     def __init__(
