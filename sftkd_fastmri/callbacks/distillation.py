@@ -262,6 +262,7 @@ class DistillationCallback(Callback):
         self._warned_skipped: set = set()
         self._teacher_flags: Optional[tuple] = None
         self._saved_load_hook: Optional[tuple] = None
+        self._log_filter: Optional[tuple] = None
 
     # -- schedule ---------------------------------------------------------------------------
     def stage_at(self, epoch: int) -> int:
@@ -308,7 +309,7 @@ class DistillationCallback(Callback):
                 self._give_teacher_back()
                 raise
         if trainer.world_size > 1:  # per-rank logs on purpose (see the module docstring)
-            warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('kd/")
+            self._ignore_sync_advice()
         # A submodule: moved, cast and DDP-wrapped with the module, optimised with its params.
         pl_module.add_module(self.attr_name, self.distiller)
         self._module = pl_module
@@ -317,6 +318,27 @@ class DistillationCallback(Callback):
         pl_module.training_step = self._wrap(trainer, pl_module, self._saved_step)
         if self.kd_epochs is not None and trainer.world_size > 1:
             self._allow_unused_parameters(trainer)
+
+    def _ignore_sync_advice(self) -> None:
+        """Silence Lightning's advice to log ``kd/`` values with ``sync_dist=True`` until
+        teardown; the filter is removed then, so the rest of the program still sees it."""
+        before = list(warnings.filters)
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('kd/")
+        entry = warnings.filters[0]
+        self._log_filter = None if entry in before else entry  # a filter of the user's stays
+
+    def _restore_warnings(self) -> None:
+        if self._log_filter is None:
+            return
+        try:
+            warnings.filters.remove(self._log_filter)
+        except ValueError:  # removed by someone else (e.g. a catch_warnings block that ended)
+            pass
+        else:
+            mutated = getattr(warnings, "_filters_mutated", None)
+            if callable(mutated):  # invalidate the per-module "already ignored" caches
+                mutated()
+        self._log_filter = None
 
     def _allow_unused_parameters(self, trainer: pl.Trainer) -> None:
         """Two-stage KD leaves parameters without gradient in one stage (student layers after
@@ -436,6 +458,7 @@ class DistillationCallback(Callback):
 
     def _restore(self, pl_module: pl.LightningModule) -> None:
         """Undo ``setup`` / ``on_fit_start``: training_step, submodule, hooks, teacher."""
+        self._restore_warnings()
         if self._module is not pl_module:
             self._give_teacher_back()  # a setup that failed before attaching
             return

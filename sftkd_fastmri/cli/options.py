@@ -441,6 +441,13 @@ def _typed(key: str, value: Any, source: str) -> Any:
     return converted
 
 
+def _rank() -> int:
+    """This process's rank as Lightning reads it from the launcher (0 in a one-process run)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
 def resolve(
     groups: Iterable[str],
     config: Dict[str, Any],
@@ -458,9 +465,10 @@ def resolve(
             f"{', '.join(sorted(names))}"
         )
     ignored = sorted(set(config) - names)
-    if ignored:
+    if ignored and _rank() == 0:
         # options of other commands (a config shared with the pipeline or sft): said, so that
-        # a key meant for this command but spelled as another command's is not lost unseen
+        # a key meant for this command but spelled as another command's is not lost unseen;
+        # once, not by every process of a multi-GPU run
         print(
             f"note: {source}: not options of this command, ignored: {', '.join(ignored)}",
             file=sys.stderr,

@@ -738,3 +738,26 @@ def test_a_loader_of_single_sample_batches_is_refused_for_relational_losses(tmp_
     kd = DistillationCallback(teacher, {"cc": 1.0, "imitation": 1.0})
     with pytest.raises(ValueError, match=r"cc relate the samples.*batch size is 1"):
         _trainer(tmp_path, [kd]).fit(ToyRecon(student), _loader(n=4, batch_size=1))
+
+
+def test_ddp_log_advice_filter_lasts_only_for_the_fit(tmp_path):
+    import warnings
+    from types import SimpleNamespace
+
+    student, teacher = _nets()
+    module = ToyRecon(student)
+    trainer = SimpleNamespace(world_size=2)  # what setup reads of a DDP trainer
+    advice = "It is recommended to use `self.log('kd/total', ..., sync_dist=True)`"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        kd = DistillationCallback(teacher, {"imitation": 1.0})
+        kd.setup(trainer, module, "fit")
+        warnings.warn(advice, stacklevel=1)  # silenced during the fit
+        kd.teardown(trainer, module, "fit")
+        warnings.warn(advice, stacklevel=1)  # seen again afterwards
+        n_filters = len(warnings.filters)
+        warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('kd/")
+        kd.setup(trainer, module, "fit")
+        kd.teardown(trainer, module, "fit")
+        assert len(warnings.filters) == n_filters + 1  # the user's own filter is kept
+    assert [str(w.message) for w in seen] == [advice]

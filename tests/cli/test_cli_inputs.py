@@ -29,6 +29,16 @@ def test_config_keys_of_other_commands_are_named(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_config_note_is_printed_by_rank_zero_only(monkeypatch, capsys):
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from sftkd_fastmri.cli.options import resolve
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)  # another DDP process
+    assert resolve(("optim",), {"lr": 0.01, "teacher": "t"}, {}, source="c")["lr"] == 0.01
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
 def test_16_bit_true_precision_is_refused_by_the_parser(precision, capsys):
     with pytest.raises(SystemExit):
