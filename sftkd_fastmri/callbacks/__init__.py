@@ -1,7 +1,8 @@
 """Lightning callbacks: drop-in knowledge distillation for reconstruction modules."""
 
-from .distillation import DistillationCallback, find_network
+from .distillation import DistillationCallback
 from .finite import FiniteLossCheck, NonFiniteLossError
+from .networks import check_batch_size, find_network
 from .random_state import RandomStateCheckpoint
 
 __all__ = [
@@ -9,5 +10,6 @@ __all__ = [
     "FiniteLossCheck",
     "NonFiniteLossError",
     "RandomStateCheckpoint",
+    "check_batch_size",
     "find_network",
 ]

@@ -451,7 +451,7 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
     """Distil ``cfg["teacher_checkpoint"]`` into a ``cfg["model"]`` student (optionally
     initialised from ``cfg["init_checkpoint"]``, e.g. an SFT student export)."""
     from ..callbacks import DistillationCallback
-    from ..callbacks.distillation import check_batch_size
+    from ..callbacks.networks import check_batch_size
     from ..kd import check_distillation
     from ..kd.pairings import dccnn_structure
     from ..models import create_model

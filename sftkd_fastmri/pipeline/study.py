@@ -36,7 +36,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from .._io import atomic_write_text
-from ..callbacks.distillation import check_batch_size
+from ..callbacks.networks import check_batch_size
 from ..data.datasets import missing_split_hint
 from ..evaluation import evaluate_model
 from ..evaluation.profile import profile_model
