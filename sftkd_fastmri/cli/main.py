@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import warnings
-from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
-from .._io import atomic_write_text
-from .options import (
-    add_options,
-    boolean,
-    load_config,
-    mapping_option,
-    nonnegative_int,
-    resolve,
+from .commands import (  # noqa: F401  (_print_once: tests import it from here)
+    STUDENT_PRESET,
+    TRAIN_GROUPS,
+    _print_once,
+    cmd_demo,
+    cmd_distill,
+    cmd_evaluate,
+    cmd_holdout_split,
+    cmd_make_demo_data,
+    cmd_models,
+    cmd_pipeline,
+    cmd_sft,
+    cmd_train,
 )
+from .options import add_options, mapping_option
 
 DESCRIPTION = """\
 SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
@@ -44,264 +48,9 @@ Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{trai
   sftkd-fastmri holdout-split /data/knee --challenge singlecoil   # a test split for real data
 """
 
-TRAIN_GROUPS = ("data", "optim", "trainer", "runtime")
-STUDENT_PRESET = "dccnn_d3c5"  # the model `distill` trains unless told otherwise
-
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of options (flags override it)")
-
-
-def _cfg(args: argparse.Namespace, groups, extra=(), config: Optional[Dict] = None) -> Dict:
-    """Defaults < ``--config`` file (``config``: that file already read) < flags."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    if config is None:
-        config = load_config(args.config)
-    return resolve(groups, config, flags, extra_keys=extra, source=args.config or "config")
-
-
-# -- commands -----------------------------------------------------------------------------
-def cmd_models(args: argparse.Namespace) -> int:
-    from ..models import create_model, list_models
-
-    print(f"{'preset':<20}{'parameters':>12}  description")
-    for name in list_models():
-        model = create_model(name)
-        n = sum(p.numel() for p in model.parameters())
-        c = model.config
-        kind = "paper mode, real" if c["pad"] else "complex, residual"
-        print(f"{name:<20}{n:>12,}  D{c['depth']}C{c['num_cascades']} {kind}, {c['dc_mode']} DC")
-    return 0
-
-
-def cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from ..data.demo import write_demo_data
-
-    kwargs = dict(
-        seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, backend=args.backend
-    )
-    if args.image_size:
-        kwargs["image_size"] = tuple(args.image_size)
-    if args.num_coils:
-        kwargs["num_coils"] = args.num_coils
-    if args.volumes:
-        kwargs["volumes_per_split"] = args.volumes
-    if args.slices:
-        kwargs["slices_per_volume"] = args.slices
-    try:
-        info = write_demo_data(args.out_dir, **kwargs)
-    except FileExistsError as err:  # the library's wording names its keyword argument
-        raise FileExistsError(str(err).replace("overwrite=True", "--overwrite")) from None
-    print(f"demo data ({info.backend}) written to {args.out_dir}")
-    return 0
-
-
-def cmd_holdout_split(args: argparse.Namespace) -> int:
-    from ..data.splits import holdout_split
-
-    select_name = args.select_name or f"{args.source}_select"
-    result = holdout_split(
-        args.data_path,
-        args.challenge,
-        source=args.source,
-        fraction=args.fraction,
-        seed=args.seed,
-        select_name=select_name,
-        test_name=args.test_name,
-        mode="copy" if args.copy else "link",
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
-    role = "val" if args.source == "val" else "train"  # the rest keeps its split's role
-    print(
-        f"{len(result.select)} volume(s) -> {result.select_dir} (use --{role}-split "
-        f"{select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
-        f"--test-split {args.test_name})"
-    )
-    return 0
-
-
-def _print_once(text: str) -> None:
-    """Print from rank zero only: under DDP every rank runs the command to its end."""
-    from pytorch_lightning.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        print(text)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from ..experiment import run_train
-
-    cfg = _cfg(args, TRAIN_GROUPS + ("model",))
-    result = run_train(cfg)
-    _print_once(
-        f"best checkpoint: {result.best_checkpoint}\nmodel export:    {result.exports['model']}"
-    )
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    from ..experiment import run_sft
-
-    cfg = _cfg(args, TRAIN_GROUPS + ("sft",))
-    result = run_sft(cfg)
-    _print_once(
-        f"best checkpoint:        {result.best_checkpoint}\n"
-        f"teacher export:         {result.exports['teacher']}\n"
-        f"student initialisation: {result.exports['student_init']}"
-    )
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from ..experiment import run_distill
-
-    config = load_config(args.config)
-    if "init_student" in config and "init_checkpoint" not in config:
-        # the flag --init-student sets init_checkpoint; as a key, init_student is the SFT
-        # stage's option, which distill would ignore and train the student from scratch
-        raise SystemExit(
-            f"error: {args.config}: distill starts its student from init_checkpoint (the flag "
-            "--init-student sets it); init_student is an option of sft. Rename the key to "
-            "init_checkpoint"
-        )
-    cfg = _cfg(args, TRAIN_GROUPS + ("model", "distill"), config=config)
-    if "model" not in vars(args) and "model" not in config:
-        cfg["model"] = STUDENT_PRESET  # distillation trains a student
-    result = run_distill(cfg)
-    _print_once(
-        f"best checkpoint: {result.best_checkpoint}\nstudent export:  {result.exports['model']}"
-    )
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..experiment import check_scored_split, run_evaluate
-    from ..experiment.builders import NoTargetsError
-    from ..export.loading import check_role_applies
-
-    cfg = _cfg(args, ("data", "runtime"))
-    split = args.split or cfg["test_split"]
-    subsampled = [k for k in ("sample_rate", "volume_sample_rate") if cfg.get(k) not in (None, 1.0)]
-    if subsampled:
-        warnings.warn(
-            f"{' and '.join('--' + k.replace('_', '-') for k in subsampled)} selects training "
-            "data; evaluate scores every slice of the split",
-            stacklevel=2,
-        )
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    earlier: List[Path] = []
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
-        earlier = sorted((out_dir / "reconstructions").glob("*.h5"))
-        if (out_dir / "metrics.json").is_file():
-            earlier.append(out_dir / "metrics.json")
-        if earlier and not args.overwrite:
-            raise FileExistsError(
-                f"--eval-out-dir {out_dir} holds the results of an earlier evaluation "
-                f"({len(earlier)} file(s), e.g. {earlier[0].name}), which this one would mix "
-                "with its own (a submission folder must hold one split's volumes only): choose "
-                "another folder, or pass --overwrite to replace them once this evaluation "
-                "has finished"
-            )
-    if args.checkpoint:
-        check_role_applies(args.checkpoint, args.role)
-    try:  # before loading anything: a split without targets has nothing to score
-        check_scored_split(cfg, split, "evaluate")
-        scored = True
-    except NoTargetsError as err:
-        if out_dir is None:
-            raise NoTargetsError(
-                f"{err}; or pass --eval-out-dir DIR to write its reconstructions only"
-            ) from None
-        scored = False
-    result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=out_dir)
-    label = args.checkpoint or "zero-filled"
-    if out_dir is not None:
-        # Replaced only now, so that a failed evaluation leaves the earlier results whole.
-        written = set(result.reconstructions)
-        for path in earlier:
-            if path.parent.name == "reconstructions" and path.name in written:
-                continue  # replaced by this evaluation's file of the same volume
-            if path.name == "metrics.json" and scored:
-                continue  # replaced below
-            path.unlink(missing_ok=True)
-    if not scored:
-        print(
-            f"{label} on {cfg['challenge']}_{split}: no targets, so no scores; "
-            f"{len(result.reconstructions)} reconstructions in {out_dir / 'reconstructions'}"
-        )
-        return 0
-    print(f"{label} on {cfg['challenge']}_{split}:")
-    print(result.table())
-    if out_dir is not None:
-        rows = [m.as_dict() for m in result.metrics]
-        atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=2))
-        print(f"reconstructions and metrics.json in {out_dir}")
-    return 0
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ..pipeline import STUDY_DEFAULTS, parse_controls, run_study, study_summary
-
-    groups = ("data", "optim", "trainer", "runtime")
-    cfg = _cfg(args, groups, extra=STUDY_DEFAULTS)
-    for key, value in STUDY_DEFAULTS.items():
-        cfg.setdefault(key, value)
-    cfg.setdefault("out_dir", None)
-    source = args.config or "the config"
-    seeds = cfg.get("seeds")
-    if seeds is not None:
-        items = seeds if isinstance(seeds, (list, tuple)) else [seeds]
-        try:
-            cfg["seeds"] = [nonnegative_int(s) for s in items]
-        except argparse.ArgumentTypeError as err:
-            raise SystemExit(f"error: {source}: seeds: {err} (a list such as [0, 1, 2])") from None
-    try:
-        cfg["controls"] = list(parse_controls(cfg["controls"]))
-    except ValueError as err:
-        raise SystemExit(f"error: {source}: {err}") from None
-    try:
-        cfg["train_first_student_cascade"] = boolean(cfg["train_first_student_cascade"])
-    except argparse.ArgumentTypeError as err:
-        raise SystemExit(f"error: {source}: train_first_student_cascade: {err}") from None
-    result = run_study(cfg)
-    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
-        return 0
-    result.report.print()
-    print(study_summary(result))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ..data.demo import write_demo_data
-    from ..pipeline import run_study, study_summary
-    from .demo_config import demo_config
-
-    out_dir = Path(args.out_dir)
-    data_dir = Path(args.data_dir) if args.data_dir else out_dir / "data"
-    if (data_dir / "demo_info.json").is_file():
-        print(f"using the demo data in {data_dir}")
-    else:
-        info = write_demo_data(data_dir, seed=0, progress=not args.quiet, **_DEMO_DATA)
-        print(f"demo data ({info.backend}) written to {data_dir}")
-    if args.quiet:  # Lightning's per-stage notes (devices, batch limits, tips) as well
-        import logging
-
-        for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    cfg = demo_config(data_dir, out_dir, epochs=args.epochs, progress=not args.quiet)
-    result = run_study(cfg)
-    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
-        return 0
-    result.report.print()
-    print(study_summary(result))
-    return 0
-
-
-# brain multi-coil only, 3 training volumes: the whole study takes 1-1.5 minutes on 2 cores
-_DEMO_DATA = dict(challenges=("multicoil",), volumes_per_split={"train": 3, "val": 2, "test": 2})
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -613,6 +362,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(stop.code, file=sys.stderr)  # a config file's error: exit status 2 too
             return 2
         raise
+    except BrokenPipeError:
+        # stdout's reader has gone (``sftkd-fastmri models | head -3``): stop quietly, as
+        # command-line tools do, and keep the interpreter's final flush from failing too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
     except Exception as err:
         if not _is_input_error(err):
             raise

@@ -119,3 +119,14 @@ def test_an_sft_checkpoint_given_for_the_student_names_its_student_export(tmp_pa
     torch.save({"state_dict": state, "hyper_parameters": hp}, path)
     with pytest.raises(CheckpointError, match="its student initialisation is the sft_student"):
         init_from_checkpoint(create_model("dccnn_d3c5", chans=4), path)
+
+
+def test_a_closed_stdout_ends_the_command_quietly(monkeypatch):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as `sftkd-fastmri models | head -1` leaves it
+    with open(write_end, "w", buffering=1) as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert main(["models"]) == 141  # no traceback: BrokenPipeError is not raised
+        print("more output", file=stdout)  # later writes (the final flush) go nowhere
