@@ -207,8 +207,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_study(cfg: Dict) -> int:
+    """Run a study and print its table and summary (rank zero's part under DDP)."""
+    from ..pipeline import run_study, study_summary
+
+    result = run_study(cfg)
+    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
+        return 0
+    result.report.print()
+    print(study_summary(result))
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from ..pipeline import STUDY_DEFAULTS, parse_controls, run_study, study_summary
+    from ..pipeline import STUDY_DEFAULTS, parse_controls
 
     groups = ("data", "optim", "trainer", "runtime")
     cfg = _cfg(args, groups, extra=STUDY_DEFAULTS)
@@ -231,17 +243,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         cfg["train_first_student_cascade"] = boolean(cfg["train_first_student_cascade"])
     except argparse.ArgumentTypeError as err:
         raise SystemExit(f"error: {source}: train_first_student_cascade: {err}") from None
-    result = run_study(cfg)
-    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
-        return 0
-    result.report.print()
-    print(study_summary(result))
-    return 0
+    return _run_study(cfg)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..data.demo import write_demo_data
-    from ..pipeline import run_study, study_summary
     from .demo_config import demo_config
 
     out_dir = Path(args.out_dir)
@@ -257,12 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     cfg = demo_config(data_dir, out_dir, epochs=args.epochs, progress=not args.quiet)
-    result = run_study(cfg)
-    if result is None:  # a rank other than zero of a multi-device study: rank zero reports
-        return 0
-    result.report.print()
-    print(study_summary(result))
-    return 0
+    return _run_study(cfg)
 
 
 # brain multi-coil only, 3 training volumes: the whole study takes 1-1.5 minutes on 2 cores
