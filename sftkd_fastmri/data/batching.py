@@ -41,7 +41,8 @@ _CACHE = "_sftkd_slice_shapes"
 
 
 def slice_shapes(dataset) -> List[Hashable]:
-    """The shape key of every slice of a fastMRI ``SliceDataset`` (in ``raw_samples`` order):
+    """The shape key of every slice of a fastMRI ``SliceDataset`` or ``CombinedSliceDataset``
+    (in ``raw_samples`` order):
     the per-slice shape of ``kspace`` and of the target (without one, the header's recon size
     the output is cropped to, or ``None``). Slices with
     equal keys give equal-shaped samples under one transform.
@@ -61,30 +62,45 @@ def slice_shapes(dataset) -> List[Hashable]:
             f"{type(dataset).__name__} has no raw_samples; pass shapes= (one hashable shape key "
             "per dataset index) or use a fastMRI SliceDataset"
         )
-    target_key = getattr(dataset, "recons_key", None)
-    by_file: Dict[Path, Hashable] = {}
+    # fastMRI's CombinedSliceDataset concatenates the raw_samples of its datasets, each
+    # with its own target key (reconstruction_esc / _rss); a SliceDataset is its own part
+    parts = list(getattr(dataset, "datasets", None) or [dataset])
+    if sum(len(getattr(part, "raw_samples", ())) for part in parts) != len(dataset.raw_samples):
+        parts = [dataset]
+    by_file: Dict[tuple, Hashable] = {}
     keys = []
-    for sample in dataset.raw_samples:
-        fname = Path(sample[0])
-        if fname not in by_file:
-            try:
-                with h5py.File(fname, "r") as hf:
-                    target = hf[target_key].shape[1:] if target_key in hf else None
-                    if target is None:
-                        # No target (fastMRI's test files): the output is cropped to the
-                        # header's recon size, which two files of one k-space shape may differ in.
-                        metadata = sample[2] if len(sample) > 2 else None
-                        recon = metadata.get("recon_size") if isinstance(metadata, dict) else None
-                        target = ("recon_size", tuple(recon[:2])) if recon is not None else None
-                    by_file[fname] = (tuple(hf["kspace"].shape[1:]), target)
-            except (OSError, KeyError) as err:
-                raise DataError(f"{fname}: cannot read the shape of 'kspace': {err}") from err
-        keys.append(by_file[fname])
+    for part in parts:
+        target_key = getattr(part, "recons_key", None)
+        for sample in part.raw_samples:
+            keys.append(_shape_key(Path(sample[0]), sample, target_key, by_file))
     try:
         setattr(dataset, _CACHE, keys)
     except AttributeError:
         pass  # a dataset with __slots__: recompute next time
     return keys
+
+
+def _shape_key(
+    fname: Path, sample: Sequence, target_key: Optional[str], by_file: Dict[tuple, Hashable]
+) -> Hashable:
+    """One slice's shape key; each file is opened once (``by_file`` remembers it)."""
+    if (fname, target_key) in by_file:
+        return by_file[fname, target_key]
+    try:
+        with h5py.File(fname, "r") as hf:
+            has_target = target_key is not None and target_key in hf
+            target = hf[target_key].shape[1:] if has_target else None
+            if target is None:
+                # No target (fastMRI's test files): the output is cropped to the header's
+                # recon size, which two files of one k-space shape may differ in.
+                metadata = sample[2] if len(sample) > 2 else None
+                recon = metadata.get("recon_size") if isinstance(metadata, dict) else None
+                target = ("recon_size", tuple(recon[:2])) if recon is not None else None
+            key = (tuple(hf["kspace"].shape[1:]), target)
+    except (OSError, KeyError) as err:
+        raise DataError(f"{fname}: cannot read the shape of 'kspace': {err}") from err
+    by_file[fname, target_key] = key
+    return key
 
 
 class ShapeBatchSampler(BatchSampler):

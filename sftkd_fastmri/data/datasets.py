@@ -111,7 +111,7 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
             f"{fname}: 'kspace' has shape {hf['kspace'].shape}; {challenge} data must be {layout}"
         )
     target_key = TARGET_KEYS[challenge]
-    if require_target:
+    if require_target or target_key in hf:  # a target present is checked all the same
         if target_key not in hf:
             raise DataError(f"{fname}: missing target dataset '{target_key}'")
         if not isinstance(hf[target_key], h5py.Dataset) or hf[target_key].ndim != 3:
@@ -137,7 +137,7 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
                 f"{fname}: attribute 'max' is {hf.attrs['max']!r}; expected the target "
                 "volume's maximum, a finite number > 0 (PSNR and SSIM use it as data range)"
             )
-    elif target_key not in hf and "mask" not in hf:
+    elif "mask" not in hf:
         raise DataError(
             f"{fname}: has neither a target '{target_key}' nor a 'mask' dataset; cannot evaluate it"
         )

@@ -222,6 +222,22 @@ class DCCNNDataTransform:
         recon_size = attrs.get("recon_size")
         if target is not None:
             crop_size = (int(target.shape[-2]), int(target.shape[-1]))
+            if recon_size is not None and tuple(int(n) for n in recon_size[:2]) != crop_size:
+                # a target stored transposed or of another grid would be cropped and scored
+                # against the wrong region without a word
+                raise DataError(
+                    f"{where}: the target is {crop_size[0]} x {crop_size[1]}, the header's "
+                    f"reconSpace matrixSize (recon_size) says {int(recon_size[0])} x "
+                    f"{int(recon_size[1])}; they must agree (a transposed target?)"
+                )
+            if "max" not in attrs:
+                # fastMRI's transforms take 0 then; a slice's own maximum (the other
+                # choice) would make PSNR and SSIM depend on the slice, not the volume
+                raise DataError(
+                    f"{fname}: has a target but no attribute 'max'; expected the target "
+                    "volume's maximum (the data range of PSNR and SSIM), as fastMRI's files "
+                    "hold it"
+                )
         elif recon_size is not None:
             crop_size = (int(recon_size[0]), int(recon_size[1]))
         else:
@@ -318,7 +334,7 @@ class DCCNNDataTransform:
 
         if target is not None:
             target_t = to_tensor(target).float() / scale
-            max_value = float(attrs.get("max", float(np.max(target))))
+            max_value = float(attrs["max"])
         else:
             target_t = torch.zeros(0)
             max_value = 0.0

@@ -67,6 +67,12 @@ def volume_metrics(
         raise ValueError(f"{fname}: target {gt.shape} and reconstruction {pred.shape} differ")
     if not np.any(gt):
         raise ValueError(f"{fname}: the target volume is all zero; there is nothing to score")
+    if not np.isfinite(pred).all():
+        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(pred))[0]})
+        raise ValueError(
+            f"{fname}: the reconstruction holds NaN or Inf (slices {bad[:8]}"
+            f"{' ...' if len(bad) > 8 else ''}); a diverged model? Its metrics would be NaN"
+        )
     maxval = float(gt.max() if max_value is None or max_value <= 0 else max_value)
     return VolumeMetrics(
         fname=fname,

@@ -133,3 +133,21 @@ def test_files_without_targets_are_grouped_by_their_recon_size(demo_root, tmp_pa
         seen[batch.fname[0]].add(tuple(int(c[0]) for c in batch.crop_size))
     assert seen[second.name] == {(40, 40)}
     assert len(seen[first.name]) == 1 and seen[first.name] != {(40, 40)}
+
+
+def test_shapes_of_a_combined_dataset_use_each_parts_target(mixed_root):
+    """fastMRI's CombinedSliceDataset has no recons_key of its own (h5py was asked for the
+    key None); each part's target key is used for its slices."""
+    from fastmri.data import CombinedSliceDataset
+
+    roots = [mixed_root / "singlecoil_val", mixed_root / "multicoil_val"]
+    combined = CombinedSliceDataset(roots, ["singlecoil", "multicoil"])
+    shapes = slice_shapes(combined)
+    assert len(shapes) == len(combined) == 18
+    singles = [
+        CheckedSliceDataset(roots[0], "singlecoil"),
+        CheckedSliceDataset(roots[1], "multicoil"),
+    ]
+    assert shapes == slice_shapes(singles[0]) + slice_shapes(singles[1])
+    assert all(target is not None for _, target in shapes)  # both targets were found
+    _check_partition(list(ShapeBatchSampler(SequentialSampler(combined), 4)), shapes, 4)

@@ -165,6 +165,14 @@ def test_bad_slices_raise_clear_errors():
         DCCNNDataTransform(None)(kspace, np.zeros(10), None, attrs, "f.h5", 0)
     with pytest.raises(DataError, match=r"target slice must be a real \(H, W\) image"):
         t(kspace, None, target[0], attrs, "f.h5", 0)
+    # a transposed target (the header says 12 x 10) would be cropped to the wrong region
+    with pytest.raises(DataError, match="target is 10 x 12, the header's reconSpace.*12 x 10"):
+        t(kspace, None, target.T.copy(), attrs, "f.h5", 0)
+    # without the volume's maximum, PSNR and SSIM would use each slice's own
+    no_max = {k: v for k, v in attrs.items() if k != "max"}
+    with pytest.raises(DataError, match="f.h5: has a target but no attribute 'max'"):
+        t(kspace, None, target, no_max, "f.h5", 0)
+    assert t(kspace, None, None, no_max, "f.h5", 0).max_value == 0.0  # no target: no max
     # a stored multi-coil mask without a sampled centre: the maps would be zero, and the error
     # blamed the k-space
     multi, _, wide = _slice(coils=3, w=32)
@@ -180,6 +188,7 @@ def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():
     (center_crop_to_smallest; before: a shape error at the loss)."""
     kspace, target, attrs = _slice()
     wide = np.pad(target, ((0, 0), (3, 3)))  # 6 columns wider than the k-space
+    attrs = dict(attrs, recon_size=(*wide.shape, 1))  # the header states the target's size
     sample = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))(kspace, None, wide, attrs, "f", 0)
     assert sample.target.shape == sample.zero_filled.shape == target.shape
     torch.testing.assert_close(sample.target * sample.scale, torch.from_numpy(target).float())
@@ -278,6 +287,13 @@ def test_checked_dataset_names_damaged_volumes(demo_root, tmp_path):
             hf.attrs["max"] = value
         with pytest.raises(DataError, match=f"v.h5: attribute 'max' is .*{shown}.*finite number"):
             CheckedSliceDataset(folder, "singlecoil")
+
+    fresh()
+    with h5py.File(vol, "a") as hf:
+        del hf.attrs["max"]
+    # checked even where targets are optional (a folder of test files and targets)
+    with pytest.raises(DataError, match="v.h5: missing attribute 'max'"):
+        CheckedSliceDataset(folder, "singlecoil", require_target=False)
 
     def replaced(key, change):
         """A fresh copy whose dataset ``key`` is replaced by ``change(its values)``."""
@@ -386,6 +402,7 @@ def test_transform_equals_fastmris_centred_definitions(coils, h, w, training):
     rng = np.random.default_rng(1)
     height = h // 2 if h % 4 == 0 else h
     target = np.abs(rng.standard_normal((height, w))).astype(np.float32)
+    attrs = dict(attrs, recon_size=(height, w, 1))
     transform = DCCNNDataTransform(RandomMaskFunc([0.3], [3]), training=training, seed=5)
     s = transform(kspace, None, target, attrs, "file_b.h5", 1)
     masked, sens, zero_filled = _reference_sample(kspace, target, s.mask, s.num_low_frequencies)

@@ -300,3 +300,14 @@ def test_an_all_zero_target_volume_is_named_not_scored_as_inf():
     acc.update(["z.h5"], [0], torch.ones(1, 8, 8), torch.zeros(1, 8, 8), [1.0])
     with pytest.raises(ValueError, match="z.h5: the target volume is all zero"):
         acc.per_volume()
+
+
+def test_a_non_finite_reconstruction_is_named_not_scored_as_nan():
+    from sftkd_fastmri.evaluation.metrics import volume_metrics
+
+    pred = np.ones((3, 4, 4))
+    pred[2, 1, 1] = np.nan  # one pixel of a diverged model's output
+    with pytest.raises(
+        ValueError, match=r"v.h5: the reconstruction holds NaN or Inf \(slices \[2\]"
+    ):
+        volume_metrics("v.h5", np.ones((3, 4, 4)), pred, max_value=1.0)
