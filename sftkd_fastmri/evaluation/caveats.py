@@ -5,7 +5,7 @@ See Matcha et al., "SFT-KD-Recon", MIDL 2023, and :mod:`.report`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Sequence
 
 if TYPE_CHECKING:
     from .report import KDComparison, Report
@@ -51,8 +51,7 @@ def caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
         out.append(text)
     if has_sft_kd:
         out.append(_budget_caveat(report))
-    split = report.meta.get("split")
-    if split is not None and str(split).lower() in ("val", "validation"):
+    if _on_validation_split(report.meta):
         out.append(
             "Metrics are on the validation split, which also chose the checkpoints; report the "
             "test split for unbiased numbers."
@@ -145,3 +144,17 @@ def _budget_caveat(report: Report) -> str:
         f"Control (b) not run (epoch budgets: {listed}): Std-KD should get the same total "
         "number of epochs as the SFT stage plus SFT-KD for the comparison to be fair."
     )
+
+
+def _on_validation_split(meta: Mapping[str, Any]) -> bool:
+    """Whether the metrics are on the split that chose the checkpoints: the study's
+    ``val_split`` itself, or a split named ``val`` (``multicoil_val``, ``validation``)."""
+    split = meta.get("split")
+    if split is None:
+        return False
+    if meta.get("val_split") is not None and str(split) == str(meta["val_split"]):
+        return True
+    name = str(split).lower()
+    for challenge in ("singlecoil_", "multicoil_"):
+        name = name[len(challenge) :] if name.startswith(challenge) else name
+    return name in ("val", "validation")

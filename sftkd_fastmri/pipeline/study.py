@@ -494,6 +494,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     meta = {
         "title": cfg["title"],
         "split": f"{cfg['challenge']}_{cfg['test_split']}",
+        "val_split": f"{cfg['challenge']}_{cfg['val_split']}",  # chose the checkpoints
         "epochs": _epochs(cfg),
         "accelerations": list(cfg["accelerations"]),
         "teacher": cfg["teacher"],

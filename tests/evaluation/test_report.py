@@ -308,3 +308,16 @@ def test_conclusions_below_a_control_follow_the_paired_seeds():
     text = study(sft=(39.5,) * 3, ctrl=(39.4,) * 3, budget=(40.0,) * 3, std=(40.0,) * 3)
     assert "control (b) for AT (SFT-KD is not above Std-KD either)" in text
     assert "explained by its extra epochs" not in text
+
+
+def test_metrics_on_the_validation_split_are_said_to_be_biased():
+    """The study names splits with their challenge (``multicoil_val``): the caveat missed
+    them when it compared the name with "val" alone."""
+
+    def says(meta):
+        return any("validation split" in c for c in build_report(study(), meta).caveats)
+
+    assert says({"split": "multicoil_val"}) and says({"split": "val"})
+    assert says({"split": "knee_select", "val_split": "knee_select"})  # the selecting split
+    assert not says({"split": "multicoil_test_full", "val_split": "multicoil_val_select"})
+    assert not says({"title": "no split named"})
