@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -66,6 +67,20 @@ def remove_stale_temporaries(parent: Union[str, os.PathLike], prefix: str) -> No
             pass  # removed meanwhile, or not ours to remove
 
 
+def _temp_stem(name: str) -> str:
+    """``name`` as a temporary's name holds it: shortened (with a hash of the whole) when
+    long, so that the host, pid and random part added to it keep the name within the 255
+    bytes file systems allow, for any name the output itself may have."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _STEM_BYTES:
+        return name
+    head = raw[: _STEM_BYTES - 12].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha1(raw).hexdigest()[:10]}"
+
+
+_STEM_BYTES = 100
+
+
 def make_temp_file(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Path:
     """An empty temporary file beside ``path`` (a hidden name, unique), to be renamed onto
     ``path`` once written. ``tempfile.mkstemp`` makes files private (0600); this one gets the
@@ -74,8 +89,9 @@ def make_temp_file(path: Union[str, os.PathLike], suffix: str = ".tmp") -> Path:
     the next write of ``path`` removes what a killed process left
     (:func:`remove_stale_temporaries`)."""
     path = Path(path)
-    remove_stale_temporaries(path.parent, f".{path.name}.")
-    prefix = f".{path.name}.{_owner()}."
+    stem = _temp_stem(path.name)
+    remove_stale_temporaries(path.parent, f".{stem}.")
+    prefix = f".{stem}.{_owner()}."
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())

@@ -124,3 +124,23 @@ def test_the_next_write_removes_what_a_killed_process_left(tmp_path):
     (folder / "inner").mkdir(parents=True)
     made = make_temp_dir(tmp_path, ".partial-")
     assert made.is_dir() and not folder.exists()
+
+
+def test_a_long_output_name_is_written_atomically(tmp_path):
+    """A name of 240 bytes is legal; the temporary's name beside it (host, pid, random part
+    added) must stay under the file system's 255 bytes, and a stale one is still found."""
+    import subprocess
+    import sys
+
+    from sftkd_fastmri._io import _owner, _temp_stem, make_temp_file
+
+    out = tmp_path / ("r" * 234 + ".ckpt")
+    atomic_write_text(out, "weights")
+    assert out.read_text() == "weights" and os.listdir(tmp_path) == [out.name]
+    assert len(make_temp_file(out).name.encode()) < 255
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".{_temp_stem(out.name)}.{_owner().rsplit('-', 1)[0]}-{gone.pid}.x.tmp"
+    stale.write_text("")
+    atomic_write_text(out, "again")
+    assert not stale.exists() and out.read_text() == "again"

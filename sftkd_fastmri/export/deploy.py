@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models import load_model, read_checkpoint
-from ..models.checkpoint import FORMAT_KEY, save_model_checkpoint
+from ..models.checkpoint import FORMAT_KEY, compiled_inner, save_model_checkpoint
 from .checks import (
     METADATA_NAME,
     TORCHSCRIPT_ATOL,
@@ -280,6 +280,7 @@ def _load(
     """The network, its metadata, and the example shape the checkpoint records (if any)."""
     if isinstance(checkpoint, nn.Module):
         # A CPU copy: the caller's module keeps its device and training mode.
+        checkpoint = compiled_inner(checkpoint)  # the network, not torch.compile's wrapper
         model = copy.deepcopy(checkpoint).cpu()
         source, recorded, challenge = type(checkpoint).__name__, None, None
         role_name = resolve_role(checkpoint, role)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..models.checkpoint import compiled_inner
 from ..models.dccnn import output_only_hook
 from .deferred import KEEPS_OUTPUT, tap_feature
 
@@ -45,14 +46,6 @@ class ForwardCall:
     kwargs: Dict[str, Any]
     output: Any = None
     finished: bool = field(default=False, repr=False)
-
-
-def compiled_inner(model: nn.Module) -> nn.Module:
-    """The network a ``torch.compile`` wrapper holds (``_orig_mod``), else ``model`` itself:
-    layer names and default pairings refer to it, so ``cascades.0.cnn.relu1`` names the same
-    layer of a compiled network as of the plain one."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def find_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:

@@ -46,8 +46,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
+from ..models.checkpoint import compiled_inner
 from ..models.dccnn import ConvBlock, DCCNNCascade
-from .hooks import compiled_inner, find_module
+from .hooks import find_module
 
 __all__ = [
     "OUTPUT",

@@ -111,6 +111,14 @@ def _is_program(path: Path) -> bool:
     return any("/models/" in n for n in names) and any("/data/weights/" in n for n in names)
 
 
+def compiled_inner(model: nn.Module) -> nn.Module:
+    """The network a ``torch.compile`` wrapper holds (``_orig_mod``), else ``model`` itself:
+    layer names and default pairings refer to it, so ``cascades.0.cnn.relu1`` names the same
+    layer of a compiled network as of the plain one."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     """The entries of ``state_dict`` under ``prefix`` (e.g. ``"model."``), prefix removed."""
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -211,6 +219,7 @@ def save_model_checkpoint(
         TypeError: ``model`` records no ``config`` (e.g. a bare fastMRI ``VarNet``: wrap it
             in ``CascadedVarNet``): :func:`load_model` could not rebuild it.
     """
+    model = compiled_inner(model)  # a torch.compile wrapper keys every weight "_orig_mod."
     if not isinstance(getattr(model, "config", None), Mapping):
         problem = getattr(model, "config_problem", None)
         reason = problem() if callable(problem) else None
@@ -325,6 +334,11 @@ def load_model(
             )
         preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
         _check_sft_export_role(path, meta, role)
+    elif kind in ("lightning", "sft") and not isinstance(ckpt["state_dict"], Mapping):
+        raise CheckpointError(
+            f"{path}: its 'state_dict' entry is a {type(ckpt['state_dict']).__name__}; "
+            "expected a mapping of parameter names to tensors (a damaged checkpoint?)"
+        )
     elif kind == "lightning":
         hp = ckpt["hyper_parameters"]
         preset = hp.get("model_preset", hp.get("preset"))
@@ -355,7 +369,11 @@ def load_model(
                 " (this SFT checkpoint's teacher; its student initialisation is the "
                 "sft_student_init.ckpt export beside it, or role='student')"
             )
-        raise CheckpointError(f"{path} holds preset {preset!r}, expected {expected_preset!r}{hint}")
+        held = f"preset {preset!r}"
+        if preset is None:  # e.g. a CascadedVarNet: say what it is instead
+            kind_of = (config or {}).get("architecture") if isinstance(config, Mapping) else None
+            held = f"a {kind_of or 'network'} without a preset"
+        raise CheckpointError(f"{path} holds {held}, expected {expected_preset!r}{hint}")
     if not config:
         raise CheckpointError(f"{path}: checkpoint records no model config (role {role!r})")
     if not state:
@@ -410,6 +428,12 @@ def init_from_checkpoint(
     ours = getattr(model, "config", None)
     theirs = getattr(source, "config", None)
     if ours is not None and theirs is not None:
+        kinds = [c.get("architecture") or "DC-CNN" for c in (ours, theirs)]
+        if kinds[0] != kinds[1]:  # no override turns one kind of network into the other
+            raise CheckpointError(
+                f"{path}: holds a {kinds[1]} network; the network to initialise is a "
+                f"{kinds[0]} (build a {kinds[1]} to start from this checkpoint)"
+            )
         keys = [
             k
             for k in sorted(set(ours) | set(theirs))
@@ -425,5 +449,5 @@ def init_from_checkpoint(
                 f"{path}: {what} with another configuration: {differing} (build the network "
                 f"like it: {overrides_option} {overrides}, or the same overrides in Python)"
             )
-    load_state_dict_strict(model, source.state_dict(), source=str(path))
+    load_state_dict_strict(compiled_inner(model), source.state_dict(), source=str(path))
     return model

@@ -149,3 +149,26 @@ def test_checkpoint_kind_takes_a_file_or_a_dict(tmp_path):
 
     path = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "m.pt")
     assert checkpoint_kind(path) == checkpoint_kind(torch.load(path, weights_only=True)) == "model"
+
+
+def test_a_lightning_checkpoint_with_a_damaged_state_dict_is_named(tmp_path):
+    hp = {"model_preset": "dccnn_d3c5", "model_config": {"num_cascades": 1}}
+    torch.save({"state_dict": [1, 2], "hyper_parameters": hp}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="bad.ckpt: its 'state_dict' entry is a list"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+def test_a_compiled_network_is_saved_and_initialised_as_the_network_it_wraps(tmp_path):
+    """torch.compile's wrapper keys every weight ``_orig_mod.``: written as is, the file
+    could not be loaded (every weight missing)."""
+    from sftkd_fastmri.models import init_from_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4)
+    compiled = torch.compile(model)  # wraps only; nothing compiles until it is called
+    path = save_model_checkpoint(compiled, tmp_path / "c.pt")
+    assert list(load_model(path).state_dict()) == list(model.state_dict())
+    target = torch.compile(create_model("dccnn_d3c5", chans=4))
+    init_from_checkpoint(target, path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(target._orig_mod.state_dict()[key], value)

@@ -88,3 +88,14 @@ def test_a_varnet_of_another_layout_has_no_config(tmp_path):
     with pytest.raises(TypeError, match="not laid out as fastMRI's VarNet"):
         save_model_checkpoint(model, tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_varnet_checkpoint_given_to_a_dccnn_names_both_kinds(tmp_path):
+    from sftkd_fastmri.models import DCCNN, init_from_checkpoint
+
+    path = save_model_checkpoint(_varnet(), tmp_path / "varnet.pt")
+    # not a list of --model-overrides (no override turns a DC-CNN into a VarNet)
+    with pytest.raises(CheckpointError, match="holds a cascaded_varnet network; .* a DC-CNN"):
+        init_from_checkpoint(DCCNN(num_cascades=2, depth=3, chans=4), path)
+    with pytest.raises(CheckpointError, match="a cascaded_varnet without a preset, expected .dccnn_d3c5."):
+        init_from_checkpoint(create_model("dccnn_d3c5", chans=4), path)
