@@ -27,9 +27,10 @@ models.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -208,6 +209,16 @@ def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any], kind: str) -> Optiona
     if cfg.get("resume", True) is False or not last.is_file():
         return None
     check_run_settings(cfg, out_dir, stage=kind)
+    # not an identity key of a run (a train command may change it on resume), but one stage
+    # of a study trains at one setting: the report states it
+    recorded, limit = _recorded(out_dir, "limit_train_batches"), cfg.get("limit_train_batches")
+    if recorded is not None and limit is not None and _batches(recorded) != _batches(limit):
+        raise ValueError(
+            f"{out_dir} holds an unfinished stage trained with limit_train_batches="
+            f"{recorded}; this study asks for {limit}, and resuming would mix the two in one "
+            "stage. Ask for the same, use another out_dir, or remove that folder to train the "
+            "stage again"
+        )
     trained = _trained_epochs(last)
     if trained is not None and trained > int(cfg["max_epochs"]):
         raise ValueError(
@@ -216,6 +227,15 @@ def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any], kind: str) -> Optiona
             "another out_dir, or remove that folder to train the stage again"
         )
     return trained
+
+
+def _recorded(out_dir: Path, key: str) -> Any:
+    """Option ``key`` as the run in ``out_dir`` recorded it (``None``: no record or key)."""
+    try:
+        record = json.loads((out_dir / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get(key) if isinstance(record, dict) else None
 
 
 #: The kind of run each stage runner records (``run_config.json``).
@@ -459,18 +479,32 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
         return None
 
     print(f"[eval] scoring every model on {cfg['challenge']}_{cfg['test_split']}", flush=True)
-    loader = build_datamodule(cfg).test_dataloader()
+    loaders = _test_loaders(cfg, seeds)
+    loader = loaders[seeds[0]]  # the figures' and the profile's inputs
     example = _example_inputs(loader)
-    zero = evaluate_model(None, loader, progress=False)
-    entries = [ModelEntry("zero_filled", "Zero-filled", "baseline", zero.metrics)]
-    recons: Dict[str, Dict[str, np.ndarray]] = {"Zero-filled": zero.reconstructions}
+    entries: List[ModelEntry] = []
+    recons: Dict[str, Dict[str, np.ndarray]] = {}
+    mask_per_seed = len({id(x) for x in loaders.values()}) > 1
+    for seed in seeds if mask_per_seed else seeds[:1]:
+        zero = evaluate_model(None, loaders[seed], progress=False)
+        entries.append(
+            ModelEntry(
+                "zero_filled",
+                "Zero-filled",
+                "baseline",
+                zero.metrics,
+                seed=seed if mask_per_seed else None,
+            )
+        )
+        if seed == seeds[0]:
+            recons["Zero-filled"] = zero.reconstructions
     profiles: Dict[Tuple, Dict[str, Any]] = {}
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     show = bool(cfg.get("progress", True))
     for seed, models in per_seed.items():
         for key, (path, info) in models.items():
             model = load_reconstruction_model(path)
-            result = evaluate_model(model, loader, device=device, progress=show)
+            result = evaluate_model(model, loaders[seed], device=device, progress=show)
             psnr = float(np.mean([v.psnr for v in result.metrics]))
             print(f"[eval] {key} (seed {seed}): PSNR {psnr:.2f} dB", flush=True)
             # architecture-level numbers, once per architecture: networks of the same
@@ -508,6 +542,17 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     files.update(_figures(report, entries, recons, loader, out_dir, figure_volume))
     atomic_write_text(out_dir / "stages.log", "\n".join(log) + "\n")
     return StudyResult(report, out_dir, files)
+
+
+def _test_loaders(cfg: Dict[str, Any], seeds: Sequence[int]) -> Dict[int, Any]:
+    """The test loader of each seed. A fixed mask drawn from the seed (``fixed_mask`` without
+    ``mask_path``) differs between seeds, and each seed's models are scored on the mask they
+    were trained and selected with (and the zero-filled baseline on each); otherwise every
+    seed shares one loader (random-type test masks are seeded by file name)."""
+    if cfg["fixed_mask"] and not cfg.get("mask_path"):
+        return {seed: build_datamodule({**cfg, "seed": seed}).test_dataloader() for seed in seeds}
+    shared = build_datamodule(cfg).test_dataloader()
+    return {seed: shared for seed in seeds}
 
 
 def _architecture(model: torch.nn.Module) -> Tuple:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Type
 
 import pytorch_lightning as pl
+import torch
 from fastmri.data.transforms import center_crop_to_smallest
 from fastmri.pl_modules import MriModule, UnetModule, VarNetModule
 from torch import Tensor
@@ -192,7 +193,24 @@ class VarNetModule2(Lightning2MriMixin, VarNetModule):
         return super().validation_step(_in_file_units(batch), batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
-        return super().test_step(_in_file_units(batch), batch_idx)
+        return super().test_step(_one_crop_size(_in_file_units(batch)), batch_idx)
+
+
+def _one_crop_size(batch: Any) -> Any:
+    """The batch with one ``(h, w)`` crop size: collated, ``crop_size`` is two ``(B,)``
+    tensors, which fastMRI's ``test_step`` compares as numbers (an error for ``B > 1``)."""
+    crop = getattr(batch, "crop_size", None)
+    if crop is None or not any(isinstance(v, Tensor) for v in crop):
+        return batch
+    values = [v.reshape(-1) if isinstance(v, Tensor) else torch.tensor([int(v)]) for v in crop]
+    if any(bool((v != v[0]).any()) for v in values):
+        sizes = sorted({tuple(int(v[i]) for v in values) for i in range(len(values[0]))})
+        raise ValueError(
+            f"a test batch of slices with different reconstruction sizes {sizes} (files "
+            f"{sorted(set(batch.fname))}); use batch_size 1 or batches of one shape "
+            "(FastMRIDataModule's ShapeBatchSampler)"
+        )
+    return batch._replace(crop_size=tuple(int(v[0]) for v in values))
 
 
 def _scale_of(batch: Any) -> Optional[Tensor]:

@@ -253,3 +253,44 @@ def test_a_ddp_study_trains_on_every_rank_and_reports_once(tiny_demo, tmp_path):
     assert proc.stdout.count("report and figures in") == 1
     report = json.loads((out_dir / "report.json").read_text())
     assert {m["key"] for m in report["models"]} >= {"teacher", "kd_sft/imitation"}
+
+
+def test_a_fixed_mask_drawn_from_each_seed_scores_each_seed_on_its_own_mask(tiny_demo):
+    """With ``fixed_mask`` the mask is drawn from the run's seed: scoring every seed's models
+    on the first seed's mask reported them on a mask they never saw."""
+    from sftkd_fastmri.cli.options import resolve
+    from sftkd_fastmri.experiment.builders import build_datamodule
+    from sftkd_fastmri.pipeline import STUDY_DEFAULTS
+    from sftkd_fastmri.pipeline.study import _test_loaders
+
+    cfg = {**STUDY_DEFAULTS, **resolve(("data", "optim", "trainer", "runtime"), {}, {})}
+    cfg.update(data_path=str(tiny_demo), challenge="multicoil", test_split="test_full")
+
+    def first_mask(loader):
+        return next(iter(loader)).mask
+
+    fixed = _test_loaders({**cfg, "fixed_mask": True}, [0, 1])
+    for seed in (0, 1):  # the mask each seed's runs trained and validated with
+        own = build_datamodule({**cfg, "fixed_mask": True, "seed": seed}).val_dataloader()
+        assert (first_mask(fixed[seed]) == first_mask(own)).all()
+    assert not (first_mask(fixed[0]) == first_mask(fixed[1])).all()
+    shared = _test_loaders({**cfg, "fixed_mask": False}, [0, 1])
+    assert shared[0] is shared[1]  # random-type test masks are seeded by file name
+
+
+def test_an_unfinished_stage_is_not_resumed_at_other_batches_per_epoch(tmp_path):
+    """A finished stage trained at another limit_train_batches is refused; an unfinished one
+    was resumed at the new setting, mixing both in one stage."""
+    from sftkd_fastmri.cli.options import resolve
+    from sftkd_fastmri.experiment.run_record import RUN_CONFIG_FILE, run_record
+    from sftkd_fastmri.experiment.runs import last_checkpoint
+    from sftkd_fastmri.pipeline.study import _unfinished_epochs
+
+    cfg = resolve(("data", "optim", "trainer", "runtime", "model"), {}, {})
+    cfg.update(data_path=str(tmp_path), challenge="multicoil", limit_train_batches=2)
+    stage = tmp_path / "teacher"
+    last_checkpoint(stage).parent.mkdir(parents=True)
+    last_checkpoint(stage).write_bytes(b"")  # an interrupted run's checkpoint
+    (stage / RUN_CONFIG_FILE).write_text(json.dumps(run_record({**cfg, "stage": "train"})))
+    with pytest.raises(ValueError, match="limit_train_batches=2; this study asks for 1.0"):
+        _unfinished_epochs(stage, {**cfg, "limit_train_batches": 1.0}, "train")

@@ -97,5 +97,7 @@ def test_a_varnet_checkpoint_given_to_a_dccnn_names_both_kinds(tmp_path):
     # not a list of --model-overrides (no override turns a DC-CNN into a VarNet)
     with pytest.raises(CheckpointError, match="holds a cascaded_varnet network; .* a DC-CNN"):
         init_from_checkpoint(DCCNN(num_cascades=2, depth=3, chans=4), path)
-    with pytest.raises(CheckpointError, match="a cascaded_varnet without a preset, expected .dccnn_d3c5."):
+    with pytest.raises(
+        CheckpointError, match="a cascaded_varnet without a preset, expected .dccnn_d3c5."
+    ):
         init_from_checkpoint(create_model("dccnn_d3c5", chans=4), path)

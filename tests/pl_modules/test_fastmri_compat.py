@@ -241,3 +241,22 @@ def test_varnet_module_on_normalised_samples_scores_in_the_files_units(demo_root
         (expected).unsqueeze(1), (batch.target * scale).unsqueeze(1), data_range=batch.max_value
     )
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+
+
+def test_varnet_module_tests_batches_of_several_slices(demo_root):
+    """Collated, crop_size is two (B,) tensors, which fastMRI's test_step compared as numbers
+    ("Boolean value of Tensor ... ambiguous") for B > 1."""
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+    from sftkd_fastmri.pl_modules.fastmri_compat import _one_crop_size
+
+    module = VarNetModule2(**TINY_VARNET).eval()
+    data = FastMRIDataModule(demo_root, challenge="multicoil", batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    assert batch.crop_size[0].shape == (2,)
+    with torch.no_grad():
+        out = module.test_step(batch, 0)
+    assert out["output"].shape == (2, *batch.target.shape[-2:])
+    mixed = batch._replace(crop_size=(torch.tensor([8, 8]), torch.tensor([8, 6])))
+    with pytest.raises(ValueError, match=r"different reconstruction sizes \[\(8, 6\), \(8, 8\)\]"):
+        _one_crop_size(mixed)
