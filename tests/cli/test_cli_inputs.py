@@ -66,7 +66,7 @@ def test_a_study_whose_profile_device_is_missing_fails_before_training(tmp_path)
 
 def test_pipeline_resume_false_trains_every_stage_from_the_start(tmp_path, monkeypatch):
     """It skipped finished stages and labelled a stage it then restarted 'training on'."""
-    from sftkd_fastmri.pipeline import study
+    from sftkd_fastmri.pipeline import stages
 
     calls = []
 
@@ -74,11 +74,11 @@ def test_pipeline_resume_false_trains_every_stage_from_the_start(tmp_path, monke
         calls.append(cfg)
         return "trained"
 
-    monkeypatch.setitem(study._KIND, runner, "train")
+    monkeypatch.setitem(stages._KIND, runner, "train")
     finished = object()  # a stage that finished earlier
-    monkeypatch.setattr(study.StageResult, "load", staticmethod(lambda out_dir: finished))
+    monkeypatch.setattr(stages.StageResult, "load", staticmethod(lambda out_dir: finished))
     log = []
-    result = study._stage("teacher", {"resume": False, "max_epochs": 2}, tmp_path, runner, log)
+    result = stages._stage("teacher", {"resume": False, "max_epochs": 2}, tmp_path, runner, log)
     assert result == "trained" and calls[0]["resume"] is False
     assert log[0].startswith("[new ] teacher") and "resume false" in log[0]
 

@@ -77,11 +77,13 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(
     assert log.count("[skip]") == 8 and "[done]" not in log
     # under DDP the ranks other than zero train the stages with it, and leave the scoring
     # and the report to rank zero
+    import sftkd_fastmri.pipeline.stages as stages
     import sftkd_fastmri.pipeline.study as study
 
     capsys.readouterr()
     (out_dir / "report.md").unlink()
-    monkeypatch.setattr(study, "_is_rank_zero", lambda: False)
+    for module in (study, stages):
+        monkeypatch.setattr(module, "_is_rank_zero", lambda: False)
     assert main(["pipeline", "--config", str(path)]) == 0
     monkeypatch.undo()
     assert capsys.readouterr().out == ""  # the stage lines come once, from rank zero
@@ -122,7 +124,7 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(
 
     # more epochs for the KD stages: those train on from their last epoch, the rest is reused;
     # (another DDP rank removing done.json first is no error)
-    reuse = study._reuse_or_train_on
+    reuse = stages._reuse_or_train_on
 
     def other_rank_first(done, cfg):
         more = reuse(done, cfg)
@@ -130,7 +132,7 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(
             (Path(done.out_dir) / "done.json").unlink()
         return more
 
-    monkeypatch.setattr(study, "_reuse_or_train_on", other_rank_first)
+    monkeypatch.setattr(stages, "_reuse_or_train_on", other_rank_first)
     path.write_text(yaml.safe_dump({**config, "epochs": {"kd": 2}}))
     assert main(["pipeline", "--config", str(path)]) == 0
     monkeypatch.undo()
@@ -284,7 +286,7 @@ def test_an_unfinished_stage_is_not_resumed_at_other_batches_per_epoch(tmp_path)
     from sftkd_fastmri.cli.options import resolve
     from sftkd_fastmri.experiment.run_record import RUN_CONFIG_FILE, run_record
     from sftkd_fastmri.experiment.runs import last_checkpoint
-    from sftkd_fastmri.pipeline.study import _unfinished_epochs
+    from sftkd_fastmri.pipeline.stages import _unfinished_epochs
 
     cfg = resolve(("data", "optim", "trainer", "runtime", "model"), {}, {})
     cfg.update(data_path=str(tmp_path), challenge="multicoil", limit_train_batches=2)
