@@ -45,7 +45,8 @@ class FiniteLossCheck(Callback):
         raise NonFiniteLossError(
             f"the training loss is {value} at epoch {trainer.current_epoch}, step "
             f"{trainer.global_step}{f' (batch: {shown})' if shown else ''}; stopped before it "
-            "reached the weights. Check those slices, or lower the learning rate / loss weights"
+            f"reached the weights. Check {'those slices' if shown else 'the batch'}, or lower "
+            "the learning rate / loss weights"
         )
 
 

@@ -70,15 +70,17 @@ class AttentionTransfer(KDLoss):
     Channel counts may differ between student and teacher; spatial sizes must match.
 
     Args:
-        p: Exponent applied to the channel magnitudes before summing (paper: 2).
+        p: Exponent applied to the channel magnitudes before summing (paper: 2; >= 1).
         normalize: ``"sample"`` (paper) or ``"batch"`` (KD-MRI bug, comparison only).
         squared: Use the mean squared difference instead of the mean per-sample distance.
     """
 
     def __init__(self, p: float = 2.0, normalize: str = "sample", squared: bool = False) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:
-            raise ValueError(f"AttentionTransfer: p must be a positive finite number, got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 1 <= p < math.inf:
+            # below 1, |f|^p has an infinite slope at 0 (ReLU outputs are often exactly 0):
+            # NaN gradients
+            raise ValueError(f"AttentionTransfer: p must be a finite number >= 1, got {p!r}")
         if normalize not in ("sample", "batch"):
             raise ValueError(
                 f"AttentionTransfer: normalize must be 'sample' or 'batch', got {normalize!r}"

@@ -16,7 +16,8 @@ loss           default pairs (every student cascade ``i`` unless stated)
 ``fitnet``     the middle cascade's output, ``cascades.{n_s // 2}`` with ``cascades.{t(n_s//2)}``
                (the 3rd of 5, as in KD-MRI's FitNets (Romero et al., ICLR 2015) setup).
 ``sp``, ``cc`` every cascade output ``cascades.{i}`` with ``cascades.{t(i)}``
-               (Tung & Mori 2019; Peng et al. 2019 relate samples; any shapes work).
+               (Tung & Mori 2019; Peng et al. 2019 relate samples; any 4-D features
+               ``(B, C, H, W)`` work, of any channel count or size).
 ``fsp``        per cascade two pairs, the block's first and last ReLU: student
                ``(relu0, relu{d_s-2})`` with teacher ``(relu0, relu{d_t-2})``, so the FSP
                matrices (Yim et al., CVPR 2017) are ``chans x chans`` (32 x 32 in the paper

@@ -326,11 +326,13 @@ def test_validation_messages_name_loss_pair_and_shapes():
 def test_constructor_option_validation():
     with pytest.raises(ValueError, match="normalize"):
         AttentionTransfer(normalize="channel")
-    with pytest.raises(ValueError, match="p must be a positive finite number"):
+    with pytest.raises(ValueError, match="p must be a finite number >= 1"):
         AttentionTransfer(p=0)
-    with pytest.raises(ValueError, match=r"p must be a positive finite number, got '2'"):
+    with pytest.raises(ValueError, match="p must be a finite number >= 1, got 0.5"):
+        AttentionTransfer(p=0.5)  # NaN gradients at exact zeros
+    with pytest.raises(ValueError, match=r"p must be a finite number >= 1, got '2'"):
         AttentionTransfer(p="2")  # e.g. from a config read as text
-    with pytest.raises(ValueError, match="p must be a positive finite number, got inf"):
+    with pytest.raises(ValueError, match="p must be a finite number >= 1, got inf"):
         AttentionTransfer(p=float("inf"))  # gave a NaN loss
     with pytest.raises(ValueError, match="gamma"):
         CorrelationCongruence(gamma=-1.0)
