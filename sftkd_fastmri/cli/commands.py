@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -47,11 +48,11 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     )
     if args.image_size:
         kwargs["image_size"] = tuple(args.image_size)
-    if args.num_coils:
+    if args.num_coils is not None:
         kwargs["num_coils"] = args.num_coils
-    if args.volumes:
+    if args.volumes is not None:
         kwargs["volumes_per_split"] = args.volumes
-    if args.slices:
+    if args.slices is not None:
         kwargs["slices_per_volume"] = args.slices
     try:
         info = write_demo_data(args.out_dir, **kwargs)
@@ -230,11 +231,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     source = args.config or "the config"
     seeds = cfg.get("seeds")
     if seeds is not None:
-        items = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+        if not isinstance(seeds, (list, tuple)):  # "seeds: 3" read as three seeds, or seed 3?
+            raise SystemExit(
+                f"error: {source}: seeds: expected a list of seeds such as [0, 1, 2], got "
+                f"{seeds!r} (one seed: [{seeds}], or seed: {seeds})"
+            )
         try:
-            cfg["seeds"] = [nonnegative_int(s) for s in items]
+            cfg["seeds"] = [nonnegative_int(s) for s in seeds]
         except argparse.ArgumentTypeError as err:
             raise SystemExit(f"error: {source}: seeds: {err} (a list such as [0, 1, 2])") from None
+    if "max_epochs" in vars(args) and cfg.get("epochs") is not None:
+        # flags override the file: --max-epochs sets every stage's epochs
+        print(
+            f"note: --max-epochs {args.max_epochs} sets the epochs of every stage; "
+            f"{source}'s epochs {cfg['epochs']!r} ignored",
+            file=sys.stderr,
+        )
+        cfg["epochs"] = None
     try:
         cfg["controls"] = list(parse_controls(cfg["controls"]))
     except ValueError as err:

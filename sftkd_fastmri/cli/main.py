@@ -72,10 +72,11 @@ STUDY_KEY_HELP = {
     "kd_epochs": "two_stage: epochs of KD alone before the fine-tuning",
     "layers": "KD layer pairings per method (default: the presets' pairings)",
     "loss_options": "options per KD method, e.g. {at: {p: 2}}",
-    "epochs": "epochs per stage: a number, or {teacher, student, sft, kd} (default: max_epochs)",
+    "epochs": "epochs per stage: a number, or {teacher, student, sft, kd} (default: "
+    "max_epochs; a --max-epochs flag replaces it)",
     "controls": "controls of a fair comparison: true (= [a]), false, or [a, b]: (a) the SFT "
     "student initialisation without KD, (b) Std-KD for the SFT and KD epochs together",
-    "seeds": "seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
+    "seeds": "a list of seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
     "train_first_student_cascade": "SFT branch 0 trains the student's first cascade",
     "teacher_weight": "SFT loss weight of the teacher term",
     "branch_weight": "SFT loss weight of the student-branch term",
@@ -163,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--num-coils", type=int)
-    p.add_argument("--volumes", type=int, help="volumes per split")
-    p.add_argument("--slices", type=int, help="slices per volume")
+    p.add_argument("--num-coils", type=_positive_int)
+    p.add_argument("--volumes", type=_positive_int, help="volumes per split")
+    p.add_argument("--slices", type=_positive_int, help="slices per volume")
     p.add_argument("--backend", default="auto", choices=("auto", "nilearn", "phantom"))
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

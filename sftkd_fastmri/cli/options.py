@@ -25,6 +25,7 @@ __all__ = [
     "fraction_or_count",
     "load_config",
     "mapping_option",
+    "overrides_option",
     "resolve",
 ]
 
@@ -157,6 +158,20 @@ def mapping_option(text: str) -> Dict[str, Any]:
     return out
 
 
+def overrides_option(text: str) -> Dict[str, Any]:
+    """``chans=16,dc_mode=soft`` or JSON -> dict: as :func:`mapping_option`, but every item
+    needs its value (a bare name would be read as ``1.0``)."""
+    out = mapping_option(text)
+    if isinstance(text, str) and not text.strip().startswith("{"):
+        bare = [p.strip() for p in text.split(",") if p.strip() and "=" not in p]
+        if bare:
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE items (e.g. chans=16,dc_mode=soft), got {', '.join(bare)} "
+                "without a value"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -285,7 +300,7 @@ GROUPS: Dict[str, List[Option]] = {
     ],
     "model": [
         _O("model", "dccnn_d5c5", "model preset (see `sftkd-fastmri models`)", text_value),
-        _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", mapping_option),
+        _O("model_overrides", {}, "preset overrides, e.g. chans=16,dc_mode=soft", overrides_option),
         _O(
             "init_checkpoint",
             None,
@@ -296,8 +311,8 @@ GROUPS: Dict[str, List[Option]] = {
     "sft": [
         _O("teacher", "dccnn_d5c5", "teacher preset", text_value),
         _O("student", "dccnn_d3c5", "student preset", text_value),
-        _O("teacher_overrides", {}, "teacher preset overrides", mapping_option),
-        _O("student_overrides", {}, "student preset overrides", mapping_option),
+        _O("teacher_overrides", {}, "teacher preset overrides", overrides_option),
+        _O("student_overrides", {}, "student preset overrides", overrides_option),
         _O(
             "init_teacher",
             None,

@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -205,9 +205,11 @@ def _input_challenge(cfg: Dict[str, Any]) -> str:
     return "singlecoil" if cfg.get("kspace_from_target") else cfg["challenge"]
 
 
-def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
+def _warn_if_other_challenge(
+    checkpoint: os.PathLike, challenge: str, use: str = "evaluating it"
+) -> None:
     """A network trained on single-coil data scored on multi-coil data (or the reverse) runs,
-    but is not what anyone means to measure: say so."""
+    but is not what anyone means to measure: say so. ``use`` says what is done with it."""
     from ..export.deploy import _recorded_challenge
 
     try:
@@ -216,10 +218,18 @@ def _warn_if_other_challenge(checkpoint: os.PathLike, challenge: str) -> None:
         return
     if recorded is not None and recorded != challenge:
         warnings.warn(
-            f"{checkpoint} was trained on {recorded} k-space; evaluating it on {challenge} "
+            f"{checkpoint} was trained on {recorded} k-space; {use} on {challenge} "
             "data (--challenge, --kspace-from-target)",
             stacklevel=2,
         )
+
+
+def _warn_inputs_of_other_challenge(cfg: Dict[str, Any], uses: Mapping[str, str]) -> None:
+    """:func:`_warn_if_other_challenge` for each checkpoint option of ``uses`` that is set
+    (option -> what the run does with that network)."""
+    for key, use in uses.items():
+        if cfg.get(key):
+            _warn_if_other_challenge(cfg[key], _input_challenge(cfg), use)
 
 
 def last_checkpoint(out_dir: os.PathLike) -> Path:
@@ -381,6 +391,7 @@ def _train_single_network(
     from ..pl_modules import DCCNNModule
 
     out_dir = _out_dir(cfg, f"runs/{name}")
+    _warn_inputs_of_other_challenge(cfg, {"init_checkpoint": "training from it"})
     _seed(cfg)  # the initial weights follow the stage's seed, whatever ran before
     module = DCCNNModule(
         model_preset=cfg["model"],
@@ -425,6 +436,9 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
     for role in ("teacher", "student"):
         _check_preset_option(cfg, role)
     out_dir = _out_dir(cfg, "runs/sft")
+    _warn_inputs_of_other_challenge(
+        cfg, {"init_teacher": "training from it", "init_student": "training from it"}
+    )
     _seed(cfg)  # the initial weights follow the stage's seed, whatever ran before
     module = SFTModule(
         teacher_preset=cfg["teacher"],
@@ -460,6 +474,7 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
         raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
     check_batch_size(cfg["methods"], cfg["batch_size"], "--batch-size")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
+    _warn_inputs_of_other_challenge(cfg, {"teacher_checkpoint": "distilling it"})
     if dccnn_structure(teacher) is not None:  # before the data: a pairing that cannot work
         student = create_model(cfg["model"], **dict(cfg.get("model_overrides") or {}))
         check_distillation(

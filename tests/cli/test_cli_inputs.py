@@ -130,3 +130,68 @@ def test_a_closed_stdout_ends_the_command_quietly(monkeypatch):
         monkeypatch.setattr("sys.stdout", stdout)
         assert main(["models"]) == 141  # no traceback: BrokenPipeError is not raised
         print("more output", file=stdout)  # later writes (the final flush) go nowhere
+
+
+def test_inputs_of_the_other_challenge_warn_in_training_commands(tmp_path, capsys):
+    """evaluate warned about a network trained on the other challenge; distill, sft and
+    train took one silently."""
+    from sftkd_fastmri.models import create_model, save_model_checkpoint
+
+    single = save_model_checkpoint(
+        create_model("dccnn_d5c5", chans=4), tmp_path / "t.pt", extra={"challenge": "singlecoil"}
+    )
+    (tmp_path / "data").mkdir()  # no split folders: each command stops at reading the data
+    common = ["--data-path", str(tmp_path / "data"), "--challenge", "multicoil"]
+    common += ["--out-dir", str(tmp_path / "out")]
+    runs = {
+        "distilling it": ["distill", "--teacher", str(single), "--method", "imitation"],
+        "training from it": ["train", "--model", "dccnn_d5c5", "--init-checkpoint", str(single)],
+    }
+    for use, argv in runs.items():
+        assert main([*argv, *common, "--model-overrides", "chans=4"]) == 2
+        err = capsys.readouterr().err
+        assert f"t.pt was trained on singlecoil k-space; {use} on multicoil data" in err
+        assert "multicoil_train does not exist" in err
+
+
+def test_flags_and_keys_read_as_they_are_meant(tmp_path, capsys):
+    from sftkd_fastmri.cli.options import overrides_option
+
+    # a bare key was read as 1.0 ("chans must be an integer >= 1, got 1.0")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--model-overrides", "chans"])
+    assert "expected KEY=VALUE items (e.g. chans=16,dc_mode=soft), got chans" in (
+        capsys.readouterr().err
+    )
+    assert overrides_option("chans=8,dc_mode=soft") == {"chans": 8, "dc_mode": "soft"}
+    # 0 volumes / slices / coils fell back to the defaults
+    for flag in ("--volumes", "--slices", "--num-coils"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["make-demo-data", str(tmp_path), flag, "0"])
+        assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+    # "seeds: 3" ran the one seed 3
+    config = tmp_path / "study.yaml"
+    config.write_text("seeds: 3\n")
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert "seeds: expected a list of seeds such as [0, 1, 2], got 3" in capsys.readouterr().err
+
+
+def test_max_epochs_flag_overrides_a_configs_epochs(tmp_path, monkeypatch, capsys):
+    """Flags override the file: --max-epochs was silently beaten by a config's epochs."""
+    from sftkd_fastmri.pipeline import study
+
+    seen = {}
+
+    def fake_study(cfg):
+        seen.update(cfg)
+        raise SystemExit("error: stopped")
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    monkeypatch.setattr("sftkd_fastmri.pipeline.run_study", fake_study)
+    config = tmp_path / "study.yaml"
+    config.write_text("epochs: {teacher: 150, kd: 100}\n")
+    assert main(["pipeline", "--config", str(config), "--max-epochs", "1"]) == 2
+    assert seen["epochs"] is None and seen["max_epochs"] == 1
+    assert "--max-epochs 1 sets the epochs of every stage" in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(config)]) == 2
+    assert seen["epochs"] == {"teacher": 150, "kd": 100}
