@@ -45,6 +45,17 @@ def _check_layout(masked_kspace: Tensor, mask: Tensor) -> None:
             f"mask must be (B, 1, 1, W, 1) with the k-space's W = {masked_kspace.size(3)}, "
             f"got shape {mask.shape}"
         )
+    if mask.size(0) != masked_kspace.size(0) and mask.size(0) != 1:
+        raise ValueError(
+            f"mask has a batch of {mask.size(0)} for k-space of batch {masked_kspace.size(0)}: "
+            "one mask per slice, or one (batch 1) for all"
+        )
+
+
+def _batch_mask(masked_kspace: Tensor, mask: Tensor) -> Tensor:
+    """A boolean mask per slice: one mask for the whole batch (batch 1) repeated, as the eager
+    network broadcasts it (a torch.export program's batch dimension takes no broadcast)."""
+    return mask.to(torch.bool).expand([masked_kspace.size(0), -1, -1, -1, -1])
 
 
 class _SingleCoilGuard(nn.Module):
@@ -64,7 +75,8 @@ class _SingleCoilGuard(nn.Module):
                 f"has {masked_kspace.size(1)} coils; multi-coil data need an export with "
                 "sens_maps (export --coils N)"
             )
-        return self.inner(masked_kspace, mask.to(torch.bool))  # fastMRI's masks are float
+        # fastMRI's masks are float
+        return self.inner(masked_kspace, _batch_mask(masked_kspace, mask))
 
 
 class _MultiCoilGuard(nn.Module):
@@ -88,7 +100,7 @@ class _MultiCoilGuard(nn.Module):
                 f"sens_maps must have the k-space's shape {masked_kspace.shape}, "
                 f"got {sens_maps.shape}"
             )
-        return self.inner(masked_kspace, mask.to(torch.bool), sens_maps)
+        return self.inner(masked_kspace, _batch_mask(masked_kspace, mask), sens_maps)
 
 
 def _guarded(module: nn.Module, coils: int) -> torch.jit.ScriptModule:

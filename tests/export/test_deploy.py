@@ -225,7 +225,7 @@ def test_pt2_program_reproduces_eager_output_at_any_batch_size_and_coil_count(
 def test_exports_take_fastmri_float_masks_and_name_missing_sens_maps(tmp_path):
     torch.manual_seed(0)
     net = create_model("dccnn_d3c5", chans=4, num_cascades=2)
-    kspace, mask, sens = _inputs(coils=3)
+    kspace, mask, sens = _inputs(batch=2, coils=3)
     want = _eager(net, (kspace, mask, sens))
     pt2 = export_model(net, tmp_path / "m.pt2", format="pt2", coils=3)  # default 320 x 320
     # the example k-space is not stored: the file holds the program and the weights
@@ -236,8 +236,14 @@ def test_exports_take_fastmri_float_masks_and_name_missing_sens_maps(tmp_path):
     with pytest.raises(CheckpointError, match="is a torch.export .pt2. export"):
         read_checkpoint(pt2)
     assert load_pt2_export(pt2)[0].eval() is not None  # a mode switch is no error
+    shared = mask[:1]  # one mask for the whole batch, as the eager network broadcasts it
+    assert mask.shape[0] > 1 and (mask == shared).all()
     for module in (load_pt2_export(pt2)[0], load_torchscript_export(ts)[0]):
         torch.testing.assert_close(module(kspace, mask.float(), sens), want, atol=1e-5, rtol=0)
+        # the pt2 program alone refuses a batch-1 mask (its batch dimension is one symbol)
+        torch.testing.assert_close(module(kspace, shared, sens), want, atol=1e-5, rtol=0)
+        with pytest.raises(Exception, match="mask has a batch of 3 for k-space of batch 2"):
+            module(kspace, torch.cat([mask, shared]), sens)
         with pytest.raises(Exception, match="pass the coil sensitivities as sens_maps"):
             module(kspace, mask, None)
 
