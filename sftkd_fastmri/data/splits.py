@@ -106,6 +106,24 @@ def holdout_split(
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if mode not in ("link", "copy"):
         raise ValueError(f"mode must be 'link' or 'copy', got {mode!r}")
+    for option, name in (
+        ("source", source),
+        ("select_name", select_name),
+        ("test_name", test_name),
+    ):
+        # a split name becomes a folder name beside the others: no paths, no hidden names
+        if (
+            not isinstance(name, str)
+            or not name
+            or "/" in name
+            or os.sep in name
+            or name.startswith(".")
+            or name != name.strip()
+        ):
+            raise ValueError(
+                f"{option} must be a plain split name such as 'val' or 'test_heldout' (the "
+                f"folder {challenge}_<name>), got {name!r}"
+            )
     if len({source, select_name, test_name}) != 3:
         raise ValueError(
             f"source, select_name and test_name must differ, got {source!r}, {select_name!r}, "

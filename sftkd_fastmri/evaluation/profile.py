@@ -422,11 +422,13 @@ class _eval_mode:
         self.model = model
 
     def __enter__(self) -> nn.Module:
-        self.was_training = self.model.training
+        # every module's own flag: a part kept in eval mode (a frozen one) stays in it
+        self.modes = [(module, module.training) for module in self.model.modules()]
         return self.model.eval()
 
     def __exit__(self, *exc) -> None:
-        self.model.train(self.was_training)
+        for module, training in self.modes:
+            module.training = training
 
 
 class _on_device:

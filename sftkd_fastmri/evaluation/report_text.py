@@ -106,13 +106,25 @@ def _kd_rows(report: Report) -> Tuple[List[str], List[List[str]]]:
             _pm(r.sft_ssim, r.sft_ssim_std, 4),
             _pct(r.std_gap_closed),
             _pct(r.sft_gap_closed),
-            _diff_cell(r.diff_psnr, r.seed_diffs_psnr),
+            _diff_cell(r.diff_psnr, r.seed_diffs_psnr, _seeds_of(report, r.sft_key, r.std_key)),
             _num(r.diff_ssim, "+.4f"),
         ]
         if control:
-            row.append(_diff_cell(r.sft_minus_control_psnr, r.seed_diffs_control_psnr))
+            row.append(
+                _diff_cell(
+                    r.sft_minus_control_psnr,
+                    r.seed_diffs_control_psnr,
+                    _seeds_of(report, r.sft_key, report.control_key),
+                )
+            )
         if budget:
-            row.append(_diff_cell(r.sft_minus_budget_psnr, r.seed_diffs_budget_psnr))
+            row.append(
+                _diff_cell(
+                    r.sft_minus_budget_psnr,
+                    r.seed_diffs_budget_psnr,
+                    _seeds_of(report, r.sft_key, r.budget_key),
+                )
+            )
         rows.append(row)
     return head, rows
 
@@ -128,13 +140,24 @@ def _kd_table_note(report: Report) -> str:
     )
 
 
-def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float]) -> str:
+def _seeds_of(report: Report, *keys: Optional[str]) -> int:
+    """The most seeds any of the models ``keys`` ran (0 when none is in the report)."""
+    counts = [len(report.model(k).seeds) for k in keys if k is not None and report.get(k)]
+    return max(counts, default=0)
+
+
+def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float], seeds: int = 0) -> str:
     """``+0.249``, or with several paired seeds ``+0.249 ± 0.110 (3/3)``: the std over seeds of
-    the paired difference and the seeds in which SFT-KD was ahead."""
+    the paired difference and the seeds in which SFT-KD was ahead. When fewer seeds are paired
+    than the study has (a variant missing a seed), the cell says so: the difference of the
+    means then covers seeds the ± and the count do not."""
     text = _num(diff, "+.3f")
     if diff is not None and len(seed_diffs) >= 2:
         spread = float(np.std(seed_diffs, ddof=1))
-        text += f" ± {spread:.3f} ({sum(d > 0 for d in seed_diffs)}/{len(seed_diffs)})"
+        text += f" ± {spread:.3f} ({sum(d > 0 for d in seed_diffs)}/{len(seed_diffs)}"
+        if len(seed_diffs) < seeds:
+            text += f"; {len(seed_diffs)} of {seeds} seeds paired"
+        text += ")"
     return text
 
 
@@ -202,9 +225,10 @@ def _gap_lines(report: Report) -> List[str]:
             every = [r.name for r in paired if all(d > 0 for d in r.seed_diffs_psnr)]
             lines.append(
                 f"Per seed (same seed, same data order): SFT-KD is ahead of Std-KD in {won} of "
-                f"{total} (method, seed) pairs, in every seed for "
+                f"{total} (method, seed) pairs, in every paired seed for "
                 f"{', '.join(every) if every else 'no method'}; 'PSNR SFT - Std' shows the "
-                "mean ± std over seeds of the paired difference and the seeds SFT-KD was ahead."
+                "difference of the means and, over the seeds both variants ran, the std of the "
+                "paired difference and the seeds SFT-KD was ahead."
             )
     for column, label, diffs in (
         ("ctrl(a)", "control (a)", [r.sft_minus_control_psnr for r in report.kd_table]),

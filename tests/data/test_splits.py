@@ -85,6 +85,10 @@ def test_bad_input(tmp_path):
         holdout_split(tmp_path, "singlecoil", source="test")
     with pytest.raises(ValueError, match="fraction"):
         holdout_split(tmp_path, "singlecoil", fraction=1.0)
+    # a name with a path in it failed on a temporary folder's path
+    for option, name in (("select_name", "sel/x"), ("test_name", "../../escape"), ("source", "")):
+        with pytest.raises(ValueError, match=f"{option} must be a plain split name"):
+            holdout_split(tmp_path, "singlecoil", **{option: name})
     assert not (tmp_path / "singlecoil_test_heldout").exists()
 
 

@@ -174,9 +174,12 @@ def test_count_parameters_matches_preset_docs():
 @pytest.mark.parametrize("coils", [1, 3])
 def test_profile_model_single_and_multi_coil(coils):
     model = DCCNN(num_cascades=2, depth=2, chans=4).train()
+    model.cascades[0].eval()  # a frozen part kept in eval mode
     inputs = kspace_inputs(2, coils, 10, 7)
     profile = profile_model(model, inputs, "cpu", warmup=0, repeats=2)
-    assert model.training  # mode restored
+    # every module's own mode restored (the top module's was given to all before)
+    assert model.training and model.cascades[1].training
+    assert not any(m.training for m in model.cascades[0].modules())
     # two cascades of conv 2->4 and conv 4->2 (3x3, with bias); hard DC has no parameters
     assert profile["params"] == 2 * ((2 * 4 * 9 + 4) + (4 * 2 * 9 + 2))
     assert profile["flops"]["fft"] > 0 and profile["flops"]["conv_matmul"] > 0

@@ -123,6 +123,9 @@ def test_paired_seed_differences_of_sft_and_std_kd():
     assert "+0.200 ± 0.265 (2/3)" in report.to_markdown()
     assert any("2 of 3 (method, seed) pairs" in line for line in report.to_markdown().splitlines())
     assert report.kd_table[0].as_dict()["sft_wins"] == "2/3"
+    # a seed one variant lacks: the cell says how many seeds its ± and count cover
+    unpaired = build_report([e for e in entries if e["key"] != "kd_std/at" or e["seed"] != 2])
+    assert "(1/2; 2 of 3 seeds paired)" in unpaired.to_markdown()
     # a single seed: no spread, no per-seed count
     single = build_report([e for e in entries if e["seed"] == 0]).kd_table[0]
     assert single.diff_psnr_seed_std is None and single.sft_wins == (1, 1)
@@ -261,7 +264,7 @@ def test_control_b_and_the_summary_say_what_the_seeds_show():
     assert "PSNR SFT - ctrl(b)" in text
     assert "+0.033 ± 0.115 (2/3)" in text  # SFT - ctrl(a): mean, std over seeds, seeds ahead
     assert "+0.200 ± 0.000 (3/3)" in text  # SFT - ctrl(b)
-    assert "in every seed for AT" in text
+    assert "in every paired seed for AT" in text
     assert "SFT-KD is above control (b) for 1 of 1 method(s)" in text
     caveats = " ".join(report.caveats)
     assert "Control (b) present" in caveats and "not above control (b)" not in caveats
