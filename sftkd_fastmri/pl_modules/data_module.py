@@ -193,6 +193,7 @@ class FastMRIDataModule(pl.LightningDataModule):
             mask_path=mask_path,
         )
         self.datasets: Dict[str, CheckedSliceDataset] = {}
+        self._pending_mask_calls: Optional[int] = None  # from a checkpoint, until train exists
 
     @property
     def input_challenge(self) -> str:
@@ -249,6 +250,8 @@ class FastMRIDataModule(pl.LightningDataModule):
                 )
             finally:
                 random.setstate(state)
+            if stage == "train":
+                self._apply_mask_calls(self.datasets[stage])  # a resumed run's counter
         return self.datasets[stage]
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -313,16 +316,25 @@ class FastMRIDataModule(pl.LightningDataModule):
         with workers draws other (equally random) masks than an uninterrupted one."""
         dataset = self.datasets.get("train")
         transform = getattr(dataset, "transform", None)
-        calls = getattr(transform, "_calls", None)
+        calls = getattr(transform, "_calls", self._pending_mask_calls)
         return {} if calls is None else {"train_mask_calls": int(calls)}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Take the saved mask counter; applied to the training data when they are built.
+        Lightning hands it back for test, validate and predict from a checkpoint too, which
+        must not need (or scan) the training split."""
         calls = state_dict.get("train_mask_calls")
         if calls is None:
             return
-        transform = getattr(self.dataset("train"), "transform", None)
-        if transform is not None and hasattr(transform, "_calls"):
-            transform._calls = int(calls)
+        self._pending_mask_calls = int(calls)
+        if "train" in self.datasets:
+            self._apply_mask_calls(self.datasets["train"])
+
+    def _apply_mask_calls(self, dataset: Any) -> None:
+        transform = getattr(dataset, "transform", None)
+        if self._pending_mask_calls is not None and hasattr(transform, "_calls"):
+            transform._calls = self._pending_mask_calls
+            self._pending_mask_calls = None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -230,3 +230,21 @@ def test_ddp_ranks_run_equal_steps_over_volumes_of_several_shapes(
     assert len(steps[0]) == len(steps[1]) == 3
     seen = {tuple(s) for rank in steps for batch in rank for s in batch}
     assert len(seen) == 9  # every training slice on some rank
+
+
+def test_a_checkpoints_mask_counter_waits_for_the_training_data(demo_root, tmp_path):
+    """Lightning hands the saved counter back for test / validate / predict from a
+    checkpoint too: it built the training dataset, failing where no train split exists."""
+    import shutil
+
+    only_test = tmp_path / "data"
+    shutil.copytree(demo_root / "singlecoil_test_full", only_test / "singlecoil_test_full")
+    data = FastMRIDataModule(only_test, "singlecoil", test_split="test_full")
+    data.load_state_dict({"train_mask_calls": 7})
+    data.setup("test")
+    assert next(iter(data.test_dataloader())).masked_kspace.ndim == 5
+    assert data.state_dict() == {"train_mask_calls": 7}  # kept for a later save
+    full = FastMRIDataModule(demo_root, "singlecoil")
+    full.load_state_dict({"train_mask_calls": 7})
+    full.setup("fit")  # a resumed fit: the counter reaches the training transform
+    assert full.dataset("train").transform._calls == 7
