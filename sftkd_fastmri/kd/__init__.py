@@ -7,7 +7,8 @@ training loop use :class:`sftkd_fastmri.callbacks.DistillationCallback`, which w
 :class:`Distiller`.
 """
 
-from .distiller import Distiller, KDOutput, check_distillation, check_loss_weights
+from .checks import check_distillation
+from .distiller import Distiller, KDOutput, check_loss_weights
 from .hooks import FeatureCapture, ForwardCall, find_module
 from .losses import (
     FSP,
