@@ -189,13 +189,42 @@ class CascadedVarNet(nn.Module):
     #: The protocol's input check: :func:`check_varnet_inputs` (maps optional).
     check_inputs = staticmethod(check_varnet_inputs)
 
+    #: :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` passes the batch's
+    #: ``num_low_frequencies`` to :meth:`initial_state` and to the forward of models that set
+    #: this, as fastMRI's ``VarNetModule`` passes it to its VarNet.
+    takes_num_low_frequencies = True
+
     def initial_state(
-        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> Tensor:
-        """``(B, 2 * coils, H, W, 2)``: the acquired k-space and the coil maps."""
-        if sens_maps is None or not self.use_given_sens_maps:
-            sens_maps = self.varnet.sens_net(masked_kspace, mask.bool(), self.num_low_frequencies)
-        return torch.cat([masked_kspace, sens_maps], dim=1)
+        """``(B, 2 * coils, H, W, 2)``: the acquired k-space and the coil maps (the given
+        ``sens_maps`` with ``use_given_sens_maps``, else the sensitivity network's, from the
+        centre of ``num_low_frequencies`` columns: the argument, else the constructor's, else
+        found from the mask as fastMRI does)."""
+        if self.use_given_sens_maps:
+            self._require_maps(sens_maps)
+            maps = sens_maps
+        else:
+            if num_low_frequencies is None:
+                num_low_frequencies = self.num_low_frequencies
+            low = batch_low_frequencies(num_low_frequencies)
+            maps = self.varnet.sens_net(masked_kspace, mask.bool(), low)
+        return torch.cat([masked_kspace, maps], dim=1)
+
+    @staticmethod
+    def _require_maps(sens_maps: Any) -> None:
+        if sens_maps is None:
+            # falling back to the sensitivity network would run one that this setting never
+            # trained (and gives another output than the one validated)
+            raise ValueError(
+                "this VarNet is built with use_given_sens_maps=True: it needs the batch's coil "
+                "maps as sens_maps (B, coils, H, W, 2), and cannot stand in for a VarNet "
+                "called as (masked_kspace, mask, num_low_frequencies)"
+            )
 
     def cascade_step(
         self,
@@ -224,7 +253,7 @@ class CascadedVarNet(nn.Module):
         num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> Tensor:
         """The VarNet's reconstruction ``(B, H, W)`` (with ``use_given_sens_maps``, the given
-        ``sens_maps`` replace the sensitivity network's).
+        ``sens_maps`` replace the sensitivity network's, and are required).
 
         Also takes fastMRI VarNet's own arguments ``(masked_kspace, mask,
         num_low_frequencies)``: a third argument that is not a ``(B, coils, H, W, 2)`` tensor
@@ -238,8 +267,9 @@ class CascadedVarNet(nn.Module):
             num_low_frequencies = self.num_low_frequencies
         num_low_frequencies = batch_low_frequencies(num_low_frequencies)
         check_varnet_inputs(masked_kspace, mask, sens_maps)
-        if sens_maps is None or not self.use_given_sens_maps:
+        if not self.use_given_sens_maps:
             return self.varnet(masked_kspace, mask.bool(), num_low_frequencies)
+        self._require_maps(sens_maps)
         state = self.initial_state(masked_kspace, mask, sens_maps)
         for index in range(len(self.cascades)):
             state = self.cascade_step(index, state, masked_kspace, mask)

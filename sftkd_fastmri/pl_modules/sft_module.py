@@ -15,14 +15,16 @@ checkpoint monitor ``validation_loss`` picks the best teacher.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from .._ddp import allow_unused_parameters
 from ..models import build_model, create_model, init_from_checkpoint
+from ..models.varnet import batch_low_frequencies
 from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
+from ..sft.wrapper import low_frequency_kwargs
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
 __all__ = ["SFTModule", "SFT_LOSSES"]
@@ -317,7 +319,11 @@ class SFTModule(ReconModule):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
-        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> Union[SFTOutput, Tensor]:
         """The wrapper's forward (uncropped).
 
@@ -325,19 +331,34 @@ class SFTModule(ReconModule):
             masked_kspace: ``(B, coils, H, W, 2)`` normalised acquired k-space.
             mask: ``(B, 1, 1, W, 1)`` sampling mask.
             sens_maps: ``(B, coils, H, W, 2)``, or ``None`` for single-coil data.
+            num_low_frequencies: the batch's centre columns, for VarNet networks (their
+                sensitivity networks take it, as in fastMRI's ``VarNetModule``).
 
         Returns:
             Training mode: :class:`~sftkd_fastmri.sft.SFTOutput` (teacher and branches, each
             ``(B, H, W)``). Eval mode: the teacher's ``(B, H, W)`` magnitude image.
         """
-        return self.sft(masked_kspace, mask, sens_maps)
+        return self.sft(masked_kspace, mask, sens_maps, num_low_frequencies)
+
+    def _inputs(self, batch: Any) -> Tuple[Any, ...]:
+        """The wrapper's inputs from a batch: :func:`model_inputs` and, where a network takes
+        it (a VarNet), the batch's ``num_low_frequencies`` as one number."""
+        inputs = model_inputs(batch)
+        takes = any(
+            getattr(m, "takes_num_low_frequencies", False)
+            for m in (self.sft.teacher, self.sft.student)
+        )
+        low = getattr(batch, "num_low_frequencies", None) if takes else None
+        return (*inputs, batch_low_frequencies(low) if low is not None else None)
 
     def reconstruct(self, batch: Any) -> Tensor:
         """The teacher's ``(B, h, w)`` normalised magnitude, cropped to the target size.
 
         Calls the teacher itself (not the wrapper), so it is the teacher in either mode.
         """
-        return crop_to_target(self.sft.teacher(*model_inputs(batch)), batch)
+        *inputs, low = self._inputs(batch)
+        teacher = self.sft.teacher
+        return crop_to_target(teacher(*inputs, **low_frequency_kwargs(teacher, low)), batch)
 
     def sft_output(self, batch: Any) -> SFTOutput:
         """Teacher and branch outputs, each ``(B, h, w)`` cropped to the target size.
@@ -345,7 +366,7 @@ class SFTModule(ReconModule):
         Runs the branches in any mode (through :meth:`StudentFriendlyTeacher.forward_states`),
         so validation sees the branches exactly as training computes them.
         """
-        states = self.sft.forward_states(*model_inputs(batch))
+        states = self.sft.forward_states(*self._inputs(batch))
         teacher = self.sft.teacher.final_image(states.teacher[-1])
         branches = [self.sft.student.final_image(s) for s in states.branches]
         return SFTOutput(
@@ -359,7 +380,7 @@ class SFTModule(ReconModule):
 
     # -- steps ------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        teacher, branches = self(*model_inputs(batch))
+        teacher, branches = self(*self._inputs(batch))
         output = SFTOutput(
             teacher=crop_to_target(teacher, batch),
             branches=[crop_to_target(b, batch) for b in branches],

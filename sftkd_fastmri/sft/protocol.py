@@ -10,7 +10,9 @@ A cascaded reconstruction network is seen as a sequence of state updates::
 ``(B, C, H, W)``). :class:`~sftkd_fastmri.models.CascadedVarNet` serves fastMRI's
 :class:`fastmri.models.VarNet` through a thin adapter (its state is the k-space estimate and
 the coil maps its sensitivity network computes in ``initial_state``); another cascaded model
-needs the same four members.
+needs the same four members. A model that sets ``takes_num_low_frequencies = True`` (the
+VarNet adapter) also gets the batch's ``num_low_frequencies`` as a keyword of
+``initial_state`` and of its forward, as fastMRI's ``VarNetModule`` gives it to its VarNet.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ References:
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -167,13 +167,20 @@ class StudentFriendlyTeacher(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
-        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> Union[SFTOutput, Tensor]:
         """Args:
             masked_kspace: ``(B, coils, H, W, 2)`` acquired k-space (coils = 1: single-coil).
             mask: broadcastable to the k-space, e.g. ``(B, 1, 1, W, 1)`` (a VarNet through
                 :class:`~sftkd_fastmri.models.CascadedVarNet` needs exactly ``(B, 1, 1, W, 1)``).
             sens_maps: ``(B, coils, H, W, 2)``; required when coils > 1.
+            num_low_frequencies: the batch's fully sampled centre columns, for models that
+                take it (``takes_num_low_frequencies``: a VarNet's sensitivity network, as
+                fastMRI's ``VarNetModule`` passes it); ignored by the others.
 
         Returns:
             Training mode: :class:`SFTOutput` (teacher ``(B, H, W)`` and the branch outputs).
@@ -181,15 +188,24 @@ class StudentFriendlyTeacher(nn.Module):
         """
         if not self.training:
             # The teacher's own forward, not a re-implementation: eval/export see exactly it.
-            return self.teacher(masked_kspace, mask, sens_maps)
-        states = self.forward_states(masked_kspace, mask, sens_maps)
+            return self.teacher(
+                masked_kspace,
+                mask,
+                sens_maps,
+                **low_frequency_kwargs(self.teacher, num_low_frequencies),
+            )
+        states = self.forward_states(masked_kspace, mask, sens_maps, num_low_frequencies)
         return SFTOutput(
             teacher=self.teacher.final_image(states.teacher[-1]),
             branches=[self.student.final_image(s) for s in states.branches],
         )
 
     def forward_states(
-        self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor] = None,
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> SFTStates:
         """Teacher states ``x_0 .. x_N`` and the final state of every branch (any mode).
 
@@ -199,12 +215,21 @@ class StudentFriendlyTeacher(nn.Module):
         # The training path drives the cascades directly and so bypasses the model's own input
         # checks; these catch layout errors that would otherwise surface deep inside an FFT.
         self._check_inputs(masked_kspace, mask, sens_maps)
-        teacher_states = [self.teacher.initial_state(masked_kspace, mask, sens_maps)]
+        teacher_states = [
+            self.teacher.initial_state(
+                masked_kspace,
+                mask,
+                sens_maps,
+                **low_frequency_kwargs(self.teacher, num_low_frequencies),
+            )
+        ]
         for i in range(self.num_cascades):
             teacher_states.append(
                 self.teacher.cascade_step(i, teacher_states[-1], masked_kspace, mask, sens_maps)
             )
-        branches = self._run_branches(teacher_states, masked_kspace, mask, sens_maps)
+        branches = self._run_branches(
+            teacher_states, masked_kspace, mask, sens_maps, num_low_frequencies
+        )
         return SFTStates(teacher=teacher_states, branches=branches)
 
     def _check_inputs(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]):
@@ -220,6 +245,7 @@ class StudentFriendlyTeacher(nn.Module):
         masked_kspace: Tensor,
         mask: Tensor,
         sens_maps: Optional[Tensor],
+        num_low_frequencies: Optional[Union[Tensor, int]] = None,
     ) -> List[Tensor]:
         starts = self.branch_starts
         batched = self.batch_branches
@@ -232,7 +258,12 @@ class StudentFriendlyTeacher(nn.Module):
                     # Branch 0 is the student's own forward, so it starts from the student's
                     # initial state (identical to the teacher's x_0 for two DC-CNNs).
                     states[b] = (
-                        self.student.initial_state(masked_kspace, mask, sens_maps)
+                        self.student.initial_state(
+                            masked_kspace,
+                            mask,
+                            sens_maps,
+                            **low_frequency_kwargs(self.student, num_low_frequencies),
+                        )
                         if start == 0
                         else teacher_states[start]
                     )
@@ -269,3 +300,10 @@ def _tile(tensor: Optional[Tensor], reps: int, batch: int) -> Optional[Tensor]:
     if tensor is None or tensor.ndim != 5 or tensor.shape[0] != batch:
         return tensor
     return tensor.repeat(reps, *([1] * (tensor.ndim - 1)))
+
+
+def low_frequency_kwargs(model: nn.Module, num_low_frequencies: Any) -> Dict[str, Any]:
+    """``num_low_frequencies`` as a keyword for a model that takes it, else nothing."""
+    if num_low_frequencies is None or not getattr(model, "takes_num_low_frequencies", False):
+        return {}
+    return {"num_low_frequencies": num_low_frequencies}

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 from sftkd_fastmri.export import load_reconstruction_model
 from sftkd_fastmri.models import DCCNN, load_model, read_checkpoint
 from sftkd_fastmri.pl_modules.data_module import FastMRIDataModule
-from sftkd_fastmri.pl_modules.recon_module import VolumeMetrics
+from sftkd_fastmri.pl_modules.recon_module import VolumeMetrics, crop_to_target
 from sftkd_fastmri.pl_modules.sft_module import SFTModule
 from sftkd_fastmri.sft import export_sft, load_sft_models
 
@@ -427,6 +427,13 @@ def test_varnet_instances_train_and_reload(demo_root, tmp_path):
     # the data's challenge, recorded by the module, travels to the exports (their signature)
     assert read_checkpoint(teacher_path)["sftkd_fastmri"]["extra"]["challenge"] == "multicoil"
     batch = next(iter(datamodule.val_dataloader()))
+    # the batch's num_low_frequencies reach the VarNets, as fastMRI's VarNetModule gives them
+    low = int(batch.num_low_frequencies[0])
+    with torch.no_grad():
+        want = module.teacher.eval()(batch.masked_kspace, batch.mask, low)
+        other = module.teacher(batch.masked_kspace, batch.mask)  # the centre found from the mask
+        assert not torch.allclose(want, other, atol=1e-4)  # so the check below can fail
+        torch.testing.assert_close(module.eval().reconstruct(batch), crop_to_target(want, batch))
     inputs = (batch.masked_kspace, batch.mask)
     for path, net in ((teacher_path, module.teacher), (student_path, module.student)):
         loaded = load_model(path).eval()

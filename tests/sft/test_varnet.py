@@ -154,3 +154,33 @@ def test_a_dccnn_and_a_varnet_are_not_paired():
     dccnn = create_model("dccnn_d3c5", num_cascades=N, chans=4)
     with pytest.raises(ValueError, match=r"states are image \(B, 2, H, W\) but student"):
         StudentFriendlyTeacher(dccnn, CascadedVarNet(_varnet(4, 1)))
+
+
+def test_the_batchs_low_frequencies_reach_the_sensitivity_networks():
+    """fastMRI's VarNetModule gives its VarNet the batch's num_low_frequencies; SFT ran the
+    sensitivity networks on the centre they find from the mask instead (another output)."""
+    teacher, student, sft = _pair(train_first_student_cascade=True)
+    masked, mask, _ = _inputs()
+    low = 2  # the mask's symmetric centre gives 4
+    assert not torch.allclose(teacher(masked, mask, low), teacher(masked, mask), atol=1e-5)
+    sft.eval()
+    assert torch.equal(sft(masked, mask, None, low), teacher(masked, mask, low))
+    sft.train()
+    out = sft(masked, mask, None, low)
+    torch.testing.assert_close(out.teacher, teacher(masked, mask, low), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.branches[0], student(masked, mask, low), rtol=0, atol=1e-6)
+
+
+def test_given_maps_are_required_when_asked_for():
+    """Called as fastMRI's VarNet (a KD teacher), a model built to take the batch's maps ran
+    its untrained sensitivity network instead, without a word."""
+    given = CascadedVarNet(_varnet(8, 0), use_given_sens_maps=True)
+    masked, mask, _ = _inputs()
+    calls = (
+        lambda: given(masked, mask),
+        lambda: given(masked, mask, 4),
+        lambda: given.initial_state(masked, mask),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match="use_given_sens_maps=True: it needs the batch's"):
+            call()
