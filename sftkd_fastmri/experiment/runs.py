@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -162,7 +162,8 @@ def _fit(
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
     if resume:
         check_run_settings(cfg, out_dir, stage=stage)
-        _say_if_finished(last, int(cfg["max_epochs"]))
+        if not _say_if_finished(last, int(cfg["max_epochs"])):
+            _unfinish(out_dir)  # it trains on: no longer finished, its deployments stale
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if not resume:
@@ -268,22 +269,48 @@ def _clear_earlier_run(out_dir: Path) -> None:
         return
     old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
     old += [out_dir / name for name in STAGE_EXPORTS]
-    # deployment exports `export` wrote beside them under its default names (model.ts.pt,
-    # checkpoints/best.student.onnx): exactly those names, never other files of the user's
-    beside = [(out_dir, Path(name).stem) for name in STAGE_EXPORTS]
-    beside += [(out_dir / CKPT_DIR, stem) for stem in ("best", "last")]
-    for folder, stem in beside:
-        old += [folder / name for name in _default_export_names(stem)]
-    removed = []
-    for path in old:
-        if path.is_file():
-            path.unlink()
-            removed.append(path.name)
+    removed = _remove(old + _deployment_exports(out_dir))
     if removed:
         print(
             f"{out_dir}: starting a new run; removed the earlier run's {', '.join(removed)}",
             flush=True,
         )
+
+
+def _unfinish(out_dir: Path) -> None:
+    """Before a run trains on (more epochs): its ``done.json`` goes first (a stop meanwhile
+    must not leave it finished beside newer weights or a half-rewritten pair of exports),
+    and the deployment exports ``export`` wrote of its old weights (they would go stale under
+    the names that say they are this run's). Rank zero only."""
+    if rank_zero_only.rank != 0:
+        return
+    removed = _remove([out_dir / DONE_FILE, *_deployment_exports(out_dir)])
+    stale = [name for name in removed if name != DONE_FILE]
+    if stale:
+        print(
+            f"{out_dir}: training on; removed the exports of its earlier weights "
+            f"{', '.join(stale)} (export again when it has finished)",
+            flush=True,
+        )
+
+
+def _deployment_exports(out_dir: Path) -> List[Path]:
+    """The deployment exports ``export`` writes beside a run's checkpoints under its default
+    names (model.ts.pt, checkpoints/best.student.onnx): exactly those names, never other
+    files of the user's."""
+    beside = [(out_dir, Path(name).stem) for name in STAGE_EXPORTS]
+    beside += [(out_dir / CKPT_DIR, stem) for stem in ("best", "last")]
+    return [folder / name for folder, stem in beside for name in _default_export_names(stem)]
+
+
+def _remove(paths: Sequence[Path]) -> List[str]:
+    """Remove the files among ``paths``; their names."""
+    removed = []
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trainer) -> None:
@@ -346,8 +373,8 @@ def in_study() -> Iterator[None]:
         _IN_STUDY.reset(token)
 
 
-def _say_if_finished(last: Path, max_epochs: int) -> None:
-    """Say so when the run to resume has already trained ``max_epochs`` epochs."""
+def _say_if_finished(last: Path, max_epochs: int) -> bool:
+    """Say so when the run to resume has already trained ``max_epochs`` epochs (True)."""
     trained = _trained_epochs(last)
     if trained is not None and trained >= max_epochs:
         hint = (
@@ -360,6 +387,8 @@ def _say_if_finished(last: Path, max_epochs: int) -> None:
             f"(max_epochs={max_epochs}); nothing to train{hint}",
             flush=True,
         )
+        return True
+    return False
 
 
 def _finished(

@@ -757,6 +757,39 @@ def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(
     assert json.loads((out / "run_config.json").read_text())["lr"] == 0.02
 
 
+def test_a_finished_run_that_trains_on_is_no_longer_finished(
+    tiny_demo, tmp_path, capsys, monkeypatch
+):
+    """Training on (more epochs) kept done.json until the end: a stop meanwhile left the run
+    marked finished beside newer weights, and a study reused it. Deployment exports of the
+    old weights are removed too (they went stale under the run's names)."""
+    import pytorch_lightning as pl
+
+    from sftkd_fastmri.experiment import StageResult
+
+    out = tmp_path / "run"
+    argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides",
+            "chans=4", "--out-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (out / "model.ts.pt").write_bytes(b"old network")
+    (out / "model.backup.pt").write_text("the user's")
+    capsys.readouterr()
+    assert main(argv) == 0  # nothing to train: the run and its exports stay as they are
+    assert StageResult.load(out) is not None and (out / "model.ts.pt").is_file()
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl.Trainer, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--max-epochs", "2"])
+    assert "training on; removed the exports of its earlier weights model.ts.pt" in (
+        capsys.readouterr().out
+    )
+    assert StageResult.load(out) is None and not (out / "model.ts.pt").exists()
+    assert (out / "model.pt").is_file() and (out / "model.backup.pt").read_text() == "the user's"
+
+
 def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path):
     """Lightning stops on SIGTERM with a SystemExit carrying no status, so the command used
     to exit 0 as if it had finished: schedulers and scripts must see 143 (a real signal to a
