@@ -9,12 +9,13 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Mapping, Union
+from typing import List, Mapping, Tuple, Union
 
 import numpy as np
 
 __all__ = [
     "atomic_write_text",
+    "swap_in",
     "make_temp_dir",
     "make_temp_file",
     "remove_stale_temporaries",
@@ -157,3 +158,65 @@ def save_reconstructions_atomic(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def swap_in(filled: List[Tuple[Path, Path]], command: str, what: str) -> None:
+    """Rename each filled temporary folder (or file) onto its destination, all or none: the
+    old destinations (folders, links, files) are first renamed aside (quick, unlike deleting
+    a copied split), then the new ones renamed in; on any failure the new ones are taken out
+    again and the old ones put back, so the destinations never mix two results. Should
+    putting them back fail too, the old ones are kept under visible names the error gives
+    (``command`` and ``what`` name them there). The caller removes temporaries left over."""
+    aside: List[Tuple[Path, Path]] = []  # (holder folder, destination)
+    placed: List[Tuple[Path, Path]] = []  # (temporary, destination)
+    try:
+        for _, dest in filled:
+            if dest.exists() or dest.is_symlink():
+                holder = make_temp_dir(dest.parent, f".{_temp_stem(dest.name)}.")
+                try:
+                    os.replace(dest, holder / dest.name)
+                except BaseException:
+                    shutil.rmtree(holder, ignore_errors=True)  # still empty
+                    raise
+                aside.append((holder, dest))
+        for tmp, dest in filled:
+            os.replace(tmp, dest)
+            placed.append((tmp, dest))
+    except BaseException as err:
+        _roll_back(aside, placed, err, command, what)
+        raise
+    for holder, _ in aside:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _roll_back(
+    aside: List[Tuple[Path, Path]],
+    placed: List[Tuple[Path, Path]],
+    err: BaseException,
+    command: str,
+    what: str,
+) -> None:
+    """Undo a partial :func:`swap_in`; its holders are removed only once emptied."""
+    try:
+        for tmp, dest in placed:  # back to its temporary name (removed by the caller)
+            os.replace(dest, tmp)
+        while aside:
+            holder, dest = aside[0]
+            os.replace(holder / dest.name, dest)
+            shutil.rmtree(holder, ignore_errors=True)
+            aside.pop(0)
+    except BaseException as again:
+        kept = []
+        for holder, dest in aside:  # out of the hidden holders a later run would remove
+            visible = dest.with_name(f"{dest.name}.before-{command}-{os.getpid()}")
+            try:
+                os.replace(holder / dest.name, visible)
+                shutil.rmtree(holder, ignore_errors=True)
+                kept.append(str(visible))
+            except OSError:
+                kept.append(str(holder / dest.name))
+        raise OSError(
+            f"{command} failed ({type(err).__name__}: {err}) and could not put the "
+            f"earlier {what} back ({type(again).__name__}: {again}); they are kept "
+            f"as {', '.join(kept)}: rename them back, or run {command} again"
+        ) from err

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .._io import atomic_write_text
 from .options import boolean, load_config, nonnegative_int, resolve
@@ -182,17 +183,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{err}; or pass --eval-out-dir DIR to write its reconstructions only"
             ) from None
         scored = False
-    result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=out_dir)
     label = args.checkpoint or "zero-filled"
-    if out_dir is not None:
-        # Replaced only now, so that a failed evaluation leaves the earlier results whole.
-        written = set(result.reconstructions)
-        for path in earlier:
-            if path.parent.name == "reconstructions" and path.name in written:
-                continue  # replaced by this evaluation's file of the same volume
-            if path.name == "metrics.json" and scored:
-                continue  # replaced below
-            path.unlink(missing_ok=True)
+    if out_dir is None:
+        result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role)
+    else:
+        result = _evaluate_into(out_dir, scored, cfg, args, split)
     if not scored:
         print(
             f"{label} on {cfg['challenge']}_{split}: no targets, so no scores; "
@@ -202,10 +197,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{label} on {cfg['challenge']}_{split}:")
     print(result.table())
     if out_dir is not None:
-        rows = [m.as_dict() for m in result.metrics]
-        atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=2))
         print(f"reconstructions and metrics.json in {out_dir}")
     return 0
+
+
+def _evaluate_into(
+    out_dir: Path, scored: bool, cfg: Dict, args: argparse.Namespace, split: str
+) -> Any:
+    """Evaluate into a hidden staging folder inside ``out_dir``, then swap its
+    ``reconstructions/`` and ``metrics.json`` in for the earlier ones all at once: a failed or
+    interrupted evaluation leaves the earlier results whole, never a mix of two."""
+    from .._io import make_temp_dir, swap_in
+    from ..experiment import run_evaluate
+
+    folder = out_dir / "reconstructions"
+    others = (
+        sorted(p.name for p in folder.iterdir() if p.suffix != ".h5") if folder.is_dir() else []
+    )
+    if others:
+        raise FileExistsError(
+            f"--eval-out-dir {out_dir}: {folder} holds other files than reconstructions "
+            f"({', '.join(others[:3])}), which replacing the folder would remove: choose "
+            "another folder"
+        )
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = make_temp_dir(out_dir, ".evaluation-")
+    try:
+        result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=staging)
+        filled = [(staging / "reconstructions", folder)]
+        if scored:
+            rows = [m.as_dict() for m in result.metrics]
+            atomic_write_text(staging / "metrics.json", json.dumps(rows, indent=2))
+            filled.append((staging / "metrics.json", out_dir / "metrics.json"))
+        swap_in(filled, "evaluate", "results")
+        if not scored:  # an earlier evaluation's scores do not describe these volumes
+            (out_dir / "metrics.json").unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return result
 
 
 def _run_study(cfg: Dict) -> int:

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .._io import make_temp_dir, write_temp_text
+from .._io import make_temp_dir, swap_in, write_temp_text
 from .datasets import TARGET_KEYS, check_volume, split_dir
 from .transforms import DataError
 
@@ -204,11 +204,42 @@ def holdout_split(
         filled.append(
             (write_temp_text(manifest, json.dumps(asdict(result), indent=2) + "\n"), manifest)
         )
-        _swap_in(filled)
+        swap_in(filled, "holdout-split", "split folders")
     finally:
         for tmp, _ in filled:
             _remove(tmp)  # those not renamed into place
     return result
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder if it is there (errors ignored)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _fill_folder(
+    dest: Path, members: List[Path], mode: str, done: Callable[[int], object] = lambda n: None
+) -> Path:
+    """A temporary sibling of ``dest`` holding ``members`` (links or copies); ``done(1)`` is
+    called after each member."""
+    tmp = make_temp_dir(dest.parent, f".{dest.name}.")
+    try:
+        for f in members:
+            if mode == "link":
+                # Relative links: the folder can be moved or mounted elsewhere as a whole.
+                os.symlink(os.path.relpath(os.path.abspath(f), os.path.abspath(dest)), tmp / f.name)
+            else:
+                shutil.copy2(f, tmp / f.name)
+            done(1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
 
 
 def _remove(path: Path) -> None:

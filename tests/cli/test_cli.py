@@ -426,6 +426,34 @@ def test_evaluate_on_a_split_without_targets(tiny_demo, tmp_path, capsys):
     assert main([*args, "--split", "test", "--eval-out-dir", str(scored)]) == 2
     assert "holds the results of an earlier evaluation" in capsys.readouterr().err
     assert sorted(p.name for p in (scored / "reconstructions").glob("*.h5")) == val_files
+    # an --overwrite that fails at its last step (the scores, a full disk) leaves the earlier
+    # results whole: it replaced them file by file before
+    import sftkd_fastmri.cli.commands as commands
+
+    def digest(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(scored)
+    real_write = commands.atomic_write_text
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    commands.atomic_write_text = disk_full
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            main([*args, "--split", "test_full", "--eval-out-dir", str(scored), "--overwrite"])
+    finally:
+        commands.atomic_write_text = real_write
+    assert digest(scored) == before and not any(p.name.startswith(".") for p in scored.iterdir())
+    fresh = tmp_path / "fresh"
+    commands.atomic_write_text = disk_full
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            main([*args, "--split", "test_full", "--eval-out-dir", str(fresh)])
+    finally:
+        commands.atomic_write_text = real_write
+    assert not fresh.exists()  # nothing half-made where nothing was
     assert main([*args, "--split", "test", "--eval-out-dir", str(scored), "--overwrite"]) == 0
     test_files = sorted(p.name for p in (out / "reconstructions").glob("*.h5"))
     assert sorted(p.name for p in (scored / "reconstructions").glob("*.h5")) == test_files

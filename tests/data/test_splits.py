@@ -190,6 +190,21 @@ def test_a_failure_between_the_two_renames_puts_the_old_pair_back(tmp_path, monk
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failure_setting_the_old_splits_aside_leaves_no_hidden_folder(
+    tmp_path, monkeypatch, failing
+):
+    """The hidden holder made for an old folder stayed behind when moving it there failed."""
+    _fake_split(tmp_path, 10)
+    first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
+    _renames_failing_at(monkeypatch, {failing})
+    with pytest.raises(OSError, match=f"failure {failing}"):
+        holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=2, overwrite=True)
+    monkeypatch.undo()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert sorted(os.listdir(tmp_path / "singlecoil_test_heldout")) == sorted(first.test)
+
+
 def test_a_failed_rollback_keeps_the_old_splits_where_the_error_says(tmp_path, monkeypatch):
     _fake_split(tmp_path, 10)
     first = holdout_split(tmp_path, "singlecoil", fraction=0.3, seed=1)
