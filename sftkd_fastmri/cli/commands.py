@@ -242,6 +242,17 @@ def _evaluate_into(
     return result
 
 
+def _complete_demo_data(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds demo data whose writing finished (its manifest says so)."""
+    from ..data.demo import MANIFEST_NAME
+
+    try:
+        manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("complete") is True
+
+
 def _run_study(cfg: Dict) -> int:
     """Run a study and print its table and summary (rank zero's part under DDP)."""
     from ..pipeline import run_study, study_summary
@@ -299,9 +310,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir)
     data_dir = Path(args.data_dir) if args.data_dir else out_dir / "data"
-    if (data_dir / "demo_info.json").is_file():
+    if _complete_demo_data(data_dir):
         print(f"using the demo data in {data_dir}")
-    else:
+    else:  # none yet, or a run stopped while writing them: the writer finishes them
         info = write_demo_data(data_dir, seed=0, progress=not args.quiet, **_DEMO_DATA)
         print(f"demo data ({info.backend}) written to {data_dir}")
     if args.quiet:  # Lightning's per-stage notes (devices, batch limits, tips) as well

@@ -51,6 +51,7 @@ of an earlier configuration; files this writer did not make are never touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from .._io import atomic_write_text
 from .datasets import TARGET_KEYS
 from .demo_anatomy import MNIBrain, Phantom, nilearn_available
 from .demo_simulation import _simulate_kspace, _target, _test_mask, _volume_image
@@ -361,10 +363,26 @@ def _write_h5_atomic(path: Path, datasets: Mapping[str, np.ndarray], attrs: Mapp
             tmp.unlink()
 
 
-def _is_complete(path: Path, keys: Sequence[str], kspace_shape: Tuple[int, ...]) -> bool:
+#: Each demo file records a digest of the configuration that wrote it, so a run resumed
+#: after an interrupted ``overwrite`` never keeps a file of the earlier configuration.
+CONFIG_ATTR = "sftkd_demo_config"
+
+
+def _config_digest(cfg: _Config) -> str:
+    text = json.dumps(cfg.to_json(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_complete(
+    path: Path, keys: Sequence[str], kspace_shape: Tuple[int, ...], digest: str
+) -> bool:
     try:
         with h5py.File(path, "r") as hf:
-            return all(k in hf for k in keys) and hf["kspace"].shape == kspace_shape
+            return (
+                all(k in hf for k in keys)
+                and hf["kspace"].shape == kspace_shape
+                and hf.attrs.get(CONFIG_ATTR) == digest
+            )
     except (OSError, KeyError):
         return False
 
@@ -374,6 +392,7 @@ def _write_volume(root: Path, volume: _Volume, anatomy, cfg: _Config, overwrite:
     ``*_test``), keeping complete ones unless ``overwrite``. Returns (written, kept)."""
     splits = (TEST_FULL_SPLIT, "test") if volume.split == "test" else (volume.split,)
     image, written, kept = None, 0, 0
+    digest = _config_digest(cfg)
     for challenge in cfg.challenges:
         todo = []
         for split in splits:
@@ -383,7 +402,8 @@ def _write_volume(root: Path, volume: _Volume, anatomy, cfg: _Config, overwrite:
                 "ismrmrd_header",
                 "mask" if split == "test" else TARGET_KEYS[challenge],
             )
-            if overwrite or not _is_complete(path, keys, cfg.kspace_shape(volume, challenge)):
+            shape = cfg.kspace_shape(volume, challenge)
+            if overwrite or not _is_complete(path, keys, shape, digest):
                 todo.append((split, path))
         kept += len(splits) - len(todo)
         if not todo:
@@ -393,7 +413,8 @@ def _write_volume(root: Path, volume: _Volume, anatomy, cfg: _Config, overwrite:
         kspace = _simulate_kspace(image, volume, challenge, cfg)
         for split, path in todo:
             header = _header(cfg, volume, anatomy.pixel_mm)
-            _write_h5_atomic(path, *_file_contents(kspace, header, volume, challenge, split, cfg))
+            datasets, attrs = _file_contents(kspace, header, volume, challenge, split, cfg)
+            _write_h5_atomic(path, datasets, {**attrs, CONFIG_ATTR: digest})
             written += 1
     return written, kept
 
@@ -410,9 +431,9 @@ def _read_manifest(path: Path) -> Optional[dict]:
 
 
 def _write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    # _io's writer names its temporary by host and process, and the next write removes one
+    # a failed write left
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def _check_previous(root: Path, config: dict, overwrite: bool) -> None:

@@ -195,3 +195,30 @@ def test_max_epochs_flag_overrides_a_configs_epochs(tmp_path, monkeypatch, capsy
     assert "--max-epochs 1 sets the epochs of every stage" in capsys.readouterr().err
     assert main(["pipeline", "--config", str(config)]) == 2
     assert seen["epochs"] == {"teacher": 150, "kd": 100}
+
+
+def test_demo_finishes_demo_data_that_a_stopped_run_left(tmp_path, monkeypatch, capsys):
+    """demo took any folder with a manifest as finished demo data: after a stop while writing
+    them, it ran the study on the few files written."""
+    import json
+    from types import SimpleNamespace
+
+    import sftkd_fastmri.cli.commands as commands
+    import sftkd_fastmri.data.demo as demo
+
+    written = []
+
+    def write(root, **kwargs):
+        written.append(root)
+        return SimpleNamespace(backend="phantom")
+
+    monkeypatch.setattr(demo, "write_demo_data", write)
+    monkeypatch.setattr(commands, "_run_study", lambda cfg: 0)
+    data = tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    argv = ["demo", "--out-dir", str(tmp_path / "out"), "--quiet"]
+    (data / "demo_info.json").write_text(json.dumps({"complete": False}))
+    assert main(argv) == 0 and written == [data]  # finished by the writer
+    (data / "demo_info.json").write_text(json.dumps({"complete": True}))
+    assert main(argv) == 0 and written == [data]  # used as it is
+    assert "using the demo data in" in capsys.readouterr().out

@@ -225,6 +225,35 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert len(SliceDataset(folder, "singlecoil")) == 6
 
 
+def test_an_interrupted_overwrite_resumes_into_the_new_configuration_only(tmp_path, monkeypatch):
+    """An overwrite killed midway, then resumed without overwrite, kept the earlier
+    configuration's files (same names and shapes) under a manifest of the new one."""
+    import sftkd_fastmri.data.demo as demo
+
+    options = dict(backend="phantom", challenges=("multicoil",), **SMALL)
+    write_demo_data(tmp_path / "seed1", seed=1, **options)
+    clean = _read_all(tmp_path / "seed1")
+    root = tmp_path / "data"
+    write_demo_data(root, seed=0, **options)
+    original, calls = demo._write_h5_atomic, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "_write_h5_atomic", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write_demo_data(root, seed=1, overwrite=True, **options)
+    monkeypatch.undo()
+    resumed = write_demo_data(root, seed=1, **options)
+    assert resumed.files_kept == 2 and resumed.files_written == 3
+    after = _read_all(root)
+    assert after.keys() == clean.keys()
+    assert all(np.array_equal(after[k], clean[k]) for k in clean)  # every file of seed 1
+
+
 def test_rerun_keeps_files_and_overwrite_replaces(tmp_path):
     options = dict(backend="phantom", challenges=("multicoil",), **SMALL)
     first = write_demo_data(tmp_path, seed=0, **options)
