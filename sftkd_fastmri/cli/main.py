@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -300,12 +301,23 @@ def _worker_message(text: str) -> str:
     return f"{original} ({worker.split(' in ', 1)[-1]})" if sep else text
 
 
+_USER_OS_ERRORS = {
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "ENAMETOOLONG")
+    if hasattr(errno, name)
+}
+
+
 def _is_input_error(err: Exception) -> bool:
     """Errors that describe the user's input or settings (printed as one ``error:`` line)."""
     # a path through a file (out/afile/sub) or to a folder where a file is expected: the
     # user's paths, named in the OS message
     path_errors = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
     if isinstance(err, (*path_errors, ValueError, KeyError)):
+        return True
+    # the machine's answer about a path the user can act on: a full disk, no permission, a
+    # read-only file system, a name too long (what was written before stays whole)
+    if isinstance(err, OSError) and err.errno in _USER_OS_ERRORS:
         return True
     # Lightning's refusal of a setting, e.g. ``accelerator: gpu`` on a machine without one
     return type(err).__name__ == "MisconfigurationException"
