@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,10 +159,17 @@ def mapping_option(text: str) -> Dict[str, Any]:
     return out
 
 
+_YAML_11_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def overrides_option(text: str) -> Dict[str, Any]:
     """``chans=16,dc_mode=soft`` or JSON -> dict: as :func:`mapping_option`, but every item
-    needs its value (a bare name would be read as ``1.0``)."""
-    out = mapping_option(text)
+    needs its value (a bare name would be read as ``1.0``), and ``1e-3`` is a number (YAML
+    1.1, which PyYAML reads, takes exponents without a decimal point as text)."""
+    out = {
+        k: float(v) if isinstance(v, str) and _YAML_11_FLOAT.fullmatch(v.strip()) else v
+        for k, v in mapping_option(text).items()
+    }
     if isinstance(text, str) and not text.strip().startswith("{"):
         bare = [p.strip() for p in text.split(",") if p.strip() and "=" not in p]
         if bare:

@@ -8,6 +8,8 @@ Cartesian variable-density mask. :class:`FixedMaskFunc` provides that on top of 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -58,11 +60,23 @@ def create_mask_func(
         return FixedMaskFunc.from_file(mask_path)
     if mask_type not in MASK_TYPES:
         raise ValueError(f"unknown mask type {mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
-    if len(center_fractions) != len(accelerations):
+    if len(center_fractions) != len(accelerations) or not len(accelerations):
         raise ValueError(
             f"center_fractions {list(center_fractions)} and accelerations {list(accelerations)} "
-            "must have the same length"
+            "must have the same length, at least 1"
         )
+    for fraction in center_fractions:  # fastMRI's own failures are bare assertions or NaN
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise ValueError(f"center_fractions: expected numbers, got {fraction!r}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"center_fractions: each must lie in (0, 1), got {fraction!r}")
+    for acceleration in accelerations:
+        if isinstance(acceleration, bool) or not isinstance(acceleration, numbers.Real):
+            raise ValueError(f"accelerations: expected numbers, got {acceleration!r}")
+        if not 1 <= acceleration < math.inf:
+            raise ValueError(
+                f"accelerations: each must be a finite number >= 1, got {acceleration!r}"
+            )
     base = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
     return FixedMaskFunc(base_mask_func=base, seed=seed) if fixed else base
 
@@ -98,6 +112,11 @@ class FixedMaskFunc(MaskFunc):
         accelerations, center_fractions = [1], [0.0]
         if mask is not None:
             mask = np.asarray(mask)
+            if mask.dtype.kind not in "biuf":  # text, objects, records: no 0/1 columns
+                raise ValueError(
+                    f"{source}: a fixed mask holds numbers (0/1 or False/True per k-space "
+                    f"column), got an array of dtype {mask.dtype}"
+                )
             if mask.ndim != 1 or mask.size == 0:
                 raise ValueError(f"{source}: a fixed mask must be 1-D (W,), got {mask.shape}")
             if not np.isfinite(mask.astype(np.float64)).all():
@@ -127,6 +146,15 @@ class FixedMaskFunc(MaskFunc):
             mask = np.load(path, allow_pickle=False)
         except Exception as err:
             raise ValueError(f"{path}: not a .npy array ({err})") from err
+        if not isinstance(mask, np.ndarray):  # a .npz archive of several arrays
+            names = list(getattr(mask, "files", []))
+            close = getattr(mask, "close", None)
+            if callable(close):
+                close()
+            raise ValueError(
+                f"{path}: a .npz archive ({', '.join(names) or 'no arrays'}); save the 1-D mask "
+                "alone with numpy.save"
+            )
         return cls(mask, source=str(path))
 
     def mask_for_width(self, num_cols: int) -> Tuple[np.ndarray, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -126,6 +127,10 @@ def batch_limit(value: Any):
                 "expected a fraction (e.g. 0.5; 1.0 = all) or a number of batches (e.g. 10), "
                 f"got {word!r}"
             ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(
+            f"expected a fraction in [0, 1] or a whole number of batches >= 0, got {value!r}"
+        )
     if isinstance(value, float) and value > 1 and value == int(value):
         value = int(value)  # "5.0 batches"
     if value < 0 or (isinstance(value, float) and not value <= 1.0):  # also NaN

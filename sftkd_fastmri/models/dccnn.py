@@ -16,6 +16,7 @@ submodule, so forward hooks can read it without a second copy of the network:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import fastmri
@@ -231,8 +232,14 @@ class DCCNN(nn.Module):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(residual, bool):
             raise ValueError(f"residual must be true or false, got {residual!r}")
-        if in_chans not in (1, 2):
-            raise ValueError(f"in_chans must be 1 or 2, got {in_chans}")
+        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans not in (1, 2):
+            raise ValueError(f"in_chans must be 1 or 2, got {in_chans!r}")
+        if (
+            isinstance(init_lambda, bool)
+            or not isinstance(init_lambda, (int, float))
+            or not 0 < init_lambda < math.inf
+        ):  # NaN fails too: every output would be NaN
+            raise ValueError(f"init_lambda must be a finite number > 0, got {init_lambda!r}")
         self.config: Dict[str, Any] = dict(
             num_cascades=num_cascades,
             depth=depth,

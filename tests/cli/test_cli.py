@@ -233,7 +233,7 @@ def test_batch_limits_read_as_lightning_does(tmp_path, capsys):
     assert a.limit_train_batches == 1 and isinstance(a.limit_train_batches, int)  # one batch
     assert a.limit_val_batches == 1.0 and isinstance(a.limit_val_batches, float)  # all
     assert parser.parse_args(["train", "--limit-val-batches", "0.25"]).limit_val_batches == 0.25
-    for bad in ("1.5", "-2", "many"):
+    for bad in ("1.5", "-2", "many", "inf", "1e400"):  # infinity: an OverflowError before
         with pytest.raises(SystemExit):
             parser.parse_args(["train", "--limit-train-batches", bad])
         assert "limit-train-batches" in capsys.readouterr().err

@@ -164,6 +164,13 @@ def test_flags_and_keys_read_as_they_are_meant(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert overrides_option("chans=8,dc_mode=soft") == {"chans": 8, "dc_mode": "soft"}
+    # YAML 1.1 reads 1e-3 as text: a TypeError deep in the model before
+    assert overrides_option("init_lambda=1e-3") == {"init_lambda": 0.001}
+    from sftkd_fastmri.models import create_model
+
+    for bad in ({"init_lambda": float("nan")}, {"init_lambda": "1e-3"}, {"in_chans": 2.0}):
+        with pytest.raises(ValueError, match="must be"):  # NaN outputs, or torch's TypeError
+            create_model("dccnn_d3c5", dc_mode="soft", **bad)
     # 0 volumes / slices / coils fell back to the defaults
     for flag in ("--volumes", "--slices", "--num-coils"):
         with pytest.raises(SystemExit):

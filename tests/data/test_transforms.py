@@ -67,6 +67,24 @@ def test_fixed_mask_is_the_same_for_every_slice_and_seeded(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.npy", "plain.npy"]
 
 
+def test_mask_settings_and_files_that_cannot_work_are_named(tmp_path):
+    """Empty lists failed at the first draw (in a worker); a fraction above 1 in a bare
+    assertion of fastMRI's; a .npz archive or text array with numpy's words, no path."""
+    for fractions, accelerations, match in (
+        ([], [], "at least 1"),
+        ([1.5], [4], r"center_fractions: each must lie in \(0, 1\), got 1.5"),
+        ([0.08], [0.5], "accelerations: each must be a finite number >= 1, got 0.5"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            create_mask_func("random", fractions, accelerations)
+    np.savez(tmp_path / "masks.npz", m=np.ones(8))
+    with pytest.raises(ValueError, match=r"masks.npz: a .npz archive \(m\); save the 1-D mask"):
+        FixedMaskFunc.from_file(tmp_path / "masks.npz")
+    np.save(tmp_path / "words.npy", np.array(["1", "0"]))
+    with pytest.raises(ValueError, match="words.npy: a fixed mask holds numbers .* dtype <U1"):
+        FixedMaskFunc.from_file(tmp_path / "words.npy")
+
+
 def test_num_low_frequencies_of():
     mask = np.zeros(20, bool)
     mask[8:13] = True
