@@ -139,6 +139,28 @@ def test_profile_counts_the_convolutions_once():
     )
 
 
+def test_block_convolution_backward_counts_as_convolution_once():
+    """BlockConv2d's backward computes the weight gradients with matrix products of its own:
+    the split counted them as "everything else" (only its aten::convolution_backward, the
+    input gradient, as convolution)."""
+    from types import SimpleNamespace
+
+    from benchmarks.common import _convolution_time
+
+    def event(name, total, parent=None):
+        return SimpleNamespace(name=name, cpu_time_total=total, cpu_parent=parent)
+
+    backward = event("_ShiftedWeightGradConvBackward", 10.0)
+    events = [
+        backward,
+        event("aten::convolution_backward", 4.0, backward),  # its input gradient
+        event("aten::baddbmm_", 5.0, backward),  # its weight gradient
+        event("aten::convolution", 3.0),
+        event("aten::add", 2.0),
+    ]
+    assert _convolution_time(events, cuda=False) == 13.0
+
+
 def test_round_ratios_pair_each_round_and_give_nearest_rank_quartiles():
     from benchmarks.common import interleaved_samples, median, round_ratios
 
