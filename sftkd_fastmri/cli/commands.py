@@ -211,8 +211,11 @@ def _evaluate_into(
     from ..experiment import run_evaluate
 
     folder = out_dir / "reconstructions"
-    others = (
-        sorted(p.name for p in folder.iterdir() if p.suffix != ".h5") if folder.is_dir() else []
+    # the user's files (hidden ones are temporaries of earlier writes, replaced with the rest)
+    others = sorted(
+        p.name
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if p.suffix != ".h5" and not p.name.startswith(".")
     )
     if others:
         raise FileExistsError(
