@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
+import fastmri
 import numpy as np
 import torch
 from fastmri.data.transforms import center_crop
@@ -62,6 +63,16 @@ class EvaluationResult:
 
 
 @torch.no_grad()
+def zero_filled_image(batch: Any) -> Tensor:
+    """fastMRI's zero-filled baseline ``(B, h, w)``, in the batch's normalised units: the
+    root-sum-of-squares over coils of the inverse FFT of the acquired k-space, centre-cropped
+    to the reconstruction size (the magnitude for single-coil data). Not the networks' input
+    ``batch.zero_filled``, which combines the coils with estimated sensitivities (SENSE)."""
+    images = fastmri.complex_abs(fastmri.ifft2c(batch.masked_kspace))  # (B, coils, H, W)
+    rss = fastmri.rss(images, dim=1)
+    return center_crop(rss, tuple(batch.zero_filled.shape[-2:]))
+
+
 def evaluate_model(
     model: Optional[nn.Module],
     loader: DataLoader,
@@ -94,7 +105,7 @@ def evaluate_model(
     max_values: Dict[str, float] = {}
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         if model is None:
-            recon = batch.zero_filled
+            recon = zero_filled_image(batch)
         else:
             recon = (reconstruct or reconstruct_batch)(model, batch, device).cpu()
         scale = batch.scale.reshape(-1, 1, 1)
