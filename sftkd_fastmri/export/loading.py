@@ -8,11 +8,17 @@ deployment export.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
-from ..models.checkpoint import ROLES, checkpoint_kind, load_model, read_checkpoint
+from ..models.checkpoint import (
+    FORMAT_KEY,
+    ROLES,
+    checkpoint_kind,
+    load_model,
+    read_checkpoint,
+)
 
 __all__ = ["ROLES", "check_role_applies", "checkpoint_kind", "load_reconstruction_model"]
 
@@ -27,13 +33,28 @@ def load_reconstruction_model(
 def check_role_applies(path: os.PathLike, role: str) -> None:
     """Raise ValueError when ``role`` asks for the teacher or the student of a checkpoint that
     holds one network only (only SFT checkpoints hold both), instead of silently returning
-    that one network whatever it is."""
+    that one network whatever it is. A model export asked for the network it records
+    holding (``sft_student_init.ckpt`` as the student) is what was asked for."""
     if role == "auto":
         return
-    kind = checkpoint_kind(read_checkpoint(path))
-    if kind != "sft":
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    ckpt = read_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind == "sft":
+        return
+    meta = ckpt.get(FORMAT_KEY) if kind == "model" else None
+    held = meta.get("role") if isinstance(meta, Mapping) else None
+    if held == role:
+        return
+    if kind == "unknown":
         raise ValueError(
-            f"{path}: role {role!r} picks one network of an SFT checkpoint (a Lightning "
-            f"checkpoint of the sft command, holding the teacher and the student); this "
-            f"{kind or 'unknown'} checkpoint holds one network: leave the role at 'auto'"
+            f"{path}: not a checkpoint of this package's commands, so role {role!r} picks "
+            "nothing in it; leave the role at 'auto'"
         )
+    what = f"the {held} network" if held else "one network"
+    raise ValueError(
+        f"{path}: role {role!r} picks one network of an SFT checkpoint (a Lightning "
+        f"checkpoint of the sft command, holding the teacher and the student); this "
+        f"{kind} checkpoint holds {what}: leave the role at 'auto'"
+    )

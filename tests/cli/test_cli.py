@@ -151,7 +151,14 @@ def test_sft_then_distill_multicoil(tiny_demo, tmp_path, capsys):
     assert main(["export", str(kd_dir / "model.pt"), "--format", "torchscript"]) == 0
     assert "inputs (masked_kspace, mask, sens_maps)" in capsys.readouterr().out
     assert main(["export", str(kd_dir / "model.pt"), "--role", "teacher"]) == 2
-    assert "holds one network" in capsys.readouterr().err
+    assert "holds the student network: leave the role at 'auto'" in capsys.readouterr().err
+    # the network a file holds may be asked for by its role (it was refused as well)
+    from sftkd_fastmri.export.loading import check_role_applies
+
+    check_role_applies(kd_dir / "model.pt", "student")
+    check_role_applies(student, "student")
+    with pytest.raises(ValueError, match="holds the student network"):
+        check_role_applies(student, "teacher")
 
 
 def test_bad_input_gives_a_clear_error(tiny_demo, tmp_path, capsys):
