@@ -36,6 +36,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = (
         Path(args.out) if args.out else default_export_path(args.checkpoint, args.format, args.role)
     )
+    if args.out and out.exists() and not args.overwrite:
+        # the default names are this command's own outputs, replaced as a run trains on; a
+        # path the user names may hold anything (another checkpoint)
+        raise FileExistsError(
+            f"--out {out} exists; pass --overwrite to replace it with this {args.format} export"
+        )
+    if args.out and not out.name.endswith(SUFFIXES[args.format]):
+        warnings.warn(
+            f"--out {out.name}: a {args.format} export is usually named *{SUFFIXES[args.format]}",
+            stacklevel=2,
+        )
     try:
         with warnings.catch_warnings():  # said below, in the command's own words
             warnings.filterwarnings("ignore", message=".*does not record whether its data")
@@ -125,4 +136,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
         "records it; else 1)",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file (the default names are always replaced)",
+    )
     return p

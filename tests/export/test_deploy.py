@@ -378,6 +378,12 @@ def test_cli_state_dict_to_chosen_path(sources, tmp_path, capsys):
     assert main(["export", str(ckpt), "--format", "state_dict", "--out", str(out)]) == 0
     assert _same_weights(load_model(out), expected)
     assert str(out) in capsys.readouterr().out
+    # a path the user names is not replaced without --overwrite (it may be another checkpoint)
+    before = out.read_bytes()
+    assert main(["export", str(ckpt), "--format", "onnx", "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err and out.read_bytes() == before
+    argv = ["export", str(ckpt), "--format", "state_dict", "--out", str(out), "--overwrite"]
+    assert main(argv) == 0 and _same_weights(load_model(out), expected)
 
 
 def test_torchscript_exports_check_their_inputs_and_follow_the_recorded_challenge(tmp_path):
