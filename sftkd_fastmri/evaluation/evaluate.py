@@ -73,6 +73,7 @@ def zero_filled_image(batch: Any) -> Tensor:
     return center_crop(rss, tuple(batch.zero_filled.shape[-2:]))
 
 
+@torch.no_grad()
 def evaluate_model(
     model: Optional[nn.Module],
     loader: DataLoader,
