@@ -36,7 +36,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = (
         Path(args.out) if args.out else default_export_path(args.checkpoint, args.format, args.role)
     )
-    if args.out and out.exists() and not args.overwrite:
+    if args.out and out.is_file() and not args.overwrite:
         # the default names are this command's own outputs, replaced as a run trains on; a
         # path the user names may hold anything (another checkpoint)
         raise FileExistsError(
