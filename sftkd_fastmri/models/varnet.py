@@ -269,8 +269,7 @@ class CascadedVarNet(nn.Module):
         check_varnet_inputs(masked_kspace, mask, sens_maps)
         if not self.use_given_sens_maps:
             return self.varnet(masked_kspace, mask.bool(), num_low_frequencies)
-        self._require_maps(sens_maps)
-        state = self.initial_state(masked_kspace, mask, sens_maps)
+        state = self.initial_state(masked_kspace, mask, sens_maps)  # requires the maps
         for index in range(len(self.cascades)):
             state = self.cascade_step(index, state, masked_kspace, mask)
         return self.final_image(state)

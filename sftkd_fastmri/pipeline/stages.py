@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from ..experiment import StageResult, check_run_settings, run_distill, run_sft, run_train
 from ..experiment.builders import batch_limit
 from ..experiment.run_record import RUN_CONFIG_FILE, recorded_weights_changed, run_differences
-from ..experiment.runs import DONE_FILE, _inside, _trained_epochs, in_study, last_checkpoint
+from ..experiment.runs import _inside, _trained_epochs, in_study, last_checkpoint
 
 
 def _stage(
@@ -42,10 +42,9 @@ def _stage(
             log.append(f"[skip] {name}: finished earlier ({out_dir})")
             _say(log[-1])
             return done
+        # not finished until it has trained on: the runner removes done.json (and the old
+        # weights' deployment exports) before it trains, as for any run that trains on
         log.append(f"[more] {name}: {more}")
-        # not finished until it has trained on: a stop before the new record must not leave
-        # the old one beside a newer export (under DDP another rank may have removed it)
-        (out_dir / DONE_FILE).unlink(missing_ok=True)
     else:
         trained = _unfinished_epochs(out_dir, stage_cfg, kind)
         resuming = f" (resuming after epoch {trained})" if trained else ""

@@ -324,7 +324,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     example = _example_inputs(loader)
     entries: List[ModelEntry] = []
     recons: Dict[str, Dict[str, np.ndarray]] = {}
-    mask_per_seed = len({id(x) for x in loaders.values()}) > 1
+    mask_per_seed = _mask_per_seed(cfg) and len(seeds) > 1
     for seed in seeds if mask_per_seed else seeds[:1]:
         zero = evaluate_model(None, loaders[seed], progress=False)
         entries.append(
@@ -384,12 +384,17 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     return StudyResult(report, out_dir, files)
 
 
+def _mask_per_seed(cfg: Mapping[str, Any]) -> bool:
+    """Whether each seed draws its own mask: a fixed mask drawn from the seed."""
+    return bool(cfg["fixed_mask"]) and not cfg.get("mask_path")
+
+
 def _test_loaders(cfg: Dict[str, Any], seeds: Sequence[int]) -> Dict[int, Any]:
     """The test loader of each seed. A fixed mask drawn from the seed (``fixed_mask`` without
     ``mask_path``) differs between seeds, and each seed's models are scored on the mask they
     were trained and selected with (and the zero-filled baseline on each); otherwise every
     seed shares one loader (random-type test masks are seeded by file name)."""
-    if cfg["fixed_mask"] and not cfg.get("mask_path"):
+    if _mask_per_seed(cfg):
         return {seed: build_datamodule({**cfg, "seed": seed}).test_dataloader() for seed in seeds}
     shared = build_datamodule(cfg).test_dataloader()
     return {seed: shared for seed in seeds}
