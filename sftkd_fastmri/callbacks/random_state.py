@@ -21,9 +21,10 @@ class RandomStateCheckpoint(Callback):
     resumed run draws other batch orders, masks and dropout than the run it continues would
     have drawn: the resumed model differs from an uninterrupted run's. With this callback
     a run resumed from the end of an epoch trains on as the uninterrupted run would (on the
-    same machine, with the same settings, and ``num_workers=0``: DataLoader worker processes
-    draw their own training masks, counted in the workers, which a checkpoint does not hold,
-    so with workers a resumed run draws other, equally random, masks). The states are saved as tensors and lists, so a
+    same machine, with the same settings; with DataLoader workers, as long as they are started
+    afresh each epoch, ``FastMRIDataModule``'s default: persistent workers keep seeds and mask
+    counts of their own, which a checkpoint does not hold, so a resumed run would draw other,
+    equally random, masks). The states are saved as tensors and lists, so a
     ``weights_only`` load still reads the checkpoint. Checkpoints without them (other
     trainers) resume as before. Under DDP every rank restores the state saved by rank zero,
     as every rank started from the same seed.

@@ -255,6 +255,13 @@ GROUPS: Dict[str, List[Option]] = {
         ),
         _O("batch_size", 4, "batch size", positive_int),
         _O("num_workers", 0, "DataLoader workers", nonnegative_int),
+        _O(
+            "persistent_workers",
+            False,
+            "keep DataLoader workers between epochs (faster where workers are spawned; a "
+            "resumed run then draws other training masks than the uninterrupted run)",
+            _bool,
+        ),
         _O("seed", 0, "random seed (weights, masks, shuffling)", nonnegative_int),
     ],
     "optim": [

@@ -70,6 +70,7 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
         seed=cfg["seed"],
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
+        persistent_workers=cfg.get("persistent_workers", False),
         sample_rate=cfg["sample_rate"],
         volume_sample_rate=cfg.get("volume_sample_rate"),
         kspace_from_target=cfg["kspace_from_target"],

@@ -111,6 +111,13 @@ class FastMRIDataModule(pl.LightningDataModule):
             slices of one shape (:class:`~sftkd_fastmri.data.ShapeBatchSampler`); a shape's
             last batch of an epoch may be smaller.
         num_workers: DataLoader workers.
+        persistent_workers: keep the workers between epochs (``num_workers > 0``). Off by
+            default: workers started afresh each epoch take their seeds from the generators
+            that :class:`~sftkd_fastmri.callbacks.RandomStateCheckpoint` saves, so a run
+            resumed at an epoch end draws the training masks and batches the uninterrupted
+            run draws, with any ``num_workers``. On saves each epoch's worker start (seconds
+            where workers are spawned, not forked: macOS, Windows) but a resumed run then
+            draws other masks than the uninterrupted one would have.
         sample_rate: fraction of training slices to use (``None``: all), drawn from ``seed``.
         volume_sample_rate: fraction of training volumes to use, all slices of each (``None``:
             all), drawn from ``seed``; not together with ``sample_rate``.
@@ -139,6 +146,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         seed: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
+        persistent_workers: bool = False,
         sample_rate: Optional[float] = None,
         volume_sample_rate: Optional[float] = None,
         kspace_from_target: bool = False,
@@ -171,6 +179,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         self.seed = seed
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.persistent_workers = bool(persistent_workers)
         self.sample_rate = sample_rate
         self.volume_sample_rate = volume_sample_rate
         self.kspace_from_target = kspace_from_target
@@ -276,7 +285,10 @@ class FastMRIDataModule(pl.LightningDataModule):
                 if training
                 else VolumeSampler(dataset, shuffle=False)
             )
-        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        workers = dict(
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
         shapes = self.batch_shapes(stage) if self.batch_size > 1 else None
         if shapes is not None and len(set(shapes)) > 1:
             # Volumes of several shapes (fastMRI knee widths, brain coil counts): batches of
@@ -312,8 +324,9 @@ class FastMRIDataModule(pl.LightningDataModule):
 
         With ``num_workers=0`` the training masks are seeded from a counter of this process,
         which a resumed run would otherwise start again from 0 (drawing the masks of the first
-        epochs again). Worker processes count for themselves and are not saved: a resumed run
-        with workers draws other (equally random) masks than an uninterrupted one."""
+        epochs again). Workers (started afresh each epoch unless ``persistent_workers``) count
+        from this process's value and are seeded from the torch generator, which
+        :class:`~sftkd_fastmri.callbacks.RandomStateCheckpoint` saves."""
         dataset = self.datasets.get("train")
         transform = getattr(dataset, "transform", None)
         calls = getattr(transform, "_calls", self._pending_mask_calls)

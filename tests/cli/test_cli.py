@@ -856,14 +856,16 @@ def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path):
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "done.json").exists()
 
 
-def test_a_resumed_run_trains_on_as_the_uninterrupted_run(tiny_demo, tmp_path):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_resumed_run_trains_on_as_the_uninterrupted_run(tiny_demo, tmp_path, workers):
     """Lightning checkpoints neither the random generators nor the count of training masks
     drawn: a run resumed after epoch 1 shuffled and masked differently from the run it
-    continued, and ended with other weights."""
+    continued, and ended with other weights. With a worker, persistent workers kept seeds and
+    mask counts of their own across epochs, which a resumed run could not draw again."""
     import torch
 
     argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides",
-            "chans=4"]  # fmt: skip
+            "chans=4", "--num-workers", workers]  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main([*argv, "--max-epochs", "3", "--out-dir", str(whole)]) == 0
     assert main([*argv, "--max-epochs", "1", "--out-dir", str(resumed)]) == 0

@@ -248,3 +248,18 @@ def test_a_checkpoints_mask_counter_waits_for_the_training_data(demo_root, tmp_p
     full.load_state_dict({"train_mask_calls": 7})
     full.setup("fit")  # a resumed fit: the counter reaches the training transform
     assert full.dataset("train").transform._calls == 7
+
+
+def test_workers_start_afresh_each_epoch_unless_asked_to_persist(demo_root):
+    """Persistent workers keep seeds and mask counts that no checkpoint holds, so a resumed
+    run could not draw the uninterrupted run's masks: they are an explicit choice."""
+    fresh = FastMRIDataModule(demo_root, "singlecoil", num_workers=1)
+    fresh.setup("fit")
+    assert not fresh.train_dataloader().persistent_workers
+    kept = FastMRIDataModule(demo_root, "singlecoil", num_workers=1, persistent_workers=True)
+    kept.setup("fit")
+    assert kept.train_dataloader().persistent_workers
+    assert kept.val_dataloader().persistent_workers
+    none = FastMRIDataModule(demo_root, "singlecoil", persistent_workers=True)  # no workers
+    none.setup("fit")
+    assert not none.train_dataloader().persistent_workers
