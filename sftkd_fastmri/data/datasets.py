@@ -110,6 +110,11 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
         raise DataError(
             f"{fname}: 'kspace' has shape {hf['kspace'].shape}; {challenge} data must be {layout}"
         )
+    if 0 in hf["kspace"].shape[1:]:
+        raise DataError(
+            f"{fname}: 'kspace' has shape {hf['kspace'].shape}; every axis after the slices "
+            "must be non-empty"
+        )
     target_key = TARGET_KEYS[challenge]
     if require_target or target_key in hf:  # a target present is checked all the same
         if target_key not in hf:

@@ -144,12 +144,10 @@ def holdout_split(
     key = TARGET_KEYS[challenge]
     untargeted = []
     for path in files:
-        try:
-            hf = h5py.File(path, "r")
-        except OSError:  # cut short or damaged: named by the reader's own check
-            check_volume(path, challenge, require_target=False)
-            raise
-        with hf:
+        # what the reader would refuse (missing keys, wrong layouts, a damaged file) is
+        # refused here, before anything is written
+        check_volume(path, challenge, require_target=False)
+        with h5py.File(path, "r") as hf:
             if key not in hf:
                 untargeted.append(path.name)
     if untargeted:

@@ -218,17 +218,21 @@ class DCCNNDataTransform:
                 f"{where}: target slice must be a real (H, W) image, got shape "
                 f"{target.shape} and dtype {target.dtype}"
             )
+        if target is not None and not target.dtype.isnative:  # valid HDF5, big-endian
+            target = target.astype(target.dtype.newbyteorder("="))
 
         recon_size = attrs.get("recon_size")
         if target is not None:
+            # fastMRI's convention: the output is cropped to the target, whatever the header's
+            # reconSpace says (the two differ in real brain files). A target stored transposed
+            # would be cropped to the wrong region and scored without a word: refused.
             crop_size = (int(target.shape[-2]), int(target.shape[-1]))
-            if recon_size is not None and tuple(int(n) for n in recon_size[:2]) != crop_size:
-                # a target stored transposed or of another grid would be cropped and scored
-                # against the wrong region without a word
+            header = None if recon_size is None else tuple(int(n) for n in recon_size[:2])
+            if header is not None and header != crop_size and header[::-1] == crop_size:
                 raise DataError(
                     f"{where}: the target is {crop_size[0]} x {crop_size[1]}, the header's "
-                    f"reconSpace matrixSize (recon_size) says {int(recon_size[0])} x "
-                    f"{int(recon_size[1])}; they must agree (a transposed target?)"
+                    f"reconSpace matrixSize (recon_size) says {header[0]} x {header[1]}: a "
+                    "transposed target? fastMRI stores targets as (slices, H, W)"
                 )
             if "max" not in attrs:
                 # fastMRI's transforms take 0 then; a slice's own maximum (the other
@@ -277,7 +281,13 @@ class DCCNNDataTransform:
                 raise DataError(
                     f"{where}: no mask function was given and the file has no 'mask' dataset"
                 )
-            mask_np = np.asarray(mask).reshape(-1)
+            stored = np.asarray(mask)
+            if sum(n > 1 for n in stored.shape) > 1:
+                raise DataError(
+                    f"{where}: 'mask' has shape {stored.shape}; fastMRI test files store one "
+                    f"(W,) row of 0/1 per k-space column ({num_cols} here)"
+                )
+            mask_np = stored.reshape(-1)
             if mask_np.shape[0] != num_cols:
                 raise DataError(
                     f"{where}: 'mask' has {mask_np.shape[0]} entries, k-space has {num_cols} "

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from ..data import (
     CheckedSliceDataset,
+    DataError,
     DCCNNDataTransform,
+    FixedMaskFunc,
     ShapeBatchSampler,
     create_mask_func,
     slice_shapes,
@@ -259,9 +261,36 @@ class FastMRIDataModule(pl.LightningDataModule):
                 )
             finally:
                 random.setstate(state)
+            self._check_mask_widths(stage, self.datasets[stage])
             if stage == "train":
                 self._apply_mask_calls(self.datasets[stage])  # a resumed run's counter
         return self.datasets[stage]
+
+    def _check_mask_widths(self, stage: str, dataset: CheckedSliceDataset) -> None:
+        """A fixed mask read from a file has one width: refuse, before any training, a split
+        holding k-space of another width (fastMRI knee widths vary: 368, 372, ...), which
+        would otherwise stop the run at the first such slice, maybe hours in."""
+        mask_func = getattr(dataset.transform, "mask_func", None)
+        if not isinstance(mask_func, FixedMaskFunc) or mask_func.base_mask_func is not None:
+            return
+        first_file: Dict[int, str] = {}
+        for sample, (kspace, target) in zip(dataset.raw_samples, slice_shapes(dataset)):
+            if self.kspace_from_target:  # k-space is computed from the target
+                if not isinstance(target, tuple) or target[0] == "recon_size":
+                    continue  # no target: the transform refuses the slice with its own words
+                width = int(target[-1])
+            else:
+                width = int(kspace[-1])
+            first_file.setdefault(width, str(sample[0]))
+        for width, fname in first_file.items():
+            try:
+                mask_func.mask_for_width(width)
+            except ValueError as err:
+                raise DataError(
+                    f"{fname}: {err}; every volume of the {stage} split "
+                    f"({self.split_folder(stage)}) must have k-space of the mask's width, "
+                    f"widths found: {sorted(first_file)}"
+                ) from None
 
     def setup(self, stage: Optional[str] = None) -> None:
         wanted = {

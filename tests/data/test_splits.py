@@ -21,8 +21,11 @@ def _fake_split(root, n, challenge="singlecoil", split="val"):
     folder.mkdir(parents=True)
     for i in range(n):
         with h5py.File(folder / f"file{i:03d}.h5", "w") as hf:
-            hf["x"] = np.arange(3)
-            hf[TARGET_KEYS[challenge]] = np.zeros((1, 2, 2), np.float32)
+            coils = () if challenge == "singlecoil" else (2,)
+            hf["kspace"] = np.ones((1, *coils, 2, 2), np.complex64)
+            hf["ismrmrd_header"] = b"<ismrmrdHeader/>"
+            hf[TARGET_KEYS[challenge]] = np.ones((1, 2, 2), np.float32)
+            hf.attrs["max"] = 1.0
     return folder
 
 
@@ -81,8 +84,15 @@ def test_bad_input(tmp_path):
     for path in test.iterdir():
         with h5py.File(path, "r+") as hf:
             del hf["reconstruction_esc"]
+            hf["mask"] = np.ones(2, np.float32)  # as fastMRI's test files
     with pytest.raises(DataError, match=r"3 of 3 volumes have no target \('reconstruction_esc'\)"):
         holdout_split(tmp_path, "singlecoil", source="test")
+    # a volume the reader would refuse is refused before anything is written
+    damaged = _fake_split(tmp_path, 3, split="damaged")
+    with h5py.File(damaged / "file001.h5", "r+") as hf:
+        del hf["kspace"]
+    with pytest.raises(DataError, match="file001.h5: missing dataset 'kspace'"):
+        holdout_split(tmp_path, "singlecoil", source="damaged")
     with pytest.raises(ValueError, match="fraction"):
         holdout_split(tmp_path, "singlecoil", fraction=1.0)
     # a name with a path in it failed on a temporary folder's path
@@ -127,7 +137,7 @@ def test_linked_split_survives_moving_the_data_folder(tmp_path):
         for link in (tmp_path / "b" / name).iterdir():
             assert link.is_symlink() and not os.path.isabs(os.readlink(link))
             with h5py.File(link, "r") as hf:
-                np.testing.assert_array_equal(hf["x"][()], np.arange(3))
+                assert hf["kspace"].shape == (1, 2, 2)
 
 
 def test_an_interrupted_overwrite_never_mixes_old_and_new_splits(tmp_path, monkeypatch):

@@ -186,6 +186,11 @@ def test_bad_slices_raise_clear_errors():
     # a transposed target (the header says 12 x 10) would be cropped to the wrong region
     with pytest.raises(DataError, match="target is 10 x 12, the header's reconSpace.*12 x 10"):
         t(kspace, None, target.T.copy(), attrs, "f.h5", 0)
+    # a test file's mask of another layout is another mask, not one to flatten
+    with pytest.raises(DataError, match=r"'mask' has shape \(2, 5\); fastMRI test files"):
+        DCCNNDataTransform(None)(kspace, np.ones((2, 5)), None, attrs, "f.h5", 0)
+    row = DCCNNDataTransform(None)(kspace, np.ones((1, 10)), None, attrs, "f.h5", 0)
+    assert row.mask.reshape(-1).shape == (10,)  # (1, W) is the (W,) row
     # without the volume's maximum, PSNR and SSIM would use each slice's own
     no_max = {k: v for k, v in attrs.items() if k != "max"}
     with pytest.raises(DataError, match="f.h5: has a target but no attribute 'max'"):
@@ -210,6 +215,24 @@ def test_target_wider_than_the_kspace_image_is_cropped_as_fastmri_does():
     sample = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))(kspace, None, wide, attrs, "f", 0)
     assert sample.target.shape == sample.zero_filled.shape == target.shape
     torch.testing.assert_close(sample.target * sample.scale, torch.from_numpy(target).float())
+
+
+def test_the_output_is_cropped_to_the_target_whatever_the_header_says():
+    """fastMRI crops to the target where there is one; real brain headers' reconSpace can
+    differ from their 320 x 320 targets, and such files were refused."""
+    kspace, target, attrs = _slice()
+    other = dict(attrs, recon_size=(6, 8, 1))  # neither the target's size nor its transpose
+    t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))
+    assert t(kspace, None, target, other, "f", 0).target.shape == target.shape
+
+
+def test_a_big_endian_target_is_read_as_any_other():
+    """Big-endian float32 is valid HDF5; torch refused it with a byte-order message."""
+    kspace, target, attrs = _slice()
+    t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))
+    native = t(kspace, None, target, attrs, "f", 0)
+    swapped = t(kspace, None, target.astype(">f4"), attrs, "f", 0)
+    assert torch.equal(swapped.target, native.target)
 
 
 def test_kspace_from_target_matches_target():
@@ -282,6 +305,10 @@ def test_checked_dataset_names_bad_files(demo_root, tmp_path):
         CheckedSliceDataset(folder, "singlecoil", require_target=False)
     with pytest.raises(DataError, match="does not exist"):
         CheckedSliceDataset(tmp_path / "nowhere", "singlecoil")
+    with h5py.File(broken, "a") as h:
+        h.create_dataset("kspace", data=np.zeros((2, 0, 4), np.complex64))  # no columns
+    with pytest.raises(DataError, match=r"broken.h5: 'kspace' has shape \(2, 0, 4\); every"):
+        CheckedSliceDataset(folder, "singlecoil", require_target=False)
     with pytest.raises(DataError, match=r"multicoil data must be \(slices, coils, H, W\)"):
         CheckedSliceDataset(demo_root / "singlecoil_val", "multicoil")
 

@@ -263,3 +263,19 @@ def test_workers_start_afresh_each_epoch_unless_asked_to_persist(demo_root):
     none = FastMRIDataModule(demo_root, "singlecoil", persistent_workers=True)  # no workers
     none.setup("fit")
     assert not none.train_dataloader().persistent_workers
+
+
+def test_a_mask_file_of_one_width_is_refused_before_training_on_other_widths(mixed_root, tmp_path):
+    """fastMRI knee widths vary; a fixed mask read from a file stopped the run at the first
+    slice of another width, maybe hours in: the split is checked when its data is built."""
+    from sftkd_fastmri.data import DataError
+
+    mask = np.zeros(24, np.float32)
+    mask[10:14] = mask[::3] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    data = FastMRIDataModule(mixed_root, "singlecoil", mask_path=tmp_path / "mask.npy")
+    with pytest.raises(DataError, match=r"wide_.*\.h5: .*mask.npy: fixed mask has width 24, "
+                       r"k-space has 28 columns; every volume of the train split"):  # fmt: skip
+        data.setup("fit")
+    # a generated fixed mask has one per width
+    FastMRIDataModule(mixed_root, "singlecoil", fixed_mask=True).setup("fit")
