@@ -21,6 +21,7 @@ from ..export.deploy import (
     load_torchscript_export,
 )
 from ..export.loading import check_role_applies
+from .options import path_value
 
 __all__ = ["cmd_export", "register"]
 
@@ -90,6 +91,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
     p.add_argument(
         "checkpoint",
         metavar="CKPT",
+        type=path_value,
         help="model export or Lightning checkpoint of a training, SFT or distillation run",
     )
     p.add_argument(
@@ -110,6 +112,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
     suffixes = ", ".join(SUFFIXES.values())
     p.add_argument(
         "--out",
+        type=path_value,
         help=(
             f"output file (default: next to CKPT, <stem>.<role>{{{suffixes}}} where role is "
             "the SFT network chosen or the role the file records (distill's model.pt: "

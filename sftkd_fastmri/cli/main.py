@@ -29,7 +29,7 @@ from .commands import (  # noqa: F401  (_print_once: tests import it from here)
     cmd_sft,
     cmd_train,
 )
-from .options import add_options, mapping_option
+from .options import add_options, mapping_option, path_value
 
 DESCRIPTION = """\
 SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
@@ -51,7 +51,9 @@ Typical use on a fastMRI-layout folder (sub-folders {singlecoil,multicoil}_{trai
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of options (flags override it)")
+    parser.add_argument(
+        "--config", type=path_value, help="YAML file of options (flags override it)"
+    )
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_make_demo_data,
         "write fastMRI-layout demo splits built from the MNI152 brain template",
     )
-    p.add_argument("out_dir", help="output folder")
+    p.add_argument("out_dir", type=path_value, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--num-coils", type=_positive_int)
@@ -178,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hold out part of a split (by volume, seeded) as a test split that checkpoint "
         "selection never sees",
     )
-    p.add_argument("data_path", help="folder holding the {challenge}_{split} folders")
+    p.add_argument(
+        "data_path", type=path_value, help="folder holding the {challenge}_{split} folders"
+    )
     p.add_argument("--challenge", required=True, choices=("singlecoil", "multicoil"))
     p.add_argument("--source", default="val", help="split to divide (default: val)")
     p.add_argument("--fraction", type=float, default=0.2, help="held-out fraction of volumes")
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument(
         "--checkpoint",
+        type=path_value,
         help="model checkpoint (model.pt, SFT exports) or Lightning checkpoint of this package; "
         "not a deployment export (omit: the zero-filled baseline)",
     )
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-out-dir",
         dest="out_dir",
+        type=path_value,
         help="write reconstructions/ (and metrics.json for a split with targets); a folder "
         "holding an earlier evaluation needs --overwrite",
     )
@@ -260,8 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
         "write demo data and run a reduced study end to end (about 1-1.5 min on 2 CPU cores)",
     )
-    p.add_argument("--out-dir", default="sftkd_demo", help="output folder (default: sftkd_demo)")
-    p.add_argument("--data-dir", help="demo data folder (default: OUT_DIR/data)")
+    p.add_argument(
+        "--out-dir",
+        type=path_value,
+        default="sftkd_demo",
+        help="output folder (default: sftkd_demo)",
+    )
+    p.add_argument("--data-dir", type=path_value, help="demo data folder (default: OUT_DIR/data)")
     p.add_argument(
         "--epochs", type=_positive_int, default=None, help="epochs per stage (default: demo's)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -115,6 +116,12 @@ def text_value(text: Any) -> str:
     return str(text)
 
 
+def path_value(text: Any) -> str:
+    """A file or folder path; ``~`` is expanded (a config file's value, or ``--opt=~/x``,
+    which the shell leaves as it is)."""
+    return os.path.expanduser(text_value(text))
+
+
 #: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
 #: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
 _HALF_TRUE = ("16-true", "bf16-true")
@@ -198,13 +205,13 @@ GROUPS: Dict[str, List[Option]] = {
             None,
             "fastMRI-layout folder holding {challenge}_{split} sub-folders "
             "(e.g. .../knee or .../brain); see also --data-config",
-            text_value,
+            path_value,
         ),
         _O(
             "data_config",
             None,
             "fastMRI's fastmri_dirs.yaml; with --dataset knee|brain it supplies data_path",
-            text_value,
+            path_value,
         ),
         _O(
             "dataset",
@@ -238,7 +245,7 @@ GROUPS: Dict[str, List[Option]] = {
             "one mask for every slice, drawn from --seed (the paper's protocol)",
             _bool,
         ),
-        _O("mask_path", None, ".npy file with a fixed 1-D mask (W,)", text_value),
+        _O("mask_path", None, ".npy file with a fixed 1-D mask (W,)", path_value),
         _O(
             "kspace_from_target",
             False,
@@ -272,7 +279,7 @@ GROUPS: Dict[str, List[Option]] = {
         _O("loss", "l1", "reconstruction loss", text_value),
     ],
     "trainer": [
-        _O("out_dir", None, "output folder (checkpoints, logs, exports)", text_value),
+        _O("out_dir", None, "output folder (checkpoints, logs, exports)", path_value),
         _O("max_epochs", 150, "training epochs", positive_int),
         _O(
             "limit_train_batches",
@@ -320,7 +327,7 @@ GROUPS: Dict[str, List[Option]] = {
             "init_checkpoint",
             None,
             "initialise the model from this checkpoint (strict)",
-            text_value,
+            path_value,
         ),
     ],
     "sft": [
@@ -333,13 +340,13 @@ GROUPS: Dict[str, List[Option]] = {
             None,
             "start the teacher from this checkpoint, e.g. a trained teacher's model.pt "
             "(strict; the paper starts from scratch)",
-            text_value,
+            path_value,
         ),
         _O(
             "init_student",
             None,
             "start the student from this checkpoint (strict; of an SFT checkpoint, its student)",
-            text_value,
+            path_value,
         ),
         _O(
             "train_first_student_cascade",
@@ -366,7 +373,7 @@ GROUPS: Dict[str, List[Option]] = {
             "teacher_checkpoint",
             None,
             "teacher: DC-CNN checkpoint or SFT teacher export",
-            text_value,
+            path_value,
         ),
         _O(
             "methods",

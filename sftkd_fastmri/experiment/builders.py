@@ -10,14 +10,17 @@ from typing import Any, Dict, List, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerFn
 
 from ..callbacks.finite import FiniteLossCheck
 from ..callbacks.random_state import RandomStateCheckpoint
 from ..data.datasets import TARGET_KEYS, missing_split_hint
+from ..models.checkpoint import atomic_torch_save
 from ..pl_modules import FastMRIDataModule, fetch_dir, split_has_targets
 
 __all__ = [
+    "AtomicCheckpointIO",
     "NoTargetsError",
     "build_datamodule",
     "build_trainer",
@@ -141,6 +144,24 @@ def batch_limit(value: Any):
     return value
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing a local checkpoint to a temporary file in its
+    own folder and renaming it over the old one (:func:`~sftkd_fastmri.models.checkpoint.
+    atomic_torch_save`).
+
+    Lightning's own writer stages the file in ``$TMPDIR`` and moves it; where that lies on
+    another file system (a tmpfs ``/tmp``) the move is a copy into the destination, so a stop
+    during it left ``last.ckpt`` truncated and the run could not resume. Remote paths
+    (``s3://`` ...) are left to Lightning."""
+
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` for a run folder that may have moved between sessions.
 
@@ -260,6 +281,7 @@ def build_trainer(
         limit_val_batches=batch_limit(cfg["limit_val_batches"]),
         accumulate_grad_batches=cfg["accumulate_grad_batches"],
         callbacks=[checkpoint, FiniteLossCheck(), RandomStateCheckpoint(), *(callbacks or [])],
+        plugins=[AtomicCheckpointIO()],
         logger=logger,
         enable_progress_bar=cfg["progress"],
         enable_model_summary=cfg["progress"],

@@ -54,6 +54,7 @@ __all__ = [
     "StageResult",
     "check_run_settings",
     "last_checkpoint",
+    "resume_checkpoint",
     "recorded_weights_changed",
     "run_differences",
     "run_distill",
@@ -139,7 +140,9 @@ def _inside(path: os.PathLike, folder: os.PathLike) -> bool:
 
 
 def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
-    path = Path(cfg.get("out_dir") or default)
+    # "~" expanded here, once: Lightning expands it for its checkpoints and logs, so a literal
+    # "~" folder would have split the run in two (and never resumed)
+    path = Path(os.path.expanduser(str(cfg.get("out_dir") or default)))
     if path.exists() and not path.is_dir():
         raise ValueError(f"out_dir {path} is a file; expected a folder (new or of this run)")
     return path
@@ -158,21 +161,26 @@ def _fit(
     Seeds again before building the data, so the masks and batch order of a stage depend on
     its seed alone (not on how many random numbers building its networks took)."""
     _seed(cfg)
-    last = last_checkpoint(out_dir)
+    last = resume_checkpoint(out_dir)
     resume = str(last) if cfg.get("resume", True) and last.is_file() else None
+    trains_on = False
     if resume:
         check_run_settings(cfg, out_dir, stage=stage)
-        if not _say_if_finished(last, int(cfg["max_epochs"])):
-            _unfinish(out_dir)  # it trains on: no longer finished, its deployments stale
+        trains_on = not _say_if_finished(last, int(cfg["max_epochs"]))
+    # built before anything in out_dir changes: a typo in a path or setting found here must
+    # cost nothing of the earlier run
     datamodule = build_datamodule(cfg)
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
+    if trains_on:
+        _unfinish(out_dir)  # it trains on: no longer finished, its deployments stale
     if not resume:
         # what can be checked cheaply before an earlier run is removed: a stray file in a
         # split folder must not cost the user the run that --resume false would replace
         for stage_name in ("train", "val"):
             check_split_entries(datamodule.split_folder(stage_name))
+        _check_clearable(cfg, out_dir)
+        record = {**run_record(cfg), "stage": stage}  # input digests, before any removal
         _clear_earlier_run(out_dir)
-        record = {**run_record(cfg), "stage": stage}
         atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(record, indent=2))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -238,6 +246,17 @@ def last_checkpoint(out_dir: os.PathLike) -> Path:
     return Path(out_dir) / CKPT_DIR / "last.ckpt"
 
 
+def resume_checkpoint(out_dir: os.PathLike) -> Path:
+    """The checkpoint a run in ``out_dir`` resumes from: ``last.ckpt``; without it, in a run
+    folder (``run_config.json``), ``best.ckpt``: Lightning writes it first, so a stop
+    between the two writes of the first epoch leaves it alone, and it holds that epoch."""
+    last = last_checkpoint(out_dir)
+    best = last.with_name("best.ckpt")
+    if not last.is_file() and best.is_file() and (Path(out_dir) / RUN_CONFIG_FILE).is_file():
+        return best
+    return last
+
+
 #: What a stage writes besides its checkpoints (the exports of train/distill and of sft).
 STAGE_EXPORTS = ("model.pt", "sft_teacher.ckpt", "sft_student_init.ckpt")
 
@@ -257,6 +276,38 @@ def _default_export_names(stem: str) -> list:
     return names
 
 
+def _earlier_run_files(out_dir: Path) -> List[Path]:
+    """What :func:`_clear_earlier_run` removes, of what exists."""
+    old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
+    old += [out_dir / name for name in STAGE_EXPORTS]
+    return [p for p in old + _deployment_exports(out_dir) if p.is_file()]
+
+
+def _check_clearable(cfg: Dict[str, Any], out_dir: Path) -> None:
+    """Before a new run removes an earlier run's files: only a run folder of this package
+    (``run_config.json`` or ``done.json``) is cleared, never a folder of the user's that holds a
+    ``model.pt`` or checkpoints; and never a file the new run starts from."""
+    doomed = _earlier_run_files(out_dir)
+    if not doomed:
+        return
+    names = ", ".join(str(p.relative_to(out_dir)) for p in doomed[:5])
+    if not any((out_dir / name).is_file() for name in (RUN_CONFIG_FILE, DONE_FILE)):
+        raise ValueError(
+            f"{out_dir} holds {names}{' ...' if len(doomed) > 5 else ''} but no "
+            f"{RUN_CONFIG_FILE}: not a run folder of sftkd-fastmri, and a new run there would "
+            "replace them; choose another --out-dir, or move them away first"
+        )
+    doomed_real = {os.path.realpath(p) for p in doomed}
+    for key in RUN_INPUT_FILES:
+        value = cfg.get(key)
+        if value and os.path.realpath(os.path.expanduser(str(value))) in doomed_real:
+            raise ValueError(
+                f"{key} {value} is a file of the earlier run in {out_dir}, which a new run "
+                "there removes before it starts; copy it elsewhere and pass the copy, or "
+                "choose another --out-dir"
+            )
+
+
 def _clear_earlier_run(out_dir: Path) -> None:
     """Before a new run starts in ``out_dir`` (``--resume false``, or no ``last.ckpt``),
     remove what an earlier run left there: ``done.json`` first (a stage must never look
@@ -267,9 +318,7 @@ def _clear_earlier_run(out_dir: Path) -> None:
     Logs stay (each run writes its own version folder). Rank zero only."""
     if rank_zero_only.rank != 0:
         return
-    old = [out_dir / DONE_FILE, *sorted((out_dir / CKPT_DIR).glob("*.ckpt"))]
-    old += [out_dir / name for name in STAGE_EXPORTS]
-    removed = _remove(old + _deployment_exports(out_dir))
+    removed = _remove(_earlier_run_files(out_dir))
     if removed:
         print(
             f"{out_dir}: starting a new run; removed the earlier run's {', '.join(removed)}",

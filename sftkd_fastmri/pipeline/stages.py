@@ -14,7 +14,13 @@ from pytorch_lightning.utilities import rank_zero_only
 from ..experiment import StageResult, check_run_settings, run_distill, run_sft, run_train
 from ..experiment.builders import batch_limit
 from ..experiment.run_record import RUN_CONFIG_FILE, recorded_weights_changed, run_differences
-from ..experiment.runs import _inside, _trained_epochs, in_study, last_checkpoint
+from ..experiment.runs import (
+    _inside,
+    _trained_epochs,
+    in_study,
+    last_checkpoint,
+    resume_checkpoint,
+)
 
 
 def _stage(
@@ -61,7 +67,7 @@ def _unfinished_epochs(out_dir: Path, cfg: Dict[str, Any], kind: str) -> Optiona
     its ``last.ckpt`` (``None``: none to resume). A run of other settings is refused as
     such first; more epochs than the study now asks for are refused too: resuming would
     train nothing and export a network of more epochs than the report would state."""
-    last = last_checkpoint(out_dir)
+    last = resume_checkpoint(out_dir)
     if cfg.get("resume", True) is False or not last.is_file():
         return None
     check_run_settings(cfg, out_dir, stage=kind)

@@ -207,3 +207,92 @@ def test_stage_records_are_relative_also_through_a_linked_folder(tmp_path):
     loaded = StageResult.load(copy)
     assert loaded.best_checkpoint == str(copy / "checkpoints" / "best.ckpt")
     assert loaded.exports["model"] == str(copy / "model.pt") and loaded.epochs == 3
+
+
+_TINY = ["--challenge", "singlecoil", "--batch-size", "2", "--progress", "false",
+         "--accelerator", "cpu", "--model", "dccnn_d3c5", "--model-overrides", "chans=4",
+         "--limit-train-batches", "1"]  # fmt: skip
+
+
+def _train(data, out, *extra):
+    from sftkd_fastmri.cli.main import main
+
+    return main(["train", "--data-path", str(data), *_TINY, "--out-dir", str(out), *extra])
+
+
+def test_a_new_run_leaves_a_folder_that_is_no_run_and_its_own_inputs_alone(
+    tiny_demo, tmp_path, capsys
+):
+    """A folder holding the user's model.pt (no run_config.json) lost it to a new run, even
+    when it was the run's --init-checkpoint."""
+    from sftkd_fastmri.models import create_model, save_model_checkpoint
+
+    mine = tmp_path / "mine"
+    weights = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), mine / "model.pt")
+    before = weights.read_bytes()
+    assert _train(tiny_demo, mine, "--init-checkpoint", str(weights)) == 2
+    assert "mine holds model.pt but no run_config.json: not a run folder" in capsys.readouterr().err
+    assert weights.read_bytes() == before and not (mine / RUN_CONFIG_FILE).exists()
+    # a run folder of its own: its export may not be the new run's starting point there
+    run = tmp_path / "run"
+    assert _train(tiny_demo, run, "--max-epochs", "1") == 0
+    capsys.readouterr()
+    argv = ["--resume", "false", "--init-checkpoint", str(run / "model.pt")]
+    assert _train(tiny_demo, run, *argv) == 2
+    err = capsys.readouterr().err
+    assert "init_checkpoint" in err and "is a file of the earlier run" in err
+    assert (run / "model.pt").is_file() and (run / "done.json").is_file()
+
+
+def test_training_on_that_fails_to_start_keeps_the_finished_run(tiny_demo, tmp_path, capsys):
+    """done.json and the deployment exports went before the data and trainer were built: a
+    typo in --data-path cost the finished run its marker and exports."""
+    run = tmp_path / "run"
+    assert _train(tiny_demo, run, "--max-epochs", "1") == 0
+    (run / "model.ts.pt").write_bytes(b"a deployment export")
+    from sftkd_fastmri.cli.main import main
+
+    argv = ["train", "--data-path", str(tmp_path / "typo"), *_TINY, "--out-dir", str(run),
+            "--max-epochs", "2"]  # fmt: skip
+    assert main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (run / "done.json").is_file() and (run / "model.ts.pt").is_file()
+    # a run stopped between Lightning's best.ckpt and last.ckpt writes resumes from best.ckpt
+    (run / "checkpoints" / "last.ckpt").unlink()
+    assert _train(tiny_demo, run, "--max-epochs", "2") == 0
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # trained on from the first epoch, not from scratch
+
+
+def test_out_dir_under_home_is_one_folder(tiny_demo, tmp_path, monkeypatch):
+    """Lightning expands '~' for its checkpoints and logs, the run record did not: a literal
+    '~' folder got run_config.json and model.pt, and the run never resumed."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert _train(tiny_demo, "~/run", "--max-epochs", "1") == 0
+    run = tmp_path / "home" / "run"
+    assert (run / RUN_CONFIG_FILE).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "model.pt").is_file() and not (tmp_path / "~").exists()
+
+
+def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch):
+    """Lightning's writer staged checkpoints in $TMPDIR and moved them: across file systems
+    a copy into last.ckpt, truncated by a stop."""
+    from sftkd_fastmri.experiment.builders import AtomicCheckpointIO, build_trainer
+
+    cfg = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "precision": "32",
+           "limit_train_batches": 1, "limit_val_batches": 1, "accumulate_grad_batches": 1,
+           "progress": False, "logger": "none"}  # fmt: skip
+    assert isinstance(build_trainer(cfg, tmp_path).strategy.checkpoint_io, AtomicCheckpointIO)
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 0}, path)
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 1}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
