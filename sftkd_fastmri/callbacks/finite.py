@@ -23,7 +23,8 @@ class FiniteLossCheck(Callback):
     would select, export and report a network of NaNs as if it had trained. The error names
     the epoch, the step and the slices of the batch (``fname`` / ``slice_num`` of fastMRI-style
     batches), so the data or the setting (learning rate, loss weights) can be found. Costs one
-    scalar read per step.
+    scalar read per step and, under DDP, one scalar all-reduce, so that every rank stops at
+    the same step.
     """
 
     def __init__(self) -> None:
@@ -39,7 +40,18 @@ class FiniteLossCheck(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         value = float(loss.detach())
-        if math.isfinite(value):
+        finite = math.isfinite(value)
+        if trainer.world_size > 1:
+            # every rank decides together: a rank stopping alone would leave the others
+            # waiting in the gradient all-reduce (a hang, or a "connection closed" error)
+            flag = torch.tensor(0.0 if finite else 1.0, device=loss.device)
+            if float(trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and finite:
+                raise NonFiniteLossError(
+                    f"the training loss is NaN or infinite on another rank at epoch "
+                    f"{trainer.current_epoch}, step {trainer.global_step} (that rank's error "
+                    "names its batch); stopped on every rank before it reached the weights"
+                )
+        if finite:
             return
         shown = ", ".join(self._slices[:4]) + (" ..." if len(self._slices) > 4 else "")
         raise NonFiniteLossError(

@@ -103,6 +103,12 @@ def _shape_key(
     return key
 
 
+def _unrepeated(sampler: DistributedSampler) -> bool:
+    """Lightning's ``UnrepeatedDistributedSampler`` (predict): no padding to equal lengths.
+    Known by name: this layer does not import Lightning."""
+    return any(c.__name__ == "UnrepeatedDistributedSampler" for c in type(sampler).__mro__)
+
+
 class ShapeBatchSampler(BatchSampler):
     """Batch sampler whose batches hold slices of one shape only (see the module docstring).
 
@@ -181,6 +187,10 @@ class ShapeBatchSampler(BatchSampler):
             order = list(range(size))
         batches = list(self._group(order))
         ranks = sampler.num_replicas
+        if _unrepeated(sampler):
+            # Lightning's predict sampler: ranks may run different numbers of steps, and a
+            # repeated batch would be predicted twice
+            return batches[sampler.rank :: ranks]
         if sampler.drop_last:
             batches = batches[: len(batches) - len(batches) % ranks]
         elif batches and len(batches) % ranks:
@@ -191,6 +201,8 @@ class ShapeBatchSampler(BatchSampler):
     def _distributed_len(self, sampler: DistributedSampler) -> int:
         total = self._batches_of(Counter(self.shapes))
         ranks = sampler.num_replicas
+        if _unrepeated(sampler):
+            return len(range(sampler.rank, total, ranks))
         return total // ranks if sampler.drop_last else -(-total // ranks)
 
     # -- BatchSampler API -----------------------------------------------------------------

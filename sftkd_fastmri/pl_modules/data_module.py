@@ -309,6 +309,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         sampler = None
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.distributed_sampler and distributed:
+            self._check_own_sharding(stage, dataset)
             sampler = (
                 DistributedSampler(dataset, shuffle=True, seed=self.seed)
                 if training
@@ -338,6 +339,27 @@ class FastMRIDataModule(pl.LightningDataModule):
             drop_last=False,
             **workers,
         )
+
+    def _check_own_sharding(self, stage: str, dataset: CheckedSliceDataset) -> None:
+        """``distributed_sampler=True`` shards the data itself: Lightning must not shard each
+        rank's share again (slices were silently lost), and fastMRI's ``VolumeSampler`` needs
+        a volume for every rank."""
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "FastMRIDataModule(distributed_sampler=True) shards the data itself; pair it "
+                "with Trainer(use_distributed_sampler=False), or Lightning shards each rank's "
+                "share again and slices are lost"
+            )
+        ranks = torch.distributed.get_world_size()
+        volumes = len({str(sample[0]) for sample in dataset.raw_samples})
+        if stage != "train" and volumes < ranks:
+            raise ValueError(
+                f"{self.split_folder(stage)}: {volumes} volume(s) for {ranks} ranks; "
+                "distributed_sampler=True keeps each volume on one rank, so every rank needs "
+                "one. Use fewer devices, or distributed_sampler=False (the metrics merge a "
+                "volume's slices across ranks)"
+            )
 
     def batch_shapes(self, stage: str) -> list:
         """Shape key of every slice of ``stage``'s dataset: slices with equal keys give

@@ -70,7 +70,7 @@ class Lightning2MriMixin(FastMRIMetricsMixin):
             super().validation_step(batch, batch_idx), _VAL_KEYS, "validation_step", self
         )
         output, target = _as_batch(logs["output"]), _as_batch(logs["target"])
-        self.accumulate_loss(logs["val_loss"], output.shape[0])
+        self.accumulate_loss(logs["val_loss"], output.shape[0], logs["fname"], logs["slice_num"])
         self.accumulate_metrics(
             "", logs["fname"], logs["slice_num"], output, target, logs["max_value"]
         )

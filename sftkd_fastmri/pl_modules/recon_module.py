@@ -15,8 +15,9 @@ Deviations from ``MriModule`` (all towards exactness):
 * across DDP ranks the per-slice values are gathered and merged before the per-volume
   aggregation, so a volume split over ranks (Lightning's default ``DistributedSampler``) or a
   slice duplicated by sampler padding still counts once, exactly as in one process;
-* ``validation_loss`` is weighted by batch size (``MriModule`` averages batch means); like
-  ``MriModule``'s, it counts a slice duplicated by sampler padding twice;
+* ``validation_loss`` is weighted by batch size (``MriModule`` averages batch means); a
+  whole batch repeated by sampler padding counts once, a slice repeated inside another batch
+  (Lightning's ``DistributedSampler`` padding) twice, as in ``MriModule``;
 * images are logged for evenly spaced, fixed validation batches (not random ones) and only
   when a TensorBoard logger is attached.
 """
@@ -113,7 +114,7 @@ class FastMRIMetricsMixin:
 
     def _reset_stage(self, stage: str) -> None:
         state = self._fm_state()
-        state[stage] = {"metrics": {}, "loss_sum": 0.0, "loss_count": 0}
+        state[stage] = {"metrics": {}, "loss_sum": 0.0, "loss_count": 0, "loss_batches": {}}
         if stage == "test":
             state["recons"] = ReconstructionStore()
 
@@ -143,11 +144,27 @@ class FastMRIMetricsMixin:
             fnames, slice_nums, output, target, max_values
         )
 
-    def accumulate_loss(self, loss: Tensor, batch_size: int) -> None:
-        """Add a batch's mean validation loss (weighted by its size)."""
+    def accumulate_loss(
+        self,
+        loss: Tensor,
+        batch_size: int,
+        fnames: Optional[Sequence[str]] = None,
+        slice_nums: Optional[Union[Tensor, Sequence[int]]] = None,
+    ) -> None:
+        """Add a batch's mean validation loss (weighted by its size).
+
+        With the batch's ``fnames`` and ``slice_nums``, a batch seen again (on this rank or
+        another: the whole batches :class:`~sftkd_fastmri.data.ShapeBatchSampler` repeats so
+        that DDP ranks run equal steps) counts once."""
         state = self._fm_state()["val"]
-        state["loss_sum"] += float(loss.detach()) * batch_size
-        state["loss_count"] += batch_size
+        value = float(loss.detach()) * batch_size
+        if fnames is None or slice_nums is None:
+            state["loss_sum"] += value
+            state["loss_count"] += batch_size
+            return
+        numbers = slice_nums.tolist() if isinstance(slice_nums, Tensor) else list(slice_nums)
+        key = tuple(zip(map(str, fnames), map(int, numbers)))
+        state["loss_batches"].setdefault(key, (value, batch_size))
 
     def add_reconstructions(
         self,
@@ -212,19 +229,25 @@ class FastMRIMetricsMixin:
     def _finish_stage(self, stage: str) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
         state = self._fm_state()[stage]
         # one collective per epoch: every rank must call it, whatever keys it has seen
-        parts = _all_gather_object((state["metrics"], state["loss_sum"], state["loss_count"]))
-        keys = sorted({k for metrics, _, _ in parts for k in metrics})
+        parts = _all_gather_object(
+            (state["metrics"], state["loss_sum"], state["loss_count"], state["loss_batches"])
+        )
+        keys = sorted({k for metrics, *_ in parts for k in metrics})
         values: Dict[str, float] = {}
         table: List[Dict[str, Any]] = []
         for key in keys:
-            pieces = [m[key] for m, _, _ in parts if key in m]
+            pieces = [m[key] for m, *_ in parts if key in m]
             merged = pieces[0].merge(pieces[1:])
             for name, value in merged.compute().items():
                 values[f"{key}/{name}" if key else name] = value
             if key == "":
                 table = merged.per_volume()
-        state["loss_sum"] = sum(p[1] for p in parts)
-        state["loss_count"] = sum(p[2] for p in parts)
+        batches: Dict[tuple, Tuple[float, int]] = {}
+        for part in parts:
+            for key, entry in part[3].items():
+                batches.setdefault(key, entry)  # a repeated batch counts once
+        state["loss_sum"] = sum(p[1] for p in parts) + sum(v for v, _ in batches.values())
+        state["loss_count"] = sum(p[2] for p in parts) + sum(n for _, n in batches.values())
         return values, table
 
     def on_validation_epoch_start(self) -> None:
@@ -256,7 +279,8 @@ class FastMRIMetricsMixin:
             out_dir = Path(self.reconstruction_root()) / "reconstructions"
             written = recons.save(out_dir)
             if written is not None:
-                rank_zero_info(f"Saved {len(recons)} reconstructed volume(s) to {written}")
+                count = recons.saved_volumes
+                rank_zero_info(f"Saved {count} reconstructed volume(s) to {written}")
             self.reconstruction_dir = out_dir
 
     def reconstruction_root(self) -> Path:
@@ -354,7 +378,7 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         output = self.reconstruct(batch)
         loss = self.loss_fn(output, batch.target, self.data_range(batch))
-        self.accumulate_loss(loss, output.shape[0])
+        self.accumulate_loss(loss, output.shape[0], batch.fname, batch.slice_num)
         self.update_metrics("", output, batch)
         self.log_val_images(
             batch_idx, self.unnormalise(output, batch), self.unnormalise(batch.target, batch)

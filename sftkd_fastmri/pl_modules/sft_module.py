@@ -402,7 +402,7 @@ class SFTModule(ReconModule):
         # validation_loss is the teacher's own reconstruction loss: the value the checkpoint
         # monitor compares, so "best" means the best teacher, as for a plain DCCNNModule.
         loss = self.loss_fn(teacher, batch.target, self.data_range(batch))
-        self.accumulate_loss(loss, batch_size)
+        self.accumulate_loss(loss, batch_size, batch.fname, batch.slice_num)
         self.update_metrics("", teacher, batch)
         self.log_val_images(
             batch_idx, self.unnormalise(teacher, batch), self.unnormalise(batch.target, batch)

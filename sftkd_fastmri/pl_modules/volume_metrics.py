@@ -153,6 +153,7 @@ class ReconstructionStore:
 
     def __init__(self) -> None:
         self.volumes: Dict[str, Dict[int, np.ndarray]] = {}
+        self.saved_volumes: Optional[int] = None  # written by the last save (every rank)
 
     def __len__(self) -> int:
         return len(self.volumes)
@@ -182,7 +183,8 @@ class ReconstructionStore:
         writes every rank's slices.
 
         Returns:
-            ``out_dir`` on the writing rank, ``None`` on the others.
+            ``out_dir`` on the writing rank, ``None`` on the others; :attr:`saved_volumes`
+            then holds the number of volumes written (of every rank).
         """
         parts = _gather_object_to_zero(self.volumes)
         if parts is None:
@@ -191,5 +193,6 @@ class ReconstructionStore:
         for volumes in parts:
             for fname, slices in volumes.items():
                 merged.volumes.setdefault(fname, {}).update(slices)
+        self.saved_volumes = len(merged.volumes)
         out_dir = Path(out_dir)
         return save_reconstructions_atomic(merged.stacked(), out_dir)

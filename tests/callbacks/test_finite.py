@@ -76,3 +76,25 @@ def test_finite_losses_pass(tmp_path):
     data = [(torch.ones(2), "v.h5", i) for i in range(4)]
     module = _fit(tmp_path, data, [FiniteLossCheck()])
     assert torch.isfinite(module.layer.weight).all()
+
+
+def test_under_ddp_every_rank_stops_when_one_ranks_loss_is_not_finite():
+    """A rank stopping alone left the others in the gradient all-reduce: a hang under NCCL,
+    a "connection closed" error under gloo. Every rank now learns of it in one all-reduce."""
+    from types import SimpleNamespace
+
+    reduced = []
+
+    def reduce(flag, reduce_op):
+        reduced.append((float(flag), reduce_op))
+        return flag + 1.0  # the other rank's loss was NaN
+
+    trainer = SimpleNamespace(
+        world_size=2, current_epoch=0, global_step=3, strategy=SimpleNamespace(reduce=reduce)
+    )
+    check = FiniteLossCheck()
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite on another rank at epoch 0"):
+        check.on_before_backward(trainer, None, torch.tensor(0.5))
+    assert reduced == [(0.0, "sum")]
+    trainer.strategy = SimpleNamespace(reduce=lambda flag, reduce_op: flag)  # all finite
+    check.on_before_backward(trainer, None, torch.tensor(0.5))

@@ -151,3 +151,19 @@ def test_shapes_of_a_combined_dataset_use_each_parts_target(mixed_root):
     assert shapes == slice_shapes(singles[0]) + slice_shapes(singles[1])
     assert all(target is not None for _, target in shapes)  # both targets were found
     _check_partition(list(ShapeBatchSampler(SequentialSampler(combined), 4)), shapes, 4)
+
+
+def test_lightnings_predict_sampler_gets_no_repeated_batches():
+    """Lightning's predict sampler lets ranks run different step counts; padding it with
+    repeated batches predicted those slices twice."""
+    from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+    data = list(range(len(SHAPES)))
+    per_rank = []
+    for rank in range(3):
+        dist = UnrepeatedDistributedSampler(data, num_replicas=3, rank=rank, shuffle=False)
+        sampler = ShapeBatchSampler(dist, 4, shapes=SHAPES)
+        per_rank.append(list(sampler))
+        assert len(sampler) == len(per_rank[-1])
+    everything = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(everything) == data  # every slice once

@@ -279,3 +279,24 @@ def test_a_mask_file_of_one_width_is_refused_before_training_on_other_widths(mix
         data.setup("fit")
     # a generated fixed mask has one per width
     FastMRIDataModule(mixed_root, "singlecoil", fixed_mask=True).setup("fit")
+
+
+def test_its_own_ddp_sharding_is_refused_where_it_would_lose_slices(demo_root, monkeypatch):
+    """With Lightning's sampler still on, each rank's share was sharded again and half the
+    validation slices silently went unscored; fewer volumes than ranks crashed in fastMRI's
+    VolumeSampler with a ZeroDivisionError."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    data = FastMRIDataModule(demo_root, "singlecoil", distributed_sampler=True)
+    data.trainer = SimpleNamespace(
+        _accelerator_connector=SimpleNamespace(use_distributed_sampler=True)
+    )
+    with pytest.raises(ValueError, match=r"Trainer\(use_distributed_sampler=False\)"):
+        data.val_dataloader()
+    data.trainer._accelerator_connector.use_distributed_sampler = False
+    one = sorted((demo_root / "singlecoil_val").iterdir())
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: len(one) + 1)
+    with pytest.raises(ValueError, match=rf"{len(one)} volume\(s\) for {len(one) + 1} ranks"):
+        data.val_dataloader()

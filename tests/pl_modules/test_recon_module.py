@@ -311,3 +311,19 @@ def test_a_non_finite_reconstruction_is_named_not_scored_as_nan():
         ValueError, match=r"v.h5: the reconstruction holds NaN or Inf \(slices \[2\]"
     ):
         volume_metrics("v.h5", np.ones((3, 4, 4)), pred, max_value=1.0)
+
+
+def test_a_repeated_validation_batch_counts_once_in_validation_loss():
+    """ShapeBatchSampler repeats whole batches so DDP ranks run equal steps: their losses
+    were summed again, and validation_loss (the checkpoint monitor) differed from one
+    process's."""
+    from sftkd_fastmri.pl_modules.recon_module import FastMRIMetricsMixin
+
+    mixin = FastMRIMetricsMixin()
+    mixin._reset_stage("val")
+    mixin.accumulate_loss(torch.tensor(1.0), 2, ["a.h5", "a.h5"], torch.tensor([0, 1]))
+    mixin.accumulate_loss(torch.tensor(4.0), 1, ["b.h5"], torch.tensor([0]))
+    mixin.accumulate_loss(torch.tensor(1.0), 2, ("a.h5", "a.h5"), [0, 1])  # the repeat
+    mixin._finish_stage("val")
+    state = mixin._fm_state()["val"]
+    assert state["loss_count"] == 3 and state["loss_sum"] / state["loss_count"] == 2.0
