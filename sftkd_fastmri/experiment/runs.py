@@ -443,7 +443,12 @@ def _say_if_finished(last: Path, max_epochs: int) -> bool:
 def _finished(
     name: str, cfg: Dict[str, Any], out_dir: Path, best: str, exports: Dict[str, str]
 ) -> StageResult:
-    """Record the finished stage (``done.json``, written last) and return it."""
+    """Record the finished stage (``done.json``, written last) and return it.
+
+    Under DDP every rank writes the exports and ``done.json`` (the same bytes, each write
+    atomic under a name of its own process): each rank then reads them in the next stage of
+    a study without waiting in a barrier on rank zero, which would hang every other rank if
+    rank zero's write failed."""
     last = last_checkpoint(out_dir)
     result = StageResult(
         name,
