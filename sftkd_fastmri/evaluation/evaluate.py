@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import fastmri
 import numpy as np
@@ -31,6 +31,54 @@ def reconstruct_batch(model: nn.Module, batch, device: Union[str, torch.device])
     out = model(kspace.to(device), mask.to(device), None if sens is None else sens.to(device))
     h, w = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
     return center_crop(out, (min(h, out.shape[-2]), min(w, out.shape[-1])))
+
+
+def _precision_mode(
+    precision: Optional[str], device: Union[str, torch.device]
+) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """``(autocast dtype, network dtype)`` of a Lightning precision name (None: neither)."""
+    name = str(precision or "32-true")
+    if name in ("32", "32-true"):
+        return None, None
+    if name in ("64", "64-true"):
+        return None, torch.float64
+    if name in ("bf16-mixed", "bf16"):
+        return torch.bfloat16, None
+    if name in ("16-mixed", "16"):
+        # Lightning's 16-mixed is bfloat16 on the CPU (no float16 autocast kernels there)
+        return (torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16), None
+    raise ValueError(
+        f"evaluation precision {name!r}: expected 32-true, 64-true, 16-mixed or bf16-mixed "
+        "(16-true and bf16-true cast the network to 16 bits, and the data-consistency FFTs "
+        "need float32)"
+    )
+
+
+def _at_precision(
+    reconstruct: Callable, autocast: Optional[torch.dtype], dtype: Optional[torch.dtype]
+) -> Callable:
+    """``reconstruct`` under autocast, or with its inputs cast to the network's ``dtype``."""
+
+    def run(model: nn.Module, batch, device: Union[str, torch.device]) -> Tensor:
+        if dtype is not None:
+            batch = _batch_in(batch, dtype)
+        if autocast is None:
+            return reconstruct(model, batch, device).float()
+        with torch.autocast(torch.device(device).type, dtype=autocast):
+            return reconstruct(model, batch, device).float()
+
+    return run
+
+
+def _batch_in(batch, dtype: torch.dtype):
+    """``batch`` (a :class:`DCCNNSample`) with its model inputs in ``dtype``."""
+    cast = {
+        name: getattr(batch, name).to(dtype)
+        for name in ("masked_kspace", "sens_maps")
+        if isinstance(getattr(batch, name, None), Tensor)
+        and getattr(batch, name).is_floating_point()
+    }
+    return batch._replace(**cast) if hasattr(batch, "_replace") else batch
 
 
 class EvaluationResult:
@@ -82,6 +130,7 @@ def evaluate_model(
     out_dir: Optional[Union[str, os.PathLike]] = None,
     progress: bool = True,
     reconstruct: Optional[Callable] = None,
+    precision: str = "32-true",
 ) -> EvaluationResult:
     """Run ``model`` over ``loader`` (batches of :class:`DCCNNSample`) and score each volume.
 
@@ -94,13 +143,23 @@ def evaluate_model(
             with :func:`fastmri.save_reconstructions` (each file whole or absent).
         progress: show a progress bar.
         reconstruct: custom ``(model, batch, device) -> (B, h, w)`` function.
+        precision: Lightning's names: ``32-true`` (default), ``bf16-mixed`` / ``16-mixed``
+            (autocast; 16-mixed is bfloat16 on a CPU, as in Lightning), ``64-true`` (the
+            network and its inputs in float64 for the run, then back).
 
     Returns:
         :class:`EvaluationResult` with metrics for every volume that has a target.
     """
+    autocast, dtype = _precision_mode(precision, device)
     if model is not None:
         was_training = model.training
+        was_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         model.eval().to(device)
+        if dtype is not None:
+            model.to(dtype)
+        reconstruct = reconstruct or reconstruct_batch
+        if dtype is not None or autocast is not None:
+            reconstruct = _at_precision(reconstruct, autocast, dtype)
     slices: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
     targets: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
     max_values: Dict[str, float] = {}
@@ -108,7 +167,7 @@ def evaluate_model(
         if model is None:
             recon = zero_filled_image(batch)
         else:
-            recon = (reconstruct or reconstruct_batch)(model, batch, device).cpu()
+            recon = reconstruct(model, batch, device).cpu()
         scale = batch.scale.reshape(-1, 1, 1)
         recon = (recon.float() * scale).numpy()
         has_target = batch.target.numel() > 0
@@ -120,6 +179,8 @@ def evaluate_model(
                 max_values[fname] = float(batch.max_value[i])
     if model is not None and was_training:
         model.train()
+    if model is not None and dtype is not None and was_dtype is not None:
+        model.to(was_dtype)
 
     reconstructions = {f: np.stack([s[k] for k in sorted(s)]) for f, s in slices.items()}
     metrics = []

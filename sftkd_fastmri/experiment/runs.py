@@ -596,5 +596,10 @@ def run_evaluate(
         _warn_if_other_challenge(checkpoint, _input_challenge(cfg))
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     return evaluate_model(
-        model, loader, device=device, out_dir=out_dir, progress=cfg.get("progress", True)
+        model,
+        loader,
+        device=device,
+        out_dir=out_dir,
+        progress=cfg.get("progress", True),
+        precision=cfg.get("precision", "32-true"),
     )

@@ -216,6 +216,15 @@ def export_model(
         shape = recorded_shape or DEFAULT_EXAMPLE_SHAPE
     else:
         shape = _check_shape(example_shape)
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    if format != "state_dict" and dtypes - {torch.float32}:
+        # the traced signature takes float32 k-space (what the data path delivers)
+        warnings.warn(
+            f"{meta['source']} is a {'/'.join(sorted(str(d) for d in dtypes))} network; the "
+            f"{format} export takes float32 inputs, so a float32 copy of it is exported",
+            stacklevel=2,
+        )
+        model = copy.deepcopy(model).float()
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "state_dict":

@@ -32,6 +32,7 @@ __all__ = [
     "init_from_checkpoint",
     "load_model",
     "load_state_dict_strict",
+    "match_compiled_names",
     "read_checkpoint",
     "save_model_checkpoint",
     "strip_prefix",
@@ -119,6 +120,26 @@ def compiled_inner(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+#: The name segment ``torch.compile``'s wrapper adds to every weight of the network it holds.
+COMPILED_SEGMENT = "_orig_mod."
+
+
+def uncompiled_name(name: str) -> str:
+    """``name`` as the plain network calls it (``model._orig_mod.cascades.0...`` ->
+    ``model.cascades.0...``)."""
+    return name.replace(COMPILED_SEGMENT, "")
+
+
+def match_compiled_names(state_dict: Mapping[str, Tensor], names: Any) -> Dict[str, Tensor]:
+    """``state_dict`` with each key renamed to the one of ``names`` it equals up to
+    ``torch.compile``'s ``_orig_mod.`` segments (a checkpoint of a compiled network loaded
+    into a plain one, or the reverse); other keys unchanged."""
+    own = {uncompiled_name(k): k for k in names}
+    if len(own) != len(set(names)):  # ambiguous: leave the names to the strict comparison
+        return dict(state_dict)
+    return {own.get(uncompiled_name(k), k): v for k, v in state_dict.items()}
+
+
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
     """The entries of ``state_dict`` under ``prefix`` (e.g. ``"model."``), prefix removed."""
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -147,6 +168,7 @@ def load_state_dict_strict(
             f"{source}: state-dict entries must be tensors; not tensors: {_short(not_tensors)}"
         )
     own = module.state_dict()
+    state_dict = match_compiled_names(state_dict, own)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = [
@@ -172,6 +194,12 @@ def load_state_dict_strict(
             "(a run that diverged?); refusing to load them"
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+def _uncompiled(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """A Lightning checkpoint's state dict under the plain network's names (a module whose
+    network was ``torch.compile``d saved ``model._orig_mod.*``)."""
+    return {uncompiled_name(k): v for k, v in state_dict.items()}
 
 
 def _short(items: list, limit: int = 8) -> str:
@@ -343,12 +371,12 @@ def load_model(
         hp = ckpt["hyper_parameters"]
         preset = hp.get("model_preset", hp.get("preset"))
         config = hp.get("model_config")
-        state = strip_prefix(ckpt["state_dict"], "model.")
+        state = strip_prefix(_uncompiled(ckpt["state_dict"]), "model.")
     elif kind == "sft":
         which = "student" if role == "student" else "teacher"
         hp = ckpt["hyper_parameters"]
         preset, config = hp.get(f"{which}_preset"), hp.get(f"{which}_config")
-        state = strip_prefix(ckpt["state_dict"], f"sft.{which}.")
+        state = strip_prefix(_uncompiled(ckpt["state_dict"]), f"sft.{which}.")
     else:
         hint = ""
         if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -387,6 +415,9 @@ def load_model(
             f"{path}: the recorded model config {dict(config)} does not build a network ({err})"
         ) from None
     model.preset = preset
+    floating = {v.dtype for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()}
+    if floating == {torch.float64}:
+        model.double()  # a float64 network (Trainer(precision="64-true")) stays one
     load_state_dict_strict(model, state, source=str(path))
     return model
 

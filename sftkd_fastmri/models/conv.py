@@ -42,7 +42,8 @@ layout, 3x3 kernel, stride 1, padding 1 (zeros), no dilation or groups, channel 
 above, at least :data:`MIN_POSITIONS` positions (batch x height x width: 128 x 128, or
 64 x 64 at batch 4; smaller images are faster with oneDNN; :data:`MIN_POSITIONS_THIN_INPUT`
 for the 2 -> 32 convolution), gradients enabled, and not while
-tracing, scripting, exporting, compiling or under CPU autocast. Everywhere else, and on
+tracing (TorchScript or FX), scripting, exporting, compiling, under ``torch.func``
+transforms or forward-mode AD, or under CPU autocast. Everywhere else, and on
 CUDA, :class:`BlockConv2d` is :class:`torch.nn.Conv2d`. ``SFTKD_FASTMRI_CONV=native`` (read at
 each call) or :func:`use_native_weight_gradient` turns the path off.
 """
@@ -280,11 +281,25 @@ def _cpu_autocast() -> bool:
 
 
 def _tracing_or_compiling() -> bool:
+    """Tracing, scripting, compiling, exporting, FX symbolic tracing, or a ``torch.func``
+    transform or forward-mode AD level: :class:`BlockConv2d` is then ``nn.Conv2d`` (its
+    autograd function has no vmap rule or jvp)."""
     compiler = getattr(torch, "compiler", None)
     for name in ("is_compiling", "is_exporting"):
         check = getattr(compiler, name, None)
         if check is not None and check():
             return True
+    fx = getattr(getattr(torch, "fx", None), "_symbolic_trace", None)
+    for name in ("is_fx_symbolic_tracing", "is_fx_tracing_symbolic_tracing"):
+        fx_check = getattr(fx, name, None)
+        if fx_check is not None and fx_check():
+            return True
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is not None and functorch():
+        return True
+    forward_ad = getattr(torch.autograd, "forward_ad", None)
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return True
     return torch.jit.is_tracing() or torch.jit.is_scripting()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import fastmri
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,9 +57,14 @@ class SSIMLoss(ReconLoss):
         self.ssim.register_buffer("w", window, persistent=False)
 
     def forward(self, output: Tensor, target: Tensor, data_range: Tensor) -> Tensor:
-        # fastmri.SSIMLoss takes (B, 1, H, W) images and a (B,) data range of their dtype.
-        data_range = data_range.to(device=output.device, dtype=output.dtype)
-        return self.ssim(output.unsqueeze(1), target.unsqueeze(1), data_range)
+        # fastmri.SSIMLoss takes (B, 1, H, W) images and a (B,) data range of their dtype. Its
+        # window means are convolutions, which autocast runs in 16 bits, and the variances
+        # E[x^2] - E[x]^2 then cancel to garbage (1 - SSIM below 0): float32 here, always.
+        with torch.autocast(output.device.type, enabled=False):
+            dtype = torch.promote_types(output.dtype, torch.float32)
+            output, target = output.to(dtype), target.to(dtype)
+            data_range = data_range.to(device=output.device, dtype=dtype)
+            return self.ssim(output.unsqueeze(1), target.unsqueeze(1), data_range)
 
 
 class L1SSIMLoss(ReconLoss):

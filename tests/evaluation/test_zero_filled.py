@@ -23,3 +23,27 @@ def test_multicoil_zero_filled_baseline_is_the_rss_of_the_coil_images(demo_root)
         image = fastmri.rss(fastmri.complex_abs(fastmri.ifft2c(masked)), dim=1)
         want = center_crop(image, recon.shape[-2:]).numpy()
         np.testing.assert_allclose(recon, want, rtol=0, atol=1e-4 * float(want.max()))
+
+
+def test_evaluation_honours_the_precision_and_gives_the_network_back_as_it_was(demo_root):
+    """evaluate --precision was accepted and ignored."""
+    import pytest
+    import torch
+
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4)
+    loader = FastMRIDataModule(demo_root, "singlecoil", test_split="val").test_dataloader()
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    ref = evaluate_model(model, loader, progress=False)
+    double = evaluate_model(model, loader, progress=False, precision="64-true")
+    mixed = evaluate_model(model, loader, progress=False, precision="bf16-mixed")
+    assert set(seen[: len(seen) // 3]) == {torch.float32}
+    assert torch.float64 in seen and model.cascades[0].cnn.conv0.weight.dtype == torch.float32
+    for a, b in zip(ref.metrics, double.metrics):
+        assert b.psnr == pytest.approx(a.psnr, abs=1e-3)
+    assert [m.fname for m in mixed.metrics] == [m.fname for m in ref.metrics]
+    with pytest.raises(ValueError, match="evaluation precision 'bf16-true'"):
+        evaluate_model(model, loader, progress=False, precision="bf16-true")

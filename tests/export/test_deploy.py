@@ -460,3 +460,18 @@ def test_pt2_on_a_torch_without_dim_auto_says_which_torch_it_needs(monkeypatch, 
     with pytest.raises(ExportError, match=r"torch >= 2.6.*format='torchscript'"):
         export_model(create_model("dccnn_d3c5", chans=4), out, format="pt2", coils=1)
     assert not out.exists()
+
+
+def test_a_float64_network_is_exported_as_a_float32_copy(tmp_path):
+    """The traced signature takes float32 k-space: a float64 network failed with a dtype
+    error in every traced format."""
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4).double().eval()
+    with pytest.warns(UserWarning, match="float64 network; the torchscript export takes float32"):
+        out = export_model(model, tmp_path / "d.ts.pt", format="torchscript", example_shape=SHAPE)
+    assert model.cascades[0].cnn.conv0.weight.dtype == torch.float64  # the caller's is kept
+    module, _ = load_torchscript_export(out)
+    inputs = _inputs(batch=1, height=SHAPE[0], width=SHAPE[1], seed=3)
+    with torch.no_grad():
+        got = module(*inputs)
+    torch.testing.assert_close(got, _eager(model.float(), inputs), atol=1e-4, rtol=1e-4)

@@ -172,3 +172,29 @@ def test_a_compiled_network_is_saved_and_initialised_as_the_network_it_wraps(tmp
     init_from_checkpoint(target, path)
     for key, value in model.state_dict().items():
         assert torch.equal(target._orig_mod.state_dict()[key], value)
+
+
+def test_a_lightning_checkpoint_of_a_compiled_network_loads_as_the_plain_one(tmp_path):
+    """A module whose network was torch.compile'd saved ``model._orig_mod.*``: loading,
+    evaluating and exporting it failed with every weight missing."""
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4)
+    compiled = torch.compile(model)  # wraps only
+    state = {f"model.{k}": v for k, v in compiled.state_dict().items()}
+    assert any("_orig_mod." in k for k in state)
+    hp = {"model_preset": "dccnn_d3c5", "model_config": dict(model.config)}
+    torch.save({"state_dict": state, "hyper_parameters": hp}, tmp_path / "c.ckpt")
+    loaded = load_model(tmp_path / "c.ckpt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_a_float64_network_stays_float64(tmp_path):
+    """The rebuilt network was float32 whatever the weights: 64-true runs lost precision."""
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4).double()
+    with torch.no_grad():
+        model.cascades[0].cnn.conv0.bias[0] = 1 + 1e-12
+    loaded = load_model(save_model_checkpoint(model, tmp_path / "d.pt"))
+    assert loaded.cascades[0].cnn.conv0.bias.dtype == torch.float64
+    assert loaded.cascades[0].cnn.conv0.bias[0].item() == 1 + 1e-12

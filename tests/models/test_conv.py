@@ -239,3 +239,36 @@ def test_a_dccnn_trains_alike_with_either_weight_gradient(preset):
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-3, atol=1e-6, msg=name)
     conv = create_model(preset).cascades[0].cnn.conv1
     assert isinstance(conv, BlockConv2d) and isinstance(conv, torch.nn.Conv2d)
+
+
+def test_block_conv_steps_aside_for_torch_func_forward_ad_and_fx(monkeypatch):
+    """Its autograd function has no vmap rule or jvp, and its path checks are control flow
+    an FX trace cannot follow: torch.func.grad, forward-mode AD and fx.symbolic_trace failed
+    where nn.Conv2d works."""
+    import sftkd_fastmri.models.conv as conv_module
+
+    monkeypatch.setattr(conv_module, "MIN_POSITIONS", 1)
+    torch.manual_seed(0)
+    conv = BlockConv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert "ShiftedWeightGrad" in type(conv(x.requires_grad_()).grad_fn).__name__  # the path
+    x = x.detach()
+    params = dict(conv.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(conv, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    expected = torch.autograd.grad(
+        F.conv2d(x, conv.weight, conv.bias, padding=1).square().sum(), conv.weight
+    )[0]
+    torch.testing.assert_close(grads["weight"], expected)
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = conv(fwAD.make_dual(x, tangent))
+        jvp = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(jvp, F.conv2d(tangent, conv.weight, None, padding=1))
+    traced = torch.fx.symbolic_trace(conv)
+    torch.testing.assert_close(traced(x), conv(x))

@@ -327,3 +327,56 @@ def test_a_repeated_validation_batch_counts_once_in_validation_loss():
     mixin._finish_stage("val")
     state = mixin._fm_state()["val"]
     assert state["loss_count"] == 3 and state["loss_sum"] / state["loss_count"] == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_ssim_loss_is_float32_under_autocast(dtype):
+    """Autocast ran fastMRI's SSIM window means in 16 bits; the variances cancelled and
+    1 - SSIM came out below zero, with gradients of the wrong sign."""
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 48), indexing="ij")
+    target = (torch.sin(3 * yy) * torch.cos(2 * xx) + 2).unsqueeze(0)
+    output = (target + 0.01 * torch.randn_like(target)).requires_grad_()
+    loss = create_loss("ssim")
+    reference = loss(output, target, torch.tensor([3.0]))
+    (expected,) = torch.autograd.grad(reference, output)
+    with torch.autocast("cpu", dtype=dtype):
+        value = loss(output, target, torch.tensor([3.0]))
+    (grad,) = torch.autograd.grad(value, output)
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(reference.item())
+    torch.testing.assert_close(grad, expected)
+
+
+def test_a_compiled_networks_weights_are_saved_under_the_plain_names():
+    """Lightning saved ``model._orig_mod.*`` for a module whose network was compiled; no
+    plain module, loader or export knew those names."""
+    from sftkd_fastmri.pl_modules import DCCNNModule
+
+    torch.manual_seed(0)
+    compiled = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4})
+    compiled.model = torch.compile(compiled.model)  # wraps only
+    checkpoint = {"state_dict": compiled.state_dict()}
+    compiled.on_save_checkpoint(checkpoint)
+    assert not any("_orig_mod" in k for k in checkpoint["state_dict"])
+    plain = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4})
+    plain.on_load_checkpoint(checkpoint)
+    plain.load_state_dict(checkpoint["state_dict"])  # strict
+    again = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4})
+    again.model = torch.compile(again.model)  # resuming a compiled module
+    again.on_load_checkpoint(checkpoint)
+    again.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(
+        again.model._orig_mod.cascades[0].cnn.conv0.bias, plain.model.cascades[0].cnn.conv0.bias
+    )
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_16_bit_true_precision_is_refused_with_the_reason(precision):
+    from types import SimpleNamespace
+
+    from sftkd_fastmri.pl_modules import DCCNNModule
+
+    module = DCCNNModule("dccnn_d3c5", model_overrides={"chans": 4})
+    module._trainer = SimpleNamespace(precision=precision, datamodule=None)
+    with pytest.raises(ValueError, match=f"precision='{precision}'.*FFTs need float32"):
+        module.setup("fit")
