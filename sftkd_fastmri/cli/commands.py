@@ -327,5 +327,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_study(cfg)
 
 
-# brain multi-coil only, 3 training volumes: the whole study takes 1-1.5 minutes on 2 cores
+# brain multi-coil only, 3 training volumes: the whole study takes 1-3 minutes on 2 idle cores
 _DEMO_DATA = dict(challenges=("multicoil",), volumes_per_split={"train": 3, "val": 2, "test": 2})

@@ -165,14 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
         "write fastMRI-layout demo splits built from the MNI152 brain template",
     )
     p.add_argument("out_dir", type=path_value, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--num-coils", type=_positive_int)
-    p.add_argument("--volumes", type=_positive_int, help="volumes per split")
-    p.add_argument("--slices", type=_positive_int, help="slices per volume")
-    p.add_argument("--backend", default="auto", choices=("auto", "nilearn", "phantom"))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument(
+        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="target size (default: 80 64)"
+    )
+    p.add_argument("--num-coils", type=_positive_int, help="multi-coil coils (default: 4)")
+    p.add_argument(
+        "--volumes",
+        type=_positive_int,
+        help="volumes in every split (default: train 4, val 2, test 2)",
+    )
+    p.add_argument(
+        "--slices",
+        type=_positive_int,
+        help="slices per volume (default: train 10, val 6, test 6)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "nilearn", "phantom"),
+        help="anatomy: nilearn's MNI152 template, a procedural phantom, or auto (nilearn if "
+        "installed; default)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="rewrite demo data of another configuration"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command(
         "holdout-split",
@@ -185,12 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--challenge", required=True, choices=("singlecoil", "multicoil"))
     p.add_argument("--source", default="val", help="split to divide (default: val)")
-    p.add_argument("--fraction", type=float, default=0.2, help="held-out fraction of volumes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=0.2,
+        help="held-out fraction of volumes (default: 0.2; rounded, at least one volume each)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
     p.add_argument(
         "--select-name", default=None, help="split name of the rest (default: SOURCE_select)"
     )
-    p.add_argument("--test-name", default="test_heldout", help="split name of the held-out part")
+    p.add_argument(
+        "--test-name",
+        default="test_heldout",
+        help="split name of the held-out part (default: test_heldout)",
+    )
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar while copying")
@@ -264,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "demo",
         cmd_demo,
-        "write demo data and run a reduced study end to end (about 1-1.5 min on 2 CPU cores)",
+        "write demo data and run a reduced study end to end (about 1-3 min on 2 idle CPU cores)",
     )
     p.add_argument(
         "--out-dir",
