@@ -82,8 +82,10 @@ def test_written_files_and_folders_get_the_umasks_permissions(tmp_path, umask_02
     val.mkdir()
     for i in range(4):
         with h5py.File(val / f"f{i}.h5", "w") as hf:
-            hf["x"] = np.arange(3)
-            hf["reconstruction_esc"] = np.zeros((1, 2, 2), np.float32)
+            hf["kspace"] = np.ones((1, 2, 2), np.complex64)
+            hf["ismrmrd_header"] = b"<ismrmrdHeader/>"
+            hf["reconstruction_esc"] = np.ones((1, 2, 2), np.float32)
+            hf.attrs["max"] = 1.0
     holdout_split(tmp_path, "singlecoil", fraction=0.5, mode="copy")
     paths = [tmp_path / "report.md", tmp_path / "model.pt", recons / "a.h5"]
     try:
