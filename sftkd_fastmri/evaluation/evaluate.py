@@ -36,10 +36,12 @@ def reconstruct_batch(model: nn.Module, batch, device: Union[str, torch.device])
 def _precision_mode(
     precision: Optional[str], device: Union[str, torch.device]
 ) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
-    """``(autocast dtype, network dtype)`` of a Lightning precision name (None: neither)."""
+    """``(autocast dtype, network dtype)`` of a Lightning precision name (None: neither).
+    ``32-true`` runs a float32 network (a float64 one, of a 64-true run, as a float32 copy of
+    its weights for the evaluation)."""
     name = str(precision or "32-true")
     if name in ("32", "32-true"):
-        return None, None
+        return None, torch.float32
     if name in ("64", "64-true"):
         return None, torch.float64
     if name in ("bf16-mixed", "bf16"):

@@ -248,11 +248,18 @@ def last_checkpoint(out_dir: os.PathLike) -> Path:
 
 def resume_checkpoint(out_dir: os.PathLike) -> Path:
     """The checkpoint a run in ``out_dir`` resumes from: ``last.ckpt``; without it, in a run
-    folder (``run_config.json``), ``best.ckpt``: Lightning writes it first, so a stop
-    between the two writes of the first epoch leaves it alone, and it holds that epoch."""
+    folder (``run_config.json``) that has not finished (no ``done.json``), ``best.ckpt``:
+    Lightning writes it first, so a stop between the two writes of the first epoch leaves it
+    alone, and it holds that epoch. A finished run whose ``last.ckpt`` is gone starts over."""
     last = last_checkpoint(out_dir)
     best = last.with_name("best.ckpt")
-    if not last.is_file() and best.is_file() and (Path(out_dir) / RUN_CONFIG_FILE).is_file():
+    folder = Path(out_dir)
+    if (
+        not last.is_file()
+        and best.is_file()
+        and (folder / RUN_CONFIG_FILE).is_file()
+        and not (folder / DONE_FILE).is_file()
+    ):
         return best
     return last
 

@@ -27,6 +27,7 @@ models.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -302,7 +303,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
                 f"{missing_split_hint(folder)}"
             )
     _check_held_out(cfg, data_path, test_folder)
-    out_dir = Path(cfg.get("out_dir") or "runs/study")
+    out_dir = Path(os.path.expanduser(str(cfg.get("out_dir") or "runs/study")))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,7 +344,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     show = bool(cfg.get("progress", True))
     for seed, models in per_seed.items():
         for key, (path, info) in models.items():
-            model = load_reconstruction_model(path)
+            model = load_reconstruction_model(path).float()  # a 64-true run's too
             result = evaluate_model(model, loaders[seed], device=device, progress=show)
             psnr = float(np.mean([v.psnr for v in result.metrics]))
             print(f"[eval] {key} (seed {seed}): PSNR {psnr:.2f} dB", flush=True)

@@ -45,5 +45,9 @@ def test_evaluation_honours_the_precision_and_gives_the_network_back_as_it_was(d
     for a, b in zip(ref.metrics, double.metrics):
         assert b.psnr == pytest.approx(a.psnr, abs=1e-3)
     assert [m.fname for m in mixed.metrics] == [m.fname for m in ref.metrics]
+    model.double()  # a 64-true run's network, scored at the default precision
+    again = evaluate_model(model, loader, progress=False)
+    assert model.cascades[0].cnn.conv0.weight.dtype == torch.float64
+    assert again.metrics[0].psnr == pytest.approx(ref.metrics[0].psnr, abs=1e-3)
     with pytest.raises(ValueError, match="evaluation precision 'bf16-true'"):
         evaluate_model(model, loader, progress=False, precision="bf16-true")
