@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import yaml
 
+from .._precision import check_precision
+
 __all__ = [
     "GROUPS",
     "OPTIONS",
@@ -122,20 +124,12 @@ def path_value(text: Any) -> str:
     return os.path.expanduser(text_value(text))
 
 
-#: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
-#: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
-_HALF_TRUE = ("16-true", "bf16-true")
-
-
 def precision_value(text: Any) -> str:
     """argparse type of ``--precision``: Lightning's names, the 16-bit "true" ones refused."""
-    value = text_value(text)
-    if value in _HALF_TRUE:
-        raise argparse.ArgumentTypeError(
-            f"{value} casts the whole network to 16 bits, and the data-consistency FFTs need "
-            "float32: use 16-mixed or bf16-mixed (the FFTs then run in float32)"
-        )
-    return value
+    try:
+        return check_precision(text_value(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def fraction_or_count(text: Any):

@@ -5,6 +5,7 @@ Plain torch (no Lightning), so it serves the CLI, the pipeline and users' own sc
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .._io import save_reconstructions_atomic
+from .._precision import check_precision
 from ..data.transforms import model_inputs
 from .metrics import VolumeMetrics, volume_metrics
 
@@ -39,7 +41,7 @@ def _precision_mode(
     """``(autocast dtype, network dtype)`` of a Lightning precision name (None: neither).
     ``32-true`` runs a float32 network (a float64 one, of a 64-true run, as a float32 copy of
     its weights for the evaluation)."""
-    name = str(precision or "32-true")
+    name = check_precision(precision or "32-true", "evaluation precision {!r}")
     if name in ("32", "32-true"):
         return None, torch.float32
     if name in ("64", "64-true"):
@@ -50,9 +52,7 @@ def _precision_mode(
         # Lightning's 16-mixed is bfloat16 on the CPU (no float16 autocast kernels there)
         return (torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16), None
     raise ValueError(
-        f"evaluation precision {name!r}: expected 32-true, 64-true, 16-mixed or bf16-mixed "
-        "(16-true and bf16-true cast the network to 16 bits, and the data-consistency FFTs "
-        "need float32)"
+        f"evaluation precision {name!r}: expected 32-true, 64-true, 16-mixed or bf16-mixed"
     )
 
 
@@ -147,21 +147,23 @@ def evaluate_model(
         reconstruct: custom ``(model, batch, device) -> (B, h, w)`` function.
         precision: Lightning's names: ``32-true`` (default), ``bf16-mixed`` / ``16-mixed``
             (autocast; 16-mixed is bfloat16 on a CPU, as in Lightning), ``64-true`` (the
-            network and its inputs in float64 for the run, then back).
+            network and its inputs in float64). A network of another dtype than the
+            precision's runs as a copy in that dtype; ``model`` itself is left as it is.
 
     Returns:
         :class:`EvaluationResult` with metrics for every volume that has a target.
     """
     autocast, dtype = _precision_mode(precision, device)
+    network = model
     if model is not None:
         was_training = model.training
-        was_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
         model.eval().to(device)
-        if dtype is not None:
-            model.to(dtype)
-        reconstruct = reconstruct or reconstruct_batch
-        if dtype is not None or autocast is not None:
-            reconstruct = _at_precision(reconstruct, autocast, dtype)
+        if dtype is not None and any(
+            p.is_floating_point() and p.dtype != dtype for p in model.parameters()
+        ):
+            # a copy: casting the caller's network there and back would round its weights
+            network = copy.deepcopy(model).to(dtype)
+        reconstruct = _at_precision(reconstruct or reconstruct_batch, autocast, dtype)
     slices: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
     targets: Dict[str, Dict[int, np.ndarray]] = defaultdict(dict)
     max_values: Dict[str, float] = {}
@@ -169,7 +171,7 @@ def evaluate_model(
         if model is None:
             recon = zero_filled_image(batch)
         else:
-            recon = reconstruct(model, batch, device).cpu()
+            recon = reconstruct(network, batch, device).cpu()
         scale = batch.scale.reshape(-1, 1, 1)
         recon = (recon.float() * scale).numpy()
         has_target = batch.target.numel() > 0
@@ -181,8 +183,6 @@ def evaluate_model(
                 max_values[fname] = float(batch.max_value[i])
     if model is not None and was_training:
         model.train()
-    if model is not None and dtype is not None and was_dtype is not None:
-        model.to(was_dtype)
 
     reconstructions = {f: np.stack([s[k] for k in sorted(s)]) for f, s in slices.items()}
     metrics = []

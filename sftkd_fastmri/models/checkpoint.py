@@ -36,6 +36,7 @@ __all__ = [
     "read_checkpoint",
     "save_model_checkpoint",
     "strip_prefix",
+    "uncompiled_names",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -130,6 +131,12 @@ def uncompiled_name(name: str) -> str:
     return name.replace(COMPILED_SEGMENT, "")
 
 
+def uncompiled_names(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` under the plain networks' names (a module whose network was
+    ``torch.compile``d holds ``model._orig_mod.*``)."""
+    return {uncompiled_name(k): v for k, v in state_dict.items()}
+
+
 def match_compiled_names(state_dict: Mapping[str, Tensor], names: Any) -> Dict[str, Tensor]:
     """``state_dict`` with each key renamed to the one of ``names`` it equals up to
     ``torch.compile``'s ``_orig_mod.`` segments (a checkpoint of a compiled network loaded
@@ -194,12 +201,6 @@ def load_state_dict_strict(
             "(a run that diverged?); refusing to load them"
         )
     module.load_state_dict(state_dict, strict=True)
-
-
-def _uncompiled(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """A Lightning checkpoint's state dict under the plain network's names (a module whose
-    network was ``torch.compile``d saved ``model._orig_mod.*``)."""
-    return {uncompiled_name(k): v for k, v in state_dict.items()}
 
 
 def _short(items: list, limit: int = 8) -> str:
@@ -371,12 +372,12 @@ def load_model(
         hp = ckpt["hyper_parameters"]
         preset = hp.get("model_preset", hp.get("preset"))
         config = hp.get("model_config")
-        state = strip_prefix(_uncompiled(ckpt["state_dict"]), "model.")
+        state = strip_prefix(uncompiled_names(ckpt["state_dict"]), "model.")
     elif kind == "sft":
         which = "student" if role == "student" else "teacher"
         hp = ckpt["hyper_parameters"]
         preset, config = hp.get(f"{which}_preset"), hp.get(f"{which}_config")
-        state = strip_prefix(_uncompiled(ckpt["state_dict"]), f"sft.{which}.")
+        state = strip_prefix(uncompiled_names(ckpt["state_dict"]), f"sft.{which}.")
     else:
         hint = ""
         if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):

@@ -36,8 +36,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from .._precision import check_precision
 from ..data import model_inputs  # one definition, re-exported for subclasses
-from ..models.checkpoint import match_compiled_names, uncompiled_name
+from ..models.checkpoint import match_compiled_names, uncompiled_names
 from .losses import create_loss
 from .volume_metrics import (  # noqa: F401  (VolumeMetrics: its earlier name, imported from here)
     ReconstructionStore,
@@ -401,13 +402,8 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
         """Record the data's ``challenge`` in the hyper-parameters (so in every checkpoint),
         when the trainer's data module has one: a deployment export then picks the single-
         or multi-coil input signature from the checkpoint alone."""
-        precision = str(getattr(self._trainer, "precision", "")) if self._trainer else ""
-        if precision in ("16-true", "bf16-true"):
-            raise ValueError(
-                f"Trainer(precision={precision!r}) casts the whole network to 16 bits, and the "
-                "data-consistency FFTs need float32: use 16-mixed or bf16-mixed (the FFTs then "
-                "run in float32)"
-            )
+        if self._trainer is not None:
+            check_precision(getattr(self._trainer, "precision", ""), "Trainer(precision={!r})")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         challenge = getattr(datamodule, "input_challenge", getattr(datamodule, "challenge", None))
         if challenge in ("singlecoil", "multicoil"):
@@ -416,9 +412,7 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Weights under the plain networks' names: a network ``torch.compile``d in this
         module would write ``model._orig_mod.*``, which no plain module or loader knows."""
-        checkpoint["state_dict"] = {
-            uncompiled_name(k): v for k, v in checkpoint["state_dict"].items()
-        }
+        checkpoint["state_dict"] = uncompiled_names(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Weights to the names this module has now (plain or ``torch.compile``d networks)."""

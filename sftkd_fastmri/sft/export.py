@@ -39,7 +39,7 @@ from ..models import (
     read_checkpoint,
     save_model_checkpoint,
 )
-from ..models.checkpoint import strip_prefix, uncompiled_name
+from ..models.checkpoint import strip_prefix, uncompiled_names
 from .wrapper import StudentFriendlyTeacher
 
 __all__ = ["export_sft", "load_sft_models"]
@@ -129,7 +129,7 @@ def load_sft_models(
     info["prefix"] = prefix
     # a module whose networks were torch.compile'd saved "sft._orig_mod.teacher..." or
     # "sft.teacher._orig_mod...": the plain networks' names
-    state = {uncompiled_name(k): v for k, v in state.items()}
+    state = uncompiled_names(state)
 
     _check_prefixed_keys(state, prefix, where)
     models = []

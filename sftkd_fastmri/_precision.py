@@ -1,0 +1,22 @@
+"""The Lightning precisions the networks cannot run in, and why (one message for every
+place that refuses them: the command line, the Lightning modules, the evaluation)."""
+
+from __future__ import annotations
+
+__all__ = ["HALF_TRUE_PRECISIONS", "check_precision"]
+
+#: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
+#: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
+HALF_TRUE_PRECISIONS = ("16-true", "bf16-true")
+
+
+def check_precision(name: str, subject: str = "precision {!r}") -> str:
+    """``name``, unless it is one of :data:`HALF_TRUE_PRECISIONS` (ValueError, saying why;
+    ``subject`` names the setting, formatted with ``name``)."""
+    if str(name) in HALF_TRUE_PRECISIONS:
+        raise ValueError(
+            f"{subject.format(str(name))} casts the whole network to 16 bits, and the "
+            "data-consistency FFTs need float32: use 16-mixed or bf16-mixed (the FFTs then "
+            "run in float32)"
+        )
+    return str(name)
