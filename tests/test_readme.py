@@ -62,3 +62,18 @@ def test_readme_python_example_matches_the_api():
     # the example shows the main entry points; each of them must have been checked
     for name in ("StudentFriendlyTeacher", "SFTLoss", "DistillationCallback", "DCCNNModule"):
         assert any(name in c for c in checked), f"{name} call not found in the README"
+
+
+def test_ci_runs_the_readme_test_command():
+    """``.ci/run`` runs the README's test command (plus only pytest's cache switch)."""
+    readme = README.read_text()
+    commands = re.findall(
+        r"```bash\n(pip install -e \"\.\[test\]\" && (python -m pytest[^\n]*))\n", readme
+    )
+    assert commands, "the README shows no test command"
+    ci = (README.parent / ".ci" / "run").read_text()
+    ci_pytest = [line for line in ci.splitlines() if "pytest" in line and not line.startswith("#")]
+    assert len(ci_pytest) == 1, ci_pytest
+    for _, pytest_command in commands:
+        expected = pytest_command.replace("python -m", "python3 -m") + " -p no:cacheprovider"
+        assert ci_pytest[0].strip() == expected

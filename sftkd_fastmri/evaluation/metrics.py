@@ -3,6 +3,10 @@
 NMSE, PSNR and SSIM come from :mod:`fastmri.evaluate` (volume-wise, data range = the volume's
 ``max`` attribute, SSIM with a 7 x 7 window averaged over slices) - the convention of the
 fastMRI leaderboard (Zbontar et al., arXiv 1811.08839) and of the SFT-KD-Recon paper.
+The volumes are scored at the size given (the target's); fastMRI's ``evaluate.py`` script
+first crops both to a centred ``W x W`` square, which changes nothing for the 320 x 320
+knee and brain targets but does for non-square ones such as the demo's (brain FLAIR volumes,
+whose images are 320 x 203: see the README, "Real fastMRI data").
 """
 
 from __future__ import annotations
