@@ -25,6 +25,9 @@ How it works (one forward and one backward of the student per step):
   Lightning's precision context wraps ``training_step``, so under ``*-mixed`` precision the
   teacher runs under the same autocast; for ``*-true`` precisions a copy of the teacher is cast
   to the module's parameter dtype (the given teacher's weights are never changed).
+* Lightning's tuners (``Tuner.lr_find`` / ``scale_batch_size``, the ``LearningRateFinder`` and
+  ``BatchSizeFinder`` callbacks) run their trial steps with the KD terms, so the learning rate
+  is found for the loss that is trained; the teacher is prepared by the first such step.
 * Gradient accumulation needs nothing special: Lightning divides the returned loss by
   ``accumulate_grad_batches``, which scales the KD terms exactly like the reconstruction loss.
 
@@ -42,8 +45,9 @@ in ``setup`` - before ``configure_optimizers`` and before the DDP wrap - so an o
 appear in the module's checkpoints as ``distillation.losses.fitnet.regressors.{k}.*`` (only when
 student and teacher channels differ: the default FitNet pairing of two DC-CNNs compares
 equal-channel cascade outputs and has none). To load such a checkpoint without the callback,
-take the network alone with :func:`sftkd_fastmri.models.load_model` (``model.*`` weights) or
-pass ``strict=False`` to ``load_from_checkpoint``; resuming with ``ckpt_path`` and the callback
+pass ``strict=False`` to the module's ``load_from_checkpoint`` (any module) or, for a
+:class:`~sftkd_fastmri.pl_modules.DCCNNModule`, take the network alone with
+:func:`sftkd_fastmri.models.load_model` (``model.*`` weights); resuming with ``ckpt_path`` and the callback
 restores them, and ``trainer.validate/test/predict(ckpt_path=...)`` with the callback in the
 trainer loads the module's weights without them.
 
@@ -121,10 +125,11 @@ class DistillationCallback(Callback):
 
     Args:
         teacher: The teacher network, or a checkpoint path read with
-            :func:`sftkd_fastmri.models.load_model` (DC-CNN model checkpoints, Lightning
-            checkpoints of this package's modules, SFT exports; strict, name-based; errors
-            propagate). A LightningModule is accepted too: its network is taken as for the
-            student.
+            :func:`sftkd_fastmri.models.load_model` (model checkpoints, Lightning
+            checkpoints of ``DCCNNModule`` and ``SFTModule``, SFT exports; strict,
+            name-based; errors propagate). A LightningModule is accepted too (e.g. one
+            loaded with ``VarNetModule2.load_from_checkpoint``): its network is taken as for
+            the student.
         losses: ``{loss name: weight}`` with names from
             :func:`sftkd_fastmri.kd.available_losses` (``at``, ``cc``, ``fitnet``, ``fsp``,
             ``imitation``, ``sp``) and weights >= 0.
@@ -211,6 +216,7 @@ class DistillationCallback(Callback):
         self._saved_step: Any = None
         self._had_instance_step = False
         self._teacher_device: Optional[torch.device] = None
+        self._prepared = False
         self._warned_train_mode = False
         self._warned_skipped: set = set()
         self._teacher_flags: Optional[tuple] = None
@@ -306,7 +312,17 @@ class DistillationCallback(Callback):
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare(pl_module)
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        """Teacher on the module's device (a cast copy for ``*-true`` precisions) and the
+        feature hooks attached; once per fit. Called by ``on_fit_start`` or, where a tuner ran
+        training steps before it (Lightning's ``LearningRateFinder`` and ``BatchSizeFinder``
+        run theirs in their own ``on_fit_start``, which Lightning calls first), by the first
+        wrapped training step."""
         assert self.distiller is not None
+        if self._prepared:
+            return
         self._teacher_device = _device(self.teacher)
         self.teacher.to(pl_module.device)
         dtype = _floating_dtype(self.distiller.student)
@@ -317,6 +333,7 @@ class DistillationCallback(Callback):
         self.distiller.remove_hooks()
         self.distiller.set_teacher(run_teacher)
         self.distiller.attach()
+        self._prepared = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in on_fit_start: a resumed run's epoch counter is restored in between.
@@ -427,8 +444,10 @@ class DistillationCallback(Callback):
                 delattr(pl_module, self.attr_name)
         if self._teacher_device is not None:
             self.teacher.to(self._teacher_device)
+            self._teacher_device = None
         self._give_teacher_back()
         self._module = None
+        self._prepared = False
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -457,6 +476,23 @@ class DistillationCallback(Callback):
         return training_step
 
     def _training_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Any, *args: Any, **kwargs
+    ) -> Any:
+        distiller = self.distiller
+        assert distiller is not None
+        if self not in trainer.callbacks:
+            # A tuner's trial steps (LearningRateFinder, BatchSizeFinder): Lightning has swapped
+            # the callback list, so neither on_fit_start nor on_exception reaches this callback.
+            self._prepare(pl_module)
+            try:
+                return self._kd_step(trainer, pl_module, step, *args, **kwargs)
+            except BaseException:
+                # The fit ends here, and this callback would not hear of it: restore now.
+                self._restore(pl_module)
+                raise
+        return self._kd_step(trainer, pl_module, step, *args, **kwargs)
+
+    def _kd_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: Any, *args: Any, **kwargs
     ) -> Any:
         distiller = self.distiller

@@ -8,8 +8,10 @@ Three checkpoint kinds are understood by :func:`load_model`:
 
 * model checkpoints written by :func:`save_model_checkpoint` (``{"sftkd_fastmri": meta,
   "state_dict": ...}``; the meta names the preset and its constructor config);
-* Lightning checkpoints of this package's modules (``state_dict`` keys prefixed, e.g.
-  ``model.``; ``hyper_parameters`` record the preset and its config);
+* Lightning checkpoints of :class:`~sftkd_fastmri.pl_modules.DCCNNModule` (``state_dict``
+  keys prefixed ``model.``; ``hyper_parameters`` record the preset and its config; the
+  fastMRI adapters ``VarNetModule2`` / ``UnetModule2`` record no preset: load those with
+  their class's ``load_from_checkpoint``);
 * Lightning checkpoints of the SFT module (``sft.teacher.`` / ``sft.student.``).
 
 Plain state dicts carry no architecture: load them with :func:`load_state_dict_strict` into a

@@ -545,6 +545,62 @@ def test_failed_fit_restores_the_module_and_unoptimised_kd_parameters_warn(tmp_p
     _trainer(tmp_path, [kd], limit_train_batches=1).fit(ToyRecon(student), _loader())
 
 
+def test_lightning_tuners_run_their_trial_steps_with_the_kd_terms(tmp_path):
+    """LearningRateFinder and BatchSizeFinder run training steps in their on_fit_start, before
+    this callback's, with the callback list swapped: the trial steps still get the KD terms
+    (the learning rate is found for the loss that is trained), and a step that fails there
+    leaves the module and teacher as they were, though on_exception never reaches the
+    callback."""
+    from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
+
+    class FinderLosses(pl.Callback):  # runs inside the finder's loop (kept by Lightning)
+        losses: List[float] = []
+
+    class Module(ToyRecon):
+        fail = False
+
+        def __init__(self, model):
+            super().__init__(model)
+            self.batch_size = 2
+            self.lr = 1e-2
+
+        def train_dataloader(self):
+            return _loader(batch_size=self.batch_size)
+
+        def training_step(self, batch, batch_idx):
+            if self.fail:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            FinderLosses.losses.append(float(outputs["loss"]))
+
+    for finder in (
+        LearningRateFinder(num_training_steps=2, update_attr=False),
+        BatchSizeFinder(max_trials=1, steps_per_trial=1),
+    ):
+        student, teacher = _nets()
+        kd = DistillationCallback(teacher, {"imitation": 5.0})
+        module = Module(student)
+        kspace, mask, target = next(iter(_loader()))
+        with torch.no_grad():
+            recon = F.l1_loss(student(kspace, mask), target)  # the finder's first step
+        FinderLosses.losses = []
+        _trainer(tmp_path, [kd, finder], limit_train_batches=2).fit(module)
+        assert FinderLosses.losses[0] > recon.item() + 1e-3  # reconstruction + KD
+        assert "training_step" not in module.__dict__ and not hasattr(module, "distillation")
+        assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+        module.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            _trainer(tmp_path, [kd, finder], limit_train_batches=2).fit(module)
+        assert "training_step" not in module.__dict__ and not hasattr(module, "distillation")
+        assert all(not m._forward_hooks for m in teacher.modules())
+        assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+        module.fail = False
+        _trainer(tmp_path, [kd], limit_train_batches=1).fit(module)  # usable again
+
+
 # -- this package's and fastMRI's modules ----------------------------------------------------
 def test_dccnn_module_with_default_pairings(demo_root, tmp_path):
     from sftkd_fastmri.pl_modules import DCCNNModule, FastMRIDataModule
