@@ -113,8 +113,9 @@ class SFTModule(ReconModule):
             ``default_root_dir``).
         teacher: a model instance implementing the cascade protocol (e.g.
             :class:`~sftkd_fastmri.models.CascadedVarNet` around fastMRI's VarNet) to use
-            instead of a preset; its preset is then recorded as ``None`` and its config as
-            its ``config`` attribute (a ``CascadedVarNet`` records fastMRI VarNet's
+            instead of a preset; its preset is then recorded as its ``preset`` attribute
+            (which :func:`~sftkd_fastmri.models.create_model` sets; ``None`` without one, as
+            for a ``CascadedVarNet``) and its config as its ``config`` attribute (a ``CascadedVarNet`` records fastMRI VarNet's
             constructor arguments), from which ``SFTModule.load_from_checkpoint(path)``,
             :func:`~sftkd_fastmri.sft.export_sft` and :func:`~sftkd_fastmri.models.load_model`
             rebuild it. A network without a config records ``None``: its checkpoint is
@@ -184,12 +185,12 @@ class SFTModule(ReconModule):
         )
         if teacher is None:
             teacher = _build_model("teacher", teacher_preset, teacher_overrides, teacher_config)
-        else:
-            teacher_preset, teacher_overrides = None, None
+        else:  # what the instance says it is (create_model sets .preset)
+            teacher_preset, teacher_overrides = getattr(teacher, "preset", None), None
         if student is None:
             student = _build_model("student", student_preset, student_overrides, student_config)
-        else:
-            student_preset, student_overrides = None, None
+        else:  # what the instance says it is (create_model sets .preset)
+            student_preset, student_overrides = getattr(student, "preset", None), None
         # Weights first, then the wrapper: it checks the pair as it will train.
         if init_teacher is not None:
             init_from_checkpoint(
@@ -228,7 +229,7 @@ class SFTModule(ReconModule):
         )
         # The full configs, not just preset + overrides: export and reloading rebuild the
         # networks from them even if a preset's definition changes later. Model instances
-        # record what they are (a preset of None, and their config where they have one).
+        # record what they are (their preset and config where they have them).
         for role, model, preset in (
             ("teacher", teacher, teacher_preset),
             ("student", student, student_preset),

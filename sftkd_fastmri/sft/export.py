@@ -39,7 +39,7 @@ from ..models import (
     read_checkpoint,
     save_model_checkpoint,
 )
-from ..models.checkpoint import strip_prefix, uncompiled_names
+from ..models.checkpoint import checkpoint_kind, strip_prefix, uncompiled_names
 from .wrapper import StudentFriendlyTeacher
 
 __all__ = ["export_sft", "load_sft_models"]
@@ -107,6 +107,7 @@ def load_sft_models(
         }
         return source.teacher, source.student, info
 
+    kind = None
     if isinstance(source, Mapping):
         where, state, hparams = "state dict", source, None
         info = {"source": "state dict", "train_first_student_cascade": None}
@@ -120,6 +121,7 @@ def load_sft_models(
         hparams = ckpt.get("hyper_parameters") or {}
         if not isinstance(hparams, Mapping):
             raise CheckpointError(f"{where}: 'hyper_parameters' is not a dict")
+        kind = checkpoint_kind(ckpt)
         info = {
             "source": where,
             "train_first_student_cascade": hparams.get("train_first_student_cascade"),
@@ -131,7 +133,7 @@ def load_sft_models(
     # "sft.teacher._orig_mod...": the plain networks' names
     state = uncompiled_names(state)
 
-    _check_prefixed_keys(state, prefix, where)
+    _check_prefixed_keys(state, prefix, where, kind)
     models = []
     for role in _ROLES:
         preset, config = _resolve_config(role, hparams, given, where)
@@ -209,10 +211,27 @@ def export_sft(
     return teacher_path, student_path
 
 
-def _check_prefixed_keys(state: Mapping[str, Tensor], prefix: str, where: str) -> None:
+#: What a checkpoint of one network is, by :func:`checkpoint_kind`.
+_SINGLE_NETWORK = {
+    "model": "model checkpoint of one network (written by train, distill, export or the SFT "
+    "stage's exports)",
+    "lightning": "Lightning checkpoint of one network (a train or distill run)",
+}
+
+
+def _check_prefixed_keys(
+    state: Mapping[str, Tensor], prefix: str, where: str, kind: Optional[str] = None
+) -> None:
     """Every key under ``prefix`` must belong to the teacher or the student."""
     own = [k for k in state if k.startswith(prefix)]
     roles = tuple(f"{prefix}{role}." for role in _ROLES)
+    if not own and kind in _SINGLE_NETWORK:
+        raise CheckpointError(
+            f"{where}: a {_SINGLE_NETWORK[kind]}, not an SFT checkpoint: export_sft takes a "
+            "checkpoint of the SFT stage (SFTModule's last.ckpt or best.ckpt), which holds "
+            "both the teacher and the student; a single network needs no export (load it "
+            "with sftkd_fastmri.models.load_model)"
+        )
     if not own:
         sample = ", ".join(list(state)[:5]) or "(none)"
         raise CheckpointError(

@@ -199,3 +199,45 @@ def test_an_sft_export_asked_for_the_other_network_is_refused(tmp_path):
     # as the teacher of a smaller one)
     other = save_model_checkpoint(sft.student, tmp_path / "kd.pt", role="student")
     assert load_model(other, role="teacher").config == sft.student.config
+
+
+def test_a_single_network_checkpoint_is_named_as_such(tmp_path):
+    """A model checkpoint or a train/distill run's Lightning checkpoint holds one network: the
+    error says so, rather than asking for a prefix that no file of that kind has."""
+    from sftkd_fastmri.models import save_model_checkpoint
+
+    sft = trained_a_bit()
+    model_file = save_model_checkpoint(sft.student, tmp_path / "model.pt", role="student")
+    state = {f"model.{k}": v for k, v in sft.student.state_dict().items()}
+    run_file = tmp_path / "best.ckpt"
+    hparams = {"model_preset": "dccnn_d3c5", "model_config": dict(sft.student.config)}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, run_file)
+    for path, what in ((model_file, "model checkpoint"), (run_file, "Lightning checkpoint")):
+        with pytest.raises(CheckpointError, match=f"a {what} of one network.*not an SFT"):
+            export_sft(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_module_of_preset_instances_exports_what_distill_accepts(tmp_path):
+    """SFTModule given create_model instances records their presets, so the student export of
+    its checkpoint initialises the student preset's DCCNNModule (as distill does)."""
+    import pytorch_lightning as pl
+
+    from sftkd_fastmri.pl_modules import DCCNNModule, SFTModule
+
+    torch.manual_seed(0)
+    teacher, student = create_model("dccnn_d5c5", chans=4), create_model("dccnn_d3c5", chans=4)
+    module = SFTModule(teacher=teacher, student=student)
+    assert (module.hparams["teacher_preset"], module.hparams["student_preset"]) == (
+        "dccnn_d5c5",
+        "dccnn_d3c5",
+    )
+    trainer = pl.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "sft.ckpt")
+    _, student_path = export_sft(tmp_path / "sft.ckpt", tmp_path / "out")
+    initialised = DCCNNModule(
+        "dccnn_d3c5", model_overrides={"chans": 4}, init_checkpoint=student_path
+    )
+    for name, value in student.state_dict().items():
+        assert torch.equal(initialised.model.state_dict()[name], value), name
