@@ -1,10 +1,12 @@
 """The record of a run's settings, ``run_config.json``, and its comparison with a new config.
 
-A run records the config it started with and the SHA-256 of the files it starts from
+A run records the config it started with, the SHA-256 of the files it starts from
 (:data:`RUN_INPUT_FILES`: initial weights, teacher, mask; of a checkpoint, the digest of its
-weights). Resuming or reusing it with other settings of :data:`RUN_IDENTITY_KEYS` is refused
-with the differences listed (:func:`check_run_settings`); a moved or copied input file
-resumes, a file replaced at the same path does not. The stage runners are in :mod:`.runs`.
+weights) and a digest of its training and validation splits (:func:`data_digest`). Resuming
+or reusing it with other settings of :data:`RUN_IDENTITY_KEYS`, or with other data, is
+refused with the differences listed (:func:`check_run_settings`); a moved or copied input
+file or data folder resumes, one replaced at the same path does not. The stage runners are
+in :mod:`.runs`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "RUN_IDENTITY_KEYS",
     "RUN_INPUT_FILES",
     "check_run_settings",
+    "data_digest",
     "recorded_weights_changed",
     "run_differences",
     "run_record",
@@ -50,7 +53,8 @@ _SFT_KEYS = (
 #: Compared only for distillation runs (a study hands its KD options to every stage).
 _KD_KEYS = ("teacher_checkpoint", "methods", "kd_schedule", "kd_epochs", "layers", "loss_options")
 #: Options that define what a run trains: resuming from ``last.ckpt`` with any of them changed
-#: is refused. The rest (epochs, batch limits, devices, workers, paths, logging) may change.
+#: is refused. The rest (epochs, batch limits, devices, workers, paths, logging) may change;
+#: the data are compared by content (:func:`data_digest`), not by path.
 #: Of the network and loss options, those of the run's kind count (:func:`_identity_keys`).
 RUN_IDENTITY_KEYS = (
     "challenge",
@@ -72,6 +76,7 @@ RUN_IDENTITY_KEYS = (
     "weight_decay",
     "loss",
     "accumulate_grad_batches",
+    "precision",
     *_SINGLE_NETWORK_KEYS,
     *_SFT_KEYS,
     *_KD_KEYS,
@@ -86,6 +91,13 @@ RUN_INPUT_FILES = (
     "mask_path",
 )
 _DIGESTS = "file_digests"
+_DATA_DIGEST = "data_digest"
+#: Of each split, the files whose first and last :data:`_DATA_SAMPLE_BYTES` enter
+#: :func:`data_digest` (evenly spread over the sorted names; every name and size enters).
+_DATA_SAMPLED_FILES = 64
+_DATA_SAMPLE_BYTES = 4096
+#: Split digests by the split's listing (names, sizes, inodes, modification times).
+_SPLITS_SEEN: OrderedDict[Tuple[str, str], str] = OrderedDict()
 
 
 def _identity_keys(stage: Optional[str], cfg: Dict[str, Any]) -> list:
@@ -168,10 +180,68 @@ def _file_digests(cfg: Dict[str, Any]) -> Dict[str, str]:
     }
 
 
+def _split_digest(folder: Path) -> str:
+    """SHA-256 of a split folder: every entry's name and size, and the first and last bytes
+    of up to :data:`_DATA_SAMPLED_FILES` of its files (HDF5 headers and attributes such as a
+    volume's ``max``, and the end of its last dataset): the same files copied or moved
+    elsewhere digest the same; other volumes, or the same names regenerated with other
+    content, do not. Reads a few KiB per sampled file, not the data."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    stats = [(e, e.stat()) for e in entries]
+    listing = "\n".join(f"{e.name}\t{st.st_size}\t{st.st_ino}\t{st.st_mtime_ns}" for e, st in stats)
+    key = (str(folder.resolve()), hashlib.sha256(listing.encode()).hexdigest())
+    if key in _SPLITS_SEEN:
+        _SPLITS_SEEN.move_to_end(key)
+        return _SPLITS_SEEN[key]
+    digest = hashlib.sha256()
+    files = [(e, st) for e, st in stats if e.is_file()]
+    step = max(1.0, (len(files) - 1) / max(1, _DATA_SAMPLED_FILES - 1))
+    sampled = {round(i * step) for i in range(min(len(files), _DATA_SAMPLED_FILES))}
+    for index, (entry, st) in enumerate(files):
+        digest.update(f"{entry.name}\t{st.st_size}\n".encode())
+        if index in sampled:
+            with open(entry.path, "rb") as f:
+                digest.update(f.read(_DATA_SAMPLE_BYTES))
+                if st.st_size > 2 * _DATA_SAMPLE_BYTES:
+                    f.seek(-_DATA_SAMPLE_BYTES, os.SEEK_END)
+                    digest.update(f.read(_DATA_SAMPLE_BYTES))
+    value = digest.hexdigest()
+    _SPLITS_SEEN[key] = value
+    while len(_SPLITS_SEEN) > _DIGESTS_KEPT:
+        _SPLITS_SEEN.popitem(last=False)
+    return value
+
+
+def data_digest(cfg: Dict[str, Any]) -> Optional[str]:
+    """A digest of the splits a run trains and selects on (``{challenge}_{train_split}`` and
+    ``{challenge}_{val_split}`` under the data folder, see :func:`_split_digest`), or
+    ``None`` where the data folder or a split cannot be found (the run reports that itself).
+    The same data moved or copied elsewhere digest the same."""
+    import warnings
+
+    from ..data.datasets import split_dir
+    from .builders import resolve_data_path
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resolve_data_path's "ignored" notes: said elsewhere
+            root = resolve_data_path(cfg)
+        folders = [
+            split_dir(root, cfg["challenge"], cfg.get(f"{role}_split") or role)
+            for role in ("train", "val")
+        ]
+        parts = [f"{folder.name}:{_split_digest(folder)}" for folder in folders]
+    except (KeyError, ValueError, OSError):
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
 def run_record(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """What ``run_config.json`` holds: the config plus the digests of the run's input files."""
+    """What ``run_config.json`` holds: the config plus the digests of the run's input files
+    and of its training and validation data."""
     record = _jsonable(cfg)
     record[_DIGESTS] = _file_digests(cfg)
+    record[_DATA_DIGEST] = data_digest(cfg)
     return record
 
 
@@ -226,6 +296,20 @@ def run_differences(
     found = {
         k: _differs(k, before, now, digests) for k in _identity_keys(stage or recorded_stage, cfg)
     }
+    recorded_data = before.get(_DATA_DIGEST)
+    if isinstance(recorded_data, str):  # records of earlier versions have none
+        present = data_digest(cfg)
+        if present is not None and present != recorded_data:
+            then, place = before.get("data_path"), now.get("data_path")
+            where = (
+                f"under {place!r}, as then"
+                if then == place
+                else f"under {place!r} now, {then!r} then"
+            )
+            found["data"] = (
+                "data: the training and validation split folders hold other files than "
+                f"when the run started (a volume added, removed or replaced; {where})"
+            )
     return {k: v for k, v in found.items() if v is not None}
 
 

@@ -196,7 +196,13 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
             variant="sft",
         )
     for method, weight in _methods(cfg).items():
-        kd = dict(**student_net, max_epochs=ep["kd"], methods={method: weight})
+        kd = dict(
+            **student_net,
+            max_epochs=ep["kd"],
+            methods={method: weight},
+            # each stage distils one method: only its own pairing and options
+            **_method_entries(cfg, method),
+        )
         # (variant, stage folder, display name, options, student start, teacher)
         runs = [
             ("std", f"kd_std_{method}", f"Std-KD {method}", kd, None, teacher.exports["model"]),
@@ -247,15 +253,21 @@ def _check_networks(cfg: Dict[str, Any]) -> None:
     other channel counts) fails before the teacher, student and SFT stages have trained."""
     teacher = create_model(cfg["teacher"], **dict(cfg.get("teacher_overrides") or {}))
     student = create_model(cfg["student"], **dict(cfg.get("student_overrides") or {}))
-    layers, options = cfg.get("layers") or {}, cfg.get("loss_options") or {}
     for method, weight in _methods(cfg).items():
+        entries = _method_entries(cfg, method)
         check_distillation(
-            student,
-            teacher,
-            {method: weight},
-            {method: layers[method]} if method in layers else None,
-            {method: options[method]} if method in options else None,
+            student, teacher, {method: weight}, entries["layers"], entries["loss_options"]
         )
+
+
+def _method_entries(cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
+    """The study's ``layers`` and ``loss_options`` entries of one KD method (``None`` where it
+    has none): what the stage distilling that method alone is given."""
+    found = {}
+    for key in ("layers", "loss_options"):
+        entries = cfg.get(key) or {}
+        found[key] = {method: entries[method]} if method in entries else None
+    return found
 
 
 def _check_profile_device(value: Any) -> None:

@@ -211,6 +211,35 @@ def test_controls_are_read_as_the_study_documents():
             parse_controls(bad)
 
 
+def test_each_kd_stage_gets_only_its_own_methods_layers_and_options(monkeypatch, tmp_path):
+    """A study of several KD methods with ``layers`` / ``loss_options`` for one of them: the
+    stages of the other methods get none (they refused entries of a method they do not
+    distil, after the teacher, student and SFT stages had trained)."""
+    from sftkd_fastmri.pipeline import study
+
+    given = {}
+
+    class Finished:
+        exports = {"model": "m.pt", "teacher": "t.pt", "student_init": "s.pt"}
+
+    def record(name, cfg, root, runner, log, **overrides):
+        given[name] = {**cfg, **overrides}
+        return Finished()
+
+    monkeypatch.setattr(study, "_stage", record)
+    layers = {"at": [["cascades.0.cnn.relu1", "cascades.0.cnn.relu2"]]}
+    cfg = dict(study.STUDY_DEFAULTS, methods={"at": 1.0, "imitation": 1.0}, max_epochs=1)
+    cfg.update(layers=layers, loss_options={"at": {"p": 2}}, controls=["a", "b"])
+    cfg.update(teacher_overrides=None, student_overrides=None)
+    study._train_seed(cfg, tmp_path, [])
+    for variant in ("kd_std", "kd_sft", "control_budget"):
+        assert given[f"{variant}_at"]["layers"] == layers
+        assert given[f"{variant}_at"]["loss_options"] == {"at": {"p": 2}}
+        assert given[f"{variant}_imitation"]["layers"] is None
+        assert given[f"{variant}_imitation"]["loss_options"] is None
+    study._check_networks({**cfg, "teacher": "dccnn_d5c5", "student": "dccnn_d3c5"})
+
+
 def test_control_b_trains_std_kd_for_the_sft_and_kd_epochs(tiny_demo, tmp_path, capsys):
     from sftkd_fastmri.experiment import StageResult
 

@@ -47,6 +47,53 @@ def test_a_moved_or_copied_input_file_resumes_a_replaced_one_does_not(tmp_path):
         check_run_settings({**cfg, "teacher_checkpoint": str(other)}, run)
 
 
+def _volumes(root, seed, names=("a", "b")):
+    """Two train and two val "volumes" (bytes standing in for HDF5 files) of ``seed``."""
+    for split in ("multicoil_train", "multicoil_val"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            data = torch.Generator().manual_seed(seed * 1000 + ord(name))
+            payload = torch.randint(0, 255, (20000,), dtype=torch.uint8, generator=data)
+            (root / split / f"{name}.h5").write_bytes(payload.numpy().tobytes())
+
+
+def test_runs_are_compared_on_their_data_and_precision(tmp_path):
+    """The data a run trains on are part of what it is: moved or copied data resume; other
+    volumes, or the same names with other content, at the same path or another, are refused
+    (a study would otherwise score models of two data sets in one table). So is another
+    precision. Neither is compared in a record of an earlier version without a digest."""
+    data = tmp_path / "data"
+    _volumes(data, seed=0)
+    cfg = {"model": "dccnn_d3c5", "challenge": "multicoil", "data_path": str(data)}
+    cfg.update(train_split="train", val_split="val", precision="32-true")
+    run = tmp_path / "run"
+    _start(run, cfg)
+    assert json.loads((run / RUN_CONFIG_FILE).read_text())["data_digest"]
+    check_run_settings(cfg, run)
+    copied = tmp_path / "copied"
+    shutil.copytree(data, copied)
+    check_run_settings({**cfg, "data_path": str(copied)}, run)  # the same data elsewhere
+
+    with pytest.raises(ValueError, match="precision: '32-true' then, 'bf16-mixed' now"):
+        check_run_settings({**cfg, "precision": "bf16-mixed"}, run)
+    other = tmp_path / "other"
+    _volumes(other, seed=1)  # the same names and sizes, other content
+    with pytest.raises(ValueError, match=r"data: .* other files .*other'.* now"):
+        check_run_settings({**cfg, "data_path": str(other)}, run, finished=True)
+    _volumes(data, seed=0, names=("c",))  # a volume added
+    with pytest.raises(ValueError, match="data: .*as then"):
+        check_run_settings(cfg, run)
+    _start(tmp_path / "copied_run", {**cfg, "data_path": str(copied)})
+    (copied / "multicoil_val" / "a.h5").write_bytes(b"replaced")
+    with pytest.raises(ValueError, match="data: "):
+        check_run_settings({**cfg, "data_path": str(copied)}, tmp_path / "copied_run")
+
+    record = json.loads((run / RUN_CONFIG_FILE).read_text())
+    del record["data_digest"]
+    (run / RUN_CONFIG_FILE).write_text(json.dumps(record))
+    check_run_settings({**cfg, "data_path": str(other)}, run)  # an earlier version's record
+
+
 def test_records_without_digests_compare_paths(tmp_path):
     mask = tmp_path / "mask.npy"
     mask.write_bytes(b"0101")
