@@ -11,7 +11,15 @@ from .checkpoint import (
 )
 from .data_consistency import DataConsistency, sens_expand, sens_reduce
 from .dccnn import DCCNN, ConvBlock, DCCNNCascade, check_inputs
-from .registry import build_model, create_model, list_models, model_config, register_model
+from .registry import (
+    build_model,
+    create_model,
+    list_architectures,
+    list_models,
+    model_config,
+    register_architecture,
+    register_model,
+)
 from .varnet import CascadedVarNet, check_varnet_inputs
 
 __all__ = [
@@ -26,11 +34,13 @@ __all__ = [
     "check_varnet_inputs",
     "create_model",
     "init_from_checkpoint",
+    "list_architectures",
     "list_models",
     "load_model",
     "load_state_dict_strict",
     "model_config",
     "read_checkpoint",
+    "register_architecture",
     "register_model",
     "save_model_checkpoint",
     "sens_expand",

@@ -20,23 +20,74 @@ not see, so fastMRI's centred convention (:func:`fastmri.fft2c`) is used through
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from torch import nn
 
 from .dccnn import DCCNN
 
-__all__ = ["build_model", "create_model", "list_models", "model_config", "register_model"]
+__all__ = [
+    "build_model",
+    "create_model",
+    "list_architectures",
+    "list_models",
+    "model_config",
+    "register_architecture",
+    "register_model",
+]
 
-_PRESETS: Dict[str, Callable[..., nn.Module]] = {}
+#: Preset name -> its architecture (``None``: a DC-CNN).
+_PRESETS: Dict[str, Optional[str]] = {}
 _PRESET_CONFIGS: Dict[str, Dict[str, Any]] = {}
+#: Architecture name -> ``from_config(config) -> nn.Module`` (besides the DC-CNN and the
+#: built-in :class:`~sftkd_fastmri.models.CascadedVarNet`).
+_ARCHITECTURES: Dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {}
 
 
-def register_model(name: str, **config: Any) -> None:
-    """Register a DC-CNN preset ``name`` with constructor arguments ``config``."""
+def register_architecture(name: str, from_config: Callable[[Mapping[str, Any]], nn.Module]):
+    """Let :func:`build_model` - and so :func:`~sftkd_fastmri.models.load_model`, ``evaluate``,
+    ``export``, ``--init-checkpoint`` and the SFT exports - rebuild a new kind of network.
+
+    The network's ``config`` attribute must return a JSON-like dict holding
+    ``architecture=name`` and everything ``from_config`` needs to build it again (fresh
+    weights); checkpoints record that dict (:func:`~sftkd_fastmri.models.save_model_checkpoint`).
+    Presets of the architecture are then registered with
+    ``register_model(preset, architecture=name, **config)``.
+
+    Args:
+        name: the value of ``config["architecture"]``.
+        from_config: builds the network from such a dict (the ``architecture`` key included);
+            raises ``ValueError`` or ``TypeError`` on a config it cannot build.
+    """
+    from .varnet import VARNET_ARCHITECTURE
+
+    if name in _ARCHITECTURES or name == VARNET_ARCHITECTURE:
+        raise ValueError(f"architecture {name!r} is already registered")
+    if not callable(from_config):
+        raise TypeError(f"from_config must be callable, got {type(from_config).__name__}")
+    _ARCHITECTURES[name] = from_config
+
+
+def list_architectures() -> List[str]:
+    """Architectures :func:`build_model` rebuilds besides the DC-CNN (whose configs have no
+    ``architecture`` key)."""
+    from .varnet import VARNET_ARCHITECTURE
+
+    return sorted([VARNET_ARCHITECTURE, *_ARCHITECTURES])
+
+
+def register_model(name: str, architecture: Optional[str] = None, **config: Any) -> None:
+    """Register preset ``name``: a DC-CNN with constructor arguments ``config``, or, with
+    ``architecture``, a network of an architecture registered with
+    :func:`register_architecture` built from ``config`` (the ``architecture`` key added)."""
     if name in _PRESETS:
         raise ValueError(f"model {name!r} is already registered")
-    _PRESETS[name] = DCCNN
+    if architecture is not None and architecture not in list_architectures():
+        raise ValueError(
+            f"unknown architecture {architecture!r}: register it first with "
+            f"register_architecture (known: {', '.join(list_architectures())})"
+        )
+    _PRESETS[name] = architecture
     _PRESET_CONFIGS[name] = dict(config)
 
 
@@ -55,6 +106,11 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
     if name not in _PRESETS:
         raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     config = dict(_PRESET_CONFIGS[name])
+    architecture = _PRESETS[name]
+    if architecture is not None:  # its from_config judges the options
+        config.update(overrides)
+        config["architecture"] = architecture
+        return config
     unknown = set(overrides) - set(DCCNN(num_cascades=1).config)
     if unknown:
         known = ", ".join(sorted(DCCNN(num_cascades=1).config))
@@ -67,11 +123,12 @@ def model_config(name: str, **overrides: Any) -> Dict[str, Any]:
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
     """The network a recorded ``config`` describes (fresh weights): a :class:`DCCNN`
-    (its constructor arguments), or a :class:`~sftkd_fastmri.models.CascadedVarNet` (a config
-    with ``architecture="cascaded_varnet"``, see its ``config``).
+    (its constructor arguments), a :class:`~sftkd_fastmri.models.CascadedVarNet` (a config
+    with ``architecture="cascaded_varnet"``, see its ``config``), or a network of an
+    architecture registered with :func:`register_architecture`.
 
     Raises:
-        ValueError: the config builds neither (the message names the problem).
+        ValueError: the config builds none of them (the message names the problem).
     """
     from .varnet import VARNET_ARCHITECTURE, CascadedVarNet
 
@@ -80,10 +137,16 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     architecture = config.get("architecture")
     if architecture == VARNET_ARCHITECTURE:
         return CascadedVarNet.from_config(config)
+    if architecture in _ARCHITECTURES:
+        try:
+            return _ARCHITECTURES[architecture](config)
+        except TypeError as err:  # e.g. unknown keyword arguments
+            raise ValueError(f"not a {architecture} config ({err})") from None
     if architecture is not None:
         raise ValueError(
             f"unknown architecture {architecture!r} (known: DC-CNN configs without the key, "
-            f"{VARNET_ARCHITECTURE!r})"
+            f"{', '.join(repr(a) for a in list_architectures())}); a network of a new "
+            "architecture is rebuilt once it is registered (register_architecture)"
         )
     try:
         return DCCNN(**config)
@@ -99,7 +162,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     ``init_lambda``).
     """
     config = model_config(name, **overrides)
-    model = _PRESETS[name](**config)
+    model = DCCNN(**config) if _PRESETS[name] is None else build_model(config)
     model.preset = name
     return model
 

@@ -388,6 +388,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
         "student": cfg["student"],
         "methods": _methods(cfg),
         "seeds": seeds,
+        "precision": cfg.get("precision"),  # of every stage (a run record's identity)
         "data_path": str(data_path),  # also when read from --data-config/--dataset
     }
     report = build_report(entries, meta)

@@ -70,6 +70,7 @@ def test_pipeline_runs_end_to_end_and_skips_finished_stages(
     assert {r["method"] for r in report["kd_table"]} == {"at", "imitation"}
     markdown = (out_dir / "report.md").read_text()
     assert "AT" in markdown and "Imitation" in markdown
+    assert report["meta"]["precision"] == "32-true"  # every stage's (run records compare it)
 
     # a second run finds every stage finished and trains nothing
     assert main(["pipeline", "--config", str(path)]) == 0
