@@ -353,6 +353,10 @@ def _is_input_error(err: Exception) -> bool:
     path_errors = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
     if isinstance(err, (*path_errors, ValueError, KeyError)):
         return True
+    # an optional dependency the chosen option needs (nilearn for the demo's brain anatomy,
+    # tensorboard for --logger tensorboard, matplotlib for figures): the message names it
+    if isinstance(err, ImportError):
+        return True
     # the machine's answer about a path the user can act on: a full disk, no permission, a
     # read-only file system, a name too long (what was written before stays whole)
     if isinstance(err, OSError) and err.errno in _USER_OS_ERRORS:

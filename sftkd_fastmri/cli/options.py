@@ -298,7 +298,7 @@ GROUPS: Dict[str, List[Option]] = {
         _O(
             "logger",
             "csv",
-            "csv, tensorboard or none",
+            "csv, tensorboard (needs the tensorboard package) or none",
             text_value,
             choices=("csv", "tensorboard", "none"),
         ),

@@ -62,7 +62,9 @@ class DCCNNSample(NamedTuple):
         max_value: the volume's ``max`` attribute (0.0 without a target).
         fname: file base name.
         slice_num: slice index.
-        num_low_frequencies: fully sampled centre columns.
+        num_low_frequencies: fully sampled centre columns of the mask function's mask; 0 for
+            a mask stored in the file (a test file), as fastMRI's ``VarNetDataTransform``
+            gives it (a VarNet then finds the centre from the mask).
         crop_size: ``(h, w)`` reconstruction size.
     """
 
@@ -276,6 +278,7 @@ class DCCNNDataTransform:
             masked, mask_t, num_low = apply_mask(
                 kspace_t, self.mask_func, seed=self._mask_seed(fname), padding=padding
             )
+            sample_low = num_low
         else:
             if mask is None:
                 raise DataError(
@@ -300,7 +303,12 @@ class DCCNNDataTransform:
                 )
             mask_t = torch.from_numpy(mask_np.astype(np.float32)).reshape(1, 1, num_cols, 1)
             masked = kspace_t * mask_t + 0.0
+            # the sampled run through the centre: the ACS of the coil maps estimated here
             num_low = num_low_frequencies_of(mask_np)
+            # what fastMRI's VarNetDataTransform gives a stored mask: 0, so that a VarNet
+            # finds its symmetric centre from the mask (and a batch of 4x and 8x files,
+            # as fastMRI's test sets mix, agrees on one value)
+            sample_low = 0
         mask_t = mask_t.reshape(1, 1, num_cols, 1).to(torch.bool)
 
         coils = masked.shape[0]
@@ -359,7 +367,7 @@ class DCCNNDataTransform:
             max_value=max_value,
             fname=fname,
             slice_num=int(slice_num),
-            num_low_frequencies=int(num_low),
+            num_low_frequencies=int(sample_low),
             crop_size=crop_size,
         )
 

@@ -464,9 +464,15 @@ def _figures(
     report, entries, recons, loader, out_dir: Path, volume: Optional[str] = None
 ) -> Dict[str, Path]:
     try:
+        # matplotlib is the optional `report` extra; figures.py imports it only when drawing
+        import matplotlib  # noqa: F401
+
         from ..evaluation.figures import paper_panel, psnr_plot
-    except ImportError as err:  # matplotlib is the optional `report` extra
-        print(f"[warn] figures skipped: {err}")
+    except ImportError as err:
+        print(
+            f"[warn] figures skipped: {err} (they need matplotlib: "
+            "pip install 'sftkd_fastmri[report]'; the report is written without them)"
+        )
         return {}
     files: Dict[str, Path] = {}
     files["psnr_plot"] = psnr_plot(report, out_dir / "psnr_per_method.png")

@@ -134,6 +134,14 @@ class FastMRIDataModule(pl.LightningDataModule):
             each evaluation volume on one rank (fastMRI's ``VolumeSampler``). Pair with
             ``Trainer(use_distributed_sampler=False)``. Not needed for correct metrics:
             :class:`~sftkd_fastmri.pl_modules.ReconModule` merges slices across ranks.
+
+    Against fastMRI's ``FastMriDataModule``: splits are folders under one ``data_path``
+    (``train_split`` / ``val_split`` / ``test_split`` name them, instead of ``test_path``);
+    ``sample_rate`` / ``volume_sample_rate`` subsample the training split only (no
+    ``val_sample_rate`` / ``test_sample_rate``); there is no ``combine_train_val`` (make a
+    folder of links to both splits' files and name it with ``train_split``) and no dataset
+    cache file (``use_dataset_cache_file``): each split's headers are read when the loaders
+    are built.
     """
 
     def __init__(

@@ -21,6 +21,9 @@ What breaks on Lightning 2 (fastmri 0.3.0) and what the adapter does about it:
 * ``test_epoch_end`` wrote ``reconstructions/<fname>.h5`` under ``trainer.default_root_dir``;
   the adapter collects the ``test_step`` outputs and writes them there with
   :func:`fastmri.save_reconstructions` (under DDP, rank 0 writes every rank's slices).
+* fastMRI's modules have no ``predict_step``; the adapter's returns ``test_step``'s output as
+  :meth:`~sftkd_fastmri.pl_modules.ReconModule.predict_step` does, so ``trainer.predict``
+  works on either kind of module.
 """
 
 from __future__ import annotations
@@ -77,13 +80,32 @@ class Lightning2MriMixin(FastMRIMetricsMixin):
         self.log_val_images(batch_idx, output, target)
         return logs
 
+    _predicting = False
+
     def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         logs = _check_keys(super().test_step(batch, batch_idx), _TEST_KEYS, "test_step", self)
         output = logs["output"]
         if output.ndim == 2:
             output = output[None]
-        self.add_reconstructions(logs["fname"], logs["slice"], output)
+        if not self._predicting:
+            self.add_reconstructions(logs["fname"], logs["slice"], output)
         return logs
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """``{"fname", "slice_num", "reconstruction" (B, h, w) in the files' units}``, as
+        :meth:`~sftkd_fastmri.pl_modules.ReconModule.predict_step` returns: the output of
+        the module's ``test_step`` (fastMRI's crop and units), with nothing written."""
+        self._predicting = True
+        try:
+            logs = self.test_step(batch, batch_idx)
+        finally:
+            self._predicting = False
+        output = torch.as_tensor(logs["output"])
+        return {
+            "fname": logs["fname"],
+            "slice_num": logs["slice"],
+            "reconstruction": output[None] if output.ndim == 2 else output,
+        }
 
     def log_image(self, name: str, image: Tensor) -> None:
         """fastMRI's image hook, written to TensorBoard loggers only (no-op without one)."""

@@ -229,3 +229,16 @@ def test_demo_finishes_demo_data_that_a_stopped_run_left(tmp_path, monkeypatch, 
     (data / "demo_info.json").write_text(json.dumps({"complete": True}))
     assert main(argv) == 0 and written == [data]  # used as it is
     assert "using the demo data in" in capsys.readouterr().out
+
+
+def test_a_missing_optional_dependency_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """An option that needs an extra not installed (nilearn for the demo's brain anatomy) is
+    the user's input: one error line naming it, not a traceback, and nothing written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nilearn", None)  # import nilearn fails
+    out = tmp_path / "demo"
+    assert main(["make-demo-data", str(out), "--backend", "nilearn"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nilearn" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

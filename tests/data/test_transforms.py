@@ -117,6 +117,24 @@ def test_sample_layout(coils):
     assert torch.count_nonzero(s.masked_kspace * ~s.mask) == 0
 
 
+def test_a_stored_mask_gives_the_num_low_frequencies_fastmri_gives():
+    """A test file's stored mask: fastMRI's VarNetDataTransform passes 0 (its VarNet then finds
+    a symmetric centre from the mask); a mask function's samples pass its centre columns."""
+    from fastmri.data.transforms import VarNetDataTransform
+
+    kspace, _, attrs = _slice(coils=3)
+    mask = np.zeros(10, dtype=np.float32)
+    mask[[1, 4, 5, 6, 7]] = 1  # a sampled run 4..7 through the centre column, off-centre
+    ours = DCCNNDataTransform(None)(kspace, mask, None, attrs, "f.h5", 0)
+    theirs = VarNetDataTransform()(kspace, mask, None, attrs, "f.h5", 0)
+    assert ours.num_low_frequencies == theirs.num_low_frequencies == 0
+    assert torch.equal(ours.mask.reshape(-1), theirs.mask.reshape(-1))
+    sampled = DCCNNDataTransform(RandomMaskFunc([0.2], [4]), training=False)(
+        kspace, None, None, attrs, "f.h5", 0
+    )
+    assert sampled.num_low_frequencies == 2  # round(0.2 x 10) centre columns
+
+
 def test_validation_masks_fixed_per_volume_training_masks_vary():
     kspace, target, attrs = _slice(w=64)
     val = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=False)

@@ -143,3 +143,17 @@ def test_psnr_plot_draws_control_b_and_names_its_spread(tmp_path, monkeypatch):
     assert heights == [39.6, 39.7, 39.9]  # three bars for the one method
     assert "std over volumes\nof 2 seeds pooled" in ax.get_ylabel()
     assert "mean ± std over volumes of all seeds pooled" in build_report(entries).to_markdown()
+
+
+def test_a_study_without_matplotlib_skips_its_figures(tmp_path, monkeypatch, capsys):
+    """matplotlib is the optional report extra: a study without it writes its report and
+    says the figures were skipped (figures.py imports matplotlib only when drawing, so the
+    error came from the first plot, after every stage had trained)."""
+    import sys
+
+    from sftkd_fastmri.pipeline import study
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    assert study._figures(None, [], {}, [], tmp_path) == {}
+    assert "[warn] figures skipped" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())

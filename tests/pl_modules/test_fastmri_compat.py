@@ -125,6 +125,16 @@ def test_unet_fit_validate_test_with_tensorboard(demo_root, tmp_path):
     assert len(files) == 2
     with h5py.File(files[0], "r") as hf:
         assert hf["reconstruction"].shape == (6, 80, 64)
+        saved = hf["reconstruction"][()]
+    predicted = trainer.predict(module, test)
+    first = predicted[0]
+    assert list(first["fname"]) == [files[0].name] * 4 and first["slice_num"].tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    np.testing.assert_allclose(first["reconstruction"].numpy(), saved[:4], rtol=1e-5, atol=1e-6)
 
 
 def test_varnet_fit_validate_test_with_csv_logger(demo_root, tmp_path):
@@ -146,6 +156,18 @@ def test_varnet_fit_validate_test_with_csv_logger(demo_root, tmp_path):
     for path in sorted((demo_root / "multicoil_test").glob("*.h5")):
         with h5py.File(tmp_path / "reconstructions" / path.name, "r") as hf:
             assert hf["reconstruction"].shape == (6, 80, 64)
+            saved = hf["reconstruction"][()]
+    # predict: the test step's reconstructions, returned (as ReconModule's) and not written
+    (tmp_path / "reconstructions" / path.name).unlink()
+    predicted = trainer.predict(module, test)
+    assert not (tmp_path / "reconstructions" / path.name).exists()
+    slices = {
+        (f, int(s)): r.numpy()
+        for p in predicted
+        for f, s, r in zip(p["fname"], p["slice_num"], p["reconstruction"])
+    }
+    assert len(slices) == 12 and slices[(path.name, 0)].shape == (80, 64)
+    np.testing.assert_allclose(slices[(path.name, 5)], saved[5], rtol=1e-5, atol=1e-6)
 
 
 def test_lightning2_compatible_builds_adapters():
