@@ -3,39 +3,48 @@
     python examples/sft_kd_brain_multicoil.py --data_path /data/fastmri/brain --method at
     python examples/sft_kd_brain_multicoil.py --data-config fastmri_dirs.yaml --dataset brain
 
-Extra flags are passed to both stages (e.g. ``--max-epochs 150 --accelerator gpu``).
+Extra flags are passed to both stages (e.g. ``--max-epochs 150 --accelerator gpu``), so they
+must be options both ``sft`` and ``distill`` take; both command lines are checked before the
+SFT stage trains. Masks are equispaced (``--mask-type equispaced_fraction``), as fastMRI's
+brain data are acquired, unless ``--mask-type`` says otherwise. Run again with a higher
+``--max-epochs`` to train on: when the SFT stage trains on, its exports change, and the
+distillation stage is trained again from them (from the start).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from sftkd_fastmri.cli.main import main
+from sftkd_fastmri.cli.main import build_parser, main
+from sftkd_fastmri.experiment.run_record import recorded_weights_changed
+from sftkd_fastmri.kd import available_losses
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--method", default="at", help="KD loss (at, fitnet, fsp, sp, cc, imitation)"
-    )
+    parser.add_argument("--method", default="at", help=f"KD loss ({', '.join(available_losses())})")
     parser.add_argument("--out-dir", default="runs/brain_sftkd")
     args, rest = parser.parse_known_args()
+    if args.method not in available_losses():
+        parser.error(f"--method {args.method!r}: available {', '.join(available_losses())}")
     out = Path(args.out_dir)
     common = ["--challenge", "multicoil", *rest]
-    if main(["sft", *common, "--out-dir", str(out / "sft")]) != 0:
+    if not any(a == "--mask-type" or a.startswith("--mask-type=") for a in rest):
+        common = ["--mask-type", "equispaced_fraction", *common]
+    sft_dir, kd_dir = out / "sft", out / f"kd_{args.method}"
+    inputs = {
+        "teacher_checkpoint": str(sft_dir / "sft_teacher.ckpt"),
+        "init_checkpoint": str(sft_dir / "sft_student_init.ckpt"),
+    }
+    sft = ["sft", *common, "--out-dir", str(sft_dir)]
+    distill = ["distill", *common, "--out-dir", str(kd_dir), "--methods", f"{args.method}=1"]
+    for key, path in inputs.items():
+        distill += [f"--{key.replace('_', '-')}", path]
+    # argparse errors (an option only one of the commands takes, a typo) before hours of SFT
+    for argv in (sft, distill):
+        build_parser().parse_args(argv)
+    if main(sft) != 0:
         sys.exit(1)
-    sys.exit(
-        main(
-            [
-                "distill",
-                *common,
-                "--out-dir",
-                str(out / f"kd_{args.method}"),
-                "--teacher-checkpoint",
-                str(out / "sft" / "sft_teacher.ckpt"),
-                "--init-checkpoint",
-                str(out / "sft" / "sft_student_init.ckpt"),
-                "--methods",
-                f"{args.method}=1",
-            ]
-        )
-    )
+    if any(recorded_weights_changed(inputs, kd_dir, key) for key in inputs):
+        print(f"[redo] {kd_dir}: the SFT stage trained on since it ran; distilling again")
+        distill += ["--resume", "false"]
+    sys.exit(main(distill))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = ["--max-epochs", "1", "--limit-train-batches", "2", "--limit-val-batches", "1"]
@@ -27,9 +28,34 @@ def test_train_knee_singlecoil_example(tiny_demo, tmp_path, monkeypatch):
     assert (out / "model.pt").is_file()
 
 
-def test_sft_kd_brain_multicoil_example(tiny_demo, tmp_path, monkeypatch):
+def test_sft_kd_brain_multicoil_example(tiny_demo, tmp_path, monkeypatch, capsys):
+    import json
+
     out = tmp_path / "sftkd"
-    args = ["--data_path", str(tiny_demo), "--method", "fsp", "--out-dir", str(out)]
+    args = ["--data_path", str(tiny_demo), "--out-dir", str(out)]
+    # a misspelt method, or an option one of the two stages does not take, is refused
+    # before the SFT stage trains
+    assert _run("sft_kd_brain_multicoil.py", args + ["--method", "fitnets"], monkeypatch) == 2
+    assert "--method 'fitnets': available" in capsys.readouterr().err
+    bad = args + ["--imitation-weight", "0.5"] + TINY
+    assert _run("sft_kd_brain_multicoil.py", bad, monkeypatch) == 2
+    assert not out.exists()
+
+    args += ["--method", "fsp"]
     assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0
     assert (out / "sft" / "sft_teacher.ckpt").is_file()
     assert (out / "kd_fsp" / "model.pt").is_file()
+    for stage in ("sft", "kd_fsp"):  # brain masks are equispaced
+        record = json.loads((out / stage / "run_config.json").read_text())
+        assert record["mask_type"] == "equispaced_fraction"
+    # the SFT stage's teacher export changed since distillation ran (as when the SFT stage
+    # trains on to a better epoch): distillation starts again from it, instead of refusing
+    best = out / "sft" / "checkpoints" / "best.ckpt"  # what the SFT stage exports from
+    ckpt = torch.load(best, weights_only=False)
+    ckpt["state_dict"]["sft.teacher.cascades.0.cnn.conv0.bias"] += 0.01
+    torch.save(ckpt, best)
+    capsys.readouterr()
+    assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0
+    assert "[redo]" in capsys.readouterr().out
+    assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0  # nothing new
+    assert "[redo]" not in capsys.readouterr().out
