@@ -6,12 +6,14 @@
 Extra flags are passed to both stages (e.g. ``--max-epochs 150 --accelerator gpu``), so they
 must be options both ``sft`` and ``distill`` take; both command lines are checked before the
 SFT stage trains. Masks are equispaced (``--mask-type equispaced_fraction``), as fastMRI's
-brain data are acquired, unless ``--mask-type`` says otherwise. Run again with a higher
+brain data are acquired, unless ``--mask-type`` says otherwise or the output folder holds an
+earlier run, whose mask type is kept. Run again with a higher
 ``--max-epochs`` to train on: when the SFT stage trains on, its exports change, and the
 distillation stage is trained again from them (from the start).
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,10 +29,14 @@ if __name__ == "__main__":
     if args.method not in available_losses():
         parser.error(f"--method {args.method!r}: available {', '.join(available_losses())}")
     out = Path(args.out_dir)
+    sft_dir, kd_dir = out / "sft", out / f"kd_{args.method}"
     common = ["--challenge", "multicoil", *rest]
     if not any(a == "--mask-type" or a.startswith("--mask-type=") for a in rest):
-        common = ["--mask-type", "equispaced_fraction", *common]
-    sft_dir, kd_dir = out / "sft", out / f"kd_{args.method}"
+        try:  # an earlier run in this folder goes on with its own masks
+            mask_type = json.loads((sft_dir / "run_config.json").read_text())["mask_type"]
+        except (OSError, ValueError, KeyError, TypeError):
+            mask_type = "equispaced_fraction"
+        common = ["--mask-type", str(mask_type), *common]
     inputs = {
         "teacher_checkpoint": str(sft_dir / "sft_teacher.ckpt"),
         "init_checkpoint": str(sft_dir / "sft_student_init.ckpt"),

@@ -91,6 +91,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities.memory import is_oom_error
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -486,9 +487,12 @@ class DistillationCallback(Callback):
             self._prepare(pl_module)
             try:
                 return self._kd_step(trainer, pl_module, step, *args, **kwargs)
-            except BaseException:
-                # The fit ends here, and this callback would not hear of it: restore now.
-                self._restore(pl_module)
+            except BaseException as err:
+                # BatchSizeFinder catches an out-of-memory error and tries a smaller batch:
+                # the fit goes on, with this callback set up. Anything else ends the fit, and
+                # this callback would not hear of it: restore now.
+                if not (isinstance(err, RuntimeError) and is_oom_error(err)):
+                    self._restore(pl_module)
                 raise
         return self._kd_step(trainer, pl_module, step, *args, **kwargs)
 

@@ -260,9 +260,24 @@ def _differs(
             return None  # the same content, wherever it lies now
         if then == now.get(key):
             return f"{key}: {then!r} holds other content than when the run started"
-    if then == now.get(key):
+    if _canonical(key, then) == _canonical(key, now.get(key)):
         return None
     return f"{key}: {then!r} then, {now.get(key)!r} now"
+
+
+#: Lightning's older spellings of a precision, and the setting each stands for.
+_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def _canonical(key: str, value: Any) -> Any:
+    """One spelling per setting: an empty mapping or list is no value (``layers: {}`` is
+    ``layers: None``), and a precision is Lightning's name for it (``32`` is ``32-true``)."""
+    if isinstance(value, (dict, list)) and not value:
+        return None
+    if key == "precision" and value is not None:
+        text = str(value)
+        return _PRECISION_ALIASES.get(text, text)
+    return value
 
 
 def run_differences(

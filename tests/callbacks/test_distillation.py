@@ -601,6 +601,41 @@ def test_lightning_tuners_run_their_trial_steps_with_the_kd_terms(tmp_path):
         _trainer(tmp_path, [kd], limit_train_batches=1).fit(module)  # usable again
 
 
+def test_an_out_of_memory_trial_of_the_batch_size_finder_keeps_distillation_on(tmp_path):
+    """BatchSizeFinder catches an out-of-memory error and tries a smaller batch: the fit goes
+    on, so the callback stays set up and the real fit distils (with learned KD parameters,
+    the finder's restore of its checkpoint needs the KD submodule too)."""
+    from pytorch_lightning.callbacks import BatchSizeFinder
+
+    class Module(ToyRecon):
+        def __init__(self, model):
+            super().__init__(model)
+            self.batch_size = 2
+
+        def train_dataloader(self):
+            return _loader(n=16, batch_size=self.batch_size)
+
+        def val_dataloader(self):
+            return _loader(n=2)
+
+        def training_step(self, batch, batch_idx):
+            if batch[0].shape[0] > 2:  # what a GPU says of a batch too large
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().training_step(batch, batch_idx)
+
+    student, teacher = _nets()
+    layers = {"fitnet": [("cascades.1.cnn.relu1", "cascades.1.cnn.relu2")]}  # 4 -> 8 channels
+    kd = DistillationCallback(teacher, {"fitnet": 1.0, "imitation": 5.0}, layers=layers)
+    recorder = Recorder(teacher)
+    finder = BatchSizeFinder(mode="power", max_trials=3, steps_per_trial=1, init_val=2)
+    module = Module(student)
+    _trainer(tmp_path, [kd, finder, recorder], limit_train_batches=2).fit(module)
+    assert module.batch_size == 2
+    assert "kd/fitnet_step" in recorder.metrics[-1] and len(recorder.teacher_calls) >= 3
+    assert "training_step" not in module.__dict__ and not hasattr(module, "distillation")
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
 # -- this package's and fastMRI's modules ----------------------------------------------------
 def test_dccnn_module_with_default_pairings(demo_root, tmp_path):
     from sftkd_fastmri.pl_modules import DCCNNModule, FastMRIDataModule

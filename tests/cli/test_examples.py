@@ -59,3 +59,8 @@ def test_sft_kd_brain_multicoil_example(tiny_demo, tmp_path, monkeypatch, capsys
     assert "[redo]" in capsys.readouterr().out
     assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0  # nothing new
     assert "[redo]" not in capsys.readouterr().out
+    # a folder of a run with random masks (the script's earlier default) goes on with them
+    for stage in ("sft", "kd_fsp"):
+        path = out / stage / "run_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "mask_type": "random"}))
+    assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0

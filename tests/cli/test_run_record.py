@@ -76,6 +76,14 @@ def test_runs_are_compared_on_their_data_and_precision(tmp_path):
 
     with pytest.raises(ValueError, match="precision: '32-true' then, 'bf16-mixed' now"):
         check_run_settings({**cfg, "precision": "bf16-mixed"}, run)
+    # one setting, two spellings: Lightning's older names, and an empty mapping for none
+    for then, now in (("32", "32-true"), ("bf16", "bf16-mixed"), (16, "16-mixed")):
+        spelt = tmp_path / f"run_{then}"
+        _start(spelt, {**cfg, "precision": then, "layers": {}, "model_overrides": None})
+        same = {**cfg, "precision": now, "layers": None, "model_overrides": {}}
+        check_run_settings(same, spelt, stage="distill")  # a KD stage: layers compared
+        with pytest.raises(ValueError, match="layers: {} then"):
+            check_run_settings({**same, "layers": {"at": []}}, spelt, stage="distill")
     other = tmp_path / "other"
     _volumes(other, seed=1)  # the same names and sizes, other content
     with pytest.raises(ValueError, match=r"data: .* other files .*other'.* now"):
