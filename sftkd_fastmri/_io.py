@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "atomic_write_text",
+    "atomic_write_texts",
     "swap_in",
     "make_temp_dir",
     "make_temp_file",
@@ -120,6 +121,22 @@ def write_temp_text(path: Union[str, os.PathLike], text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def atomic_write_texts(texts: Mapping[Union[str, os.PathLike], str]) -> None:
+    """Write several text files as one: every text goes to a temporary file first, and only
+    when all are written are they renamed into place (one after another, within
+    microseconds); a failure before that leaves every earlier file as it was."""
+    temps = []
+    try:
+        for path, text in texts.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            temps.append((write_temp_text(path, text), Path(path)))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)  # a file renamed into place is gone from here
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:

@@ -59,6 +59,33 @@ def test_atomic_text_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_a_set_of_files_is_replaced_only_when_every_one_is_written(tmp_path, monkeypatch):
+    """A study's report.md / .csv / .json: a failure while writing the last leaves the three
+    of the earlier report, not two new files beside an old one."""
+    from sftkd_fastmri import _io
+
+    paths = [tmp_path / "report.md", tmp_path / "report.csv", tmp_path / "report.json"]
+    _io.atomic_write_texts({p: "old" for p in paths})
+    written = []
+    original = _io.write_temp_text
+
+    def fail_on_the_json(path, text):
+        if str(path).endswith(".json"):
+            raise KeyboardInterrupt("stopped")
+        written.append(path)
+        return original(path, text)
+
+    monkeypatch.setattr(_io, "write_temp_text", fail_on_the_json)
+    with pytest.raises(KeyboardInterrupt):
+        _io.atomic_write_texts({p: "new" for p in paths})
+    assert len(written) == 2  # two were written before the failure ...
+    assert [p.read_text() for p in paths] == ["old"] * 3  # ... and none replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+    monkeypatch.setattr(_io, "write_temp_text", original)
+    _io.atomic_write_texts({p: "new" for p in paths})
+    assert [p.read_text() for p in paths] == ["new"] * 3
+
+
 @pytest.fixture
 def umask_022():
     old = os.umask(0o022)

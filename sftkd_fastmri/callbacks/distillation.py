@@ -44,8 +44,9 @@ in ``setup`` - before ``configure_optimizers`` and before the DDP wrap - so an o
 ``self.parameters()`` trains them with the student and DDP synchronises their gradients. They
 appear in the module's checkpoints as ``distillation.losses.fitnet.regressors.{k}.*`` (only when
 student and teacher channels differ: the default FitNet pairing of two DC-CNNs compares
-equal-channel cascade outputs and has none). To load such a checkpoint without the callback,
-pass ``strict=False`` to the module's ``load_from_checkpoint`` (any module) or, for a
+equal-channel cascade outputs and has none). To load such a checkpoint into the module without
+the callback, use :func:`load_module_weights` (``weights_only`` reading, strict name-based
+loading of everything but the ``distillation.*`` keys) or, for a
 :class:`~sftkd_fastmri.pl_modules.DCCNNModule`, take the network alone with
 :func:`sftkd_fastmri.models.load_model` (``model.*`` weights); resuming with ``ckpt_path`` and the callback
 restores them, and ``trainer.validate/test/predict(ckpt_path=...)`` with the callback in the
@@ -98,7 +99,8 @@ from torch import Tensor, nn
 from .._ddp import allow_unused_parameters
 from ..kd.distiller import Distiller, check_loss_weights
 from ..kd.pairings import check_pairing
-from ..models import load_model
+from ..models import CheckpointError, load_model, load_state_dict_strict, read_checkpoint
+from ..models.checkpoint import match_compiled_names
 from ..models.registry import OptionError
 from .networks import (
     _batch_size,
@@ -109,7 +111,7 @@ from .networks import (
     find_network,
 )
 
-__all__ = ["DistillationCallback", "check_batch_size", "find_network"]
+__all__ = ["DistillationCallback", "check_batch_size", "find_network", "load_module_weights"]
 
 PathLike = Union[str, os.PathLike]
 SCHEDULES = ("joint", "two_stage")
@@ -559,3 +561,35 @@ class DistillationCallback(Callback):
                 "when the slice count leaves a remainder of 1); the step trains with the other "
                 "terms. Warned once per loss."
             )
+
+
+def load_module_weights(
+    module: nn.Module, checkpoint: PathLike, attr_name: str = "distillation"
+) -> Dict[str, Any]:
+    """Load the weights of a Lightning checkpoint written by a fit with
+    :class:`DistillationCallback` into ``module``, without the callback: the checkpoint is
+    read with ``torch.load(weights_only=True)`` and every key except the KD parameters
+    (``{attr_name}.*``, which the module has only while the callback fits it) is loaded
+    strictly by name (weights of a ``torch.compile``d network under either name).
+
+    Args:
+        module: the module (or network) the checkpoint's ``state_dict`` was saved from.
+        checkpoint: the Lightning checkpoint (``.ckpt``).
+        attr_name: the callback's ``attr_name``.
+
+    Returns:
+        The checkpoint dict (epoch, hyper-parameters, ...), for the caller to read.
+
+    Raises:
+        CheckpointError: an unreadable file, no ``state_dict``, or keys that do not match
+            (all missing, unexpected and mis-shaped keys listed, with the file's name).
+    """
+    ckpt = read_checkpoint(checkpoint)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{checkpoint}: no 'state_dict' entry (not a Lightning checkpoint)")
+    prefix = f"{attr_name}."
+    kept = {k: v for k, v in state.items() if not (isinstance(k, str) and k.startswith(prefix))}
+    kept = match_compiled_names(kept, module.state_dict().keys())
+    load_state_dict_strict(module, kept, source=str(checkpoint))
+    return ckpt

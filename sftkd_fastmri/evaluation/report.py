@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, atomic_write_texts
 from .caveats import MIN_GAP_DB, caveats
 from .metrics import VolumeMetrics, summarize
 
@@ -588,7 +588,9 @@ def _csv_value(x: Any) -> Any:
 
 
 def write_report(report: Report, out_dir: Union[str, os.PathLike]) -> Dict[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.json`` to ``out_dir`` (atomically).
+    """Write ``report.md``, ``report.csv`` and ``report.json`` to ``out_dir`` as one: the three
+    texts are made and written to temporary files before any is renamed into place, so a
+    failure leaves the earlier report whole rather than three files of two studies.
 
     Returns:
         ``{"markdown": path, "csv": path, "json": path}``.
@@ -599,7 +601,6 @@ def write_report(report: Report, out_dir: Union[str, os.PathLike]) -> Dict[str, 
         "csv": out_dir / "report.csv",
         "json": out_dir / "report.json",
     }
-    atomic_write_text(paths["markdown"], report.to_markdown())
-    report.to_csv(paths["csv"])
-    report.to_json(paths["json"])
+    texts = {"markdown": report.to_markdown(), "csv": report.to_csv(), "json": report.to_json()}
+    atomic_write_texts({paths[kind]: text for kind, text in texts.items()})
     return paths

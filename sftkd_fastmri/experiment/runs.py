@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import json
 import os
 import pickle
@@ -183,7 +184,7 @@ def _fit(
         _clear_earlier_run(out_dir)
         atomic_write_text(out_dir / RUN_CONFIG_FILE, json.dumps(record, indent=2))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, **_safe_resume(trainer))
     except RuntimeError as err:
         if resume and "Error(s) in loading state_dict" in str(err):
             # a run from before run_config.json existed, of another network
@@ -396,13 +397,27 @@ def _forget_unstarted_run(resume: Optional[str], out_dir: Path, trainer: pl.Trai
         pass
 
 
+def _safe_resume(trainer: pl.Trainer) -> Dict[str, Any]:
+    """``weights_only=True`` for Lightning's own load of the checkpoint resumed from, where
+    its ``fit`` takes the argument (Lightning >= 2.5); the file has passed a
+    ``weights_only`` load in :func:`_trained_epochs` before in any case."""
+    takes = "weights_only" in inspect.signature(trainer.fit).parameters
+    return {"weights_only": True} if takes else {}
+
+
 def _trained_epochs(last: Path) -> Optional[int]:
-    """The epochs whose training finished in checkpoint ``last`` (``None``: not readable
-    with ``weights_only``; Lightning decides). A damaged file raises ValueError."""
+    """The epochs whose training finished in checkpoint ``last`` (``None``: it does not
+    say). Read with ``weights_only=True``, as every checkpoint is before it is resumed from:
+    a file that holds more than tensors and plain values, or a damaged one, raises
+    ValueError."""
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # readable, but not with weights_only
-        return None
+    except pickle.UnpicklingError as err:  # readable only by running its pickled code
+        raise ValueError(
+            f"{last}: holds objects other than tensors and plain values ({err}), which this "
+            "package does not unpickle (torch.load(weights_only=True)); a checkpoint of "
+            "another program? Pass --resume false to start over, or use another --out-dir"
+        ) from None
     except Exception as err:  # a cut-short or damaged file
         raise ValueError(
             f"{last}: cannot resume from it ({type(err).__name__}: {err}); the run was "

@@ -115,12 +115,13 @@ class SFTModule(ReconModule):
             :class:`~sftkd_fastmri.models.CascadedVarNet` around fastMRI's VarNet) to use
             instead of a preset; its preset is then recorded as its ``preset`` attribute
             (which :func:`~sftkd_fastmri.models.create_model` sets; ``None`` without one, as
-            for a ``CascadedVarNet``) and its config as its ``config`` attribute (a ``CascadedVarNet`` records fastMRI VarNet's
-            constructor arguments), from which ``SFTModule.load_from_checkpoint(path)``,
+            for a ``CascadedVarNet``) and its config as its ``config`` attribute (a
+            ``CascadedVarNet`` records fastMRI VarNet's constructor arguments), from which
+            ``SFTModule.load_from_checkpoint(path, weights_only=True)``,
             :func:`~sftkd_fastmri.sft.export_sft` and :func:`~sftkd_fastmri.models.load_model`
             rebuild it. A network without a config records ``None``: its checkpoint is
-            reloaded with ``SFTModule.load_from_checkpoint(path, teacher=..., student=...)``
-            and cannot be exported.
+            reloaded with ``SFTModule.load_from_checkpoint(path, weights_only=True,
+            teacher=..., student=...)`` and cannot be exported.
         student: likewise for the student.
         init_teacher: start the teacher from the weights of a checkpoint (e.g. a teacher
             trained with ``train``, or the teacher of an SFT checkpoint) instead of a random
@@ -452,7 +453,7 @@ def _build_model(
         raise ValueError(
             f"the {role} needs a preset name or a {role}_config; a module built from model "
             f"instances without a config is reloaded with the same instances: "
-            f"SFTModule.load_from_checkpoint(path, teacher=..., student=...)"
+            f"SFTModule.load_from_checkpoint(path, weights_only=True, teacher=..., student=...)"
         )
     return create_model(preset, **dict(overrides or {}))
 

@@ -351,6 +351,17 @@ def test_test_and_validate_from_a_checkpoint_with_kd_parameters(tmp_path):
     trainer.validate(module, _loader(4), ckpt_path=checkpoint.best_model_path, verbose=False)
     assert "on_load_checkpoint" not in module.__dict__ and not hasattr(module, "distillation")
 
+    # without the callback: weights_only reading, strict loading of all but distillation.*
+    from sftkd_fastmri.callbacks import load_module_weights
+
+    fresh = Scored(create_model("dccnn_d3c5", chans=4, num_cascades=3))
+    assert load_module_weights(fresh, checkpoint.best_model_path)["epoch"] == 0
+    assert all(torch.equal(fresh.model.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(2\): distillation"):
+        load_module_weights(fresh, checkpoint.best_model_path, attr_name="kd")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_module_weights(Scored(create_model("dccnn_d3c5", chans=4)), checkpoint.best_model_path)
+
 
 def test_fitnet_regressors_are_trained(tmp_path):
     student, teacher = _nets()

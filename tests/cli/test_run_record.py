@@ -351,3 +351,29 @@ def test_checkpoints_are_renamed_into_place(tmp_path, monkeypatch):
         io.save_checkpoint({"epoch": 1}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left
+
+
+class _Pickled:
+    """Not a tensor or plain value: only a full unpickling (running code) reads it."""
+
+
+def test_a_checkpoint_resumed_from_is_read_with_weights_only(tmp_path):
+    """Before Lightning loads a run's checkpoint to resume, it passes a weights_only load: a
+    file holding other pickled objects is refused by name instead of unpickled."""
+    from sftkd_fastmri.experiment.runs import _safe_resume, _trained_epochs
+
+    plain = tmp_path / "last.ckpt"
+    torch.save({"epoch": 2, "state_dict": {"w": torch.zeros(1)}}, plain)
+    assert _trained_epochs(plain) == 3
+    unsafe = tmp_path / "other.ckpt"
+    torch.save({"epoch": 2, "extra": _Pickled()}, unsafe)
+    with pytest.raises(ValueError, match="other.ckpt: holds objects other than tensors"):
+        _trained_epochs(unsafe)
+
+    class Fit:  # Lightning >= 2.5 takes weights_only in fit
+        def fit(self, model, ckpt_path=None, weights_only=None): ...
+
+    class OldFit:
+        def fit(self, model, ckpt_path=None): ...
+
+    assert _safe_resume(Fit()) == {"weights_only": True} and _safe_resume(OldFit()) == {}

@@ -130,8 +130,9 @@ def test_warm_up_lasts_long_enough_for_a_slow_start():
     for it (the first network a process timed looked many times slower)."""
     model = SlowStart(slow=3)  # 150 ms of slow start
     latency = measure_latency(model, torch.ones(1, 4), warmup=1, repeats=5, warmup_s=0.25)
-    assert latency["warmup"] >= 4 and latency["median_s"] < 0.025
-    assert latency["max_s"] < 0.025  # no slow forward among the timed ones
+    # every slow forward fell in the warm-up, none among the five timed ones (counted, not
+    # timed: a loaded machine can stall any forward)
+    assert latency["warmup"] >= 4 and model.calls == latency["warmup"] + 5
     # no warm-up asked for: none run, and the slow start is in the times
     model = SlowStart(slow=1)
     latency = measure_latency(model, torch.ones(1, 4), warmup=0, repeats=3)
