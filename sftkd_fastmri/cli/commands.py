@@ -147,7 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..experiment.builders import NoTargetsError
     from ..export.loading import check_role_applies
 
-    cfg = _cfg(args, ("data", "runtime"))
+    config = load_config(args.config)
+    _evaluate_keys_from(config, args, args.config or "config")
+    cfg = _cfg(args, ("data", "runtime"), extra=_EVALUATE_KEYS, config=config)
     split = args.split or cfg["test_split"]
     subsampled = [k for k in ("sample_rate", "volume_sample_rate") if cfg.get(k) not in (None, 1.0)]
     if subsampled:
@@ -161,6 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
+        _check_out_of_split(out_dir, cfg, split)
         earlier = sorted((out_dir / "reconstructions").glob("*.h5"))
         if (out_dir / "metrics.json").is_file():
             earlier.append(out_dir / "metrics.json")
@@ -199,6 +202,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out_dir is not None:
         print(f"reconstructions and metrics.json in {out_dir}")
     return 0
+
+
+#: evaluate's own options, as config keys: key -> (attribute of the parsed flags, check).
+_EVALUATE_KEYS = {
+    "checkpoint": ("checkpoint", "path"),
+    "split": ("split", "text"),
+    "role": ("role", ("auto", "teacher", "student")),
+    "eval_out_dir": ("out_dir", "path"),
+    "overwrite": ("overwrite", "bool"),
+}
+
+
+def _evaluate_keys_from(config: Dict, args: argparse.Namespace, source: str) -> None:
+    """evaluate's own options from its ``--config`` file where no flag gave them (flags win,
+    as for every other option)."""
+    from .options import path_value
+
+    for key, (attr, kind) in _EVALUATE_KEYS.items():
+        if key not in config or config[key] is None or getattr(args, attr) not in (None, False):
+            continue
+        value = config[key]
+        if kind == "path":
+            value = path_value(value)
+        elif kind == "bool":
+            value = boolean(value)
+        elif isinstance(kind, tuple) and value not in kind:
+            raise ValueError(f"{source}: {key}: expected one of {', '.join(kind)}, got {value!r}")
+        else:
+            value = str(value)
+        setattr(args, attr, value)
+    if args.role is None:
+        args.role = "auto"
+
+
+def _check_out_of_split(out_dir: Path, cfg: Dict, split: str) -> None:
+    """``--eval-out-dir`` must not be the split folder being scored or inside it: fastMRI's
+    reader takes every entry of a split folder as a volume."""
+    from ..data.datasets import split_dir
+    from ..experiment import resolve_data_path
+
+    try:
+        folder = split_dir(resolve_data_path(cfg), cfg["challenge"], split).resolve()
+    except (ValueError, OSError, KeyError):
+        return  # no data folder: reported where the data are read
+    target = out_dir.resolve()
+    if target == folder or folder in target.parents:
+        raise ValueError(
+            f"--eval-out-dir {out_dir} is inside the split folder {folder} being evaluated, "
+            "where every entry is read as a volume: choose a folder outside it"
+        )
 
 
 def _evaluate_into(

@@ -259,9 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: test_split)")
     p.add_argument(
         "--role",
-        default="auto",
         choices=("auto", "teacher", "student"),
-        help="which network of an SFT checkpoint",
+        help="which network of an SFT checkpoint (default: auto)",
     )
     p.add_argument(
         "--eval-out-dir",

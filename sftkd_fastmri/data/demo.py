@@ -564,6 +564,8 @@ def write_demo_data(
         )
     )
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file; expected a folder to write the demo data into")
     _check_previous(root, cfg.to_json(), overwrite)
     anatomy = (MNIBrain if cfg.backend == "nilearn" else Phantom)(cfg.image_size)
     plan = _plan(cfg, anatomy.axial_range, anatomy.name)

@@ -53,6 +53,12 @@ def _export_onnx(
     coils: int,
     opset: Optional[int],
 ) -> None:
+    if opset is not None and opset < MIN_OPSET:
+        raise ExportError(
+            f"ONNX opset {opset}: the data-consistency layers' FFTs need ONNX's DFT operator, "
+            f"which opset {MIN_OPSET} introduced; ask for opset >= {MIN_OPSET} (or none: the "
+            "exporter's own)"
+        )
     wrapper = _wrap(model, coils)
     names = _input_names(coils)
     # Batch 2: torch.export specialises every dimension whose example size is 1.
@@ -74,6 +80,14 @@ def _export_onnx(
             except Exception as err:
                 raise _onnx_failure(err, dynamo, opset) from err
         if program is not None:
+            written = _default_opset(program)
+            if opset is not None and written is not None and written != opset:
+                # torch's exporter moves a request below its own minimum up and keeps it
+                # there when it cannot convert back: the file would not be what was asked
+                raise ExportError(
+                    f"ONNX opset {opset} was asked for, but torch's exporter produced opset "
+                    f"{written} and could not convert it; ask for opset {written} (or none)"
+                )
             graph_inputs = program.model.graph.inputs
             meta["input_shapes"] = [[_dim(d) for d in v.shape] for v in graph_inputs]
             meta["dynamic_shapes"] = not all(isinstance(d, int) for d in graph_inputs[0].shape[2:4])
@@ -81,6 +95,21 @@ def _export_onnx(
             with _quiet():
                 program.save(str(tmp), external_data=False)  # one file: DC-CNNs are small
         _verify_onnx(tmp, wrapper, inputs, _other_inputs(shape, coils), shape, coils)
+
+
+#: The first ONNX opset with the DFT operator that the data-consistency FFTs export to.
+MIN_OPSET = 17
+
+
+def _default_opset(program: Any) -> Optional[int]:
+    """The default-domain ("" / "ai.onnx") opset of an exported ONNX program, if it says."""
+    imports = getattr(getattr(program, "model", None), "opset_imports", None)
+    if not isinstance(imports, dict):
+        return None
+    for domain in ("", "ai.onnx"):
+        if domain in imports:
+            return int(imports[domain])
+    return None
 
 
 def _onnx_dynamo(
@@ -118,7 +147,7 @@ def _onnx_legacy(
         input_names=names,
         output_names=["image"],
         dynamic_axes={name: axes[name] for name in names},
-        opset_version=opset or 17,  # DFT needs opset >= 17
+        opset_version=opset or MIN_OPSET,  # DFT needs opset >= 17
     )
 
 

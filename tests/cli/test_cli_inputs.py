@@ -242,3 +242,40 @@ def test_a_missing_optional_dependency_is_one_error_line(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error:") and "nilearn" in err and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["make-demo-data", str(afile), "--backend", "phantom"]) == 2
+    assert "afile is a file; expected a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
+def test_evaluate_takes_its_own_options_from_a_config_and_refuses_a_folder_in_the_split(
+    tiny_demo, tmp_path, capsys
+):
+    """evaluate's --config takes its own keys (they were "unknown keys"), flags still win;
+    an --eval-out-dir inside the split folder being scored is refused by name (the error
+    blamed evaluate's own staging folder)."""
+    import json
+
+    out = tmp_path / "scores"
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"data_path: {tiny_demo}\nchallenge: multicoil\nsplit: test_full\n"
+        f"eval_out_dir: {out}\nprogress: false\n"
+    )
+    assert main(["evaluate", "--config", str(config)]) == 0
+    assert {r["fname"] for r in json.loads((out / "metrics.json").read_text())}
+    # the same folder again: refused without overwrite, which the config may give
+    assert main(["evaluate", "--config", str(config)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    config.write_text(config.read_text() + "overwrite: true\nrole: student\n")
+    assert main(["evaluate", "--config", str(config)]) == 0
+    config.write_text(config.read_text() + "role: neither\n")
+    assert main(["evaluate", "--config", str(config)]) == 2
+    assert "role: expected one of auto, teacher, student" in capsys.readouterr().err
+
+    inside = tiny_demo / "multicoil_test_full"
+    flags = ["--data-path", str(tiny_demo), "--challenge", "multicoil", "--split", "test_full"]
+    assert main(["evaluate", *flags, "--eval-out-dir", str(inside / "sub")]) == 2
+    assert "is inside the split folder" in capsys.readouterr().err
+    assert not (inside / "sub").exists()

@@ -314,6 +314,21 @@ def test_onnx_without_its_packages_explains_what_to_install(sources, monkeypatch
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_an_onnx_opset_the_export_cannot_have_is_refused(sources, tmp_path):
+    """Below opset 17 there is no DFT operator, and torch's exporter raised such a request to
+    its own minimum without a word: the file was not what was asked for."""
+    from types import SimpleNamespace
+
+    ckpt, role, _, _ = sources["sft-student"]
+    out = tmp_path / "net.onnx"
+    with pytest.raises(ExportError, match="ONNX opset 13: .*DFT operator.*opset >= 17"):
+        export_model(ckpt, out, format="onnx", role=role, example_shape=SHAPE, opset=13)
+    assert not out.exists() and _leftovers(tmp_path) == []
+    program = SimpleNamespace(model=SimpleNamespace(opset_imports={"": 18, "pkg.onnxscript": 1}))
+    assert onnx_export._default_opset(program) == 18  # compared with the opset asked for
+    assert onnx_export._default_opset(SimpleNamespace()) is None
+
+
 # -- atomic writes, validation, naming ----------------------------------------------------
 def test_failed_export_leaves_previous_file_and_no_temporary(sources, monkeypatch, tmp_path):
     ckpt, _, _, _ = sources["model"]
