@@ -48,9 +48,9 @@ equal-channel cascade outputs and has none). To load such a checkpoint into the 
 the callback, use :func:`load_module_weights` (``weights_only`` reading, strict name-based
 loading of everything but the ``distillation.*`` keys) or, for a
 :class:`~sftkd_fastmri.pl_modules.DCCNNModule`, take the network alone with
-:func:`sftkd_fastmri.models.load_model` (``model.*`` weights); resuming with ``ckpt_path`` and the callback
-restores them, and ``trainer.validate/test/predict(ckpt_path=...)`` with the callback in the
-trainer loads the module's weights without them.
+:func:`sftkd_fastmri.models.load_model` (``model.*`` weights); resuming with ``ckpt_path`` and
+the callback restores them, and ``trainer.validate/test/predict(ckpt_path=...)`` with the
+callback in the trainer loads the module's weights without them.
 
 Schedules:
 
