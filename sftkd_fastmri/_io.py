@@ -142,14 +142,7 @@ def atomic_write_texts(texts: Mapping[Union[str, os.PathLike], str]) -> None:
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
     """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``, so an
     interrupted write never leaves a half-written file (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = write_temp_text(path, text)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_texts({path: text})
 
 
 def save_reconstructions_atomic(

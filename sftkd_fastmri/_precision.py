@@ -3,7 +3,7 @@ place that refuses them: the command line, the Lightning modules, the evaluation
 
 from __future__ import annotations
 
-__all__ = ["HALF_TRUE_PRECISIONS", "check_precision"]
+__all__ = ["HALF_TRUE_PRECISIONS", "canonical_precision", "check_precision"]
 
 #: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
 #: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
@@ -20,3 +20,13 @@ def check_precision(name: str, subject: str = "precision {!r}") -> str:
             "run in float32)"
         )
     return str(name)
+
+
+#: Lightning's older spellings of a precision, and the setting each stands for.
+_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+
+
+def canonical_precision(name: object) -> str:
+    """Lightning's name of a precision setting (``32`` and ``32-true`` are one setting)."""
+    text = str(name)
+    return _ALIASES.get(text, text)

@@ -383,15 +383,13 @@ class DistillationCallback(Callback):
         ``on_load_checkpoint`` runs first, unchanged); ``teardown`` restores the hook."""
         if self._saved_load_hook is not None or hasattr(pl_module, self.attr_name):
             return  # already done, or the module has such an attribute of its own
-        prefix = f"{self.attr_name}."
         original = pl_module.on_load_checkpoint
 
         def on_load_checkpoint(checkpoint: Dict[str, Any]) -> None:
             original(checkpoint)
             state = checkpoint.get("state_dict")
             if isinstance(state, dict):
-                for key in [k for k in state if isinstance(k, str) and k.startswith(prefix)]:
-                    del state[key]
+                checkpoint["state_dict"] = _without_kd_keys(state, self.attr_name)
 
         self._saved_load_hook = (pl_module, "on_load_checkpoint" in pl_module.__dict__, original)
         pl_module.on_load_checkpoint = on_load_checkpoint
@@ -588,8 +586,13 @@ def load_module_weights(
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{checkpoint}: no 'state_dict' entry (not a Lightning checkpoint)")
-    prefix = f"{attr_name}."
-    kept = {k: v for k, v in state.items() if not (isinstance(k, str) and k.startswith(prefix))}
-    kept = match_compiled_names(kept, module.state_dict().keys())
+    kept = match_compiled_names(_without_kd_keys(state, attr_name), module.state_dict().keys())
     load_state_dict_strict(module, kept, source=str(checkpoint))
     return ckpt
+
+
+def _without_kd_keys(state: Mapping[str, Any], attr_name: str) -> Dict[str, Any]:
+    """A module's state dict without the KD parameters (``{attr_name}.*``), which the module
+    has only while :class:`DistillationCallback` fits it."""
+    prefix = f"{attr_name}."
+    return {k: v for k, v in state.items() if not (isinstance(k, str) and k.startswith(prefix))}

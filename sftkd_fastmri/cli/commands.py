@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .._io import atomic_write_text
-from .options import boolean, load_config, nonnegative_int, resolve
+from .options import ROLE_CHOICES, boolean, load_config, nonnegative_int, resolve
 
 TRAIN_GROUPS = ("data", "optim", "trainer", "runtime")
 STUDENT_PRESET = "dccnn_d3c5"  # the model `distill` trains unless told otherwise
@@ -208,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 _EVALUATE_KEYS = {
     "checkpoint": ("checkpoint", "path"),
     "split": ("split", "text"),
-    "role": ("role", ("auto", "teacher", "student")),
+    "role": ("role", ROLE_CHOICES),
     "eval_out_dir": ("out_dir", "path"),
     "overwrite": ("overwrite", "bool"),
 }

@@ -21,7 +21,7 @@ from ..export.deploy import (
     load_torchscript_export,
 )
 from ..export.loading import check_role_applies
-from .options import path_value
+from .options import ROLE_CHOICES, path_value
 
 __all__ = ["cmd_export", "register"]
 
@@ -106,7 +106,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
     p.add_argument(
         "--role",
         default="auto",
-        choices=("auto", "teacher", "student"),
+        choices=ROLE_CHOICES,
         help="which network of an SFT checkpoint (auto: the teacher)",
     )
     suffixes = ", ".join(SUFFIXES.values())

@@ -29,7 +29,7 @@ from .commands import (  # noqa: F401  (_print_once: tests import it from here)
     cmd_sft,
     cmd_train,
 )
-from .options import add_options, mapping_option, path_value
+from .options import ROLE_CHOICES, add_options, mapping_option, path_value
 
 DESCRIPTION = """\
 SFT-KD-Recon for fastMRI: train DC-CNN teachers and students, train a student-friendly
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: test_split)")
     p.add_argument(
         "--role",
-        choices=("auto", "teacher", "student"),
+        choices=ROLE_CHOICES,
         help="which network of an SFT checkpoint (default: auto)",
     )
     p.add_argument(

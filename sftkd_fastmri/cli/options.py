@@ -23,6 +23,7 @@ from .._precision import check_precision
 __all__ = [
     "GROUPS",
     "OPTIONS",
+    "ROLE_CHOICES",
     "Option",
     "add_options",
     "boolean",
@@ -116,6 +117,11 @@ def text_value(text: Any) -> str:
     if isinstance(text, (dict, list, tuple)):
         raise argparse.ArgumentTypeError(f"expected a single value, got {text!r}")
     return str(text)
+
+
+#: ``--role`` of evaluate and export: which network of an SFT checkpoint (``auto``: the
+#: teacher of an SFT checkpoint, the one network of any other).
+ROLE_CHOICES = ("auto", "teacher", "student")
 
 
 def path_value(text: Any) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .._precision import canonical_precision
 from ..models import CheckpointError, read_checkpoint
 
 __all__ = [
@@ -138,14 +139,21 @@ def _sha256(path: os.PathLike) -> str:
     was modified in the last :data:`_RACY_SECONDS`."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _DIGESTS_SEEN:
-        _DIGESTS_SEEN.move_to_end(key)
-        return _DIGESTS_SEEN[key]
-    value = _hash_file(path)
-    if time.time() - st.st_mtime > _RACY_SECONDS:
-        _DIGESTS_SEEN[key] = value
-        while len(_DIGESTS_SEEN) > _DIGESTS_KEPT:
-            _DIGESTS_SEEN.popitem(last=False)
+    return _remembered(_DIGESTS_SEEN, key, lambda: _hash_file(path), st.st_mtime)
+
+
+def _remembered(cache: OrderedDict, key: Any, compute: Any, modified: float) -> str:
+    """``compute()``, remembered in ``cache`` under ``key`` (the last :data:`_DIGESTS_KEPT`)
+    unless what it reads was modified in the last :data:`_RACY_SECONDS` (``modified``: the
+    newest modification time)."""
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = compute()
+    if time.time() - modified > _RACY_SECONDS:
+        cache[key] = value
+        while len(cache) > _DIGESTS_KEPT:
+            cache.popitem(last=False)
     return value
 
 
@@ -190,9 +198,12 @@ def _split_digest(folder: Path) -> str:
     stats = [(e, e.stat()) for e in entries]
     listing = "\n".join(f"{e.name}\t{st.st_size}\t{st.st_ino}\t{st.st_mtime_ns}" for e, st in stats)
     key = (str(folder.resolve()), hashlib.sha256(listing.encode()).hexdigest())
-    if key in _SPLITS_SEEN:
-        _SPLITS_SEEN.move_to_end(key)
-        return _SPLITS_SEEN[key]
+    newest = max((st.st_mtime for _, st in stats), default=0.0)
+    return _remembered(_SPLITS_SEEN, key, lambda: _read_split(stats), newest)
+
+
+def _read_split(stats: list) -> str:
+    """The digest of :func:`_split_digest` from a split's ``(entry, stat)`` pairs."""
     digest = hashlib.sha256()
     files = [(e, st) for e, st in stats if e.is_file()]
     step = max(1.0, (len(files) - 1) / max(1, _DATA_SAMPLED_FILES - 1))
@@ -205,11 +216,7 @@ def _split_digest(folder: Path) -> str:
                 if st.st_size > 2 * _DATA_SAMPLE_BYTES:
                     f.seek(-_DATA_SAMPLE_BYTES, os.SEEK_END)
                     digest.update(f.read(_DATA_SAMPLE_BYTES))
-    value = digest.hexdigest()
-    _SPLITS_SEEN[key] = value
-    while len(_SPLITS_SEEN) > _DIGESTS_KEPT:
-        _SPLITS_SEEN.popitem(last=False)
-    return value
+    return digest.hexdigest()
 
 
 def data_digest(cfg: Dict[str, Any]) -> Optional[str]:
@@ -265,18 +272,13 @@ def _differs(
     return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 
-#: Lightning's older spellings of a precision, and the setting each stands for.
-_PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
-
-
 def _canonical(key: str, value: Any) -> Any:
     """One spelling per setting: an empty mapping or list is no value (``layers: {}`` is
     ``layers: None``), and a precision is Lightning's name for it (``32`` is ``32-true``)."""
     if isinstance(value, (dict, list)) and not value:
         return None
     if key == "precision" and value is not None:
-        text = str(value)
-        return _PRECISION_ALIASES.get(text, text)
+        return canonical_precision(value)
     return value
 
 
