@@ -142,6 +142,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUBSAMPLING_KEYS = (
+    "sample_rate",
+    "volume_sample_rate",
+    "val_sample_rate",
+    "val_volume_sample_rate",
+    "combine_train_val",
+)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..experiment import check_scored_split, run_evaluate
     from ..experiment.builders import NoTargetsError
@@ -151,11 +160,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _evaluate_keys_from(config, args, args.config or "config")
     cfg = _cfg(args, ("data", "runtime"), extra=_EVALUATE_KEYS, config=config)
     split = args.split or cfg["test_split"]
-    subsampled = [k for k in ("sample_rate", "volume_sample_rate") if cfg.get(k) not in (None, 1.0)]
+    subsampled = [k for k in _SUBSAMPLING_KEYS if cfg.get(k) not in (None, 1.0, False)]
     if subsampled:
         warnings.warn(
             f"{' and '.join('--' + k.replace('_', '-') for k in subsampled)} selects training "
-            "data; evaluate scores every slice of the split",
+            "or validation data; evaluate scores every slice of the split",
             stacklevel=2,
         )
     out_dir = Path(args.out_dir) if args.out_dir else None

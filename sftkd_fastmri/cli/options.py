@@ -260,6 +260,25 @@ GROUPS: Dict[str, List[Option]] = {
             "fraction of training volumes to use (all their slices); not with --sample-rate",
             rate,
         ),
+        _O(
+            "val_sample_rate",
+            None,
+            "fraction of validation slices to use (a faster validation; default: all)",
+            rate,
+        ),
+        _O(
+            "val_volume_sample_rate",
+            None,
+            "fraction of validation volumes to use (all their slices); not with --val-sample-rate",
+            rate,
+        ),
+        _O(
+            "combine_train_val",
+            False,
+            "train on the training and validation splits together (fastMRI's option, e.g. for "
+            "a leaderboard submission; validation metrics are then on training data)",
+            _bool,
+        ),
         _O("batch_size", 4, "batch size", positive_int),
         _O("num_workers", 0, "DataLoader workers", nonnegative_int),
         _O(

@@ -56,6 +56,11 @@ def caveats(report: Report, min_gap_db: float = MIN_GAP_DB) -> List[str]:
             "Metrics are on the validation split, which also chose the checkpoints; report the "
             "test split for unbiased numbers."
         )
+    if report.meta.get("combine_train_val"):
+        out.append(
+            "The networks trained on the validation split too (combine_train_val), so the "
+            "checkpoints were chosen by scores on training data."
+        )
     if report.gap_psnr is not None and not report.gap_psnr > 0:
         out.append(
             f"The student without KD is not below the teacher (gap {report.gap_psnr:+.3f} dB): "

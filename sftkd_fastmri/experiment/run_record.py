@@ -69,6 +69,9 @@ RUN_IDENTITY_KEYS = (
     "kspace_from_target",
     "sample_rate",
     "volume_sample_rate",
+    "val_sample_rate",
+    "val_volume_sample_rate",
+    "combine_train_val",
     "batch_size",
     "seed",
     "lr",
@@ -272,11 +275,23 @@ def _differs(
     return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 
+#: Options whose default means "not given": a record without the option (written before it
+#: existed) matches a run that leaves it at the default.
+_NO_VALUE = {
+    "val_sample_rate": 1.0,
+    "val_volume_sample_rate": 1.0,
+    "combine_train_val": False,
+    "volume_sample_rate": 1.0,
+}
+
+
 def _canonical(key: str, value: Any) -> Any:
     """One spelling per setting: an empty mapping or list is no value (``layers: {}`` is
     ``layers: None``), and a precision is Lightning's name for it (``32`` is ``32-true``)."""
     if isinstance(value, (dict, list)) and not value:
         return None
+    if key in _NO_VALUE and value == _NO_VALUE[key]:
+        return None  # the default of an option that records before it existed lack
     if key == "precision" and value is not None:
         return canonical_precision(value)
     return value

@@ -382,6 +382,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
         "title": cfg["title"],
         "split": f"{cfg['challenge']}_{cfg['test_split']}",
         "val_split": f"{cfg['challenge']}_{cfg['val_split']}",  # chose the checkpoints
+        "combine_train_val": bool(cfg.get("combine_train_val")),  # trained on val_split too
         "epochs": _epochs(cfg),
         "accelerations": list(cfg["accelerations"]),
         "teacher": cfg["teacher"],
@@ -427,6 +428,12 @@ def _check_held_out(cfg: Dict[str, Any], data_path: Path, test_folder: Path) -> 
     which still holds the held-out volumes, instead of ``val_select``. A test split that *is*
     the validation split is allowed; the report says so in its caveats."""
     if cfg["test_split"] == cfg["val_split"]:
+        if cfg.get("combine_train_val"):
+            raise ValueError(
+                f"the study's test_split {test_folder.name} is its val_split, which "
+                "combine_train_val trains on: those are no held-out test; choose another "
+                "test_split (holdout-split makes one)"
+            )
         return
     test = {p.name for p in test_folder.glob("*.h5")}
     for key in ("train_split", "val_split"):

@@ -123,6 +123,14 @@ class FastMRIDataModule(pl.LightningDataModule):
         sample_rate: fraction of training slices to use (``None``: all), drawn from ``seed``.
         volume_sample_rate: fraction of training volumes to use, all slices of each (``None``:
             all), drawn from ``seed``; not together with ``sample_rate``.
+        val_sample_rate, val_volume_sample_rate: the same for the validation split (a faster
+            validation on fastMRI's 199 knee or 378 brain validation volumes; with a fraction
+            of slices, each volume's metrics are taken over the slices kept).
+        test_sample_rate, test_volume_sample_rate: the same for the test split (not the
+            predict split, which always yields every slice).
+        combine_train_val: train on the training and validation splits together (fastMRI's
+            ``combine_train_val``, e.g. for a leaderboard submission); validation still runs
+            on the validation split, whose metrics are then taken on training data.
         kspace_from_target: build single-coil k-space from the target magnitude (the paper's
             retrospective protocol) instead of the stored k-space.
         crop_readout: remove readout oversampling (exact; halves the work).
@@ -137,11 +145,9 @@ class FastMRIDataModule(pl.LightningDataModule):
 
     Against fastMRI's ``FastMriDataModule``: splits are folders under one ``data_path``
     (``train_split`` / ``val_split`` / ``test_split`` name them, instead of ``test_path``);
-    ``sample_rate`` / ``volume_sample_rate`` subsample the training split only (no
-    ``val_sample_rate`` / ``test_sample_rate``); there is no ``combine_train_val`` (make a
-    folder of links to both splits' files and name it with ``train_split``) and no dataset
-    cache file (``use_dataset_cache_file``): each split's headers are read when the loaders
-    are built.
+    the subsets of ``sample_rate`` and its kin are drawn from ``seed``, not from Python's
+    global random state; there is no dataset cache file (``use_dataset_cache_file``): each
+    split's headers are read when the loaders are built.
     """
 
     def __init__(
@@ -159,6 +165,11 @@ class FastMRIDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         sample_rate: Optional[float] = None,
         volume_sample_rate: Optional[float] = None,
+        val_sample_rate: Optional[float] = None,
+        val_volume_sample_rate: Optional[float] = None,
+        test_sample_rate: Optional[float] = None,
+        test_volume_sample_rate: Optional[float] = None,
+        combine_train_val: bool = False,
         kspace_from_target: bool = False,
         crop_readout: bool = True,
         train_split: str = "train",
@@ -173,17 +184,24 @@ class FastMRIDataModule(pl.LightningDataModule):
             raise ValueError(f"challenge must be 'singlecoil' or 'multicoil', got {challenge!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for name, rate in (
-            ("sample_rate", sample_rate),
-            ("volume_sample_rate", volume_sample_rate),
-        ):
-            if rate is not None and not 0.0 < rate <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {rate}")
-        if sample_rate not in (None, 1.0) and volume_sample_rate not in (None, 1.0):
-            raise ValueError(
-                f"give sample_rate ({sample_rate}, a fraction of slices) or volume_sample_rate "
-                f"({volume_sample_rate}, a fraction of volumes), not both"
-            )
+        self.rates = {
+            "train": (sample_rate, volume_sample_rate),
+            "val": (val_sample_rate, val_volume_sample_rate),
+            "test": (test_sample_rate, test_volume_sample_rate),
+        }
+        for stage, (slices, volumes) in self.rates.items():
+            prefix = "" if stage == "train" else f"{stage}_"
+            for name, rate in (
+                (f"{prefix}sample_rate", slices),
+                (f"{prefix}volume_sample_rate", volumes),
+            ):
+                if rate is not None and not 0.0 < rate <= 1.0:
+                    raise ValueError(f"{name} must be in (0, 1], got {rate}")
+            if slices not in (None, 1.0) and volumes not in (None, 1.0):
+                raise ValueError(
+                    f"give {prefix}sample_rate ({slices}, a fraction of slices) or "
+                    f"{prefix}volume_sample_rate ({volumes}, a fraction of volumes), not both"
+                )
         self.data_path = Path(data_path)
         self.challenge = challenge
         self.seed = seed
@@ -192,6 +210,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.sample_rate = sample_rate
         self.volume_sample_rate = volume_sample_rate
+        self.combine_train_val = bool(combine_train_val)
         self.kspace_from_target = kspace_from_target
         self.crop_readout = crop_readout
         self.splits = {
@@ -249,30 +268,49 @@ class FastMRIDataModule(pl.LightningDataModule):
         if stage not in self.datasets:
             folder = self.split_folder(stage)
             require_target = stage in ("train", "val") or split_has_targets(folder, self.challenge)
-            rates = {}  # fastMRI takes one of the two
-            if stage == "train" and self.volume_sample_rate not in (None, 1.0):
-                rates = dict(volume_sample_rate=self.volume_sample_rate)
-            elif stage == "train":
-                rates = dict(sample_rate=self.sample_rate)
-            # fastMRI draws the subset with Python's global `random`: draw it from this module's
-            # seed instead, so every run (and every stage of a study) trains on the same subset
-            # whatever ran before, and leave the global state as it was.
-            state = random.getstate()
-            random.seed(self.seed)
-            try:
-                self.datasets[stage] = CheckedSliceDataset(
-                    folder,
-                    self.challenge,
-                    transform=self.transform(stage),
-                    require_target=require_target,
-                    **rates,
+            transform = self.transform(stage)
+            dataset = self._read_split(folder, stage, transform, require_target)
+            if stage == "train" and self.combine_train_val:
+                # fastMRI's combine_train_val: the validation volumes join the training set,
+                # under the training transform (one mask counter for both) and sample rates
+                val = self._read_split(self.split_folder("val"), stage, transform, True)
+                dataset.raw_samples = list(dataset.raw_samples) + list(val.raw_samples)
+                rank_zero_info(
+                    f"combine_train_val: training on {folder} and {self.split_folder('val')}; "
+                    "the validation metrics are then taken on training data"
                 )
-            finally:
-                random.setstate(state)
-            self._check_mask_widths(stage, self.datasets[stage])
+            self.datasets[stage] = dataset
+            self._check_mask_widths(stage, dataset)
             if stage == "train":
                 self._apply_mask_calls(self.datasets[stage])  # a resumed run's counter
         return self.datasets[stage]
+
+    def _read_split(
+        self, folder: Path, stage: str, transform: Any, require_target: bool
+    ) -> CheckedSliceDataset:
+        """The dataset of one split folder, subsampled with ``stage``'s sample rates."""
+        slices, volumes = self.rates.get(stage, (None, None))
+        # fastMRI takes one of the two rates
+        rates = (
+            dict(volume_sample_rate=volumes)
+            if volumes not in (None, 1.0)
+            else dict(sample_rate=slices)
+        )
+        # fastMRI draws the subset with Python's global `random`: draw it from this module's
+        # seed instead, so every run (and every stage of a study) uses the same subset
+        # whatever ran before, and leave the global state as it was.
+        state = random.getstate()
+        random.seed(self.seed)
+        try:
+            return CheckedSliceDataset(
+                folder,
+                self.challenge,
+                transform=transform,
+                require_target=require_target,
+                **rates,
+            )
+        finally:
+            random.setstate(state)
 
     def _check_mask_widths(self, stage: str, dataset: CheckedSliceDataset) -> None:
         """A fixed mask read from a file has one width: refuse, before any training, a split

@@ -525,6 +525,10 @@ def test_pipeline_checks_its_splits_before_training(tiny_demo, tmp_path, capsys)
     cfg = {"challenge": "multicoil", "train_split": "train", "val_split": "val_select",
            "test_split": "test_heldout"}  # fmt: skip
     _check_held_out(cfg, data, data / "multicoil_test_heldout")  # selecting on the rest
+    # scoring on the validation split is allowed (a caveat says so), not when it was trained on
+    assert main([*base, "--test-split", "val", "--combine-train-val", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "is its val_split, which combine_train_val trains on" in err and not out.exists()
     # a challenge whose folders are not there: the other challenge is suggested
     single = tmp_path / "single"
     (single / "singlecoil_train").mkdir(parents=True)
@@ -738,9 +742,11 @@ def test_evaluating_a_network_of_the_other_challenge_warns(tiny_demo, tmp_path, 
     assert "trained on" not in capsys.readouterr().err
     # training-data options are not silently taken as a subsampling of the scored split
     assert main([*args, "--challenge", "singlecoil", "--sample-rate", "0.5"]) == 0
-    assert "--sample-rate selects training data; evaluate scores every slice" in (
+    assert "--sample-rate selects training or validation data; evaluate scores every slice" in (
         capsys.readouterr().err
     )
+    assert main([*args, "--challenge", "singlecoil", "--val-sample-rate", "0.5"]) == 0
+    assert "--val-sample-rate selects training or validation data" in capsys.readouterr().err
 
 
 def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(

@@ -102,6 +102,25 @@ def test_runs_are_compared_on_their_data_and_precision(tmp_path):
     check_run_settings({**cfg, "data_path": str(other)}, run)  # an earlier version's record
 
 
+def test_validation_subsets_and_combined_splits_are_part_of_a_run(tmp_path):
+    """A run that selects its checkpoints on a validation subset, or trains on the
+    validation split too, is another run; a record written before these options existed
+    matches a run that leaves them at their defaults."""
+    cfg = {"model": "dccnn_d3c5", "challenge": "singlecoil", "sample_rate": 1.0}
+    run = tmp_path / "run"
+    _start(run, cfg)  # as an earlier version recorded it: none of the options
+    defaults = dict(val_sample_rate=None, val_volume_sample_rate=None, combine_train_val=False)
+    check_run_settings({**cfg, **defaults}, run)
+    check_run_settings({**cfg, **defaults, "val_sample_rate": 1.0}, run)  # all slices, spelt out
+    for key, value in (
+        ("val_sample_rate", 0.5),
+        ("val_volume_sample_rate", 0.25),
+        ("combine_train_val", True),
+    ):
+        with pytest.raises(ValueError, match=f"{key}: None then, {value!r} now"):
+            check_run_settings({**cfg, **defaults, key: value}, run)
+
+
 def test_records_without_digests_compare_paths(tmp_path):
     mask = tmp_path / "mask.npy"
     mask.write_bytes(b"0101")

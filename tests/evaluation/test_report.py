@@ -324,3 +324,11 @@ def test_metrics_on_the_validation_split_are_said_to_be_biased():
     assert says({"split": "knee_select", "val_split": "knee_select"})  # the selecting split
     assert not says({"split": "multicoil_test_full", "val_split": "multicoil_val_select"})
     assert not says({"title": "no split named"})
+
+
+def test_checkpoints_chosen_on_a_split_the_networks_trained_on_are_said_to_be():
+    def says(meta):
+        return any("combine_train_val" in c for c in build_report(study(), meta).caveats)
+
+    assert says({"split": "multicoil_test_full", "combine_train_val": True})
+    assert not says({"split": "multicoil_test_full", "combine_train_val": False})

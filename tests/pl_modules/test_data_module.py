@@ -111,6 +111,59 @@ def test_volume_sample_rate_keeps_whole_volumes_drawn_from_the_seed(demo_root):
         FastMRIDataModule(demo_root, "singlecoil", volume_sample_rate=0.0)
 
 
+def test_validation_and_test_subsets_have_rates_of_their_own(demo_root):
+    """fastMRI's ``val_sample_rate`` / ``test_volume_sample_rate`` and kin: each split keeps
+    its own fraction, drawn from the seed; the predict split keeps every slice."""
+    from collections import Counter
+
+    def volumes(dataset):
+        return Counter(sample[0].name for sample in dataset.raw_samples)
+
+    full_val = volumes(FastMRIDataModule(demo_root, "singlecoil").dataset("val"))
+    data = FastMRIDataModule(
+        demo_root,
+        "singlecoil",
+        val_volume_sample_rate=0.5,
+        test_sample_rate=0.5,
+        test_split="test_full",
+    )
+    assert len(data.dataset("train")) == 40
+    val = volumes(data.dataset("val"))
+    assert 0 < len(val) < len(full_val)
+    assert all(count == full_val[name] for name, count in val.items())  # whole volumes
+    assert val == volumes(
+        FastMRIDataModule(demo_root, "singlecoil", val_volume_sample_rate=0.5).dataset("val")
+    )
+    test_full = len(
+        FastMRIDataModule(demo_root, "singlecoil", test_split="test_full").dataset("test")
+    )
+    assert 0 < len(data.dataset("test")) < test_full
+    assert len(data.dataset("predict")) == test_full  # every slice of the predict split
+    assert len(FastMRIDataModule(demo_root, "singlecoil", val_sample_rate=0.5).dataset("val")) < 12
+
+    with pytest.raises(ValueError, match="give val_sample_rate .* or val_volume_sample_rate"):
+        FastMRIDataModule(demo_root, "singlecoil", val_sample_rate=0.5, val_volume_sample_rate=0.5)
+    with pytest.raises(ValueError, match="test_sample_rate must be in"):
+        FastMRIDataModule(demo_root, "singlecoil", test_sample_rate=1.5)
+
+
+def test_combine_train_val_trains_on_both_splits_under_one_transform(demo_root):
+    data = FastMRIDataModule(demo_root, "singlecoil", combine_train_val=True, batch_size=4)
+    train = data.dataset("train")
+    folders = {sample[0].parent.name for sample in train.raw_samples}
+    assert folders == {"singlecoil_train", "singlecoil_val"} and len(train) == 40 + 12
+    assert len(data.dataset("val")) == 12  # validation still runs
+    names = {fname for batch in data.train_dataloader() for fname in batch.fname}
+    assert len(names) == 4 + len({sample[0].name for sample in data.dataset("val").raw_samples})
+    batch = next(iter(data.train_dataloader()))
+    assert batch.target.shape[-2:] == (80, 64)
+    # the validation volumes draw fresh training masks, from the one counter a resume restores
+    calls = data.state_dict()["train_mask_calls"]
+    assert calls > len(train)
+    halved = FastMRIDataModule(demo_root, "singlecoil", combine_train_val=True, sample_rate=0.5)
+    assert len(halved.dataset("train")) < 52
+
+
 def test_subsets_leave_pythons_random_state_alone(demo_root):
     import random
 
