@@ -153,7 +153,8 @@ class DCCNNDataTransform:
 
     Args:
         mask_func: fastMRI mask function (or :class:`~sftkd_fastmri.data.FixedMaskFunc`).
-            ``None`` uses the ``mask`` stored in the file (fastMRI test files).
+            ``None`` uses the ``mask`` stored in the file (fastMRI test files), with the
+            header's zero-padded columns unsampled (as fastMRI's ``VarNetDataTransform``).
         training: draw a new mask every call (training) or one fixed per volume (evaluation).
         seed: base seed of the training masks. The mask of a call is seeded with
             ``(seed, rank, worker seed, call counter)``: reproducible after
@@ -296,6 +297,13 @@ class DCCNNDataTransform:
                     f"{where}: 'mask' has {mask_np.shape[0]} entries, k-space has {num_cols} "
                     "columns (last axis)"
                 )
+            if "padding_left" in attrs and not self.kspace_from_target:
+                # the zero-padded columns outside the acquired band hold no data: unsampled,
+                # as in the training masks (apply_mask with the header's padding) and in
+                # fastMRI's VarNetDataTransform
+                mask_np = mask_np.copy()
+                mask_np[: max(int(attrs["padding_left"]), 0)] = 0
+                mask_np[max(int(attrs["padding_right"]), 0) :] = 0
             if not np.isin(mask_np, (0, 1)).all() or not mask_np.any():
                 raise DataError(
                     f"{where}: 'mask' must hold 0/1 per k-space column with at least one "

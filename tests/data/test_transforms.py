@@ -135,6 +135,26 @@ def test_a_stored_mask_gives_the_num_low_frequencies_fastmri_gives():
     assert sampled.num_low_frequencies == 2  # round(0.2 x 10) centre columns
 
 
+def test_a_stored_mask_leaves_the_zero_padded_columns_unsampled():
+    """A knee test file's mask marks columns of the zero padding around the acquired band
+    (its header's padding) as sampled; the training masks and fastMRI's VarNetDataTransform
+    leave them unsampled, and so does the transform."""
+    from fastmri.data.transforms import VarNetDataTransform
+
+    kspace, _, attrs = _slice(coils=3)
+    attrs = {**attrs, "padding_left": 2, "padding_right": 8}
+    mask = np.zeros(10, dtype=np.float32)
+    mask[[0, 1, 4, 5, 6, 8, 9]] = 1  # every fourth column and the centre, padding included
+    ours = DCCNNDataTransform(None)(kspace, mask, None, attrs, "f.h5", 0)
+    theirs = VarNetDataTransform()(kspace, mask, None, attrs, "f.h5", 0)
+    assert ours.mask.reshape(-1).tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert torch.equal(ours.mask.reshape(-1), theirs.mask.reshape(-1).bool())
+    assert torch.count_nonzero(ours.masked_kspace[..., [0, 1, 8, 9], :]) == 0
+    single, _, single_attrs = _slice()
+    padded = DCCNNDataTransform(None)(single, mask, None, {**single_attrs, **attrs}, "f.h5", 0)
+    assert padded.mask.reshape(-1).tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
 def test_validation_masks_fixed_per_volume_training_masks_vary():
     kspace, target, attrs = _slice(w=64)
     val = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=False)
