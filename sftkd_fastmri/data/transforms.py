@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import fastmri
 import numpy as np
@@ -142,9 +142,14 @@ def _crop_readout_complex(k: Tensor, height: int) -> Tensor:
     )
 
 
-def _global_rank() -> int:
+def _global_rank(recorded: Optional[int] = None) -> int:
+    """This process's DDP rank; in a DataLoader worker started by spawning (no process
+    group), the rank ``recorded`` when the parent pickled the transform, else the launcher's
+    environment (Lightning sets ``LOCAL_RANK`` alone, which repeats across nodes)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
+    if recorded is not None:
+        return recorded
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -190,7 +195,15 @@ class DCCNNDataTransform:
         info = torch.utils.data.get_worker_info()
         worker_seed = info.seed if info is not None else torch.initial_seed()
         self._calls += 1
-        return tuple(v % 2**32 for v in (self.seed, _global_rank(), worker_seed, self._calls))
+        rank = _global_rank(self.__dict__.get("_parent_rank"))
+        return tuple(v % 2**32 for v in (self.seed, rank, worker_seed, self._calls))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # pickled for a spawned DataLoader worker, which has no process group: it takes the
+        # rank of the process that started it
+        state = dict(self.__dict__)
+        state["_parent_rank"] = _global_rank(state.get("_parent_rank"))
+        return state
 
     # -- main ---------------------------------------------------------------------------------
     def __call__(

@@ -191,6 +191,31 @@ def test_training_masks_differ_per_worker_and_rank(monkeypatch):
     assert not torch.equal(base, first_mask(100, 1))
 
 
+def test_a_spawned_worker_takes_the_rank_of_the_process_that_started_it(monkeypatch):
+    """A DataLoader worker started by spawning has no process group, and Lightning's
+    launcher sets only LOCAL_RANK, the same on every node: the transform carries its
+    parent's rank across the pickle."""
+    import pickle
+
+    kspace, target, attrs = _slice(w=64)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def first_mask(transform):
+        return transform(kspace, None, target, attrs, "v.h5", 0).mask
+
+    fresh = DCCNNDataTransform(RandomMaskFunc([0.1], [4]), training=True, seed=0)
+    with monkeypatch.context() as parent:  # rank 3 of a process group (node 1, local rank 0)
+        parent.setattr(torch.distributed, "is_initialized", lambda: True)
+        parent.setattr(torch.distributed, "get_rank", lambda: 3)
+        rank3 = first_mask(pickle.loads(pickle.dumps(fresh)))  # the parent's own draw
+        sent = pickle.dumps(fresh)
+    in_worker = pickle.loads(sent)  # no process group here
+    assert torch.equal(first_mask(in_worker), rank3)
+    assert not torch.equal(first_mask(pickle.loads(pickle.dumps(fresh))), rank3)  # rank 0
+
+
 def test_bad_slices_raise_clear_errors():
     kspace, target, attrs = _slice()
     t = DCCNNDataTransform(RandomMaskFunc([0.1], [4]))
