@@ -35,10 +35,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name in list_models():
         model = create_model(name)
         n = sum(p.numel() for p in model.parameters())
-        c = model.config
-        kind = "paper mode, real" if c["pad"] else "complex, residual"
-        print(f"{name:<20}{n:>12,}  D{c['depth']}C{c['num_cascades']} {kind}, {c['dc_mode']} DC")
+        print(f"{name:<20}{n:>12,}  {_describe(getattr(model, 'config', None))}")
     return 0
+
+
+def _describe(config: Any) -> str:
+    """One line about a preset's network: DxCy for a DC-CNN, else its architecture and
+    settings (a registered architecture's config may hold anything)."""
+    if not isinstance(config, dict):
+        return "(no config)"
+    if "architecture" in config:
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k != "architecture")
+        return f"{config['architecture']}: {settings}"
+    kind = "paper mode, real" if config.get("pad") else "complex, residual"
+    return f"D{config.get('depth')}C{config.get('num_cascades')} {kind}, {config.get('dc_mode')} DC"
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:

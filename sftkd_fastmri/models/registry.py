@@ -9,7 +9,13 @@ name                      what                                                  
 ``dccnn_d3c5_paper``      student, 1-channel real image, authors' implementation   49,285
 ``dccnn_d5c5``            teacher, complex (2-channel), residual, hard DC          144,650
 ``dccnn_d3c5``            student, complex (2-channel), residual, hard DC           52,170
+``varnet``                fastMRI's ``VarNet`` with its defaults (12 cascades,  29,936,966
+                          chans 18, pools 4; sensitivity net chans 8, pools 4)
 ========================  ======================================================  ==========
+
+``varnet`` takes fastMRI ``VarNet``'s arguments as overrides (``create_model("varnet",
+num_cascades=8, chans=8)``); an SFT pair needs the same ``num_cascades`` on both sides. Its
+KD pairings are defined only for output imitation; the feature losses take ``layers``.
 
 "Paper mode" reproduces the authors' code: no residual connection, 5-pixel zero padding
 around each block, and a real-valued image (DC keeps the real part). Their uncentred FFT is
@@ -173,3 +179,15 @@ register_model("dccnn_d5c5_paper", num_cascades=5, depth=5, **_PAPER)
 register_model("dccnn_d3c5_paper", num_cascades=5, depth=3, **_PAPER)
 register_model("dccnn_d5c5", num_cascades=5, depth=5, **_COMPLEX)
 register_model("dccnn_d3c5", num_cascades=5, depth=3, **_COMPLEX)
+# fastMRI's VarNet (Sriram et al., MICCAI 2020) with the constructor defaults of
+# fastmri.models.VarNet, through the cascade protocol: a teacher or student of its own kind
+register_model(
+    "varnet",
+    architecture="cascaded_varnet",
+    num_cascades=12,
+    sens_chans=8,
+    sens_pools=4,
+    chans=18,
+    pools=4,
+    mask_center=True,
+)

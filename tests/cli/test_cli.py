@@ -31,6 +31,30 @@ def test_models_lists_presets_with_counts(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "dccnn_d5c5_paper" in out and "141,765" in out and "49,285" in out
+    assert "varnet" in out and "cascaded_varnet: num_cascades=12" in out
+
+
+def test_the_varnet_preset_trains_through_sft_and_evaluates(tiny_demo, tmp_path, capsys):
+    """fastMRI's VarNet as a preset of the commands: SFT with a VarNet teacher and a narrower
+    VarNet student, exports that evaluate reloads from their recorded configs."""
+    from sftkd_fastmri.models import CascadedVarNet, load_model
+
+    small = "num_cascades=2,pools=1,sens_chans=2,sens_pools=1,chans="
+    out = tmp_path / "sft"
+    argv = ["sft", *_common(tiny_demo, "multicoil"), "--limit-train-batches", "1"]
+    argv += ["--teacher", "varnet", "--teacher-overrides", small + "4", "--student", "varnet"]
+    assert main([*argv, "--student-overrides", small + "2", "--out-dir", str(out)]) == 0
+    teacher, student = (
+        load_model(out / "sft_teacher.ckpt"),
+        load_model(out / "sft_student_init.ckpt"),
+    )
+    assert isinstance(teacher, CascadedVarNet) and isinstance(student, CascadedVarNet)
+    assert (teacher.config["chans"], student.config["chans"]) == (4, 2)
+    capsys.readouterr()
+    args = ["evaluate", "--data-path", str(tiny_demo), "--challenge", "multicoil"]
+    args += ["--split", "test_full", "--progress", "false"]
+    assert main([*args, "--checkpoint", str(out / "sft_teacher.ckpt")]) == 0
+    assert "mean" in capsys.readouterr().out
 
 
 def test_train_with_config_file_flags_override_and_resume(tiny_demo, tmp_path, capsys):

@@ -106,3 +106,26 @@ def test_a_registered_architecture_is_built_saved_reloaded_and_wrapped(own_regis
     assert len(out.branches) == 1 and out.branches[0].shape == (2, 8, 6)
     with torch.no_grad():
         torch.testing.assert_close(sft.eval()(masked_kspace, mask), loaded(masked_kspace, mask))
+
+
+def test_the_varnet_preset_is_fastmris_varnet_with_its_defaults():
+    import inspect
+
+    from fastmri.models import VarNet
+
+    from sftkd_fastmri.models import CascadedVarNet
+
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(VarNet.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    model = create_model("varnet")
+    assert isinstance(model, CascadedVarNet) and model.preset == "varnet"
+    assert {k: model.config[k] for k in defaults} == defaults
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(p.numel() for p in VarNet().parameters())
+    small = create_model("varnet", num_cascades=2, chans=4)
+    assert len(small.varnet.cascades) == 2 and small.config["chans"] == 4
+    with pytest.raises(ValueError, match="depth"):
+        create_model("varnet", depth=3)  # a DC-CNN option
