@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .._io import atomic_write_text, atomic_write_texts
-from .caveats import MIN_GAP_DB, caveats
+from .caveats import MIN_GAP_DB, above, caveats, finite
 from .metrics import VolumeMetrics, summarize
 
 __all__ = [
@@ -217,7 +217,7 @@ class KDComparison:
     def sft_wins(self) -> Optional[Tuple[int, int]]:
         """``(seeds where SFT-KD beats Std-KD in PSNR, paired seeds)``, or ``None``."""
         d = self.seed_diffs_psnr
-        return (sum(x > 0 for x in d), len(d)) if d else None
+        return (sum(above(x) for x in d), len(d)) if d else None
 
     def as_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -410,8 +410,10 @@ def build_report(
         num_seeds=_num_seeds(meta.get("seeds"), models),
     )
     if teacher is not None and student is not None:
-        report.gap_psnr = teacher.mean("psnr") - student.mean("psnr")
-        report.gap_ssim = teacher.mean("ssim") - student.mean("ssim")
+        gap_psnr = teacher.mean("psnr") - student.mean("psnr")
+        gap_ssim = teacher.mean("ssim") - student.mean("ssim")
+        if finite(gap_psnr) and finite(gap_ssim):  # else undefined, as without a model
+            report.gap_psnr, report.gap_ssim = gap_psnr, gap_ssim
     for m in models:
         if teacher is not None:
             m.delta_psnr_teacher = m.mean("psnr") - teacher.mean("psnr")

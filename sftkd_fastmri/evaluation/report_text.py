@@ -9,7 +9,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .caveats import MIN_SEEDS
+from .caveats import MIN_SEEDS, above, finite
 from .report import MEASUREMENT_NOTES, ModelSummary, Report
 
 _NA = "-"
@@ -28,7 +28,7 @@ def _num(x: Optional[float], fmt: str) -> str:
 
 
 def _pct(x: Optional[float]) -> str:
-    return _NA if x is None else f"{100 * x:.0f}%"
+    return f"{100 * x:.0f}%" if finite(x) else _NA
 
 
 def _gflops(m: ModelSummary) -> str:
@@ -154,7 +154,7 @@ def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float], seeds: int = 
     text = _num(diff, "+.3f")
     if diff is not None and len(seed_diffs) >= 2:
         spread = float(np.std(seed_diffs, ddof=1))
-        text += f" ± {spread:.3f} ({sum(d > 0 for d in seed_diffs)}/{len(seed_diffs)}"
+        text += f" ± {spread:.3f} ({sum(above(d) for d in seed_diffs)}/{len(seed_diffs)}"
         if len(seed_diffs) < seeds:
             text += f"; {len(seed_diffs)} of {seeds} seeds paired"
         text += ")"
@@ -183,6 +183,12 @@ def _gap_lines(report: Report) -> List[str]:
             if m is None
         )
         lines.append(f"No {missing} in the study: the teacher-student gap is not defined.")
+    elif report.gap_psnr is None:
+        lines.append(
+            f"Standard teacher ({teacher.name}) {_num(teacher.mean('psnr'), '.2f')} dB vs "
+            f"student without KD ({student.name}) {_num(student.mean('psnr'), '.2f')} dB: a "
+            "mean is not finite, so the teacher-student gap is not defined."
+        )
     else:
         lines.append(
             f"Standard teacher ({teacher.name}) {teacher.mean('psnr'):.2f} dB vs student "
@@ -205,9 +211,9 @@ def _gap_lines(report: Report) -> List[str]:
             f"Control (a), {control.name} (SFT-initialised, no KD): {control.mean('psnr'):.2f} dB, "
             f"gap closed {_pct(control.gap_closed)}."
         )
-    both = [r for r in report.kd_table if r.diff_psnr is not None]
+    both = [r for r in report.kd_table if finite(r.diff_psnr)]
     if both:
-        ahead = sum(r.diff_psnr > 0 for r in both)
+        ahead = sum(above(r.diff_psnr) for r in both)
         line = (
             f"SFT-KD's mean PSNR is above Std-KD's for {ahead} of {len(both)} method(s) with "
             f"both variants (mean difference {np.mean([r.diff_psnr for r in both]):+.3f} dB)."
@@ -220,9 +226,9 @@ def _gap_lines(report: Report) -> List[str]:
         lines.append(line)
         paired = [r for r in both if len(r.seed_diffs_psnr) > 1]
         if paired:
-            won = sum(sum(d > 0 for d in r.seed_diffs_psnr) for r in paired)
+            won = sum(sum(above(d) for d in r.seed_diffs_psnr) for r in paired)
             total = sum(len(r.seed_diffs_psnr) for r in paired)
-            every = [r.name for r in paired if all(d > 0 for d in r.seed_diffs_psnr)]
+            every = [r.name for r in paired if all(above(d) for d in r.seed_diffs_psnr)]
             lines.append(
                 f"Per seed (same seed, same data order): SFT-KD is ahead of Std-KD in {won} of "
                 f"{total} (method, seed) pairs, in every paired seed for "
@@ -234,10 +240,10 @@ def _gap_lines(report: Report) -> List[str]:
         ("ctrl(a)", "control (a)", [r.sft_minus_control_psnr for r in report.kd_table]),
         ("ctrl(b)", "control (b)", [r.sft_minus_budget_psnr for r in report.kd_table]),
     ):
-        diffs = [d for d in diffs if d is not None]
+        diffs = [d for d in diffs if finite(d)]
         if diffs:
             lines.append(
-                f"SFT-KD is above {label} for {sum(d > 0 for d in diffs)} of {len(diffs)} "
+                f"SFT-KD is above {label} for {sum(above(d) for d in diffs)} of {len(diffs)} "
                 f"method(s) (mean 'SFT - {column}' {np.mean(diffs):+.3f} dB)."
             )
     return lines

@@ -323,6 +323,8 @@ def test_metrics_on_the_validation_split_are_said_to_be_biased():
     assert says({"split": "multicoil_val"}) and says({"split": "val"})
     assert says({"split": "knee_select", "val_split": "knee_select"})  # the selecting split
     assert not says({"split": "multicoil_test_full", "val_split": "multicoil_val_select"})
+    # fastMRI's val split as the held-out test of a study selecting on another split
+    assert not says({"split": "singlecoil_val", "val_split": "singlecoil_val_select"})
     assert not says({"title": "no split named"})
 
 
@@ -332,3 +334,39 @@ def test_checkpoints_chosen_on_a_split_the_networks_trained_on_are_said_to_be():
 
     assert says({"split": "multicoil_test_full", "combine_train_val": True})
     assert not says({"split": "multicoil_test_full", "combine_train_val": False})
+
+
+def test_a_metric_that_is_not_finite_is_no_number_in_the_text():
+    nan = float("nan")
+    entries = study()
+    entries[4] = entry("kd_std/at", "kd", (nan, 39.8), "at", "std")
+    text = build_report(entries).to_markdown()
+    assert "nan" not in text.lower()
+    entries = study()
+    entries[1] = entry("teacher", "teacher", (nan, 40.2), variant="std")
+    report = build_report(entries)
+    assert report.gap_psnr is None and report.model("kd_sft/at").gap_closed is None
+    text = report.to_markdown()
+    assert "a mean is not finite, so the teacher-student gap is not defined" in text
+    assert "not below the teacher" not in text and "nan%" not in text
+
+
+def test_variants_equal_in_every_seed_are_ties_not_ahead():
+    """Per seed SFT-KD and Std-KD (and control (a)) have the same mean PSNR over other volume
+    values; pooling rounds their difference to ~1e-14 dB, which read as "ahead"."""
+    entries = []
+    for seed in range(3):
+        entries += [
+            entry("teacher", "teacher", (40.0, 40.2), variant="std", seed=seed),
+            entry("student", "student", (39.4, 39.6), variant="std", seed=seed),
+            entry("ctrl", "student", (39.6, 40.0), variant="sft", seed=seed),
+            entry("kd_std/at", "kd", (39.7, 39.9), "at", "std", seed=seed),
+            entry("kd_sft/at", "kd", (39.3, 40.3), "at", "sft", seed=seed),
+        ]
+    report = build_report(entries, {"seeds": [0, 1, 2]})
+    (row,) = report.kd_table
+    assert abs(row.diff_psnr) < 1e-9 and row.sft_wins == (0, 3)
+    text = report.to_markdown()
+    assert "above Std-KD's for 0 of 1 method(s)" in text
+    assert "SFT-KD is above control (a) for 0 of 1" in text
+    assert "not above control (a) for AT (in every seed: there its result comes from" in text
