@@ -453,11 +453,12 @@ def _say_if_finished(last: Path, max_epochs: int) -> bool:
             if _IN_STUDY.get()
             else " (raise --max-epochs to train on, or --resume false to start over)"
         )
-        print(
-            f"{last.parent.parent}: this run has already trained {trained} epochs "
-            f"(max_epochs={max_epochs}); nothing to train{hint}",
-            flush=True,
-        )
+        if rank_zero_only.rank == 0:  # under DDP every rank reaches here; one says it
+            print(
+                f"{last.parent.parent}: this run has already trained {trained} epochs "
+                f"(max_epochs={max_epochs}); nothing to train{hint}",
+                flush=True,
+            )
         return True
     return False
 

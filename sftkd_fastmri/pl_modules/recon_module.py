@@ -15,9 +15,13 @@ Deviations from ``MriModule`` (all towards exactness):
 * across DDP ranks the per-slice values are gathered and merged before the per-volume
   aggregation, so a volume split over ranks (Lightning's default ``DistributedSampler``) or a
   slice duplicated by sampler padding still counts once, exactly as in one process;
-* ``validation_loss`` is weighted by batch size (``MriModule`` averages batch means); a
-  whole batch repeated by sampler padding counts once, a slice repeated inside another batch
-  (Lightning's ``DistributedSampler`` padding) twice, as in ``MriModule``;
+* ``validation_loss`` is the mean over slices (``MriModule`` averages batch means), each
+  slice counted once: this package's modules hand :meth:`accumulate_loss` the loss of every
+  slice, so one repeated by sampler padding (Lightning's ``DistributedSampler``, fastMRI's
+  ``VolumeSampler``), alone or inside another batch, counts once, and the value, which picks
+  the best checkpoint, is the same on any number of devices. Modules that give a batch's
+  mean alone (fastMRI's, through :class:`Lightning2MriMixin`) count a repeated whole batch
+  once and a slice repeated inside another batch twice, as in ``MriModule``;
 * images are logged for evenly spaced, fixed validation batches (not random ones) and only
   when a TensorBoard logger is attached.
 """
@@ -153,20 +157,41 @@ class FastMRIMetricsMixin:
         fnames: Optional[Sequence[str]] = None,
         slice_nums: Optional[Union[Tensor, Sequence[int]]] = None,
     ) -> None:
-        """Add a batch's mean validation loss (weighted by its size).
+        """Add a batch's validation loss: its mean (weighted by its size), or the ``(B,)``
+        losses of its slices (:meth:`per_slice_loss`).
 
-        With the batch's ``fnames`` and ``slice_nums``, a batch seen again (on this rank or
-        another: the whole batches :class:`~sftkd_fastmri.data.ShapeBatchSampler` repeats so
-        that DDP ranks run equal steps) counts once."""
+        With the batch's ``fnames`` and ``slice_nums``, a slice seen again (on this rank or
+        another: DDP samplers pad the ranks with repeated slices) counts once when the
+        losses are per slice; a batch mean seen again counts once as a whole batch (the
+        whole batches :class:`~sftkd_fastmri.data.ShapeBatchSampler` repeats)."""
         state = self._fm_state()["val"]
-        value = float(loss.detach()) * batch_size
+        loss = loss.detach()
         if fnames is None or slice_nums is None:
-            state["loss_sum"] += value
+            state["loss_sum"] += float(loss.sum()) if loss.ndim else float(loss) * batch_size
             state["loss_count"] += batch_size
             return
         numbers = slice_nums.tolist() if isinstance(slice_nums, Tensor) else list(slice_nums)
-        key = tuple(zip(map(str, fnames), map(int, numbers)))
-        state["loss_batches"].setdefault(key, (value, batch_size))
+        slices = list(zip(map(str, fnames), map(int, numbers)))
+        batches = state["loss_batches"]
+        if loss.ndim == 1 and loss.numel() == len(slices) == batch_size:
+            for slice_key, value in zip(slices, loss.float().tolist()):
+                batches.setdefault((slice_key,), (value, 1))
+            return
+        batches.setdefault(tuple(slices), (float(loss) * batch_size, batch_size))
+
+    def per_slice_loss(self, output: Tensor, target: Tensor, data_range: Tensor) -> Tensor:
+        """``(B,)`` the reconstruction loss of each slice alone: their mean is the batch's
+        loss (every loss is a mean over its elements, and a batch's slices share one shape),
+        and :meth:`accumulate_loss` counts each slice once."""
+        if output.shape[0] == 1:
+            return self.loss_fn(output, target, data_range).reshape(1)
+        ranges = data_range.reshape(-1)
+        return torch.stack(
+            [
+                self.loss_fn(output[i : i + 1], target[i : i + 1], ranges[i : i + 1])
+                for i in range(output.shape[0])
+            ]
+        )
 
     def add_reconstructions(
         self,
@@ -379,8 +404,9 @@ class ReconModule(FastMRIMetricsMixin, pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         output = self.reconstruct(batch)
-        loss = self.loss_fn(output, batch.target, self.data_range(batch))
-        self.accumulate_loss(loss, output.shape[0], batch.fname, batch.slice_num)
+        losses = self.per_slice_loss(output, batch.target, self.data_range(batch))
+        self.accumulate_loss(losses, output.shape[0], batch.fname, batch.slice_num)
+        loss = losses.mean()
         self.update_metrics("", output, batch)
         self.log_val_images(
             batch_idx, self.unnormalise(output, batch), self.unnormalise(batch.target, batch)

@@ -403,8 +403,9 @@ class SFTModule(ReconModule):
         batch_size = teacher.shape[0]
         # validation_loss is the teacher's own reconstruction loss: the value the checkpoint
         # monitor compares, so "best" means the best teacher, as for a plain DCCNNModule.
-        loss = self.loss_fn(teacher, batch.target, self.data_range(batch))
-        self.accumulate_loss(loss, batch_size, batch.fname, batch.slice_num)
+        losses = self.per_slice_loss(teacher, batch.target, self.data_range(batch))
+        self.accumulate_loss(losses, batch_size, batch.fname, batch.slice_num)
+        loss = losses.mean()
         self.update_metrics("", teacher, batch)
         self.log_val_images(
             batch_idx, self.unnormalise(teacher, batch), self.unnormalise(batch.target, batch)
