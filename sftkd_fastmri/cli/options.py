@@ -321,6 +321,18 @@ GROUPS: Dict[str, List[Option]] = {
             _bool,
         ),
         _O(
+            "strategy",
+            "auto",
+            "Lightning strategy, e.g. ddp (auto: ddp on several devices)",
+            text_value,
+        ),
+        _O(
+            "num_nodes",
+            1,
+            "machines of a multi-node DDP run (with --devices per machine)",
+            positive_int,
+        ),
+        _O(
             "logger",
             "csv",
             "csv, tensorboard (needs the tensorboard package) or none",

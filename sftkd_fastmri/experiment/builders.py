@@ -279,6 +279,8 @@ def build_trainer(
         max_epochs=cfg["max_epochs"],
         accelerator=cfg["accelerator"],
         devices=cfg["devices"],
+        strategy=cfg.get("strategy") or "auto",
+        num_nodes=cfg.get("num_nodes") or 1,
         precision=cfg["precision"],
         limit_train_batches=batch_limit(cfg["limit_train_batches"]),
         limit_val_batches=batch_limit(cfg["limit_val_batches"]),

@@ -570,6 +570,20 @@ def test_a_setting_lightning_refuses_is_one_error_line(tiny_demo, tmp_path, caps
     assert main([*args, "--accelerator", "gpu", "--out-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "gpu" in err.lower() and "Traceback" not in err
+    assert main([*args, "--strategy", "nope", "--out-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nope" in err and "Traceback" not in err
+
+
+def test_strategy_and_nodes_reach_the_trainer(tiny_demo, tmp_path):
+    from sftkd_fastmri.cli.options import resolve
+    from sftkd_fastmri.experiment.builders import build_trainer
+
+    groups = ("data", "optim", "trainer", "runtime")
+    cfg = resolve(groups, {"strategy": "ddp", "num_nodes": 1, "accelerator": "cpu"}, {})
+    cfg.update(data_path=str(tiny_demo), progress=False)
+    trainer = build_trainer(cfg, out_dir=tmp_path)
+    assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.num_nodes == 1
 
 
 def test_config_values_are_checked_like_flags(tiny_demo, tmp_path, capsys):
