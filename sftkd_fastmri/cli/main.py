@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar while copying")
 
-    p = command("train", cmd_train, "train a DC-CNN preset (teacher or student, no KD)")
+    p = command(
+        "train", cmd_train, "train a preset, a DC-CNN or varnet (teacher or student, no KD)"
+    )
     _add_config(p)
     add_options(p, ("model",) + TRAIN_GROUPS)
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .._io import save_reconstructions_atomic
 from .._precision import check_precision
 from ..data.transforms import model_inputs
+from ..models.varnet import low_frequency_kwargs
 from .metrics import VolumeMetrics, volume_metrics
 
 __all__ = ["EvaluationResult", "evaluate_model", "model_inputs", "reconstruct_batch"]
@@ -30,7 +31,10 @@ __all__ = ["EvaluationResult", "evaluate_model", "model_inputs", "reconstruct_ba
 def reconstruct_batch(model: nn.Module, batch, device: Union[str, torch.device]) -> Tensor:
     """Normalised magnitude reconstructions ``(B, h, w)`` cropped to the batch's crop size."""
     kspace, mask, sens = model_inputs(batch)
-    out = model(kspace.to(device), mask.to(device), None if sens is None else sens.to(device))
+    low = low_frequency_kwargs(model, getattr(batch, "num_low_frequencies", None))
+    out = model(
+        kspace.to(device), mask.to(device), None if sens is None else sens.to(device), **low
+    )
     h, w = (int(batch.crop_size[0][0]), int(batch.crop_size[1][0]))
     return center_crop(out, (min(h, out.shape[-2]), min(w, out.shape[-1])))
 

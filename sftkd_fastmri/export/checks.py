@@ -156,9 +156,17 @@ def _error_text(err: BaseException) -> str:
     parts, seen = [], set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        parts.append(f"{type(err).__name__}: {err}")
+        parts.append(f"{type(err).__name__}: {_plain(str(err))}")
         err = err.__cause__ or err.__context__
     return "\n".join(parts)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (torch's exporters colour their messages)."""
+    return _ANSI.sub("", text)
 
 
 def _unsupported_op(text: str) -> Optional[str]:
@@ -176,5 +184,5 @@ def _unsupported_op(text: str) -> Optional[str]:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line.strip() for line in _plain(str(err)).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")

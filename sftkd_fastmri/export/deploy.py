@@ -406,8 +406,8 @@ def _export_torchscript(
 ) -> None:
     wrapper = _wrap(model, coils)
     inputs = _example_inputs(shape, coils)
-    module, method, script_error = _script_or_trace(wrapper, inputs)
-    module = _guarded(module, coils)
+    inner, method, script_error = _script_or_trace(wrapper, inputs)
+    module = _guarded(inner, coils)
     expected = _forward(wrapper, inputs)
     _check_close(_forward(module, inputs), expected, TORCHSCRIPT_ATOL, f"TorchScript ({method})")
     _check_other_mask(module, wrapper, shape, coils, f"TorchScript ({method})")
@@ -425,6 +425,9 @@ def _export_torchscript(
             "Export again with example_shape set to the size you deploy at.",
             stacklevel=3,
         )
+        # ... and refuses other sizes when run, rather than return a wrong image
+        module = _guarded(inner, coils, fixed=list(inputs[0].shape[:4]))
+        _check_close(_forward(module, inputs), expected, TORCHSCRIPT_ATOL, "TorchScript")
     meta = {
         **meta,
         "format": "torchscript",

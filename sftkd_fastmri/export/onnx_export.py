@@ -157,7 +157,8 @@ def _onnx_failure(err: BaseException, dynamo: bool, opset: Optional[int]) -> Exp
     op = _unsupported_op(text)
     suggestion = (
         "Use format='torchscript' (sftkd-fastmri export CKPT --format torchscript) to deploy "
-        "the network with its FFTs."
+        "the network with its FFTs (refused too where the network reads its mask "
+        "data-dependently, as fastMRI's VarNet does: then format='state_dict')."
     )
     if not dynamo:
         return ExportError(

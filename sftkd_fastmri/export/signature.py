@@ -52,6 +52,21 @@ def _check_layout(masked_kspace: Tensor, mask: Tensor) -> None:
         )
 
 
+def _check_fixed(masked_kspace: Tensor, fixed: List[int]) -> None:
+    """An export that reproduces the network at its traced sizes only (``fixed``: batch,
+    coils, H, W; empty: any) refuses others rather than return a wrong image."""
+    if len(fixed) == 0:
+        return
+    got = [masked_kspace.size(0), masked_kspace.size(1), masked_kspace.size(2)]
+    got.append(masked_kspace.size(3))
+    if got != fixed:
+        raise ValueError(
+            "this export reproduces the network only for masked_kspace of (B, coils, H, W) = "
+            f"{fixed} (a trace froze sizes the network computes from its input), got {got}: export "
+            "again with --shape H W and --coils N for the inputs you deploy"
+        )
+
+
 def _batch_mask(masked_kspace: Tensor, mask: Tensor) -> Tensor:
     """A boolean mask per slice: one mask for the whole batch (batch 1) repeated, as the eager
     network broadcasts it (a torch.export program's batch dimension takes no broadcast)."""
@@ -63,12 +78,17 @@ class _SingleCoilGuard(nn.Module):
     trace keeps no Python checks, and would otherwise reconstruct multi-coil k-space from
     its first coil without a word."""
 
-    def __init__(self, inner: nn.Module):
+    # a real type, not this module's postponed annotation string, for TorchScript
+    __annotations__ = {"fixed": List[int]}
+
+    def __init__(self, inner: nn.Module, fixed: Optional[List[int]] = None):
         super().__init__()
         self.inner = inner
+        self.fixed = list(fixed or [])
 
     def forward(self, masked_kspace: Tensor, mask: Tensor) -> Tensor:
         _check_layout(masked_kspace, mask)
+        _check_fixed(masked_kspace, self.fixed)
         if masked_kspace.size(1) != 1:
             raise ValueError(
                 "this export is single-coil (inputs masked_kspace, mask) but masked_kspace "
@@ -82,14 +102,19 @@ class _SingleCoilGuard(nn.Module):
 class _MultiCoilGuard(nn.Module):
     """Checks a multi-coil export's inputs (see :class:`_SingleCoilGuard`)."""
 
-    def __init__(self, inner: nn.Module):
+    # a real type, not this module's postponed annotation string, for TorchScript
+    __annotations__ = {"fixed": List[int]}
+
+    def __init__(self, inner: nn.Module, fixed: Optional[List[int]] = None):
         super().__init__()
         self.inner = inner
+        self.fixed = list(fixed or [])
 
     def forward(
         self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor] = None
     ) -> Tensor:
         _check_layout(masked_kspace, mask)
+        _check_fixed(masked_kspace, self.fixed)
         if sens_maps is None:
             raise ValueError(
                 "this export is multi-coil (inputs masked_kspace, mask, sens_maps): pass the "
@@ -103,9 +128,12 @@ class _MultiCoilGuard(nn.Module):
         return self.inner(masked_kspace, _batch_mask(masked_kspace, mask), sens_maps)
 
 
-def _guarded(module: nn.Module, coils: int) -> torch.jit.ScriptModule:
-    """``module`` (scripted or traced) behind a scripted check of its inputs."""
-    guard = _SingleCoilGuard(module) if coils == 1 else _MultiCoilGuard(module)
+def _guarded(
+    module: nn.Module, coils: int, fixed: Optional[List[int]] = None
+) -> torch.jit.ScriptModule:
+    """``module`` (scripted or traced) behind a scripted check of its inputs (with ``fixed``,
+    ``[B, coils, H, W]``, of exactly those sizes)."""
+    guard = _SingleCoilGuard(module, fixed) if coils == 1 else _MultiCoilGuard(module, fixed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export
         return torch.jit.script(guard)

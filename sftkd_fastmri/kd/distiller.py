@@ -31,6 +31,7 @@ Learned KD parameters (FitNet's 1x1 regressors) are parameters of the Distiller 
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -376,7 +377,7 @@ class Distiller(nn.Module):
         self._clear_summaries()
         with torch.no_grad(), self._teacher_capture.recording():
             try:
-                output = self.teacher(*call.args, **call.kwargs)
+                output = self.teacher(*call.args, **_kwargs_for(self.teacher, call.kwargs))
             except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
                 if self._teacher_ran or isinstance(err, _OUT_OF_MEMORY):
                     raise
@@ -511,3 +512,18 @@ def _describe_arg(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"tensor {tuple(value.shape)}"
     return repr(value) if value is None or isinstance(value, (int, float)) else type(value).__name__
+
+
+def _kwargs_for(teacher: nn.Module, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The student's keyword arguments for the teacher, without ``num_low_frequencies``
+    where the teacher's forward has no such parameter: a VarNet student gets the batch's
+    count of centre columns, a DC-CNN teacher has no use for it."""
+    if "num_low_frequencies" not in kwargs:
+        return kwargs
+    try:
+        parameters = inspect.signature(teacher.forward).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.name == "num_low_frequencies" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "num_low_frequencies"}

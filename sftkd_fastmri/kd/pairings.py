@@ -121,7 +121,9 @@ def default_pairings(loss: str, student: nn.Module, teacher: nn.Module) -> Pairi
             f"{type(student).__name__} and teacher {type(teacher).__name__} (defaults exist for "
             "DC-CNN pairs, and 'imitation' for any model); pass "
             f"layers={{{loss!r}: [(student_layer, teacher_layer), ...]}} with names from "
-            "model.named_modules()"
+            "model.named_modules() (on the command line: --layers "
+            f'\'{{"{loss}": [["student_layer", "teacher_layer"]]}}\', or the layers key '
+            "of a config)"
         )
     (n_s, d_s), (n_t, d_t) = s_struct, t_struct
     tmap = cascade_map(n_s, n_t)

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 
 from .dccnn import check_inputs
 
-__all__ = ["CascadedVarNet", "batch_low_frequencies", "check_varnet_inputs"]
+__all__ = [
+    "CascadedVarNet",
+    "batch_low_frequencies",
+    "check_varnet_inputs",
+    "low_frequency_kwargs",
+]
 
 #: ``config["architecture"]`` of a :class:`CascadedVarNet` (DC-CNN configs have none).
 VARNET_ARCHITECTURE = "cascaded_varnet"
@@ -308,3 +313,15 @@ def batch_low_frequencies(value: Optional[Union[Tensor, int]]) -> Optional[int]:
             "batch size 1 or one centre fraction"
         )
     return int(values[0])
+
+
+def low_frequency_kwargs(model: nn.Module, num_low_frequencies: Any) -> Dict[str, Any]:
+    """``num_low_frequencies`` as a keyword for a model that takes it (a VarNet), else
+    nothing. Every caller that runs a network on a batch passes the batch's value through
+    this, so a VarNet sees the data transform's count of centre columns in training,
+    validation, SFT, distillation and evaluation alike, as fastMRI's ``VarNetModule`` gives
+    it (found from the mask instead, the count differs where the mask function's is odd or
+    random columns touch the centre)."""
+    if num_low_frequencies is None or not getattr(model, "takes_num_low_frequencies", False):
+        return {}
+    return {"num_low_frequencies": num_low_frequencies}

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Union
 from torch import Tensor
 
 from ..models import DCCNN, create_model, init_from_checkpoint
+from ..models.varnet import low_frequency_kwargs
 from .recon_module import ReconModule, crop_to_target, model_inputs
 
 __all__ = ["DCCNNModule"]
@@ -86,17 +87,29 @@ class DCCNNModule(ReconModule):
         """Load the weights of ``path`` into :attr:`model`, strictly (see class docstring)."""
         init_from_checkpoint(self.model, path, role=prefix or "auto")
 
-    def forward(self, masked_kspace: Tensor, mask: Tensor, sens_maps: Optional[Tensor]) -> Tensor:
+    def forward(
+        self,
+        masked_kspace: Tensor,
+        mask: Tensor,
+        sens_maps: Optional[Tensor],
+        num_low_frequencies: Any = None,
+    ) -> Tensor:
         """Args:
             masked_kspace: ``(B, coils, H, W, 2)`` normalised acquired k-space.
             mask: ``(B, 1, 1, W, 1)`` sampling mask.
             sens_maps: ``(B, coils, H, W, 2)``, or ``None`` for single-coil data.
+            num_low_frequencies: the batch's fully sampled centre columns, for a network
+                that takes them (a VarNet, as fastMRI's ``VarNetModule`` passes them);
+                ignored by a DC-CNN.
 
         Returns:
             ``(B, H, W)`` magnitude image (uncropped).
         """
-        return self.model(masked_kspace, mask, sens_maps)
+        return self.model(
+            masked_kspace, mask, sens_maps, **low_frequency_kwargs(self.model, num_low_frequencies)
+        )
 
     def reconstruct(self, batch: Any) -> Tensor:
         """``(B, h, w)`` normalised magnitude, cropped to the target size."""
-        return crop_to_target(self(*model_inputs(batch)), batch)
+        low = getattr(batch, "num_low_frequencies", None)
+        return crop_to_target(self(*model_inputs(batch), low), batch)

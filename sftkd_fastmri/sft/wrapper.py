@@ -11,12 +11,13 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..models.dccnn import check_inputs
+from ..models.varnet import low_frequency_kwargs
 from .protocol import check_cascade_model
 
 __all__ = ["SFTOutput", "SFTStates", "StudentFriendlyTeacher"]
@@ -300,10 +301,3 @@ def _tile(tensor: Optional[Tensor], reps: int, batch: int) -> Optional[Tensor]:
     if tensor is None or tensor.ndim != 5 or tensor.shape[0] != batch:
         return tensor
     return tensor.repeat(reps, *([1] * (tensor.ndim - 1)))
-
-
-def low_frequency_kwargs(model: nn.Module, num_low_frequencies: Any) -> Dict[str, Any]:
-    """``num_low_frequencies`` as a keyword for a model that takes it, else nothing."""
-    if num_low_frequencies is None or not getattr(model, "takes_num_low_frequencies", False):
-        return {}
-    return {"num_low_frequencies": num_low_frequencies}

@@ -490,3 +490,49 @@ def test_a_float64_network_is_exported_as_a_float32_copy(tmp_path):
     with torch.no_grad():
         got = module(*inputs)
     torch.testing.assert_close(got, _eager(model.float(), inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_exporter_errors_are_plain_text_and_name_the_export_that_works_for_a_varnet():
+    from sftkd_fastmri.export.checks import _error_text, _first_line
+    from sftkd_fastmri.export.onnx_export import _onnx_failure
+
+    coloured = RuntimeError("\x1b[96mThis is step 1/3\x1b[0m of exporting: it failed")
+    assert _first_line(coloured) == "RuntimeError: This is step 1/3 of exporting: it failed"
+    assert "\x1b" not in _error_text(ValueError("outer")) + _error_text(coloured)
+    message = str(_onnx_failure(coloured, dynamo=True, opset=None))
+    assert "\x1b" not in message and "format='state_dict'" in message
+
+
+def test_a_torchscript_export_bound_to_its_traced_size_refuses_other_sizes(tmp_path):
+    """A traced VarNet (its U-Nets pad to multiples of 16, sizes a trace freezes) reproduces
+    the network only at the traced size: it returned a wrong image at 80 x 56 without a
+    word, although its metadata said so."""
+    import warnings
+
+    from sftkd_fastmri.export.deploy import export_model, load_torchscript_export
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    small = dict(num_cascades=1, chans=4, pools=2, sens_chans=2, sens_pools=1)
+    net = create_model("varnet", use_given_sens_maps=True, **small).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_model(
+            net, tmp_path / "v.ts", format="torchscript", example_shape=(64, 48), coils=4
+        )
+    module, meta = load_torchscript_export(path)
+    assert meta["dynamic_shapes"] is False and meta["method"] == "trace"
+
+    def inputs(h, w):
+        mask = torch.zeros(1, 1, 1, w, 1, dtype=torch.bool)
+        mask[..., ::3, :] = True
+        mask[..., w // 2 - 3 : w // 2 + 3, :] = True
+        return torch.randn(1, 4, h, w, 2) * mask, mask, torch.randn(1, 4, h, w, 2)
+
+    kspace, mask, sens = inputs(64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(module(kspace, mask, sens), net(kspace, mask.float(), sens))
+        kspace, mask, sens = inputs(80, 56)
+        assert not torch.allclose(net(kspace, mask.float(), sens), module.inner(kspace, mask, sens))
+        with pytest.raises(Exception, match=r"only for masked_kspace of .* \[1, 4, 64, 48\]"):
+            module(kspace, mask, sens)

@@ -89,6 +89,36 @@ def test_a_teacher_that_cannot_take_the_students_inputs_is_explained():
                 distiller()
 
 
+def test_a_dccnn_teacher_is_not_handed_a_varnet_students_centre_columns():
+    """A VarNet student gets the batch's centre-column count as a keyword; a DC-CNN teacher,
+    which has no such parameter, runs on the other arguments (a teacher that takes it gets
+    it)."""
+    teacher = create_model("dccnn_d5c5", chans=4, num_cascades=1)
+    kspace, mask = _inputs(2)
+    seen = {}
+
+    class VarNetLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, kspace, mask, sens_maps=None, num_low_frequencies=None):
+            seen["low"] = num_low_frequencies
+            return torch.view_as_complex(kspace[:, 0].contiguous()).abs() * self.scale
+
+    layers = {"imitation": [["", ""]]}
+    low = torch.tensor([3, 3])
+    for other in (teacher, VarNetLike()):
+        student = VarNetLike()
+        with Distiller(student, other, {"imitation": 1.0}, layers=layers) as distiller:
+            with distiller.step():
+                student(kspace, mask, None, num_low_frequencies=low)
+                seen.clear()
+                assert torch.isfinite(distiller().total)
+        # the DC-CNN ran without it (it would raise on the keyword); a VarNet teacher gets it
+        assert seen.get("low") is (None if other is teacher else low)
+
+
 def test_check_distillation_runs_a_step_on_copies():
     teacher = create_model("dccnn_d5c5", chans=8)
     student = create_model("dccnn_d3c5", chans=4)

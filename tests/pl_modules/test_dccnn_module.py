@@ -203,3 +203,30 @@ def test_ddp_metrics_and_reconstructions_match_single_process(trained, demo_root
             h5py.File(tmp_path / "ddp" / "reconstructions" / path.name) as b,
         ):
             np.testing.assert_allclose(b["reconstruction"][()], a["reconstruction"][()], rtol=1e-5)
+
+
+def test_a_varnet_sees_the_batchs_centre_columns_in_every_stage(demo_root):
+    """fastMRI's VarNetModule (and SFTModule) hand a VarNet the data transform's count of
+    centre columns; train, distill and evaluate called it without, so fastMRI's VarNet found
+    another count from the mask (its symmetric count is even: 5 centre columns read as 4 or
+    more) and the SFT teacher was scored on other inputs than it was selected on."""
+    from sftkd_fastmri.evaluation.evaluate import reconstruct_batch
+    from sftkd_fastmri.pl_modules import SFTModule
+    from sftkd_fastmri.pl_modules.recon_module import crop_to_target
+
+    small = dict(num_cascades=2, chans=4, pools=1, sens_chans=2, sens_pools=1)
+    data = FastMRIDataModule(demo_root, "multicoil", batch_size=2, center_fractions=[0.08])
+    batch = next(iter(data.val_dataloader()))
+    assert batch.num_low_frequencies.tolist() == [5, 5]  # round(0.08 x 64): odd
+    torch.manual_seed(0)
+    module = DCCNNModule("varnet", model_overrides=small).eval()
+    net = module.model
+    inputs = (batch.masked_kspace, batch.mask, batch.sens_maps)
+    with torch.no_grad():
+        given = crop_to_target(net(*inputs, num_low_frequencies=batch.num_low_frequencies), batch)
+        found = crop_to_target(net(*inputs), batch)
+        assert not torch.allclose(given, found)  # the two conventions differ on this batch
+        torch.testing.assert_close(module.reconstruct(batch), given)
+        torch.testing.assert_close(reconstruct_batch(net, batch, "cpu"), given, rtol=0, atol=0)
+        sft = SFTModule(teacher=net, student=DCCNNModule("varnet", model_overrides=small).model)
+        torch.testing.assert_close(sft.eval().reconstruct(batch), given)
