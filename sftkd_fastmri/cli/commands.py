@@ -24,7 +24,33 @@ def _cfg(args: argparse.Namespace, groups, extra=(), config: Optional[Dict] = No
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     if config is None:
         config = load_config(args.config)
-    return resolve(groups, config, flags, extra_keys=extra, source=args.config or "config")
+    cfg = resolve(groups, config, flags, extra_keys=extra, source=args.config or "config")
+    return _precision_that_runs(cfg)
+
+
+def _precision_that_runs(cfg: Dict) -> Dict:
+    """``cfg`` with the precision Lightning will run: on a CPU it runs ``16-mixed`` as
+    ``bf16-mixed`` (no float16 autocast there), which the run record must say, so that the
+    run resumes under the name of what ran, and resuming it in float16 on a GPU is refused
+    rather than switch arithmetic mid-run."""
+    import torch
+
+    from .._precision import canonical_precision
+
+    precision = cfg.get("precision")
+    if precision is None or canonical_precision(precision) != "16-mixed":
+        return cfg
+    accelerator = str(cfg.get("accelerator") or "auto")
+    mps = getattr(torch.backends, "mps", None)
+    gpu = torch.cuda.is_available() or (mps is not None and mps.is_available())
+    if accelerator != "cpu" and (accelerator != "auto" or gpu):
+        return cfg
+    warnings.warn(
+        "precision 16-mixed runs as bf16-mixed on a CPU (no float16 autocast there); "
+        "the run uses and records bf16-mixed",
+        stacklevel=2,
+    )
+    return {**cfg, "precision": "bf16-mixed"}
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import warnings
@@ -389,6 +390,28 @@ def _own_warnings_as_lines() -> Iterator[None]:
         warnings.showwarning = default
 
 
+def _stopped_by_sigterm() -> int:
+    print(
+        "error: stopped by SIGTERM; the same command resumes the run from its last "
+        "finished epoch (checkpoints/last.ckpt)",
+        file=sys.stderr,
+    )
+    return 128 + int(signal.SIGTERM)
+
+
+def _workers_terminated(err: BaseException) -> bool:
+    """Whether ``err`` is PyTorch's report of DataLoader workers killed by SIGTERM."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, RuntimeError) and re.search(
+            r"DataLoader worker \(pids?[^)]*\) (is|are) killed by signal: Terminated", str(err)
+        ):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -408,12 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return args.func(args)
     except SystemExit as stop:
         if type(stop).__name__ == "SIGTERMException":  # Lightning's, with no exit status
-            print(
-                "error: stopped by SIGTERM; the same command resumes the run from its last "
-                "finished epoch (checkpoints/last.ckpt)",
-                file=sys.stderr,
-            )
-            return 128 + int(signal.SIGTERM)
+            return _stopped_by_sigterm()
         if isinstance(stop.code, str) and stop.code.startswith("error:"):
             print(stop.code, file=sys.stderr)  # a config file's error: exit status 2 too
             return 2
@@ -426,6 +444,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.close(devnull)
         return 128 + int(getattr(signal, "SIGPIPE", 13))
     except Exception as err:
+        if _workers_terminated(err):
+            # SIGTERM to the whole process group (a scheduler's cancel or preemption): the
+            # DataLoader workers die before Lightning stops the run at a batch boundary
+            return _stopped_by_sigterm()
         if not _is_input_error(err):
             raise
         # Bad input (missing files, wrong keys, mismatched checkpoints): say what, not a trace.

@@ -871,10 +871,14 @@ def test_a_finished_run_that_trains_on_is_no_longer_finished(
     assert (out / "model.pt").is_file() and (out / "model.backup.pt").read_text() == "the user's"
 
 
-def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path):
+@pytest.mark.parametrize("group", [False, True])
+def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path, group):
     """Lightning stops on SIGTERM with a SystemExit carrying no status, so the command used
     to exit 0 as if it had finished: schedulers and scripts must see 143 (a real signal to a
-    real process here), and the run keeps its last finished epoch to resume from."""
+    real process here), and the run keeps its last finished epoch to resume from. A signal to
+    the whole process group (a scheduler's cancel) also kills the DataLoader workers, whose
+    death ended the command with a traceback and status 1."""
+    import os
     import signal
     import subprocess
     import sys
@@ -884,18 +888,27 @@ def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path):
     argv = [sys.executable, "-m", "sftkd_fastmri.cli.main", "train", *_common(tiny_demo),
             "--model", "dccnn_d3c5", "--model-overrides", "chans=4", "--max-epochs", "500",
             "--out-dir", str(out)]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if group:
+        argv += ["--num-workers", "1", "--persistent-workers", "true"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoints" / "last.ckpt").is_file():
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "no epoch finished in 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            time.sleep(0.5)  # into the next epoch, its worker running
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
     assert "error: stopped by SIGTERM" in err
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "done.json").exists()
 
@@ -933,3 +946,22 @@ def test_command_summaries_are_printed_by_rank_zero_only(monkeypatch, capsys):
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     _print_once("best checkpoint: x")
     assert capsys.readouterr().out == "best checkpoint: x\n"
+
+
+def test_16_mixed_on_a_cpu_is_run_and_recorded_as_bf16_mixed(tiny_demo, tmp_path, capsys):
+    """Lightning runs 16-mixed as bf16-mixed on a CPU; the run record said 16-mixed, so the
+    run could not be resumed as what ran, and a GPU resume would switch to float16."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["train", *_common(tiny_demo), "--model", "dccnn_d3c5", "--model-overrides"]
+    argv += ["chans=4", "--out-dir", str(out), "--precision", "16-mixed"]
+    assert main(argv) == 0
+    assert "16-mixed runs as bf16-mixed on a CPU" in capsys.readouterr().err
+    assert json.loads((out / "run_config.json").read_text())["precision"] == "bf16-mixed"
+    resumed = [*argv[:-1], "bf16-mixed", "--max-epochs", "2"]
+    assert main(resumed) == 0  # resumes under the name of what ran
+    from sftkd_fastmri.cli.commands import _precision_that_runs
+
+    gpu = {"precision": "16-mixed", "accelerator": "gpu"}
+    assert _precision_that_runs(gpu) is gpu
