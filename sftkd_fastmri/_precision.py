@@ -3,7 +3,12 @@ place that refuses them: the command line, the Lightning modules, the evaluation
 
 from __future__ import annotations
 
-__all__ = ["HALF_TRUE_PRECISIONS", "canonical_precision", "check_precision"]
+__all__ = [
+    "HALF_TRUE_PRECISIONS",
+    "canonical_precision",
+    "check_precision",
+    "precision_that_runs",
+]
 
 #: Lightning precisions that cast the whole model to 16 bits: the data-consistency layers'
 #: complex FFTs have no half or bfloat16 kernels on the CPU, and no bfloat16 complex dtype.
@@ -30,3 +35,18 @@ def canonical_precision(name: object) -> str:
     """Lightning's name of a precision setting (``32`` and ``32-true`` are one setting)."""
     text = str(name)
     return _ALIASES.get(text, text)
+
+
+def precision_that_runs(name: object, accelerator: object = "auto") -> str:
+    """The precision Lightning runs for ``name`` on ``accelerator`` (canonical): on a CPU,
+    ``16-mixed`` runs as ``bf16-mixed`` (there is no float16 autocast there)."""
+    precision = canonical_precision(name)
+    if precision != "16-mixed":
+        return precision
+    import torch
+
+    accelerator = str(accelerator or "auto")
+    mps = getattr(torch.backends, "mps", None)
+    gpu = torch.cuda.is_available() or (mps is not None and mps.is_available())
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu)
+    return "bf16-mixed" if on_cpu else precision

@@ -33,24 +33,20 @@ def _precision_that_runs(cfg: Dict) -> Dict:
     ``bf16-mixed`` (no float16 autocast there), which the run record must say, so that the
     run resumes under the name of what ran, and resuming it in float16 on a GPU is refused
     rather than switch arithmetic mid-run."""
-    import torch
-
-    from .._precision import canonical_precision
+    from .._precision import canonical_precision, precision_that_runs
 
     precision = cfg.get("precision")
-    if precision is None or canonical_precision(precision) != "16-mixed":
+    if precision is None:
         return cfg
-    accelerator = str(cfg.get("accelerator") or "auto")
-    mps = getattr(torch.backends, "mps", None)
-    gpu = torch.cuda.is_available() or (mps is not None and mps.is_available())
-    if accelerator != "cpu" and (accelerator != "auto" or gpu):
+    runs = precision_that_runs(precision, cfg.get("accelerator"))
+    if runs == canonical_precision(precision):
         return cfg
     warnings.warn(
-        "precision 16-mixed runs as bf16-mixed on a CPU (no float16 autocast there); "
-        "the run uses and records bf16-mixed",
+        f"precision {precision} runs as {runs} on a CPU (no float16 autocast there); the run "
+        f"uses and records {runs}",
         stacklevel=2,
     )
-    return {**cfg, "precision": "bf16-mixed"}
+    return {**cfg, "precision": runs}
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -187,6 +183,14 @@ _SUBSAMPLING_KEYS = (
 )
 
 
+def _given(key: str, value: Any) -> bool:
+    """Whether a training-data option is set to other than its default (``True == 1.0`` in
+    Python, so a flag and a rate are told apart by the key)."""
+    if key == "combine_train_val":
+        return bool(value)
+    return value is not None and value != 1.0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..experiment import check_scored_split, run_evaluate
     from ..experiment.builders import NoTargetsError
@@ -196,7 +200,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _evaluate_keys_from(config, args, args.config or "config")
     cfg = _cfg(args, ("data", "runtime"), extra=_EVALUATE_KEYS, config=config)
     split = args.split or cfg["test_split"]
-    subsampled = [k for k in _SUBSAMPLING_KEYS if cfg.get(k) not in (None, 1.0, False)]
+    subsampled = [k for k in _SUBSAMPLING_KEYS if _given(k, cfg.get(k))]
     if subsampled:
         warnings.warn(
             f"{' and '.join('--' + k.replace('_', '-') for k in subsampled)} selects training "

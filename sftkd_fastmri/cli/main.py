@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import re
 import signal
 import sys
 import warnings
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from .commands import (  # noqa: F401  (_print_once: tests import it from here)
     STUDENT_PRESET,
@@ -413,6 +414,25 @@ def _workers_terminated(err: BaseException) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv``; returns the exit status."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        # the DataLoader's "Exception ignored in ... __del__" tracebacks about workers that
+        # SIGTERM to the process group killed: the command says in one line it was stopped
+        if unraisable.exc_value is not None and _workers_terminated(unraisable.exc_value):
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        return _main(argv)
+    finally:
+        gc.collect()  # the stopped run's loader iterators are released under the hook
+        sys.unraisablehook = default
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

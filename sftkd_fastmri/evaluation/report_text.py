@@ -152,7 +152,7 @@ def _diff_cell(diff: Optional[float], seed_diffs: Sequence[float], seeds: int = 
     than the study has (a variant missing a seed), the cell says so: the difference of the
     means then covers seeds the ± and the count do not."""
     text = _num(diff, "+.3f")
-    if diff is not None and len(seed_diffs) >= 2:
+    if finite(diff) and len(seed_diffs) >= 2 and all(finite(d) for d in seed_diffs):
         spread = float(np.std(seed_diffs, ddof=1))
         text += f" ± {spread:.3f} ({sum(above(d) for d in seed_diffs)}/{len(seed_diffs)}"
         if len(seed_diffs) < seeds:

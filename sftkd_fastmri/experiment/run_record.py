@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .._precision import canonical_precision
+from .._precision import canonical_precision, precision_that_runs
 from ..models import CheckpointError, read_checkpoint
 
 __all__ = [
@@ -272,6 +272,11 @@ def _differs(
             return f"{key}: {then!r} holds other content than when the run started"
     if _canonical(key, then) == _canonical(key, now.get(key)):
         return None
+    if key == "precision" and then is not None and now.get(key) is not None:
+        # a run recorded before the commands named what runs: 16-mixed on a CPU ran bf16
+        ran = precision_that_runs(then, before.get("accelerator"))
+        if ran == precision_that_runs(now[key], now.get("accelerator")):
+            return None
     return f"{key}: {then!r} then, {now.get(key)!r} now"
 
 

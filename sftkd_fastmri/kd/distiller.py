@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 import torch
 from torch import Tensor, nn
 
+from ..models.checkpoint import compiled_inner
 from ..models.registry import OptionError
 from .base import KDLoss, TeacherSummary
 from .hooks import FeatureCapture, find_module
@@ -377,7 +378,9 @@ class Distiller(nn.Module):
         self._clear_summaries()
         with torch.no_grad(), self._teacher_capture.recording():
             try:
-                output = self.teacher(*call.args, **_kwargs_for(self.teacher, call.kwargs))
+                output = self.teacher(
+                    *call.args, **_kwargs_for(self.teacher, call.args, call.kwargs)
+                )
             except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
                 if self._teacher_ran or isinstance(err, _OUT_OF_MEMORY):
                     raise
@@ -514,16 +517,20 @@ def _describe_arg(value: Any) -> str:
     return repr(value) if value is None or isinstance(value, (int, float)) else type(value).__name__
 
 
-def _kwargs_for(teacher: nn.Module, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def _kwargs_for(teacher: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The student's keyword arguments for the teacher, without ``num_low_frequencies``
-    where the teacher's forward has no such parameter: a VarNet student gets the batch's
-    count of centre columns, a DC-CNN teacher has no use for it."""
+    where the teacher's forward cannot take it with the student's positional arguments: a
+    VarNet student gets the batch's count of centre columns as a keyword, which a DC-CNN
+    teacher has no parameter for, and fastMRI's own ``VarNet`` takes as its third positional
+    argument (there the student's ``sens_maps``, ``None`` for single-coil data)."""
     if "num_low_frequencies" not in kwargs:
         return kwargs
     try:
-        parameters = inspect.signature(teacher.forward).parameters.values()
+        signature = inspect.signature(compiled_inner(teacher).forward)
     except (TypeError, ValueError):
         return kwargs
-    if any(p.name == "num_low_frequencies" or p.kind is p.VAR_KEYWORD for p in parameters):
+    try:
+        signature.bind(*args, **kwargs)
         return kwargs
-    return {k: v for k, v in kwargs.items() if k != "num_low_frequencies"}
+    except TypeError:
+        return {k: v for k, v in kwargs.items() if k != "num_low_frequencies"}

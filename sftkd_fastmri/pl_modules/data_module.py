@@ -273,8 +273,12 @@ class FastMRIDataModule(pl.LightningDataModule):
             if stage == "train" and self.combine_train_val:
                 # fastMRI's combine_train_val: the validation volumes join the training set,
                 # under the training transform (one mask counter for both) and sample rates
-                val = self._read_split(self.split_folder("val"), stage, transform, True)
-                dataset.raw_samples = list(dataset.raw_samples) + list(val.raw_samples)
+                try:
+                    val = self._read_split(self.split_folder("val"), stage, transform, True)
+                    dataset.raw_samples = list(dataset.raw_samples) + list(val.raw_samples)
+                except DataError as err:
+                    if "keeps no slices" not in str(err):  # a rate of few volumes: none here
+                        raise
                 rank_zero_info(
                     f"combine_train_val: training on {folder} and {self.split_folder('val')}; "
                     "the validation metrics are then taken on training data"
@@ -332,10 +336,15 @@ class FastMRIDataModule(pl.LightningDataModule):
             try:
                 mask_func.mask_for_width(width)
             except ValueError as err:
+                where = f"the {stage} split ({self.split_folder(stage)})"
+                if stage == "train" and self.combine_train_val:
+                    where = (
+                        f"the training data ({self.split_folder('train')} and, with "
+                        f"combine_train_val, {self.split_folder('val')})"
+                    )
                 raise DataError(
-                    f"{fname}: {err}; every volume of the {stage} split "
-                    f"({self.split_folder(stage)}) must have k-space of the mask's width, "
-                    f"widths found: {sorted(first_file)}"
+                    f"{fname}: {err}; every volume of {where} must have k-space of the mask's "
+                    f"width, widths found: {sorted(first_file)}"
                 ) from None
 
     def setup(self, stage: Optional[str] = None) -> None:

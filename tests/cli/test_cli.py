@@ -785,6 +785,8 @@ def test_evaluating_a_network_of_the_other_challenge_warns(tiny_demo, tmp_path, 
     )
     assert main([*args, "--challenge", "singlecoil", "--val-sample-rate", "0.5"]) == 0
     assert "--val-sample-rate selects training or validation data" in capsys.readouterr().err
+    assert main([*args, "--challenge", "singlecoil", "--combine-train-val", "true"]) == 0
+    assert "--combine-train-val selects training or validation data" in capsys.readouterr().err
 
 
 def test_starting_over_removes_the_earlier_run_before_anything_can_resume_it(

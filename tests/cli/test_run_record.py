@@ -121,6 +121,17 @@ def test_validation_subsets_and_combined_splits_are_part_of_a_run(tmp_path):
             check_run_settings({**cfg, **defaults, key: value}, run)
 
 
+def test_a_cpu_run_recorded_as_16_mixed_resumes_as_the_bf16_mixed_it_ran(tmp_path):
+    """Lightning ran 16-mixed as bf16-mixed on a CPU while earlier versions recorded
+    16-mixed; the commands now record and pass bf16-mixed, and such a record must match."""
+    cfg = {"model": "dccnn_d3c5", "precision": "16-mixed", "accelerator": "cpu"}
+    run = tmp_path / "run"
+    _start(run, cfg)
+    check_run_settings({**cfg, "precision": "bf16-mixed"}, run)
+    with pytest.raises(ValueError, match="precision: '16-mixed' then, '32-true' now"):
+        check_run_settings({**cfg, "precision": "32-true"}, run)
+
+
 def test_records_without_digests_compare_paths(tmp_path):
     mask = tmp_path / "mask.npy"
     mask.write_bytes(b"0101")

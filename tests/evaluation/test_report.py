@@ -342,6 +342,11 @@ def test_a_metric_that_is_not_finite_is_no_number_in_the_text():
     entries[4] = entry("kd_std/at", "kd", (nan, 39.8), "at", "std")
     text = build_report(entries).to_markdown()
     assert "nan" not in text.lower()
+    seeds = []  # one seed of three not finite: no spread or count over the others
+    for seed in range(3):
+        seeds += [dict(e, seed=seed) for e in study() if e["kind"] != "baseline"]
+    seeds[3] = entry("kd_std/at", "kd", (nan, 39.8), "at", "std", seed=0)
+    assert "nan" not in build_report(seeds, {"seeds": [0, 1, 2]}).to_markdown().lower()
     entries = study()
     entries[1] = entry("teacher", "teacher", (nan, 40.2), variant="std")
     report = build_report(entries)

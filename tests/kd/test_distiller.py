@@ -117,6 +117,19 @@ def test_a_dccnn_teacher_is_not_handed_a_varnet_students_centre_columns():
                 assert torch.isfinite(distiller().total)
         # the DC-CNN ran without it (it would raise on the keyword); a VarNet teacher gets it
         assert seen.get("low") is (None if other is teacher else low)
+    # a compiled DC-CNN teacher (its wrapper's forward takes anything), and fastMRI's own
+    # VarNet, whose third positional parameter is num_low_frequencies (here the student's
+    # sens_maps, None): both run on the student's positional arguments alone
+    from fastmri.models import VarNet
+
+    raw = VarNet(num_cascades=1, chans=2, sens_chans=2, pools=1, sens_pools=1)
+    for other in (torch.compile(teacher, backend="eager"), raw):
+        student = VarNetLike()
+        with Distiller(student, other, {"imitation": 1.0}, layers=layers) as distiller:
+            with distiller.step():
+                student(kspace, mask, None, num_low_frequencies=low)
+                total = distiller().total  # the call is the point: no TypeError
+                assert total.dim() == 0 and (other is raw or torch.isfinite(total))
 
 
 def test_check_distillation_runs_a_step_on_copies():

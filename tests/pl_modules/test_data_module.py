@@ -162,6 +162,10 @@ def test_combine_train_val_trains_on_both_splits_under_one_transform(demo_root):
     assert calls > len(train)
     halved = FastMRIDataModule(demo_root, "singlecoil", combine_train_val=True, sample_rate=0.5)
     assert len(halved.dataset("train")) < 52
+    # a rate that keeps none of the validation volumes trains on the training ones it keeps
+    # (fastMRI rounds per split: 0.2 x 4 -> 1, 0.2 x 2 -> 0)
+    few = FastMRIDataModule(demo_root, "singlecoil", combine_train_val=True, volume_sample_rate=0.2)
+    assert {s[0].parent.name for s in few.dataset("train").raw_samples} == {"singlecoil_train"}
 
 
 def test_subsets_leave_pythons_random_state_alone(demo_root):
