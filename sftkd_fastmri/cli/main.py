@@ -425,10 +425,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         default(unraisable)
 
     sys.unraisablehook = hook
+    status = 1
     try:
-        return _main(argv)
+        status = _main(argv)
+        return status
     finally:
-        gc.collect()  # the stopped run's loader iterators are released under the hook
+        if status == 128 + int(signal.SIGTERM):
+            gc.collect()  # the stopped run's loader iterators are released under the hook
         sys.unraisablehook = default
 
 

@@ -255,8 +255,31 @@ def run_record(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return record
 
 
+def _precision_ran(recorded: Any, accelerator: Any, out_dir: Optional[Path]) -> str:
+    """What a run recorded with precision ``recorded`` ran: ``16-mixed`` ran as
+    ``bf16-mixed`` on a CPU (``accelerator: cpu``; with ``auto``, where its last checkpoint
+    holds no float16 gradient scaler, which Lightning saves for float16 runs only)."""
+    precision = canonical_precision(recorded)
+    if precision != "16-mixed":
+        return precision
+    if str(accelerator) == "cpu":
+        return "bf16-mixed"
+    last = None if out_dir is None else out_dir / "checkpoints" / "last.ckpt"
+    if str(accelerator or "auto") != "auto" or last is None or not last.is_file():
+        return precision
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the resume reports it; here, no evidence of bf16
+        return precision
+    return precision if checkpoint.get("MixedPrecision") else "bf16-mixed"
+
+
 def _differs(
-    key: str, before: Dict[str, Any], now: Dict[str, Any], digests: Dict[str, str]
+    key: str,
+    before: Dict[str, Any],
+    now: Dict[str, Any],
+    digests: Dict[str, str],
+    out_dir: Optional[Path] = None,
 ) -> Optional[str]:
     """``None`` when option ``key`` matches the record, else how it differs (for the message).
 
@@ -274,7 +297,7 @@ def _differs(
         return None
     if key == "precision" and then is not None and now.get(key) is not None:
         # a run recorded before the commands named what runs: 16-mixed on a CPU ran bf16
-        ran = precision_that_runs(then, before.get("accelerator"))
+        ran = _precision_ran(then, before.get("accelerator"), out_dir)
         if ran == precision_that_runs(now[key], now.get("accelerator")):
             return None
     return f"{key}: {then!r} then, {now.get(key)!r} now"
@@ -331,7 +354,8 @@ def run_differences(
     now = _jsonable(cfg)
     digests = _file_digests(cfg)
     found = {
-        k: _differs(k, before, now, digests) for k in _identity_keys(stage or recorded_stage, cfg)
+        k: _differs(k, before, now, digests, out_dir)
+        for k in _identity_keys(stage or recorded_stage, cfg)
     }
     recorded_data = before.get(_DATA_DIGEST)
     if isinstance(recorded_data, str):  # records of earlier versions have none

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import compiled_inner
 from ..models.registry import OptionError
+from ..models.varnet import batch_low_frequencies
 from .base import KDLoss, TeacherSummary
 from .hooks import FeatureCapture, find_module
 from .pairings import Pairing, layer_channels, resolve_pairings
@@ -378,9 +379,8 @@ class Distiller(nn.Module):
         self._clear_summaries()
         with torch.no_grad(), self._teacher_capture.recording():
             try:
-                output = self.teacher(
-                    *call.args, **_kwargs_for(self.teacher, call.args, call.kwargs)
-                )
+                args, kwargs = _teacher_call(self.teacher, call.args, call.kwargs)
+                output = self.teacher(*args, **kwargs)
             except (ValueError, TypeError, AttributeError, IndexError, RuntimeError) as err:
                 if self._teacher_ran or isinstance(err, _OUT_OF_MEMORY):
                     raise
@@ -517,20 +517,36 @@ def _describe_arg(value: Any) -> str:
     return repr(value) if value is None or isinstance(value, (int, float)) else type(value).__name__
 
 
-def _kwargs_for(teacher: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """The student's keyword arguments for the teacher, without ``num_low_frequencies``
-    where the teacher's forward cannot take it with the student's positional arguments: a
-    VarNet student gets the batch's count of centre columns as a keyword, which a DC-CNN
-    teacher has no parameter for, and fastMRI's own ``VarNet`` takes as its third positional
-    argument (there the student's ``sens_maps``, ``None`` for single-coil data)."""
+def _teacher_call(
+    teacher: nn.Module, args: Sequence[Any], kwargs: Dict[str, Any]
+) -> Tuple[Sequence[Any], Dict[str, Any]]:
+    """The student's recorded call, fitted to the teacher's forward where it does not bind
+    as it is: a VarNet student gets the batch's count of centre columns as the keyword
+    ``num_low_frequencies``, which a DC-CNN teacher has no parameter for (left out), and
+    fastMRI's own ``VarNet`` takes as its third positional argument (put there, in place of
+    the student's ``sens_maps``, which that VarNet estimates itself)."""
     if "num_low_frequencies" not in kwargs:
-        return kwargs
+        return args, kwargs
     try:
         signature = inspect.signature(compiled_inner(teacher).forward)
-    except (TypeError, ValueError):
-        return kwargs
+    except (TypeError, ValueError):  # no signature to read (e.g. TorchScript): as recorded
+        return args, kwargs
     try:
         signature.bind(*args, **kwargs)
-        return kwargs
+        return args, kwargs
     except TypeError:
-        return {k: v for k, v in kwargs.items() if k != "num_low_frequencies"}
+        pass
+    rest = {k: v for k, v in kwargs.items() if k != "num_low_frequencies"}
+    names = list(signature.parameters)
+    if "num_low_frequencies" in names[: len(args)]:
+        placed = list(args)
+        # fastMRI's VarNet takes one number per batch, not a (B,) tensor
+        placed[names.index("num_low_frequencies")] = batch_low_frequencies(
+            kwargs["num_low_frequencies"]
+        )
+        try:
+            signature.bind(*placed, **rest)
+            return placed, rest
+        except TypeError:
+            pass
+    return args, rest

@@ -275,14 +275,20 @@ class FastMRIDataModule(pl.LightningDataModule):
                 # under the training transform (one mask counter for both) and sample rates
                 try:
                     val = self._read_split(self.split_folder("val"), stage, transform, True)
-                    dataset.raw_samples = list(dataset.raw_samples) + list(val.raw_samples)
                 except DataError as err:
                     if "keeps no slices" not in str(err):  # a rate of few volumes: none here
                         raise
-                rank_zero_info(
-                    f"combine_train_val: training on {folder} and {self.split_folder('val')}; "
-                    "the validation metrics are then taken on training data"
-                )
+                    rank_zero_info(
+                        f"combine_train_val: the sample rate keeps no volume of "
+                        f"{self.split_folder('val')}; training on {folder} alone"
+                    )
+                else:
+                    dataset.raw_samples = list(dataset.raw_samples) + list(val.raw_samples)
+                    rank_zero_info(
+                        f"combine_train_val: training on {folder} and "
+                        f"{self.split_folder('val')}; the validation metrics are then taken "
+                        "on training data"
+                    )
             self.datasets[stage] = dataset
             self._check_mask_widths(stage, dataset)
             if stage == "train":

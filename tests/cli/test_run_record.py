@@ -130,6 +130,22 @@ def test_a_cpu_run_recorded_as_16_mixed_resumes_as_the_bf16_mixed_it_ran(tmp_pat
     check_run_settings({**cfg, "precision": "bf16-mixed"}, run)
     with pytest.raises(ValueError, match="precision: '16-mixed' then, '32-true' now"):
         check_run_settings({**cfg, "precision": "32-true"}, run)
+    # accelerator auto: where it ran shows in its checkpoint (a float16 run saves the
+    # gradient scaler); without one, nothing says it ran bf16
+    auto = {**cfg, "accelerator": "auto"}
+    for scaler, matches in ((None, False), ({}, True), ({"scale": 65536.0}, False)):
+        folder = tmp_path / f"auto_{scaler}"
+        _start(folder, auto)
+        if scaler is not None:
+            (folder / "checkpoints").mkdir()
+            state = {"epoch": 1} if not scaler else {"epoch": 1, "MixedPrecision": scaler}
+            torch.save(state, folder / "checkpoints" / "last.ckpt")
+        bf16 = {**cfg, "precision": "bf16-mixed"}  # a CPU run now
+        if matches:
+            check_run_settings(bf16, folder)
+        else:
+            with pytest.raises(ValueError, match="precision: '16-mixed' then"):
+                check_run_settings(bf16, folder)
 
 
 def test_records_without_digests_compare_paths(tmp_path):

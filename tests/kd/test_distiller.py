@@ -123,6 +123,8 @@ def test_a_dccnn_teacher_is_not_handed_a_varnet_students_centre_columns():
     from fastmri.models import VarNet
 
     raw = VarNet(num_cascades=1, chans=2, sens_chans=2, pools=1, sens_pools=1)
+    given = []
+    raw.sens_net.register_forward_pre_hook(lambda m, args: given.append(args[2]))
     for other in (torch.compile(teacher, backend="eager"), raw):
         student = VarNetLike()
         with Distiller(student, other, {"imitation": 1.0}, layers=layers) as distiller:
@@ -130,6 +132,7 @@ def test_a_dccnn_teacher_is_not_handed_a_varnet_students_centre_columns():
                 student(kspace, mask, None, num_low_frequencies=low)
                 total = distiller().total  # the call is the point: no TypeError
                 assert total.dim() == 0 and (other is raw or torch.isfinite(total))
+    assert given == [3]  # fastMRI's VarNet got the batch's count, as one number
 
 
 def test_check_distillation_runs_a_step_on_copies():
