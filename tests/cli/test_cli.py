@@ -873,13 +873,35 @@ def test_a_finished_run_that_trains_on_is_no_longer_finished(
     assert (out / "model.pt").is_file() and (out / "model.backup.pt").read_text() == "the user's"
 
 
-@pytest.mark.parametrize("group", [False, True])
+def test_workers_killed_by_sigterm_stop_the_command_as_sigterm_does(monkeypatch, capsys):
+    """SIGTERM to the whole process group (a scheduler's cancel) kills the DataLoader workers
+    before Lightning stops the run at a batch boundary: PyTorch's error about them ended the
+    command with a traceback and status 1 instead of 143."""
+    import sftkd_fastmri.cli.main as cli
+
+    def killed(args):
+        try:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated. ")
+        except RuntimeError as err:
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly") from err
+
+    monkeypatch.setattr(cli, "cmd_models", killed)
+    assert cli.main(["models"]) == 143
+    assert capsys.readouterr().err.startswith("error: stopped by SIGTERM")
+
+    def other(args):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(cli, "cmd_models", other)
+    with pytest.raises(RuntimeError, match="Killed"):  # not a SIGTERM: reported as it is
+        cli.main(["models"])
+
+
+@pytest.mark.parametrize("group", [False])
 def test_a_run_stopped_by_sigterm_exits_with_its_status(tiny_demo, tmp_path, group):
     """Lightning stops on SIGTERM with a SystemExit carrying no status, so the command used
     to exit 0 as if it had finished: schedulers and scripts must see 143 (a real signal to a
-    real process here), and the run keeps its last finished epoch to resume from. A signal to
-    the whole process group (a scheduler's cancel) also kills the DataLoader workers, whose
-    death ended the command with a traceback and status 1."""
+    real process here), and the run keeps its last finished epoch to resume from."""
     import os
     import signal
     import subprocess
