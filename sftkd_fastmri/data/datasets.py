@@ -154,6 +154,10 @@ def keep_every_slice(raw_sample) -> bool:
     return True
 
 
+class EmptySubsetError(DataError):
+    """A sample rate that keeps no slice of a folder holding volumes."""
+
+
 class CheckedSliceDataset(SliceDataset):
     """:class:`fastmri.data.SliceDataset` that checks every volume before reading it.
 
@@ -189,7 +193,7 @@ class CheckedSliceDataset(SliceDataset):
             volumes = sum(1 for _ in root.iterdir())
             if rates and volumes:
                 given = ", ".join(f"{k}={v}" for k, v in rates.items())
-                raise DataError(
+                raise EmptySubsetError(
                     f"data folder {root}: {given} keeps no slices of its {volumes} volume(s) "
                     "(fastMRI keeps round(rate x count)); raise the rate"
                 )

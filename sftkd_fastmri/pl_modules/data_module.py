@@ -32,7 +32,7 @@ from ..data import (
     slice_shapes,
     split_dir,
 )
-from ..data.datasets import TARGET_KEYS, check_volume
+from ..data.datasets import TARGET_KEYS, EmptySubsetError, check_volume
 
 __all__ = ["FastMRIDataModule", "fetch_dir", "split_has_targets"]
 
@@ -275,9 +275,7 @@ class FastMRIDataModule(pl.LightningDataModule):
                 # under the training transform (one mask counter for both) and sample rates
                 try:
                     val = self._read_split(self.split_folder("val"), stage, transform, True)
-                except DataError as err:
-                    if "keeps no slices" not in str(err):  # a rate of few volumes: none here
-                        raise
+                except EmptySubsetError:  # a rate of few volumes keeps none here
                     rank_zero_info(
                         f"combine_train_val: the sample rate keeps no volume of "
                         f"{self.split_folder('val')}; training on {folder} alone"
