@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -55,13 +55,21 @@ from benchmarks.common import (
     synthetic_batch,
     training_step,
 )
+from sftkd_fastmri.cli.options import compile_value
 
 TARGET_RATIO = 1.8
 
 
 def _sft_step(
-    teacher: str, student: str, inputs, target, device: str, batch_branches: Optional[bool]
+    teacher: str,
+    student: str,
+    inputs,
+    target,
+    device: str,
+    batch_branches: Optional[bool],
+    compile: Any = None,
 ) -> Callable[[], None]:
+    from sftkd_fastmri.experiment.runs import compile_network
     from sftkd_fastmri.models import create_model
     from sftkd_fastmri.sft import SFTLoss, StudentFriendlyTeacher
 
@@ -70,6 +78,9 @@ def _sft_step(
         create_model(teacher), create_model(student), batch_branches=batch_branches
     )
     sft = sft.to(device).train()
+    compile_network(
+        sft, compile, announce=False
+    )  # as `sft --compile`: the wrapper's training forward
     loss_fn = SFTLoss("l1")
     # S_1 gets no gradient without branch 0 (paper); Adam skips parameters whose grad is None.
     opt = torch.optim.Adam(sft.parameters(), lr=1e-3)
@@ -100,12 +111,20 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         fns["sft_batch_branches"] = _sft_step(
             args.teacher, args.student, inputs, target, device, True
         )
+    if args.compile is not None:
+        fns["teacher_compiled"] = training_step(args.teacher, inputs, target, device, args.compile)
+        fns["sft_compiled"] = _sft_step(
+            args.teacher, args.student, inputs, target, device, False, args.compile
+        )
     if not args.no_breakdown:
         fns["teacher_cascade"] = cascade_step(args.teacher, inputs, device)
         fns["student_cascade"] = cascade_step(args.student, inputs, device)
     samples = interleaved_samples(fns, device, warmup=args.warmup, rounds=args.rounds)
     times = {name: median(values) for name, values in samples.items()}
     steps = {k: v for k, v in times.items() if not k.endswith("_cascade")}
+    # each SFT variant against the teacher step run the same way (eager, or compiled)
+    base = {k: "teacher_compiled" if k.endswith("_compiled") else "teacher" for k in steps}
+    ratios = [k for k in steps if not k.startswith("teacher")]
     result = {
         "teacher": args.teacher,
         "student": args.student,
@@ -116,10 +135,9 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "step_s": steps,
-        "ratio": {k: v / times["teacher"] for k, v in steps.items() if k != "teacher"},
-        "round_ratios": {
-            k: round_ratios(samples[k], samples["teacher"]) for k in steps if k != "teacher"
-        },
+        "ratio": {k: steps[k] / steps[base[k]] for k in ratios},
+        "round_ratios": {k: round_ratios(samples[k], samples[base[k]]) for k in ratios},
+        "compile": args.compile,
         "target_ratio": TARGET_RATIO,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
@@ -237,6 +255,14 @@ def main() -> None:
         action="store_true",
         help="skip timing one teacher and one student cascade (the predicted ratio)",
     )
+    parser.add_argument(
+        "--compile",
+        type=compile_value,
+        default=None,
+        help="also time both steps with the networks torch.compile'd (true: the default "
+        "backend, or a backend name), as `train`/`sft --compile` run them; the compiled SFT "
+        "step is compared with the compiled teacher step (compilation is in the warm-up)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_malloc_option(parser)
     parser.add_argument(
@@ -272,6 +298,8 @@ def main() -> None:
     )
     times = result["step_s"]
     print(f"  teacher step          {times['teacher'] * 1e3:9.1f} ms")
+    if "teacher_compiled" in times:
+        print(f"  teacher_compiled      {times['teacher_compiled'] * 1e3:9.1f} ms")
     for name, ratio in result["ratio"].items():
         verdict = "ok" if ratio <= TARGET_RATIO else f"above target {TARGET_RATIO}"
         spread = result["round_ratios"][name]

@@ -8,7 +8,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import fastmri
 import torch
@@ -237,12 +237,18 @@ def optimizer_step(model: torch.nn.Module, inputs, target, lr: float = 1e-3) -> 
     return step
 
 
-def training_step(preset: str, inputs, target, device: str = "cpu") -> Callable[[], None]:
-    """One training step of a fresh model of ``preset`` (seed 0): forward, L1, backward, Adam."""
+def training_step(
+    preset: str, inputs, target, device: str = "cpu", compile: Any = None
+) -> Callable[[], None]:
+    """One training step of a fresh model of ``preset`` (seed 0): forward, L1, backward, Adam.
+    ``compile``: as the commands' option (``True``, or a ``torch.compile`` backend name)."""
+    from sftkd_fastmri.experiment.runs import compile_network
     from sftkd_fastmri.models import create_model
 
     torch.manual_seed(0)
-    return optimizer_step(create_model(preset).to(device).train(), inputs, target)
+    model = create_model(preset).to(device).train()
+    compile_network(model, compile, announce=False)
+    return optimizer_step(model, inputs, target)
 
 
 def cascade_step(preset: str, inputs, device: str = "cpu") -> Callable[[], None]:

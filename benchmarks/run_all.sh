@@ -17,7 +17,7 @@ run() {  # run NAME COMMAND...: tee the output into LOG_DIR/NAME.log, remember a
 if [ "$device" = cuda ]; then
     run gpu_tests python3 -m pytest -q -p no:cacheprovider tests/gpu
 fi
-run bench_sft python3 -m benchmarks.bench_sft --device "$device" --rounds 10
+run bench_sft python3 -m benchmarks.bench_sft --device "$device" --rounds 10 --compile true
 run bench_sft_cudnn python3 -m benchmarks.bench_sft --device "$device" --rounds 10 --cudnn-benchmark
 run bench_sft_b16 python3 -m benchmarks.bench_sft --device "$device" --rounds 10 --batch 16 --cudnn-benchmark
 run profile_sft python3 -m benchmarks.bench_sft --device "$device" --profile

@@ -45,6 +45,20 @@ def test_bench_sft_reports_ratios_and_the_cascade_prediction():
         assert model["fixed"] + (depth - 2) * model["per_layer"] == pytest.approx(cascades[name])
 
 
+def test_bench_sft_compares_the_compiled_steps_with_each_other():
+    out = _run(
+        "benchmarks.bench_sft",
+        *("--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1", "--threads", "1"),
+        *("--compile", "aot_eager", "--no-batch-branches", "--no-breakdown", "--json"),
+    )
+    assert out["compile"] == "aot_eager" and set(out["ratio"]) == {"sft", "sft_compiled"}
+    steps = out["step_s"]
+    assert out["ratio"]["sft_compiled"] == pytest.approx(
+        steps["sft_compiled"] / steps["teacher_compiled"]
+    )
+    assert out["ratio"]["sft"] == pytest.approx(steps["sft"] / steps["teacher"])
+
+
 def test_the_cascade_cost_model_gives_the_fixed_cost_the_target_allows():
     from benchmarks.bench_sft import cascade_cost_model
 

@@ -27,6 +27,7 @@ __all__ = [
     "Option",
     "add_options",
     "boolean",
+    "compile_value",
     "fraction_or_count",
     "load_config",
     "mapping_option",
@@ -136,6 +137,24 @@ def precision_value(text: Any) -> str:
         return check_precision(text_value(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def compile_value(text: Any) -> Any:
+    """argparse type of ``--compile``: ``false`` (eager), ``true`` (``torch.compile``'s default
+    backend) or the name of a ``torch.compile`` backend (e.g. ``aot_eager``)."""
+    if isinstance(text, bool):
+        return text
+    value = text_value(text).strip()
+    if value.lower() in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        return _bool(value)
+    from torch._dynamo import list_backends
+
+    if value not in list_backends(exclude_tags=()):  # debugging backends included
+        raise argparse.ArgumentTypeError(
+            f"expected true, false or a torch.compile backend (e.g. "
+            f"{', '.join(sorted(list_backends()))}), got {text!r}"
+        )
+    return value
 
 
 def fraction_or_count(text: Any):
@@ -331,6 +350,13 @@ GROUPS: Dict[str, List[Option]] = {
             1,
             "machines of a multi-node DDP run (with --devices per machine)",
             positive_int,
+        ),
+        _O(
+            "compile",
+            False,
+            "torch.compile the trained network: true (PyTorch's default backend, inductor), "
+            "false, or a backend name (e.g. aot_eager); the first steps then compile it",
+            compile_value,
         ),
         _O(
             "logger",

@@ -30,7 +30,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch import nn
 
 from .._io import atomic_write_text
 from ..data.datasets import check_split_entries
@@ -490,6 +491,26 @@ def _optim(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {k: cfg[k] for k in keys}
 
 
+def compile_network(network: nn.Module, setting: Any, announce: bool = True) -> bool:
+    """``torch.compile`` ``network`` in place (:meth:`torch.nn.Module.compile`) as the option
+    ``compile`` says: ``False``/``None`` leaves it eager, ``True`` uses PyTorch's default
+    backend, a string names the backend. In place, the network keeps its class, attributes
+    and state-dict names (checkpoints stay plain), and hooks that distillation registers on
+    its layers still run. ``announce``: say (rank zero) that the first steps compile it.
+    Returns whether it compiled."""
+    if setting is None or setting is False:
+        return False
+    network.compile(**({} if setting is True else {"backend": str(setting)}))
+    if not announce:
+        return True
+    backend = "the default backend" if setting is True else f"backend {setting}"
+    rank_zero_info(
+        f"torch.compile ({backend}): the first training and validation steps compile the "
+        f"{type(network).__name__}, which can take minutes"
+    )
+    return True
+
+
 def _train_single_network(
     cfg: Dict[str, Any], name: str, role: str, callbacks: Sequence = ()
 ) -> StageResult:
@@ -505,6 +526,7 @@ def _train_single_network(
         init_checkpoint=cfg.get("init_checkpoint"),
         **_optim(cfg),
     )
+    compile_network(module.model, cfg.get("compile"))
     best = _fit(cfg, module, out_dir, name, callbacks)
     model = load_reconstruction_model(best)
     model_path = save_model_checkpoint(
@@ -559,6 +581,7 @@ def run_sft(cfg: Dict[str, Any]) -> StageResult:
         init_student=cfg.get("init_student"),
         **_optim(cfg),
     )
+    compile_network(module.sft, cfg.get("compile"))  # its training forward: teacher and branches
     best = _fit(cfg, module, out_dir, "sft")
     teacher_path, student_path = export_sft(
         best, out_dir, extra={"challenge": _input_challenge(cfg)}
