@@ -28,6 +28,7 @@ run profile_kd_at python3 -m benchmarks.bench_kd --device "$device" --profile at
 run profile_kd_fsp python3 -m benchmarks.bench_kd --device "$device" --profile fsp
 run bench_models python3 -m benchmarks.bench_models --device "$device"
 run bench_data python3 -m benchmarks.bench_data  # CPU work of the DataLoader workers
+run bench_scan python3 -m benchmarks.bench_scan  # a split's scan, with and without the header cache
 if [ "$device" = cpu ]; then
     run bench_conv python3 -m benchmarks.bench_conv  # BlockConv2d's CPU backward paths
 fi

@@ -6,6 +6,22 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _header_cache_in_a_temporary_folder(tmp_path_factory):
+    # The commands' header cache (sftkd_fastmri.data.header_cache) goes to a folder of the
+    # test session, not the user's ~/.cache; subprocesses inherit it.
+    import os
+
+    folder = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("SFTKD_FASTMRI_CACHE_DIR")
+    os.environ["SFTKD_FASTMRI_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("SFTKD_FASTMRI_CACHE_DIR", None)
+    else:
+        os.environ["SFTKD_FASTMRI_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # Tiny tensors: one thread is fastest and does not oversubscribe a shared 2-core machine.

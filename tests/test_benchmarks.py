@@ -59,6 +59,13 @@ def test_bench_sft_compares_the_compiled_steps_with_each_other():
     assert out["ratio"]["sft"] == pytest.approx(steps["sft"] / steps["teacher"])
 
 
+def test_bench_scan_times_the_scan_with_and_without_the_header_cache():
+    out = _run("benchmarks.bench_scan", "--volumes", "12", "--rounds", "1", "--json")
+    assert out["volumes"] == 12 and out["slices"] == 24  # two slices per copied volume
+    assert out["speedup"] == pytest.approx(out["scan_s"] / out["cached_s"])
+    assert out["ms_per_volume"]["scan"] == pytest.approx(out["scan_s"] / 12 * 1e3)
+
+
 def test_the_cascade_cost_model_gives_the_fixed_cost_the_target_allows():
     from benchmarks.bench_sft import cascade_cost_model
 

@@ -298,6 +298,14 @@ GROUPS: Dict[str, List[Option]] = {
             "a leaderboard submission; validation metrics are then on training data)",
             _bool,
         ),
+        _O(
+            "dataset_cache",
+            True,
+            "remember each volume's header between runs, so unchanged files are not opened "
+            "to scan a split (in $SFTKD_FASTMRI_CACHE_DIR, else ~/.cache/sftkd_fastmri); "
+            "a file read again whenever its size, time or inode changed",
+            _bool,
+        ),
         _O("batch_size", 4, "batch size", positive_int),
         _O("num_workers", 0, "DataLoader workers", nonnegative_int),
         _O(

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 from fastmri.data import SliceDataset
 
+from .header_cache import HeaderCache
 from .transforms import DataError
 
 __all__ = ["CheckedSliceDataset", "check_split_entries", "check_volume", "split_dir", "TARGET_KEYS"]
@@ -59,8 +60,9 @@ def check_split_entries(folder: Union[str, os.PathLike]) -> None:
         _check_entry(fname)
 
 
-def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
-    """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume."""
+def check_volume(fname: Path, challenge: str, require_target: bool) -> bool:
+    """Raise :class:`DataError` unless ``fname`` is a readable fastMRI volume; return whether
+    it holds a (checked) target."""
     _check_entry(fname)
     try:
         hf = h5py.File(fname, "r")
@@ -70,7 +72,7 @@ def check_volume(fname: Path, challenge: str, require_target: bool) -> None:
             "Replace or remove it"
         ) from None
     with hf:
-        _check_open_volume(hf, fname, challenge, require_target)
+        return _check_open_volume(hf, fname, challenge, require_target)
 
 
 def _check_entry(fname: Path) -> None:
@@ -93,7 +95,7 @@ def _check_entry(fname: Path) -> None:
         )
 
 
-def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_target: bool) -> None:
+def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_target: bool) -> bool:
     for key in ("kspace", "ismrmrd_header"):
         if key not in hf:
             raise DataError(f"{fname}: missing dataset '{key}'")
@@ -142,10 +144,12 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
                 f"{fname}: attribute 'max' is {hf.attrs['max']!r}; expected the target "
                 "volume's maximum, a finite number > 0 (PSNR and SSIM use it as data range)"
             )
-    elif "mask" not in hf:
+        return True
+    if "mask" not in hf:
         raise DataError(
             f"{fname}: has neither a target '{target_key}' nor a 'mask' dataset; cannot evaluate it"
         )
+    return False
 
 
 def keep_every_slice(raw_sample) -> bool:
@@ -166,6 +170,10 @@ class CheckedSliceDataset(SliceDataset):
         challenge: ``"singlecoil"`` or ``"multicoil"``.
         transform: fastMRI-style transform (e.g. :class:`DCCNNDataTransform`).
         require_target: every volume must hold a target (training and validation).
+        header_cache: remember each volume's header and checks between runs
+            (:class:`~sftkd_fastmri.data.header_cache.HeaderCache`), so an unchanged volume is
+            not opened by the scan; off by default, as fastMRI's ``use_dataset_cache``
+            (:class:`~sftkd_fastmri.pl_modules.FastMRIDataModule` turns it on).
         **kwargs: passed to :class:`fastmri.data.SliceDataset` (``sample_rate``, ...).
     """
 
@@ -175,6 +183,7 @@ class CheckedSliceDataset(SliceDataset):
         challenge: str,
         transform: Optional[Callable] = None,
         require_target: bool = True,
+        header_cache: bool = False,
         **kwargs,
     ):
         root = Path(root)
@@ -183,7 +192,14 @@ class CheckedSliceDataset(SliceDataset):
         self._challenge = challenge
         self._require_target = require_target
         kwargs.setdefault("raw_sample_filter", keep_every_slice)
-        super().__init__(root, challenge, transform=transform, **kwargs)
+        cache = HeaderCache(root, challenge) if header_cache else None
+        self._header_cache = cache
+        try:
+            super().__init__(root, challenge, transform=transform, **kwargs)
+        finally:
+            self._header_cache = None  # not pickled into DataLoader workers
+        if cache is not None:
+            cache.save()  # the whole folder was scanned: remember it
         if len(self.raw_samples) == 0:
             rates = {
                 k: kwargs[k]
@@ -217,11 +233,19 @@ class CheckedSliceDataset(SliceDataset):
             raise DataError(f"{fname} slice {dataslice}: {err}") from err
 
     def _retrieve_metadata(self, fname):
-        check_volume(Path(fname), self._challenge, self._require_target)
+        cache = getattr(self, "_header_cache", None)
+        if cache is not None:
+            found = cache.lookup(Path(fname), self._require_target)
+            if found is not None:
+                return found
+        has_target = check_volume(Path(fname), self._challenge, self._require_target)
         try:
-            return super()._retrieve_metadata(fname)
+            metadata, num_slices = super()._retrieve_metadata(fname)
         except Exception as err:
             raise DataError(
                 f"{fname}: cannot parse 'ismrmrd_header' (fastMRI needs encoding/encodedSpace, "
                 f"reconSpace and encodingLimits/kspace_encoding_step_1): {err}"
             ) from err
+        if cache is not None:
+            cache.store(Path(fname), metadata, num_slices, has_target)
+        return metadata, num_slices

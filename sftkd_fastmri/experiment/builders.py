@@ -83,6 +83,7 @@ def build_datamodule(cfg: Dict[str, Any], **overrides: Any) -> FastMRIDataModule
         train_split=cfg["train_split"],
         val_split=cfg["val_split"],
         test_split=cfg["test_split"],
+        dataset_cache=cfg.get("dataset_cache", True),
     )
     kwargs.update(overrides)
     return FastMRIDataModule(**kwargs)

@@ -142,12 +142,17 @@ class FastMRIDataModule(pl.LightningDataModule):
             each evaluation volume on one rank (fastMRI's ``VolumeSampler``). Pair with
             ``Trainer(use_distributed_sampler=False)``. Not needed for correct metrics:
             :class:`~sftkd_fastmri.pl_modules.ReconModule` merges slices across ranks.
+        dataset_cache: remember each volume's header and checks between runs, so a split
+            whose files did not change is scanned without opening them (see
+            :mod:`sftkd_fastmri.data.header_cache`; the cache lives in
+            ``$SFTKD_FASTMRI_CACHE_DIR``, else ``~/.cache/sftkd_fastmri``).
 
     Against fastMRI's ``FastMriDataModule``: splits are folders under one ``data_path``
     (``train_split`` / ``val_split`` / ``test_split`` name them, instead of ``test_path``);
     the subsets of ``sample_rate`` and its kin are drawn from ``seed``, not from Python's
-    global random state; there is no dataset cache file (``use_dataset_cache_file``): each
-    split's headers are read when the loaders are built.
+    global random state; ``dataset_cache`` replaces ``use_dataset_cache_file`` (fastMRI's
+    pickle keyed by folder alone) with :class:`~sftkd_fastmri.data.header_cache.HeaderCache`,
+    which reads a volume again whenever its file changed.
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         predict_split: Optional[str] = None,
         test_uses_stored_mask: Optional[bool] = None,
         distributed_sampler: bool = False,
+        dataset_cache: bool = True,
     ):
         super().__init__()
         if challenge not in TARGET_KEYS:
@@ -221,6 +227,7 @@ class FastMRIDataModule(pl.LightningDataModule):
         }
         self.test_uses_stored_mask = test_uses_stored_mask
         self.distributed_sampler = distributed_sampler
+        self.dataset_cache = bool(dataset_cache)
         # built eagerly: a wrong mask argument fails here, not in a worker
         self.mask_func = create_mask_func(
             mask_type,
@@ -315,6 +322,7 @@ class FastMRIDataModule(pl.LightningDataModule):
                 self.challenge,
                 transform=transform,
                 require_target=require_target,
+                header_cache=self.dataset_cache,
                 **rates,
             )
         finally:
