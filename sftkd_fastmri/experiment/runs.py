@@ -596,7 +596,7 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
     from ..callbacks import DistillationCallback
     from ..callbacks.networks import check_batch_size
     from ..kd import check_distillation
-    from ..kd.pairings import dccnn_structure
+    from ..kd.pairings import dccnn_structure, varnet_structure
     from ..models import create_model
 
     if not cfg.get("teacher_checkpoint"):
@@ -604,7 +604,8 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
     check_batch_size(cfg["methods"], cfg["batch_size"], "--batch-size")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
     _warn_inputs_of_other_challenge(cfg, {"teacher_checkpoint": "distilling it"})
-    if dccnn_structure(teacher) is not None:  # before the data: a pairing that cannot work
+    # before the data: a pairing that cannot work, for the networks with default pairings
+    if dccnn_structure(teacher) or varnet_structure(teacher):
         student = create_model(cfg["model"], **dict(cfg.get("model_overrides") or {}))
         check_distillation(
             student, teacher, dict(cfg["methods"]), cfg.get("layers"), cfg.get("loss_options")

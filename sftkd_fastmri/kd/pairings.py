@@ -1,4 +1,5 @@
-"""Default (student layer, teacher layer) pairings for distilling DC-CNN into DC-CNN.
+"""Default (student layer, teacher layer) pairings for distilling DC-CNN into DC-CNN (and VarNet
+into VarNet).
 
 A pairing of a loss is a list of ``(student_layer, teacher_layer)`` submodule names (see
 :class:`~sftkd_fastmri.kd.hooks.FeatureCapture`); element ``k`` of the student's feature list is
@@ -36,8 +37,26 @@ at the same relative depth, ``t(i) = floor((i + 1) * n_t / n_s + 1/2) - 1`` (cla
 ``[0, n_t - 1]``; the last cascades always pair; equal counts give ``t(i) = i``). With more
 student than teacher cascades, a teacher cascade serves several student cascades.
 
-Other architectures (e.g. fastMRI's VarNet) have defaults only for ``imitation``; the other
-losses need an explicit mapping ``{loss: [(student_layer, teacher_layer), ...]}``.
+VarNet pairs (fastMRI's :class:`~fastmri.models.VarNet`, or the ``varnet`` preset whose names
+carry the prefix ``varnet.``; Sriram et al., MICCAI 2020) pair the U-Net of each cascade's
+regulariser, ``U = cascades.{i}.model.unet``, whose output ``(B, 2, H, W)`` is the cascade's
+image-space update (the same shape in any two VarNets given the same input), with the teacher
+cascade at the same relative depth:
+
+=============  =================================================================================
+``at``         ``U.down_sample_layers.{k}``, ``k = min(1, pools - 1)`` of the network with fewer
+               pooling layers: the second encoder block (the first for one pool), at the same
+               resolution in both networks, any channel counts.
+``fitnet``     the middle cascade's ``U`` (2 channels in both: no regressor).
+``sp``, ``cc`` every cascade's ``U``.
+``fsp``        per cascade the U-Net's first and last full-resolution blocks,
+               ``U.down_sample_layers.0`` and ``U.up_conv.{pools-1}.0`` (``chans`` channels
+               each), so FSP needs equal ``chans``, as it needs equal ``chans`` for DC-CNNs.
+=============  =================================================================================
+
+Other architectures have defaults only for ``imitation``; the other losses need an explicit
+mapping ``{loss: [(student_layer, teacher_layer), ...]}``. A DC-CNN paired with a VarNet has
+none either: their layers have nothing in common.
 """
 
 from __future__ import annotations
@@ -60,6 +79,7 @@ __all__ = [
     "dccnn_structure",
     "layer_channels",
     "resolve_pairings",
+    "varnet_structure",
 ]
 
 OUTPUT = ""
@@ -80,6 +100,61 @@ def dccnn_structure(model: nn.Module) -> Optional[Tuple[int, int]]:
     if len(depths) != 1:
         return None
     return len(cascades), depths.pop()
+
+
+def varnet_structure(model: nn.Module) -> Optional[Tuple[str, int, int]]:
+    """``(prefix, num_cascades, pools)`` if ``model`` is fastMRI's VarNet (``prefix`` ``""``)
+    or holds one as ``model.varnet`` (``"varnet."``, the ``varnet`` preset), duck-typed and
+    also compiled; else ``None``."""
+    from fastmri.models.unet import Unet
+
+    inner = compiled_inner(model)
+    names = {id(m): n for n, m in inner.named_modules()}
+    for net in (getattr(inner, "varnet", None), inner):
+        cascades = getattr(net, "cascades", None)
+        if not isinstance(cascades, nn.ModuleList) or len(cascades) == 0:
+            continue
+        unets = [getattr(getattr(c, "model", None), "unet", None) for c in cascades]
+        if not all(isinstance(u, Unet) for u in unets) or id(cascades) not in names:
+            continue
+        pools = {u.num_pool_layers for u in unets}
+        if len(pools) == 1:  # the registered name of the cascades, e.g. "varnet.cascades"
+            return names[id(cascades)][: -len("cascades")], len(cascades), pools.pop()
+    return None
+
+
+def _varnet_pairings(
+    loss: str, student: Tuple[str, int, int], teacher: Tuple[str, int, int]
+) -> Optional[Pairing]:
+    """The VarNet defaults of the module docstring (``None`` for a loss without one)."""
+    (p_s, n_s, pools_s), (p_t, n_t, pools_t) = student, teacher
+    tmap = cascade_map(n_s, n_t)
+
+    def unet(prefix: str, i: int) -> str:
+        return f"{prefix}cascades.{i}.model.unet"
+
+    if loss == "at":
+        k = min(1, min(pools_s, pools_t) - 1)
+        return [
+            (
+                f"{unet(p_s, i)}.down_sample_layers.{k}",
+                f"{unet(p_t, tmap[i])}.down_sample_layers.{k}",
+            )
+            for i in range(n_s)
+        ]
+    if loss == "fitnet":
+        i = n_s // 2
+        return [(unet(p_s, i), unet(p_t, tmap[i]))]
+    if loss in ("sp", "cc"):
+        return [(unet(p_s, i), unet(p_t, tmap[i])) for i in range(n_s)]
+    if loss == "fsp":
+        pairs: Pairing = []
+        for i in range(n_s):
+            s, t = unet(p_s, i), unet(p_t, tmap[i])
+            pairs.append((f"{s}.down_sample_layers.0", f"{t}.down_sample_layers.0"))
+            pairs.append((f"{s}.up_conv.{pools_s - 1}.0", f"{t}.up_conv.{pools_t - 1}.0"))
+        return pairs
+    return None
 
 
 def cascade_map(num_student: int, num_teacher: int) -> List[int]:
@@ -115,11 +190,16 @@ def default_pairings(loss: str, student: nn.Module, teacher: nn.Module) -> Pairi
     if loss == "imitation":
         return [(OUTPUT, OUTPUT)]
     s_struct, t_struct = dccnn_structure(student), dccnn_structure(teacher)
+    s_varnet, t_varnet = varnet_structure(student), varnet_structure(teacher)
+    if s_varnet is not None and t_varnet is not None:
+        pairs = _varnet_pairings(loss, s_varnet, t_varnet)
+        if pairs is not None:
+            return pairs
     if s_struct is None or t_struct is None:
         raise ValueError(
             f"no default layer pairing for KD loss {loss!r} between student "
             f"{type(student).__name__} and teacher {type(teacher).__name__} (defaults exist for "
-            "DC-CNN pairs, and 'imitation' for any model); pass "
+            "DC-CNN pairs, VarNet pairs, and 'imitation' for any model); pass "
             f"layers={{{loss!r}: [(student_layer, teacher_layer), ...]}} with names from "
             "model.named_modules() (on the command line: --layers "
             f'\'{{"{loss}": [["student_layer", "teacher_layer"]]}}\', or the layers key '

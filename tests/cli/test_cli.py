@@ -55,6 +55,15 @@ def test_the_varnet_preset_trains_through_sft_and_evaluates(tiny_demo, tmp_path,
     args += ["--split", "test_full", "--progress", "false"]
     assert main([*args, "--checkpoint", str(out / "sft_teacher.ckpt")]) == 0
     assert "mean" in capsys.readouterr().out
+    # distilled with a feature loss by its default pairing (the cascades' U-Nets)
+    kd = tmp_path / "kd"
+    argv = ["distill", *_common(tiny_demo, "multicoil"), "--limit-train-batches", "1"]
+    argv += ["--model", "varnet", "--model-overrides", small + "2", "--out-dir", str(kd)]
+    argv += ["--teacher-checkpoint", str(out / "sft_teacher.ckpt")]
+    argv += ["--init-checkpoint", str(out / "sft_student_init.ckpt")]
+    assert main([*argv, "--methods", "at=1,sp=1"]) == 0
+    header = (kd / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "kd/at_step" in header and "kd/sp_step" in header
 
 
 def test_train_with_config_file_flags_override_and_resume(tiny_demo, tmp_path, capsys):

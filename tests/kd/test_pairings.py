@@ -137,6 +137,44 @@ def test_other_architectures_need_explicit_layers_except_imitation():
         default_pairings("at", varnet, student)
 
 
+def test_varnet_pairs_have_the_documented_defaults_and_they_run():
+    from sftkd_fastmri.kd import check_distillation
+    from sftkd_fastmri.kd.pairings import varnet_structure
+
+    small = dict(sens_chans=2, sens_pools=1)
+    teacher = create_model("varnet", num_cascades=4, chans=8, pools=3, **small)
+    student = create_model("varnet", num_cascades=2, chans=4, pools=2, **small)
+    raw = VarNet(num_cascades=2, chans=8, pools=3, **small)  # fastMRI's own, unprefixed
+    assert varnet_structure(teacher) == ("varnet.", 4, 3)
+    assert varnet_structure(raw) == ("", 2, 3)
+    assert varnet_structure(torch.compile(student, backend="eager")) == ("varnet.", 2, 2)
+    assert varnet_structure(create_model("dccnn_d3c5")) is None
+    unet = "varnet.cascades.{}.model.unet"
+    s0, s1, t1, t3 = unet.format(0), unet.format(1), unet.format(1), unet.format(3)
+    assert default_pairings("at", student, teacher) == [  # 2 of 4 cascades: t(i) = 1, 3
+        (f"{s0}.down_sample_layers.1", f"{t1}.down_sample_layers.1"),
+        (f"{s1}.down_sample_layers.1", f"{t3}.down_sample_layers.1"),
+    ]
+    assert default_pairings("fitnet", student, teacher) == [(s1, t3)]
+    assert default_pairings("sp", student, teacher) == [(s0, t1), (s1, t3)]
+    assert default_pairings("fsp", student, teacher)[:2] == [
+        (f"{s0}.down_sample_layers.0", f"{t1}.down_sample_layers.0"),
+        (f"{s0}.up_conv.1.0", f"{t1}.up_conv.2.0"),
+    ]
+    one_pool = create_model("varnet", num_cascades=2, chans=4, pools=1, **small)
+    assert default_pairings("at", one_pool, raw)[0] == (
+        "varnet.cascades.0.model.unet.down_sample_layers.0",
+        "cascades.0.model.unet.down_sample_layers.0",
+    )
+    # every default runs a step through its loss (FSP with equal chans; it refuses others)
+    check_distillation(student, teacher, {k: 1.0 for k in ("at", "fitnet", "sp", "cc")})
+    check_distillation(student, raw, {"at": 1.0, "sp": 1.0})
+    wide = create_model("varnet", num_cascades=2, chans=8, pools=2, **small)
+    check_distillation(wide, teacher, {"fsp": 1.0})
+    with pytest.raises(ValueError, match="equal student and teacher FSP matrix shapes"):
+        check_distillation(student, teacher, {"fsp": 1.0})
+
+
 def test_layer_channels():
     student, teacher = _pair(chans=8)
     assert layer_channels(student, "cascades.0.cnn.conv0") == 8
