@@ -303,7 +303,7 @@ GROUPS: Dict[str, List[Option]] = {
             True,
             "remember each volume's header between runs, so unchanged files are not opened "
             "to scan a split (in $SFTKD_FASTMRI_CACHE_DIR, else ~/.cache/sftkd_fastmri); "
-            "a file read again whenever its size, time or inode changed",
+            "a file read again whenever its size, times or inode changed",
             _bool,
         ),
         _O("batch_size", 4, "batch size", positive_int),

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 from fastmri.data import SliceDataset
 
-from .header_cache import HeaderCache
+from .header_cache import HeaderCache, file_key
 from .transforms import DataError
 
 __all__ = ["CheckedSliceDataset", "check_split_entries", "check_volume", "split_dir", "TARGET_KEYS"]
@@ -234,10 +234,15 @@ class CheckedSliceDataset(SliceDataset):
 
     def _retrieve_metadata(self, fname):
         cache = getattr(self, "_header_cache", None)
+        key = None
         if cache is not None:
             found = cache.lookup(Path(fname), self._require_target)
             if found is not None:
                 return found
+            try:
+                key = file_key(Path(fname))  # before reading: a change while reading shows
+            except OSError:
+                key = None  # check_volume names what is wrong with the entry
         has_target = check_volume(Path(fname), self._challenge, self._require_target)
         try:
             metadata, num_slices = super()._retrieve_metadata(fname)
@@ -246,6 +251,6 @@ class CheckedSliceDataset(SliceDataset):
                 f"{fname}: cannot parse 'ismrmrd_header' (fastMRI needs encoding/encodedSpace, "
                 f"reconSpace and encodingLimits/kspace_encoding_step_1): {err}"
             ) from err
-        if cache is not None:
-            cache.store(Path(fname), metadata, num_slices, has_target)
+        if cache is not None and key is not None:
+            cache.store(Path(fname), key, metadata, num_slices, has_target)
         return metadata, num_slices

@@ -9,8 +9,8 @@ pickle from elsewhere can run code when it is loaded.
 
 :class:`HeaderCache` keeps one JSON file per split folder and challenge, holding for each
 volume what the scan found (fastMRI's metadata and slice count, and whether it holds a target)
-under the file's size, modification time and inode (of the file a link points to). A volume
-is read again whenever any of the three changed, and a volume first seen without its target
+under the file's size, modification and change times and inode (of the file a link points to),
+taken before it was read. A volume is read again whenever any of them changed, and a volume first seen without its target
 checked is checked again when a split needs targets. Only volumes that passed every check are
 remembered. The cache lives in ``$SFTKD_FASTMRI_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sftkd_fastmri``, else ``~/.cache/sftkd_fastmri``; a cache that cannot be
@@ -30,14 +30,19 @@ import numpy as np
 
 from .._io import atomic_write_text
 
-__all__ = ["HeaderCache", "cache_dir"]
+__all__ = ["HeaderCache", "cache_dir", "file_key"]
 
 #: Bumped when what an entry means changes; entries of another version are not read.
 VERSION = 1
 
 
 def cache_dir() -> Path:
-    """Where the package keeps its caches (see the module docstring)."""
+    """Where the package keeps its caches (see the module docstring).
+
+    Raises:
+        RuntimeError: If none is set and there is no home folder (a container run under a
+            user id without one); :class:`HeaderCache` then caches nothing.
+    """
     explicit = os.environ.get("SFTKD_FASTMRI_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
@@ -53,6 +58,8 @@ def _encode(value: Any) -> Any:
     """JSON form of a metadata value that decodes to an equal value of the same type."""
     if value is None or type(value) in (bool, int, float, str):  # not their numpy kin
         return value
+    if isinstance(value, (np.generic, np.ndarray)) and not _exact(value.dtype):
+        raise _Unstorable(f"{value.dtype}")  # e.g. long double: no exact JSON number
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
         return {"numpy": value.dtype.str, "value": value.item()}
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size <= 4096:
@@ -64,6 +71,12 @@ def _encode(value: Any) -> Any:
     if isinstance(value, list):
         return [_encode(v) for v in value]
     raise _Unstorable(f"{type(value).__name__}")
+
+
+def _exact(dtype: np.dtype) -> bool:
+    """Whether JSON carries this dtype's numbers exactly (booleans, integers, floats up to
+    64 bits; strings are handled apart)."""
+    return dtype.kind in "biuf" and dtype.itemsize <= 8 or dtype.kind == "U"
 
 
 def _decode(value: Any) -> Any:
@@ -81,9 +94,12 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def _file_key(fname: Path) -> list:
-    stat = fname.stat()  # of the file a link points to
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+def file_key(fname: Path) -> list:
+    """What identifies a file's version: size, modification and change times, inode (of the
+    file a link points to). The change time catches an edit whose modification time was
+    set back (``touch -r``, ``rsync --inplace``) and a change of permissions."""
+    stat = fname.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 class HeaderCache:
@@ -105,12 +121,22 @@ class HeaderCache:
         self.folder = str(Path(folder).resolve())
         self.challenge = challenge
         digest = hashlib.sha256(f"{self.folder}\0{challenge}".encode()).hexdigest()[:24]
-        self.path = Path(directory or cache_dir()) / "headers" / f"{digest}.json"
+        self.path: Optional[Path] = None
+        try:
+            self.path = Path(directory or cache_dir()) / "headers" / f"{digest}.json"
+        except RuntimeError as err:  # no home folder, and no cache folder given
+            warnings.warn(
+                f"no header cache ({err}); set SFTKD_FASTMRI_CACHE_DIR to a writable folder "
+                "to keep the volume headers between runs",
+                stacklevel=3,
+            )
         self._old: Dict[str, Any] = self._read()
         self._seen: Dict[str, Any] = {}
         self.hits = 0
 
     def _read(self) -> Dict[str, Any]:
+        if self.path is None:
+            return {}
         try:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -132,7 +158,7 @@ class HeaderCache:
         if not isinstance(entry, dict):
             return None
         try:
-            if entry.get("file") != _file_key(Path(fname)):
+            if entry.get("file") != file_key(Path(fname)):
                 return None
             if require_target and not entry.get("target"):
                 return None
@@ -147,13 +173,22 @@ class HeaderCache:
         return found
 
     def store(
-        self, fname: Path, metadata: Dict[str, Any], num_slices: int, has_target: bool
+        self,
+        fname: Path,
+        key: list,
+        metadata: Dict[str, Any],
+        num_slices: int,
+        has_target: bool,
     ) -> None:
-        """Remember a volume that passed its checks (skipped if its metadata holds a value
-        JSON cannot carry exactly)."""
+        """Remember a volume that passed its checks, under the :func:`file_key` taken before
+        it was read (so a change while it was read makes the next scan read it again; one
+        that changed is not remembered at all). Skipped if its metadata hold a value JSON
+        cannot carry exactly."""
         try:
+            if file_key(Path(fname)) != key:
+                return
             entry = {
-                "file": _file_key(Path(fname)),
+                "file": list(key),
                 "num_slices": int(num_slices),
                 "target": bool(has_target),
                 "metadata": {str(k): _encode(v) for k, v in metadata.items()},
@@ -165,16 +200,19 @@ class HeaderCache:
     def save(self) -> None:
         """Write what this scan found (volumes gone from the folder are dropped), unless it is
         what the cache held already."""
-        if self._seen == self._old:
+        if self.path is None or self._seen == self._old:
             return
-        text = json.dumps(
-            {
-                "version": VERSION,
-                "folder": self.folder,
-                "challenge": self.challenge,
-                "volumes": self._seen,
-            }
-        )
+        try:
+            text = json.dumps(
+                {
+                    "version": VERSION,
+                    "folder": self.folder,
+                    "challenge": self.challenge,
+                    "volumes": self._seen,
+                }
+            )
+        except (TypeError, ValueError):  # a value _encode let through: cache nothing
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, text)

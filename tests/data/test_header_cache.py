@@ -108,15 +108,66 @@ def test_a_changed_or_damaged_volume_is_read_again(data, cache_dir, checks, tmp_
     with pytest.raises(DataError, match=names[1]):
         CheckedSliceDataset(folder, "multicoil", header_cache=True)
     path.unlink()
-    # renamed away and back: the same file (inode, size, time), still cached
-    os.replace(folder / names[0], tmp_path / "moved.h5")
-    os.replace(tmp_path / "moved.h5", folder / names[0])
-    # replaced by a copy of the same size and time (copy2): another inode, read again
+    CheckedSliceDataset(folder, "multicoil", header_cache=True)
+    # replaced by a copy of the same size and modification time (copy2): another inode
     shutil.copy2(folder / names[2], tmp_path / "copy.h5")
     os.replace(tmp_path / "copy.h5", folder / names[2])
+    # edited in place with its modification time set back (touch -r): another change time
+    before = os.stat(folder / names[0])
+    with h5py.File(folder / names[0], "a") as hf:
+        hf.attrs["norm"] = 3.5
+    os.utime(folder / names[0], ns=(before.st_atime_ns, before.st_mtime_ns))
     checks.clear()
-    CheckedSliceDataset(folder, "multicoil", header_cache=True)
-    assert checks == [names[2]]
+    ds = CheckedSliceDataset(folder, "multicoil", header_cache=True)
+    assert sorted(checks) == sorted([names[0], names[2]])
+    assert ds.raw_samples[0].metadata["norm"] == 3.5
+
+
+def test_a_volume_that_changes_while_it_is_read_is_read_again_next_time(
+    data, cache_dir, monkeypatch
+):
+    from fastmri.data import SliceDataset
+
+    folder = data / "singlecoil_train"
+    victim = sorted(folder.iterdir())[0]
+    real = SliceDataset._retrieve_metadata
+
+    def read_then_edit(self, fname):
+        found = real(self, fname)
+        if fname == victim:  # another process writes the file just after its header was read
+            with h5py.File(victim, "a") as hf:
+                hf.attrs["max"] = 123.0
+        return found
+
+    monkeypatch.setattr(SliceDataset, "_retrieve_metadata", read_then_edit)
+    CheckedSliceDataset(folder, "singlecoil", header_cache=True)
+    monkeypatch.setattr(SliceDataset, "_retrieve_metadata", real)
+    ds = CheckedSliceDataset(folder, "singlecoil", header_cache=True)
+    assert ds.raw_samples[0].fname == victim and ds.raw_samples[0].metadata["max"] == 123.0
+
+
+def test_values_json_cannot_carry_leave_the_volume_uncached(data, cache_dir, checks):
+    folder = data / "singlecoil_train"
+    odd = sorted(folder.iterdir())[0]
+    with h5py.File(odd, "a") as hf:
+        hf.attrs["extended"] = np.longdouble(1) / 3  # no exact JSON number
+    ds = CheckedSliceDataset(folder, "singlecoil", header_cache=True)
+    assert ds.raw_samples[0].metadata["extended"].dtype == np.longdouble
+    checks.clear()
+    CheckedSliceDataset(folder, "singlecoil", header_cache=True)
+    assert checks == [odd.name]  # read each time; the other volumes come from the cache
+
+
+def test_no_home_folder_means_no_cache_not_a_failed_run(data, monkeypatch):
+    from sftkd_fastmri.data import header_cache
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory")
+
+    monkeypatch.setattr(header_cache, "cache_dir", no_home)
+    with pytest.warns(UserWarning, match="no header cache .*SFTKD_FASTMRI_CACHE_DIR"):
+        ds = CheckedSliceDataset(data / "singlecoil_train", "singlecoil", header_cache=True)
+    assert len(ds) == 6
 
 
 def test_a_volume_cached_without_its_target_checked_is_checked_when_targets_are_needed(
