@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace, device: str) -> Dict:
         fns["sft_batch_branches"] = _sft_step(
             args.teacher, args.student, inputs, target, device, True
         )
-    if args.compile is not None:
+    if args.compile not in (None, False):  # --compile false: eager only
         fns["teacher_compiled"] = training_step(args.teacher, inputs, target, device, args.compile)
         fns["sft_compiled"] = _sft_step(
             args.teacher, args.student, inputs, target, device, False, args.compile

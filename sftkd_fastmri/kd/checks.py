@@ -9,9 +9,20 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..models.checkpoint import compiled_inner
 from .distiller import Distiller
 
 __all__ = ["check_distillation"]
+
+
+def _smallest_size(*networks: nn.Module) -> int:
+    """The smallest image side on which every U-Net inside ``networks`` (fastMRI's, e.g. in
+    a VarNet's cascades and sensitivity network) keeps more than one pixel at its deepest
+    level, where its instance norms need more than one."""
+    from fastmri.models.unet import Unet
+
+    pools = [m.num_pool_layers for net in networks for m in net.modules() if isinstance(m, Unet)]
+    return 2 ** (max(pools) + 1) if pools else 1
 
 
 def check_distillation(
@@ -22,9 +33,10 @@ def check_distillation(
     loss_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     size: Tuple[int, int] = (16, 16),
 ) -> None:
-    """Run one KD step of ``losses`` on copies of two DC-CNN-style networks (called as
-    ``network(masked_kspace, mask)``) with a synthetic single-coil batch of ``size`` slices
-    (as many as the losses need, at least two), so that a pairing whose features cannot be
+    """Run one KD step of ``losses`` on copies of two networks called as
+    ``network(masked_kspace, mask)`` (DC-CNNs, VarNets; with a one-coil map of ones for a
+    VarNet that takes the batch's maps) with a synthetic single-coil batch of ``size`` slices
+    (as many as the losses need, at least two; larger where a U-Net inside needs it), so that a pairing whose features cannot be
     compared (e.g. FSP between 8- and 16-channel layers) fails before any training rather
     than at the first KD step of a long run. The networks passed in and the random state are
     left as they were.
@@ -41,13 +53,21 @@ def check_distillation(
         # FitNet's regressors draw their initialisation from the forked random state.
         distiller = Distiller(student, teacher, losses, layers, loss_options)
         batch = max([2] + [loss.min_batch_size for loss in distiller.losses.values()])
-        height, width = size
+        height, width = (max(n, _smallest_size(student, teacher)) for n in size)
         mask = torch.zeros(batch, 1, 1, width, 1, dtype=torch.bool)
         mask[..., ::2, :] = True
         kspace = torch.randn(batch, 1, height, width, 2) * mask
+        inputs = [kspace, mask]
+        if any(
+            getattr(compiled_inner(m), "use_given_sens_maps", False) for m in (student, teacher)
+        ):
+            # a VarNet that takes the batch's coil maps: the one coil's map, 1 + 0i
+            inputs.append(
+                torch.stack([torch.ones_like(kspace[..., 0]), torch.zeros_like(kspace[..., 0])], -1)
+            )
         try:
             with distiller, distiller.step():
-                student(kspace, mask)
+                student(*inputs)
                 distiller()
         except (ValueError, TypeError, KeyError, RuntimeError) as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err

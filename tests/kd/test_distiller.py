@@ -135,6 +135,21 @@ def test_a_dccnn_teacher_is_not_handed_a_varnet_students_centre_columns():
     assert given == [3]  # fastMRI's VarNet got the batch's count, as one number
 
 
+def test_check_distillation_fits_its_batch_to_the_networks():
+    """fastMRI's VarNet defaults (4 pooling layers in the cascades' and the sensitivity
+    network's U-Nets) need more than 16 x 16 pixels; a VarNet that takes the batch's coil
+    maps gets them."""
+    teacher = create_model("varnet", num_cascades=2, chans=4, sens_chans=2)
+    student = create_model("varnet", num_cascades=1, chans=2, sens_chans=2)
+    check_distillation(student, teacher, {"imitation": 1.0, "at": 1.0})
+    given = dict(pools=1, sens_pools=1, use_given_sens_maps=True, sens_chans=2)
+    teacher = create_model("varnet", num_cascades=2, chans=4, **given)
+    check_distillation(
+        create_model("varnet", num_cascades=1, chans=2, **given), teacher, {"at": 1.0}
+    )
+    check_distillation(create_model("dccnn_d3c5", chans=4), teacher, {"imitation": 1.0})
+
+
 def test_check_distillation_runs_a_step_on_copies():
     teacher = create_model("dccnn_d5c5", chans=8)
     student = create_model("dccnn_d3c5", chans=4)
