@@ -172,6 +172,17 @@ class HeaderCache:
         self.hits += 1
         return found
 
+    def has_target(self, fname: Path) -> Optional[bool]:
+        """Whether the remembered scan found a checked target in ``fname``; ``None`` if the
+        file is not remembered or changed since."""
+        entry = self._old.get(Path(fname).name)
+        try:
+            if isinstance(entry, dict) and entry.get("file") == file_key(Path(fname)):
+                return bool(entry.get("target"))
+        except OSError:
+            pass
+        return None
+
     def store(
         self,
         fname: Path,

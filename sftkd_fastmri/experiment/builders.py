@@ -109,7 +109,7 @@ def check_scored_split(
         )
     if not any(folder.iterdir()):
         raise FileNotFoundError(f"{purpose}: split folder {folder} holds no volumes")
-    if not split_has_targets(folder, challenge):
+    if not split_has_targets(folder, challenge, cfg.get("dataset_cache", True)):
         raise NoTargetsError(
             f"{purpose}: {folder} has no target ('{TARGET_KEYS[challenge]}') in some or all of "
             "its volumes (fastMRI's public test files carry none), so there is nothing to score "

@@ -33,6 +33,7 @@ from ..data import (
     split_dir,
 )
 from ..data.datasets import TARGET_KEYS, EmptySubsetError, check_volume
+from ..data.header_cache import HeaderCache
 
 __all__ = ["FastMRIDataModule", "fetch_dir", "split_has_targets"]
 
@@ -63,8 +64,11 @@ def fetch_dir(key: str, data_config_file: PathLike = "fastmri_dirs.yaml") -> Pat
         raise KeyError(f"{config}: no entry {key!r} (expected one of {FASTMRI_DIR_KEYS})") from err
 
 
-def split_has_targets(folder: PathLike, challenge: str) -> bool:
+def split_has_targets(folder: PathLike, challenge: str, use_cache: bool = False) -> bool:
     """Whether every ``.h5`` volume of ``folder`` holds the challenge's target dataset.
+
+    ``use_cache``: answer for the volumes the header cache remembers unchanged
+    (:class:`~sftkd_fastmri.data.header_cache.HeaderCache`) without opening them.
 
     Raises:
         DataError: an entry the reader would refuse too (a stray non-HDF5 file, a damaged
@@ -77,7 +81,13 @@ def split_has_targets(folder: PathLike, challenge: str) -> bool:
     entries = sorted(folder.iterdir())
     if not entries:
         return False
+    cache = HeaderCache(folder, challenge) if use_cache else None
     for path in entries:
+        remembered = cache.has_target(path) if cache is not None else None
+        if remembered is not None:
+            if not remembered:
+                return False
+            continue
         if path.is_dir() or not path.exists() or not h5py.is_hdf5(path):
             check_volume(path, challenge, require_target=False)  # raises, naming it
         try:
@@ -259,7 +269,8 @@ class FastMRIDataModule(pl.LightningDataModule):
         if stage in ("test", "predict"):
             stored = self.test_uses_stored_mask
             if stored is None:
-                stored = not split_has_targets(self.split_folder(stage), self.challenge)
+                folder = self.split_folder(stage)
+                stored = not split_has_targets(folder, self.challenge, self.dataset_cache)
             if stored:
                 mask_func = None  # the files carry the mask they were acquired with
         return DCCNNDataTransform(
@@ -274,7 +285,9 @@ class FastMRIDataModule(pl.LightningDataModule):
         """The dataset of ``stage``, built on first use."""
         if stage not in self.datasets:
             folder = self.split_folder(stage)
-            require_target = stage in ("train", "val") or split_has_targets(folder, self.challenge)
+            require_target = stage in ("train", "val") or split_has_targets(
+                folder, self.challenge, self.dataset_cache
+            )
             transform = self.transform(stage)
             dataset = self._read_split(folder, stage, transform, require_target)
             if stage == "train" and self.combine_train_val:

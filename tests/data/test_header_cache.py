@@ -234,3 +234,28 @@ def test_metadata_values_round_trip_with_their_types():
         assert _same(back, value), key
     with pytest.raises(TypeError):
         _encode(b"bytes")  # such a volume is not remembered (read each time)
+
+
+def test_whether_a_split_has_targets_comes_from_the_cache(data, cache_dir, monkeypatch):
+    from sftkd_fastmri.pl_modules import data_module
+
+    opened = []
+    real = h5py.File
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module.h5py, "File", counting)
+    for split, expected in (("multicoil_test_full", True), ("multicoil_test", False)):
+        folder = data / split
+        assert data_module.split_has_targets(folder, "multicoil", use_cache=True) is expected
+        CheckedSliceDataset(folder, "multicoil", require_target=False, header_cache=True)
+        opened.clear()
+        assert data_module.split_has_targets(folder, "multicoil", use_cache=True) is expected
+        assert opened == []  # every volume answered by the cache
+        # a volume added since the scan is opened, and its missing target found
+        extra = folder / "zz_added.h5"
+        shutil.copy(data / "multicoil_test" / sorted(os.listdir(data / "multicoil_test"))[0], extra)
+        assert data_module.split_has_targets(folder, "multicoil", use_cache=True) is False
+        extra.unlink()
