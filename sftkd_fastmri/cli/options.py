@@ -8,6 +8,7 @@ Precedence: built-in default < config file < command-line flag.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -154,7 +155,26 @@ def compile_value(text: Any) -> Any:
             f"expected true, false or a torch.compile backend (e.g. "
             f"{', '.join(sorted(list_backends()))}), got {text!r}"
         )
+    package = _BACKEND_PACKAGES.get(value)
+    if package is not None and importlib.util.find_spec(package) is None:
+        # registered with torch.compile, but it would fail at the first training step
+        raise argparse.ArgumentTypeError(
+            f"the torch.compile backend {value!r} needs the package {package!r}, which is not "
+            "installed"
+        )
     return value
+
+
+#: torch.compile backends registered by torch whose compiler lives in another package.
+_BACKEND_PACKAGES = {
+    "tvm": "tvm",
+    "openxla": "torch_xla",
+    "openxla_eval": "torch_xla",
+    "onnxrt": "onnxruntime",
+    "tensorrt": "torch_tensorrt",
+    "torch_tensorrt": "torch_tensorrt",
+    "ipex": "intel_extension_for_pytorch",
+}
 
 
 def fraction_or_count(text: Any):

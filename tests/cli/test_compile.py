@@ -3,6 +3,7 @@ its checkpoints keep plain names, and a run may resume with or without it."""
 
 import argparse
 import csv
+import importlib.util
 
 import pytest
 import torch
@@ -41,6 +42,9 @@ def test_compile_values():
     assert compile_value(True) is True and compile_value("aot_eager") == "aot_eager"
     with pytest.raises(argparse.ArgumentTypeError, match="torch.compile backend .*inductor"):
         compile_value("inductr")
+    if importlib.util.find_spec("tvm") is None:  # registered by torch, not installed here
+        with pytest.raises(argparse.ArgumentTypeError, match="needs the package 'tvm'"):
+            compile_value("tvm")
     cfg = resolve(("trainer",), {"compile": "yes"}, {})  # a config file's value
     assert cfg["compile"] is True
     assert resolve(("trainer",), {}, {})["compile"] is False  # eager by default
