@@ -36,9 +36,9 @@ def check_distillation(
     """Run one KD step of ``losses`` on copies of two networks called as
     ``network(masked_kspace, mask)`` (DC-CNNs, VarNets; with a one-coil map of ones for a
     VarNet that takes the batch's maps) with a synthetic single-coil batch of ``size`` slices
-    (as many as the losses need, at least two; larger where a U-Net inside needs it), so that a pairing whose features cannot be
-    compared (e.g. FSP between 8- and 16-channel layers) fails before any training rather
-    than at the first KD step of a long run. The networks passed in and the random state are
+    (as many as the losses need, at least two; larger where a U-Net inside needs it), so that
+    a pairing whose features cannot be compared (e.g. FSP between 8- and 16-channel layers)
+    fails before any training rather than at the first KD step of a long run. The networks passed in and the random state are
     left as they were.
 
     Raises:
