@@ -9,10 +9,10 @@ pickle from elsewhere can run code when it is loaded.
 
 :class:`HeaderCache` keeps one JSON file per split folder and challenge, holding for each
 volume what the scan found (fastMRI's metadata and slice count, and whether it holds a target)
-under the file's size, modification and change times and inode (of the file a link points to),
-taken before it was read. A volume is read again whenever any of them changed, and a volume first seen without its target
-checked is checked again when a split needs targets. Only volumes that passed every check are
-remembered. The cache lives in ``$SFTKD_FASTMRI_CACHE_DIR``, else
+under the file's size, modification and change times and inode (of the file a link points
+to), taken before it was read. A volume is read again whenever any of them changed, and a
+volume first seen without its target checked is checked again when a split needs targets. Only
+volumes that passed every check are remembered. The cache lives in ``$SFTKD_FASTMRI_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/sftkd_fastmri``, else ``~/.cache/sftkd_fastmri``; a cache that cannot be
 read is ignored, one that cannot be written costs a warning and nothing else.
 """

@@ -38,8 +38,8 @@ def check_distillation(
     VarNet that takes the batch's maps) with a synthetic single-coil batch of ``size`` slices
     (as many as the losses need, at least two; larger where a U-Net inside needs it), so that
     a pairing whose features cannot be compared (e.g. FSP between 8- and 16-channel layers)
-    fails before any training rather than at the first KD step of a long run. The networks passed in and the random state are
-    left as they were.
+    fails before any training rather than at the first KD step of a long run. The networks
+    passed in and the random state are left as they were.
 
     Raises:
         KeyError / ValueError / TypeError: from building the pairing (unknown layer names,
