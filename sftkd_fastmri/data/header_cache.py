@@ -12,9 +12,10 @@ volume what the scan found (fastMRI's metadata and slice count, and whether it h
 under the file's size, modification and change times and inode (of the file a link points
 to), taken before it was read. A volume is read again whenever any of them changed, and a
 volume first seen without its target checked is checked again when a split needs targets. Only
-volumes that passed every check are remembered. The cache lives in ``$SFTKD_FASTMRI_CACHE_DIR``, else
-``$XDG_CACHE_HOME/sftkd_fastmri``, else ``~/.cache/sftkd_fastmri``; a cache that cannot be
-read is ignored, one that cannot be written costs a warning and nothing else.
+volumes that passed every check are remembered. The cache lives in
+``$SFTKD_FASTMRI_CACHE_DIR``, else ``$XDG_CACHE_HOME/sftkd_fastmri``, else
+``~/.cache/sftkd_fastmri``; a cache that cannot be read is ignored, one that cannot be written
+costs a warning and nothing else.
 """
 
 from __future__ import annotations
@@ -132,7 +133,6 @@ class HeaderCache:
             )
         self._old: Dict[str, Any] = self._read()
         self._seen: Dict[str, Any] = {}
-        self.hits = 0
 
     def _read(self) -> Dict[str, Any]:
         if self.path is None:
@@ -151,37 +151,37 @@ class HeaderCache:
             return {}
         return data["volumes"]
 
+    def _unchanged(self, fname: Path) -> Optional[Dict[str, Any]]:
+        """The remembered entry of ``fname`` if the file is unchanged since, else ``None``."""
+        entry = self._old.get(Path(fname).name)
+        try:
+            if isinstance(entry, dict) and entry.get("file") == file_key(Path(fname)):
+                return entry
+        except OSError:
+            pass
+        return None
+
     def lookup(self, fname: Path, require_target: bool) -> Optional[Tuple[Dict[str, Any], int]]:
         """``(metadata, num_slices)`` remembered for ``fname`` if the file is unchanged (and
         was checked with its target when ``require_target``), else ``None``."""
-        entry = self._old.get(Path(fname).name)
-        if not isinstance(entry, dict):
+        entry = self._unchanged(fname)
+        if entry is None or (require_target and not entry.get("target")):
             return None
         try:
-            if entry.get("file") != file_key(Path(fname)):
-                return None
-            if require_target and not entry.get("target"):
-                return None
             found = (
                 {k: _decode(v) for k, v in entry["metadata"].items()},
                 int(entry["num_slices"]),
             )
-        except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
         self._seen[Path(fname).name] = entry
-        self.hits += 1
         return found
 
     def has_target(self, fname: Path) -> Optional[bool]:
         """Whether the remembered scan found a checked target in ``fname``; ``None`` if the
         file is not remembered or changed since."""
-        entry = self._old.get(Path(fname).name)
-        try:
-            if isinstance(entry, dict) and entry.get("file") == file_key(Path(fname)):
-                return bool(entry.get("target"))
-        except OSError:
-            pass
-        return None
+        entry = self._unchanged(fname)
+        return None if entry is None else bool(entry.get("target"))
 
     def store(
         self,
