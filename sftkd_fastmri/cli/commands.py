@@ -111,11 +111,16 @@ def cmd_holdout_split(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    role = "val" if args.source == "val" else "train"  # the rest keeps its split's role
+    # the rest keeps its source's role: val_select of val (or val_small...) for validation
+    if args.source.startswith("val"):
+        use = f"--val-split {select_name}"
+    elif args.source.startswith("train"):
+        use = f"--train-split {select_name}"
+    else:
+        use = f"--train-split or --val-split {select_name}"
     print(
-        f"{len(result.select)} volume(s) -> {result.select_dir} (use --{role}-split "
-        f"{select_name})\n{len(result.test)} volume(s) -> {result.test_dir} (use "
-        f"--test-split {args.test_name})"
+        f"{len(result.select)} volume(s) -> {result.select_dir} (use {use})\n"
+        f"{len(result.test)} volume(s) -> {result.test_dir} (use --test-split {args.test_name})"
     )
     return 0
 

@@ -221,7 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split name of the held-out part (default: test_heldout)",
     )
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the two folders of an earlier holdout-split (only folders its manifest "
+        "names; another split folder is never replaced)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar while copying")
 
     p = command(

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Tuple, Union
+from typing import Callable, Dict, List, Set, Tuple, Union
 
 import h5py
 import numpy as np
@@ -88,7 +88,9 @@ def holdout_split(
         select_name: Split name of the remaining volumes.
         test_name: Split name of the held-out volumes.
         mode: ``"link"`` (symbolic links to the source files, no extra disk) or ``"copy"``.
-        overwrite: Replace existing target folders.
+        overwrite: Replace existing target folders; only folders an earlier call wrote (named
+            by a ``holdout_{challenge}_*.json`` manifest in ``root``, holding only the files
+            it lists, and not holding the source's data) are replaced, never another split.
         progress: Show a progress bar while copying (``mode="copy"``; links are instant).
 
     Returns:
@@ -99,7 +101,8 @@ def holdout_split(
         DataError: An entry of the source folder is not an HDF5 volume (hidden files are
             skipped: they never reach the new folders), a volume is damaged or has no target,
             or there are fewer than two volumes.
-        FileExistsError: A target folder exists and ``overwrite`` is false.
+        FileExistsError: A target folder exists and ``overwrite`` is false, or it is not a
+            folder an earlier call wrote (then never replaced).
         ValueError: Bad ``fraction``, ``mode`` or split names.
     """
     if not 0.0 < fraction < 1.0:
@@ -170,10 +173,13 @@ def holdout_split(
         test_name: (split_dir(root, challenge, test_name), test),
     }
     for dest, _ in targets.values():
-        if dest.exists() and not overwrite:
-            raise FileExistsError(
-                f"{dest} exists; pass --overwrite (overwrite=True in Python) to replace it"
-            )
+        if dest.exists() or dest.is_symlink():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{dest} exists; pass --overwrite (overwrite=True in Python) to replace it "
+                    f"(only a folder an earlier holdout-split wrote is replaced)"
+                )
+            _check_replaceable(Path(root), challenge, dest, src, files)
     result = HoldoutSplit(
         source=str(src),
         select_dir=str(targets[select_name][0]),
@@ -207,6 +213,62 @@ def holdout_split(
         for tmp, _ in filled:
             _remove(tmp)  # those not renamed into place
     return result
+
+
+def _written_folders(root: Path, challenge: str) -> Dict[str, Set[str]]:
+    """Folder name -> file names, for every split folder an earlier :func:`holdout_split`
+    wrote under ``root`` (read from its ``holdout_{challenge}_*.json`` manifests; folders are
+    matched by name, so a moved data folder keeps its manifests valid)."""
+    written: Dict[str, Set[str]] = {}
+    for manifest in sorted(root.glob(f"holdout_{challenge}_*.json")):
+        try:
+            record = json.loads(manifest.read_text())
+            pairs = ((record["select_dir"], record["select"]), (record["test_dir"], record["test"]))
+            for folder, names in pairs:
+                written.setdefault(Path(folder).name, set()).update(str(n) for n in names)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a manifest of this function: it vouches for nothing
+    return written
+
+
+def _check_replaceable(
+    root: Path, challenge: str, dest: Path, src: Path, files: List[Path]
+) -> None:
+    """Refuse to replace ``dest`` unless it is a folder an earlier holdout-split wrote,
+    holding nothing else, and none of the source's volumes lives in it (a source of links
+    into ``dest`` would lose its data with it)."""
+    written = _written_folders(root, challenge)
+    if dest.is_symlink() or not dest.is_dir() or dest.name not in written:
+        raise FileExistsError(
+            f"{dest} exists and is not a split folder an earlier holdout-split wrote (no "
+            f"holdout_{challenge}_*.json manifest in {root} names it); --overwrite replaces "
+            f"only such folders: choose other names with --select-name / --test-name, or move "
+            f"{dest.name} away yourself"
+        )
+    foreign = sorted(
+        p.name
+        for p in dest.iterdir()
+        if not p.name.startswith(".") and p.name not in written[dest.name]
+    )
+    if foreign:
+        raise FileExistsError(
+            f"{dest} holds entries the earlier holdout-split did not write: "
+            f"{foreign[:5]}{' ...' if len(foreign) > 5 else ''}; --overwrite would delete "
+            f"them: move them away first, or choose other names with --select-name / "
+            f"--test-name"
+        )
+    real_dest = dest.resolve()
+    inside = [
+        f.name
+        for f in [src, *files]
+        if f.resolve() == real_dest or real_dest in f.resolve().parents
+    ]
+    if inside:
+        raise FileExistsError(
+            f"{dest} holds the data of the source {src} ({inside[:3]}"
+            f"{' ...' if len(inside) > 3 else ''} resolve into it); replacing it would delete "
+            f"them: choose other names with --select-name / --test-name"
+        )
 
 
 def _remove(path: Path) -> None:

@@ -273,3 +273,66 @@ def test_cli_names_the_rest_of_a_training_split_after_it(tmp_path, capsys):
     assert main(argv) == 0
     assert "(use --train-split train_select)" in capsys.readouterr().out
     assert (tmp_path / "singlecoil_train_select").is_dir()
+
+
+def test_overwrite_never_replaces_a_split_it_did_not_write(tmp_path):
+    """--overwrite replaces only folders an earlier holdout-split wrote: never a real split
+    folder named as a destination, nor one holding other files, nor the source's data."""
+    _fake_split(tmp_path, 4, split="val")
+    train = _fake_split(tmp_path, 4, split="train")
+    before = sorted(os.listdir(train))
+    with pytest.raises(FileExistsError, match="not a split folder an earlier holdout-split"):
+        holdout_split(tmp_path, "singlecoil", select_name="train", overwrite=True)
+    assert sorted(os.listdir(train)) == before and not (train / "file000.h5").is_symlink()
+    assert not (tmp_path / "singlecoil_test_heldout").exists()  # nothing written
+
+    holdout_split(tmp_path, "singlecoil", fraction=0.5)  # writes val_select, test_heldout
+    stray = tmp_path / "singlecoil_test_heldout" / "notes.h5"
+    stray.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="did not write: \\['notes.h5'\\]"):
+        holdout_split(tmp_path, "singlecoil", fraction=0.5, seed=1, overwrite=True)
+    assert stray.read_bytes() == b"mine"
+    stray.unlink()
+    holdout_split(tmp_path, "singlecoil", fraction=0.5, seed=1, overwrite=True)  # allowed
+
+
+def test_overwrite_never_replaces_the_folder_the_source_links_into(tmp_path):
+    _fake_split(tmp_path, 6)
+    holdout_split(tmp_path, "singlecoil", fraction=0.3, mode="copy")  # val_select: copies
+    # val_select divided again by links into it; a third call must not replace val_select
+    holdout_split(
+        tmp_path,
+        "singlecoil",
+        source="val_select",
+        select_name="val_select_select",
+        test_name="t2",
+        fraction=0.3,
+    )
+    copies = tmp_path / "singlecoil_val_select"
+    before = sorted(os.listdir(copies))
+    with pytest.raises(FileExistsError, match="holds the data of the source"):
+        holdout_split(
+            tmp_path,
+            "singlecoil",
+            source="val_select_select",
+            select_name="val_select",
+            test_name="t3",
+            fraction=0.3,
+            overwrite=True,
+        )
+    assert sorted(os.listdir(copies)) == before
+    assert not any(p.is_symlink() for p in copies.iterdir())
+
+
+def test_cli_overwrite_is_explained(capsys):
+    with pytest.raises(SystemExit):
+        main(["holdout-split", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "another split folder is never replaced" in out
+
+
+def test_cli_role_hint_follows_the_source_name(tmp_path, capsys):
+    _fake_split(tmp_path, 4, split="val_small")
+    argv = ["holdout-split", str(tmp_path), "--challenge", "singlecoil", "--source", "val_small"]
+    assert main(argv) == 0
+    assert "(use --val-split val_small_select)" in capsys.readouterr().out
