@@ -24,7 +24,9 @@ from sftkd_fastmri.kd import available_losses
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--method", default="at", help=f"KD loss ({', '.join(available_losses())})")
-    parser.add_argument("--out-dir", default="runs/brain_sftkd")
+    # both spellings, as the package's commands accept: an --out_dir left in ``rest`` would
+    # reach both stages and be overridden by theirs below
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/brain_sftkd")
     args, rest = parser.parse_known_args()
     if args.method not in available_losses():
         parser.error(f"--method {args.method!r}: available {', '.join(available_losses())}")

@@ -64,3 +64,23 @@ def test_sft_kd_brain_multicoil_example(tiny_demo, tmp_path, monkeypatch, capsys
         path = out / stage / "run_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "mask_type": "random"}))
     assert _run("sft_kd_brain_multicoil.py", args + TINY, monkeypatch) == 0
+
+
+def test_sft_kd_example_takes_out_dir_in_both_spellings(tmp_path, monkeypatch):
+    """--out_dir (the spelling the commands accept too) names the example's folder; it was
+    forwarded to both stages and overridden by the default folder."""
+    import sftkd_fastmri.cli.main as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(list(argv)) or 0)
+    for flag in ("--out_dir", "--out-dir"):
+        calls.clear()
+        out = tmp_path / flag.strip("-")
+        assert (
+            _run("sft_kd_brain_multicoil.py", ["--data_path", "x", flag, str(out)], monkeypatch)
+            == 0
+        )
+        sft, distill = calls
+        assert sft[sft.index("--out-dir") + 1] == str(out / "sft")
+        assert distill[distill.index("--out-dir") + 1] == str(out / "kd_at")
+        assert "--out_dir" not in sft + distill and "runs/brain_sftkd" not in " ".join(sft)
