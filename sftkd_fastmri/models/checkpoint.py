@@ -418,10 +418,18 @@ def load_model(
             f"{path}: the recorded model config {dict(config)} does not build a network ({err})"
         ) from None
     model.preset = preset
+    keep_float64(model, state)
+    load_state_dict_strict(model, state, source=str(path))
+    return model
+
+
+def keep_float64(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
+    """Turn ``model`` to float64 when every floating tensor of ``state`` is float64, so a
+    network trained with ``Trainer(precision="64-true")`` reloads (and exports) as one instead
+    of being rounded to float32 by ``load_state_dict``'s copy."""
     floating = {v.dtype for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()}
     if floating == {torch.float64}:
-        model.double()  # a float64 network (Trainer(precision="64-true")) stays one
-    load_state_dict_strict(model, state, source=str(path))
+        model.double()
     return model
 
 

@@ -39,7 +39,12 @@ from ..models import (
     read_checkpoint,
     save_model_checkpoint,
 )
-from ..models.checkpoint import checkpoint_kind, strip_prefix, uncompiled_names
+from ..models.checkpoint import (
+    checkpoint_kind,
+    keep_float64,
+    strip_prefix,
+    uncompiled_names,
+)
 from .wrapper import StudentFriendlyTeacher
 
 __all__ = ["export_sft", "load_sft_models"]
@@ -138,10 +143,10 @@ def load_sft_models(
     for role in _ROLES:
         preset, config = _resolve_config(role, hparams, given, where)
         model = _build(role, preset, config, where)
+        weights = strip_prefix(state, f"{prefix}{role}.")
+        keep_float64(model, weights)  # an SFT run in float64 exports float64 networks
         load_state_dict_strict(
-            model,
-            strip_prefix(state, f"{prefix}{role}."),
-            source=f"{where} (the {role}: keys '{prefix}{role}.*')",
+            model, weights, source=f"{where} (the {role}: keys '{prefix}{role}.*')"
         )
         models.append(model.eval())
     return models[0], models[1], info

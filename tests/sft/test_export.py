@@ -241,3 +241,25 @@ def test_a_module_of_preset_instances_exports_what_distill_accepts(tmp_path):
     )
     for name, value in student.state_dict().items():
         assert torch.equal(initialised.model.state_dict()[name], value), name
+
+
+def test_a_float64_sft_run_exports_float64_networks(tmp_path):
+    """Weights trained in float64 (Trainer(precision="64-true")) are exported unrounded, as
+    load_model keeps them; a float32 run still exports float32."""
+    sft = trained_a_bit().double()
+    with torch.no_grad():  # differences float32 cannot hold
+        for p in sft.parameters():
+            p.add_(1e-12 * (1 + p.detach().abs()))
+    src = lightning_checkpoint(sft, tmp_path / "sft64.ckpt")
+    teacher_path, student_path = export_sft(src, tmp_path / "out")
+    for path, net in ((teacher_path, sft.teacher), (student_path, sft.student)):
+        model = load_model(path)
+        assert next(model.parameters()).dtype == torch.float64
+        for name, value in net.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), name
+    teacher, _, _ = load_sft_models(src)
+    assert next(teacher.parameters()).dtype == torch.float64
+
+    src32 = lightning_checkpoint(trained_a_bit(), tmp_path / "sft32.ckpt")
+    teacher_path, _ = export_sft(src32, tmp_path / "out32")
+    assert next(load_model(teacher_path).parameters()).dtype == torch.float32
