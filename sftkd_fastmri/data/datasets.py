@@ -126,6 +126,11 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
                 f"{fname}: '{target_key}' must be a (slices, H, W) dataset, got "
                 f"{getattr(hf[target_key], 'shape', 'a group')}"
             )
+        if 0 in hf[target_key].shape[1:]:
+            raise DataError(
+                f"{fname}: '{target_key}' has shape {hf[target_key].shape}; its image axes "
+                "(H, W) must be non-empty"
+            )
         if hf[target_key].shape[0] != hf["kspace"].shape[0]:
             raise DataError(
                 f"{fname}: '{target_key}' has {hf[target_key].shape[0]} slices, 'kspace' "
@@ -152,10 +157,37 @@ def _check_open_volume(hf: h5py.File, fname: Path, challenge: str, require_targe
     return False
 
 
+def check_recon_size(fname: Path, metadata: dict) -> None:
+    """Raise :class:`DataError` unless the header's reconSpace matrix (fastMRI's
+    ``recon_size``, the crop of a volume without target) is at least 1 x 1."""
+    recon_size = metadata.get("recon_size")
+    if recon_size is None:
+        return
+    if not all(int(n) > 0 for n in tuple(recon_size)[:2]):
+        raise DataError(
+            f"{fname}: 'ismrmrd_header' gives encoding/reconSpace/matrixSize (x, y) = "
+            f"({recon_size[0]}, {recon_size[1]}); fastMRI crops the output to it, so both "
+            "must be > 0"
+        )
+
+
 def keep_every_slice(raw_sample) -> bool:
     """Default slice filter (a module-level function, so datasets pickle for DDP spawn and
     spawn-started DataLoader workers; fastMRI's default is a lambda)."""
     return True
+
+
+def _naming_the_place(err: Exception, where: str) -> Exception:
+    """``err`` anew with ``where`` (file and slice) before its message: of the same type
+    where that type is built from a message alone, else a :class:`RuntimeError` naming it."""
+    message = f"{where}: {err}"
+    try:
+        named = type(err)(message)
+    except Exception:
+        named = None
+    if named is None or str(named) != message:
+        named = RuntimeError(f"{where}: {type(err).__name__}: {err}")
+    return named
 
 
 class EmptySubsetError(DataError):
@@ -216,8 +248,10 @@ class CheckedSliceDataset(SliceDataset):
             raise DataError(f"data folder {root} holds no slices")
 
     def __getitem__(self, i: int):
-        """fastMRI's slice, with errors from reading or transforming it naming the file's path
-        (fastMRI hands transforms the file name alone)."""
+        """fastMRI's slice, with every error from reading or transforming it naming the file's
+        path and the slice (fastMRI hands transforms the file name alone); the original error
+        is chained. Data errors are :class:`DataError`; others (e.g. torch's
+        ``RuntimeError``) keep their type."""
         fname, dataslice = self.raw_samples[i][0], self.raw_samples[i][1]
         try:
             return super().__getitem__(i)
@@ -231,6 +265,8 @@ class CheckedSliceDataset(SliceDataset):
             raise DataError(f"{fname} slice {dataslice}: cannot read it: {err}") from err
         except ValueError as err:  # e.g. a fixed mask of another width than this volume
             raise DataError(f"{fname} slice {dataslice}: {err}") from err
+        except Exception as err:  # e.g. torch's RuntimeError: the type kept, the place named
+            raise _naming_the_place(err, f"{fname} slice {dataslice}") from err
 
     def _retrieve_metadata(self, fname):
         cache = getattr(self, "_header_cache", None)
@@ -238,6 +274,7 @@ class CheckedSliceDataset(SliceDataset):
         if cache is not None:
             found = cache.lookup(Path(fname), self._require_target)
             if found is not None:
+                check_recon_size(Path(fname), found[0])  # entries of before this check
                 return found
             try:
                 key = file_key(Path(fname))  # before reading: a change while reading shows
@@ -251,6 +288,7 @@ class CheckedSliceDataset(SliceDataset):
                 f"{fname}: cannot parse 'ismrmrd_header' (fastMRI needs encoding/encodedSpace, "
                 f"reconSpace and encodingLimits/kspace_encoding_step_1): {err}"
             ) from err
+        check_recon_size(Path(fname), metadata)
         if cache is not None and key is not None:
             cache.store(Path(fname), key, metadata, num_slices, has_target)
         return metadata, num_slices

@@ -34,7 +34,7 @@ from .._io import atomic_write_text
 __all__ = ["HeaderCache", "cache_dir", "file_key"]
 
 #: Bumped when what an entry means changes; entries of another version are not read.
-VERSION = 1
+VERSION = 2  # 2: the scan refuses empty target axes (entries of 1 predate it)
 
 
 def cache_dir() -> Path:

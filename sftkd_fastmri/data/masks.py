@@ -16,11 +16,36 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from fastmri.data.subsample import MaskFunc, create_mask_for_mask_type
+from fastmri.data.subsample import (
+    EquispacedMaskFractionFunc,
+    MagicMaskFractionFunc,
+    MaskFunc,
+    RandomMaskFunc,
+    create_mask_for_mask_type,
+)
 
-__all__ = ["FixedMaskFunc", "create_mask_func", "num_low_frequencies_of", "MASK_TYPES"]
+__all__ = [
+    "FixedMaskFunc",
+    "create_mask_func",
+    "mask_width_problem",
+    "num_low_frequencies_of",
+    "MASK_TYPES",
+]
 
 MASK_TYPES = ("random", "equispaced", "equispaced_fraction", "magic", "magic_fraction")
+
+#: Mask types whose ``acceleration`` is the overall budget of W / acceleration columns, the
+#: fully sampled centre included (fastMRI draws the outer columns to fill what the centre
+#: leaves): they need ``center_fraction * acceleration < 1``. ``equispaced`` and ``magic``
+#: space the outer columns ``acceleration`` apart whatever the centre takes.
+BUDGET_MASK_TYPES = ("random", "equispaced_fraction", "magic_fraction")
+
+_BUDGET_RULE = (
+    "fastMRI samples round(W x center_fraction) centre columns (of W k-space columns) and "
+    "draws the outer ones to reach W / acceleration columns in all (RandomMaskFunc: each with "
+    "probability (W / acceleration - centre) / (W - centre)), so it needs "
+    "center_fraction x acceleration < 1"
+)
 
 
 def num_low_frequencies_of(mask_1d: np.ndarray) -> int:
@@ -77,8 +102,54 @@ def create_mask_func(
             raise ValueError(
                 f"accelerations: each must be a finite number >= 1, got {acceleration!r}"
             )
+    if mask_type in BUDGET_MASK_TYPES:
+        for fraction, acceleration in zip(center_fractions, accelerations):
+            if fraction * acceleration >= 1:
+                raise ValueError(
+                    f"mask_type {mask_type!r}: center_fraction {fraction:g} x acceleration "
+                    f"{acceleration:g} = {fraction * acceleration:g} leaves no columns to draw "
+                    f"outside the centre ({_BUDGET_RULE}); take a center_fraction below "
+                    f"{1 / acceleration:.4g} or an acceleration below {1 / fraction:.4g}"
+                )
     base = create_mask_for_mask_type(mask_type, list(center_fractions), list(accelerations))
     return FixedMaskFunc(base_mask_func=base, seed=seed) if fixed else base
+
+
+def mask_width_problem(mask_func: MaskFunc, num_cols: int) -> Optional[str]:
+    """Why ``mask_func`` cannot draw a mask for ``num_cols`` k-space columns, or ``None``.
+
+    ``center_fraction * acceleration < 1`` (checked by :func:`create_mask_func`) is the rule
+    for every width; fastMRI rounds the centre to ``round(W * center_fraction)`` columns, so a
+    narrow k-space can still leave no outer column to draw, where fastMRI's
+    ``EquispacedMaskFractionFunc`` divides by zero or ``MagicMaskFractionFunc`` draws from an
+    empty range (and ``RandomMaskFunc`` samples the centre alone). The conditions are
+    fastMRI's own, per (centre fraction, acceleration) pair, as any pair may be drawn.
+    """
+    if isinstance(mask_func, FixedMaskFunc):
+        if mask_func.base_mask_func is None or num_cols in mask_func._masks:
+            return None  # a given mask (its width is checked where it is used) or drawn
+        mask_func = mask_func.base_mask_func
+    magic = isinstance(mask_func, MagicMaskFractionFunc)
+    if not (magic or isinstance(mask_func, (RandomMaskFunc, EquispacedMaskFractionFunc))):
+        return None
+    for fraction, acceleration in zip(mask_func.center_fractions, mask_func.accelerations):
+        centre = round(num_cols * fraction)
+        if magic:
+            # fastMRI bounds the centre to [1, round(W / acceleration)] and spaces the outer
+            # columns to fill the rest of round(W / acceleration)
+            fits = round(num_cols / acceleration) > max(centre, 1)
+            rule = "max(round(W x center_fraction), 1) < round(W / acceleration)"
+        else:
+            fits = centre * acceleration < num_cols
+            rule = "round(W x center_fraction) x acceleration < W"
+        if not fits:
+            return (
+                f"{type(mask_func).__name__} with center_fraction {fraction:g} and acceleration "
+                f"{acceleration:g} leaves no columns to draw outside the {centre} centre "
+                f"columns of k-space {num_cols} columns wide (W): fastMRI needs {rule}; lower "
+                "the centre fraction or the acceleration"
+            )
+    return None
 
 
 class FixedMaskFunc(MaskFunc):

@@ -38,10 +38,17 @@ from fastmri.data.transforms import apply_mask, center_crop, to_tensor
 from torch import Tensor
 
 from .fourier import ifft2c_columns
-from .masks import num_low_frequencies_of
+from .masks import mask_width_problem, num_low_frequencies_of
 from .sensitivity import estimate_sensitivity_maps
 
-__all__ = ["DCCNNSample", "DCCNNDataTransform", "DataError", "crop_readout", "model_inputs"]
+__all__ = [
+    "DCCNNSample",
+    "DCCNNDataTransform",
+    "DataError",
+    "acquired_band",
+    "crop_readout",
+    "model_inputs",
+]
 
 
 class DataError(ValueError):
@@ -158,8 +165,10 @@ class DCCNNDataTransform:
 
     Args:
         mask_func: fastMRI mask function (or :class:`~sftkd_fastmri.data.FixedMaskFunc`).
-            ``None`` uses the ``mask`` stored in the file (fastMRI test files), with the
-            header's zero-padded columns unsampled (as fastMRI's ``VarNetDataTransform``).
+            ``None`` uses the ``mask`` stored in the file (fastMRI test files). Either way
+            the header's zero-padded columns are unsampled (as fastMRI's
+            ``VarNetDataTransform``), outside the acquired band clamped to the k-space
+            (:func:`acquired_band`: a negative ``padding_left`` starts it at column 0).
         training: draw a new mask every call (training) or one fixed per volume (evaluation).
         seed: base seed of the training masks. The mask of a call is seeded with
             ``(seed, rank, worker seed, call counter)``: reproducible after
@@ -285,10 +294,13 @@ class DCCNNDataTransform:
             kspace_t = torch.view_as_real(kspace_c)
         num_cols = kspace_t.shape[-2]
 
+        padding = None
+        if not self.kspace_from_target and "padding_left" in attrs:
+            padding = acquired_band(attrs, num_cols, where)
         if self.mask_func is not None:
-            padding = None
-            if not self.kspace_from_target and "padding_left" in attrs:
-                padding = (attrs["padding_left"], attrs["padding_right"])
+            problem = mask_width_problem(self.mask_func, num_cols)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}")
             masked, mask_t, num_low = apply_mask(
                 kspace_t, self.mask_func, seed=self._mask_seed(fname), padding=padding
             )
@@ -310,13 +322,13 @@ class DCCNNDataTransform:
                     f"{where}: 'mask' has {mask_np.shape[0]} entries, k-space has {num_cols} "
                     "columns (last axis)"
                 )
-            if "padding_left" in attrs and not self.kspace_from_target:
+            if padding is not None:
                 # the zero-padded columns outside the acquired band hold no data: unsampled,
                 # as in the training masks (apply_mask with the header's padding) and in
                 # fastMRI's VarNetDataTransform
                 mask_np = mask_np.copy()
-                mask_np[: max(int(attrs["padding_left"]), 0)] = 0
-                mask_np[max(int(attrs["padding_right"]), 0) :] = 0
+                mask_np[: padding[0]] = 0
+                mask_np[padding[1] :] = 0
             if not np.isin(mask_np, (0, 1)).all() or not mask_np.any():
                 raise DataError(
                     f"{where}: 'mask' must hold 0/1 per k-space column with at least one "
@@ -391,6 +403,32 @@ class DCCNNDataTransform:
             num_low_frequencies=int(sample_low),
             crop_size=crop_size,
         )
+
+
+def acquired_band(attrs: Dict, num_cols: int, where: str = "") -> Tuple[int, int]:
+    """The header's acquired phase-encode columns ``[padding_left, padding_right)``, clamped
+    to the ``num_cols`` columns of the k-space.
+
+    fastMRI derives the padding from ``encodingLimits/kspace_encoding_step_1``
+    (``padding_left = encoded_W // 2 - center``); a centre right of ``W // 2`` (an asymmetric
+    acquisition) gives a negative ``padding_left``: the acquired band begins left of column 0,
+    so every column from 0 on is acquired. fastMRI's ``apply_mask`` slices with the raw value
+    (``mask[..., :-4, :] = 0`` unsamples every column but the last four, the right padding
+    the rest); here both the mask-function and the stored-mask path use the clamped band.
+
+    Raises:
+        DataError: no column of the k-space lies in the band.
+    """
+    left, right = int(attrs["padding_left"]), int(attrs["padding_right"])
+    band = (min(max(left, 0), num_cols), min(max(right, 0), num_cols))
+    if band[0] >= band[1]:
+        raise DataError(
+            f"{where + ': ' if where else ''}the header's encodingLimits/kspace_encoding_step_1 "
+            f"and encodedSpace give the acquired columns [padding_left, padding_right) = "
+            f"[{left}, {right}), none of the {num_cols} k-space columns; expected a band that "
+            "overlaps [0, W)"
+        )
+    return band
 
 
 def _fit(crop_size: Tuple[int, int], kspace: Tensor) -> Tuple[int, int]:

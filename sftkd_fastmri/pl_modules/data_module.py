@@ -101,6 +101,12 @@ def split_has_targets(folder: PathLike, challenge: str, use_cache: bool = False)
     return True
 
 
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, and how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 class FastMRIDataModule(pl.LightningDataModule):
     """Train/val/test/predict loaders of fastMRI-layout data (``{challenge}_{split}`` folders).
 
@@ -147,7 +153,9 @@ class FastMRIDataModule(pl.LightningDataModule):
         train_split, val_split, test_split: split names (folder suffixes).
         predict_split: split of the predict loader (default: ``test_split``).
         test_uses_stored_mask: use the files' ``mask`` in the test split; ``None``: when the
-            test files have no targets.
+            test files have no targets. With the stored masks every volume must hold a
+            ``mask``: a split mixing volumes without target and volumes with a target but no
+            ``mask`` is refused at setup.
         distributed_sampler: under DDP, shard training with ``DistributedSampler`` and keep
             each evaluation volume on one rank (fastMRI's ``VolumeSampler``). Pair with
             ``Trainer(use_distributed_sampler=False)``. Not needed for correct metrics:
@@ -307,6 +315,7 @@ class FastMRIDataModule(pl.LightningDataModule):
                         f"{self.split_folder('val')}; the validation metrics are then taken "
                         "on training data"
                     )
+            self._check_stored_masks(stage, dataset)
             self.datasets[stage] = dataset
             self._check_mask_widths(stage, dataset)
             if stage == "train":
@@ -340,6 +349,46 @@ class FastMRIDataModule(pl.LightningDataModule):
             )
         finally:
             random.setstate(state)
+
+    def _check_stored_masks(self, stage: str, dataset: CheckedSliceDataset) -> None:
+        """A split read with the masks its files store (a test split with a volume without
+        target, or ``test_uses_stored_mask=True``) needs a ``mask`` in every volume: refuse at
+        setup a split mixing fastMRI test files (a ``mask``, no target) with volumes that have
+        a target and no ``mask``, which would otherwise stop the test at the first of these."""
+        if getattr(dataset.transform, "mask_func", None) is not None:
+            return  # undersampled with the mask function
+        folder = self.split_folder(stage)
+        key = TARGET_KEYS[self.challenge]
+        cache = HeaderCache(folder, self.challenge) if self.dataset_cache else None
+        no_mask, no_target = [], []
+        for fname in sorted({Path(sample[0]) for sample in dataset.raw_samples}):
+            if cache is not None and cache.has_target(fname) is False:
+                no_target.append(fname.name)  # the scan found a 'mask' where no target
+                continue
+            with h5py.File(fname, "r") as hf:
+                if "mask" not in hf:
+                    no_mask.append(fname.name)
+                elif key not in hf:
+                    no_target.append(fname.name)
+        if not no_mask:
+            return
+        where = f"the {stage} split ({folder})"
+        if no_target:
+            raise DataError(
+                f"{where} mixes {len(no_target)} volume(s) without a target '{key}' "
+                f"({_some(no_target)}), read with the 'mask' they store, and {len(no_mask)} "
+                f"with a target but no 'mask' ({_some(no_mask)}), which only a mask function "
+                "undersamples; a split is read one way: expected every volume with a target "
+                "(undersampled with the mask function, test metrics) or every volume with a "
+                "'mask' (fastMRI's test files). Move one kind to a split folder of its own, or give "
+                "test_uses_stored_mask=False to undersample every volume with the mask function"
+            )
+        raise DataError(
+            f"{where}: test_uses_stored_mask=True, but {len(no_mask)} volume(s) hold no 'mask' "
+            f"({_some(no_mask)}); expected a 'mask' dataset in every volume (fastMRI's test "
+            "files), or test_uses_stored_mask=None to undersample volumes with a target with "
+            "the mask function"
+        )
 
     def _check_mask_widths(self, stage: str, dataset: CheckedSliceDataset) -> None:
         """A fixed mask read from a file has one width: refuse, before any training, a split

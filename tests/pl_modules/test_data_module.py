@@ -214,6 +214,9 @@ def test_bad_arguments():
         FastMRIDataModule("x", "dualcoil")
     with pytest.raises(ValueError, match="mask type"):
         FastMRIDataModule("x", mask_type="spiral")
+    # a centre taking the whole budget failed at the first batch (ZeroDivisionError)
+    with pytest.raises(ValueError, match=r"center_fraction 0.25 x acceleration 4 = 1 leaves"):
+        FastMRIDataModule("x", mask_type="equispaced_fraction", center_fractions=[0.25])
 
 
 def test_fetch_dir(tmp_path):
@@ -357,3 +360,41 @@ def test_its_own_ddp_sharding_is_refused_where_it_would_lose_slices(demo_root, m
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: len(one) + 1)
     with pytest.raises(ValueError, match=rf"{len(one)} volume\(s\) for {len(one) + 1} ranks"):
         data.val_dataloader()
+
+
+def test_a_test_split_mixing_stored_mask_and_target_volumes_is_refused_at_setup(
+    demo_root, tmp_path
+):
+    """One volume without a target switched the whole split to the stored masks; a volume
+    with a target and no 'mask' then stopped the test midway, blaming the mask function."""
+    import shutil
+
+    from sftkd_fastmri.data import DataError
+
+    split = tmp_path / "singlecoil_test"
+    split.mkdir()
+    shutil.copy(sorted((demo_root / "singlecoil_test").iterdir())[0], split / "a_test.h5")
+    for i, volume in enumerate(sorted((demo_root / "singlecoil_test_full").iterdir())):
+        shutil.copy(volume, split / f"b_full{i}.h5")
+    for cache in (True, False):
+        data = FastMRIDataModule(tmp_path, "singlecoil", dataset_cache=cache)
+        with pytest.raises(
+            DataError,
+            match=r"the test split \(.*singlecoil_test\) mixes 1 volume\(s\) without a target "
+            r"'reconstruction_esc' \(a_test.h5\), read with the 'mask' they store, and 2 with a "
+            r"target but no 'mask' \(b_full0.h5, b_full1.h5\).*expected every volume with a "
+            r"target .* or every volume with a 'mask'",
+        ):
+            data.setup("test")
+        assert "test" not in data.datasets
+    with pytest.raises(DataError, match="the predict split .* mixes"):
+        FastMRIDataModule(tmp_path, "singlecoil").setup("predict")
+    # asked for the stored masks of volumes that have none
+    stored = FastMRIDataModule(demo_root, "singlecoil", test_split="test_full",
+                               test_uses_stored_mask=True)  # fmt: skip
+    with pytest.raises(DataError, match=r"test_uses_stored_mask=True, but 2 volume\(s\) hold no"):
+        stored.setup("test")
+    # undersampled with the mask function, every volume reads
+    drawn = FastMRIDataModule(tmp_path, "singlecoil", test_uses_stored_mask=False)
+    drawn.setup("test")
+    assert len(list(drawn.test_dataloader())) == len(drawn.dataset("test"))
