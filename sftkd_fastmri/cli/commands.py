@@ -197,13 +197,14 @@ def _given(key: str, value: Any) -> bool:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..experiment import check_scored_split, run_evaluate
+    from ..experiment import check_scored_split, evaluation_device, run_evaluate
     from ..experiment.builders import NoTargetsError
     from ..export.loading import check_role_applies
 
     config = load_config(args.config)
     _evaluate_keys_from(config, args, args.config or "config")
     cfg = _cfg(args, ("data", "runtime"), extra=_EVALUATE_KEYS, config=config)
+    evaluation_device(cfg)  # a device it cannot run on, refused before anything is read
     split = args.split or cfg["test_split"]
     subsampled = [k for k in _SUBSAMPLING_KEYS if _given(k, cfg.get(k))]
     if subsampled:

@@ -7,7 +7,10 @@ them holds training logic of its own.
 from .builders import build_datamodule, build_trainer, check_scored_split, resolve_data_path
 from .runs import (
     StageResult,
+    check_kd_schedule,
+    check_out_of_splits,
     check_run_settings,
+    evaluation_device,
     run_distill,
     run_evaluate,
     run_sft,
@@ -15,7 +18,10 @@ from .runs import (
 )
 
 __all__ = [
+    "check_kd_schedule",
+    "check_out_of_splits",
     "check_run_settings",
+    "evaluation_device",
     "check_scored_split",
     "StageResult",
     "build_datamodule",

@@ -34,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from .._io import atomic_write_text
-from ..data.datasets import check_split_entries
+from ..data.datasets import TARGET_KEYS, check_split_entries
 from ..export.loading import load_reconstruction_model
 from ..models import CheckpointError, read_checkpoint, save_model_checkpoint
 from .builders import CKPT_DIR, build_datamodule, build_trainer
@@ -54,7 +54,10 @@ __all__ = [
     "RUN_CONFIG_FILE",
     "RUN_INPUT_FILES",
     "StageResult",
+    "check_kd_schedule",
+    "check_out_of_splits",
     "check_run_settings",
+    "evaluation_device",
     "last_checkpoint",
     "resume_checkpoint",
     "recorded_weights_changed",
@@ -150,6 +153,105 @@ def _out_dir(cfg: Dict[str, Any], default: str) -> Path:
     return path
 
 
+def check_out_of_splits(out_dir: os.PathLike, data_path: os.PathLike, option: str) -> None:
+    """``out_dir`` must not be a split folder of ``data_path`` (``{challenge}_{split}``, of
+    either challenge, followed through links) nor lie inside one: fastMRI's reader takes
+    every entry of a split folder as a volume, so a run's folder there would break every
+    later run that reads the split. ``option`` names the setting in the error. Raised before
+    anything is written."""
+    root = Path(data_path)
+    if not root.is_dir():
+        return  # no data folder: reported where the data are read
+    target = Path(os.path.realpath(os.path.expanduser(str(out_dir))))
+    for entry in sorted(root.iterdir()):
+        if entry.name.split("_")[0] not in TARGET_KEYS or not entry.is_dir():
+            continue
+        folder = Path(os.path.realpath(entry))
+        if target == folder or folder in target.parents:
+            raise ValueError(
+                f"{option} {out_dir} is inside the split folder {entry}, where fastMRI's "
+                "reader takes every entry as a volume (a run's folder there would break every "
+                "later run on that split): choose a folder outside the split folders"
+            )
+
+
+#: How :func:`check_kd_schedule` names the options: the training commands' flags.
+KD_SCHEDULE_FLAGS = {
+    "kd_schedule": "--kd-schedule",
+    "kd_epochs": "--kd-epochs",
+    "max_epochs": "--max-epochs",
+}
+
+
+def check_kd_schedule(
+    schedule: Any, kd_epochs: Any, max_epochs: int, names: Optional[Mapping[str, str]] = None
+) -> None:
+    """Refuse a KD schedule that cannot run as asked, before anything loads or is written:
+    an unknown schedule, ``kd_epochs`` other than a whole number >= 1, ``two_stage`` without
+    ``kd_epochs``, and ``two_stage`` whose ``kd_epochs`` are not fewer than the stage's
+    ``max_epochs`` (its reconstruction fine-tuning starts after ``kd_epochs`` epochs, so the
+    stage would end with a student that was never fine-tuned). ``names``: how the errors name
+    ``kd_schedule``, ``kd_epochs`` and ``max_epochs`` (default: :data:`KD_SCHEDULE_FLAGS`)."""
+    from ..callbacks.distillation import SCHEDULES
+
+    name = {**KD_SCHEDULE_FLAGS, **dict(names or {})}
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"{name['kd_schedule']}: expected one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
+    if kd_epochs is not None and (
+        isinstance(kd_epochs, bool) or not isinstance(kd_epochs, int) or kd_epochs < 1
+    ):
+        raise ValueError(
+            f"{name['kd_epochs']}: expected a whole number of epochs >= 1, got {kd_epochs!r}"
+        )
+    if schedule != "two_stage":
+        return
+    if kd_epochs is None:
+        raise ValueError(
+            f"{name['kd_schedule']} two_stage needs {name['kd_epochs']}, the epochs of KD "
+            "alone before the reconstruction fine-tuning: a whole number smaller than "
+            f"{name['max_epochs']} ({max_epochs})"
+        )
+    if kd_epochs >= max_epochs:
+        raise ValueError(
+            f"{name['kd_schedule']} two_stage: {name['kd_epochs']} ({kd_epochs}) must be "
+            f"smaller than {name['max_epochs']} ({max_epochs}): the reconstruction fine-tuning "
+            f"starts after the {kd_epochs} epochs of KD alone, so the run would end without "
+            f"it. Lower {name['kd_epochs']} or raise {name['max_epochs']}"
+        )
+
+
+def evaluation_device(cfg: Mapping[str, Any]) -> str:
+    """The one device ``evaluate`` runs on (``"cpu"`` or ``"cuda"``), from the runtime options,
+    read as training reads them: ``accelerator`` ``cpu``, ``gpu`` (or ``cuda``: refused, as
+    Lightning refuses it in training, where this machine has no CUDA device) or ``auto`` (a
+    CUDA GPU where there is one). ``devices`` must be 1: evaluation runs on one device. Raises
+    ValueError for any other setting, rather than run somewhere the options did not say."""
+    devices = cfg.get("devices", 1)
+    if devices is not None and str(devices).strip() != "1":  # True is no device count
+        raise ValueError(
+            f"--devices {devices}: evaluate runs on one device (it has no multi-device "
+            "evaluation); pass --devices 1"
+        )
+    accelerator = str(cfg.get("accelerator") or "auto").lower()
+    if accelerator == "cpu":
+        return "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--accelerator {cfg.get('accelerator')}: no CUDA GPU on this machine; pass "
+                "--accelerator cpu (or auto: a GPU where there is one)"
+            )
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    raise ValueError(
+        f"--accelerator {cfg.get('accelerator')}: evaluate runs on cpu or gpu (a CUDA GPU), "
+        "or auto (a CUDA GPU where there is one)"
+    )
+
+
 def _seed(cfg: Dict[str, Any]) -> None:
     """Seed Python, NumPy and torch (and dataloader workers) with the stage's ``seed``."""
     pl.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -172,6 +274,8 @@ def _fit(
     # built before anything in out_dir changes: a typo in a path or setting found here must
     # cost nothing of the earlier run
     datamodule = build_datamodule(cfg)
+    # nothing of the run may land in a split folder (its logs and run_config.json would)
+    check_out_of_splits(out_dir, datamodule.data_path, "--out-dir")
     trainer = build_trainer(cfg, out_dir, callbacks=list(callbacks))
     if trains_on:
         _unfinish(out_dir)  # it trains on: no longer finished, its deployments stale
@@ -601,6 +705,7 @@ def run_distill(cfg: Dict[str, Any]) -> StageResult:
 
     if not cfg.get("teacher_checkpoint"):
         raise ValueError("distill needs --teacher-checkpoint (a DC-CNN or SFT teacher export)")
+    check_kd_schedule(cfg["kd_schedule"], cfg.get("kd_epochs"), int(cfg["max_epochs"]))
     check_batch_size(cfg["methods"], cfg["batch_size"], "--batch-size")
     teacher = load_reconstruction_model(cfg["teacher_checkpoint"], role="teacher")
     _warn_inputs_of_other_challenge(cfg, {"teacher_checkpoint": "distilling it"})
@@ -631,9 +736,11 @@ def run_evaluate(
 ):
     """Evaluate a checkpoint (or the zero-filled baseline when ``checkpoint`` is None) on a
     split: scored where its volumes have targets; without targets only reconstructed (written
-    to ``out_dir``). Returns an :class:`~sftkd_fastmri.evaluation.EvaluationResult`."""
+    to ``out_dir``), on the one device :func:`evaluation_device` reads from the runtime
+    options. Returns an :class:`~sftkd_fastmri.evaluation.EvaluationResult`."""
     from ..evaluation import evaluate_model
 
+    device = evaluation_device(cfg)  # before anything loads: options it would not follow
     split = split or cfg["test_split"]
     datamodule = build_datamodule(cfg, test_split=split)
     loader = datamodule.test_dataloader()
@@ -641,7 +748,6 @@ def run_evaluate(
     if checkpoint is not None:
         model = load_reconstruction_model(checkpoint, role=role)
         _warn_if_other_challenge(checkpoint, _input_challenge(cfg))
-    device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     return evaluate_model(
         model,
         loader,

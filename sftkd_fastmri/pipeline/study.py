@@ -43,6 +43,8 @@ from ..evaluation.report import ModelEntry, Report, build_report, write_report
 from ..experiment import (
     StageResult,
     build_datamodule,
+    check_kd_schedule,
+    check_out_of_splits,
     check_scored_split,
     resolve_data_path,
     run_distill,
@@ -52,6 +54,7 @@ from ..experiment import (
 from ..export.loading import load_reconstruction_model
 from ..kd import available_losses, check_distillation
 from ..models import create_model
+from ..sft import StudentFriendlyTeacher
 from .stages import _is_rank_zero, _stage
 
 __all__ = ["CONTROLS", "STUDY_DEFAULTS", "StudyResult", "parse_controls", "run_study"]
@@ -248,16 +251,40 @@ def _example_inputs(loader) -> Tuple:
 
 
 def _check_networks(cfg: Dict[str, Any]) -> None:
-    """Build the teacher and the student (bad presets or overrides fail here) and run each KD
-    method once on a tiny batch, so that one that cannot pair them (FSP between layers of
-    other channel counts) fails before the teacher, student and SFT stages have trained."""
+    """Build the teacher and the student (bad presets or overrides fail here), wrap them as
+    the sft stage will (a pair SFT cannot unfold, e.g. of other cascade counts, fails here
+    rather than after the teacher and student stages have trained) and run each KD method
+    once on a tiny batch, so that one that cannot pair them (FSP between layers of other
+    channel counts) fails before the teacher, student and SFT stages have trained."""
     teacher = create_model(cfg["teacher"], **dict(cfg.get("teacher_overrides") or {}))
     student = create_model(cfg["student"], **dict(cfg.get("student_overrides") or {}))
+    try:
+        StudentFriendlyTeacher(
+            teacher,
+            student,
+            train_first_student_cascade=cfg.get("train_first_student_cascade", False),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"the study's teacher {cfg['teacher']} and student {cfg['student']} cannot be "
+            f"trained together in its sft stage: {err}"
+        ) from None
     for method, weight in _methods(cfg).items():
         entries = _method_entries(cfg, method)
         check_distillation(
             student, teacher, {method: weight}, entries["layers"], entries["loss_options"]
         )
+
+
+def _kd_schedule_names(cfg: Mapping[str, Any]) -> Dict[str, str]:
+    """The study's keys, for :func:`check_kd_schedule`'s errors: the KD stages' epochs come
+    from ``epochs`` (a number, or its ``kd`` entry) where it gives them, else ``max_epochs``."""
+    spec = cfg.get("epochs")
+    if isinstance(spec, Mapping):
+        source = "epochs' kd entry" if "kd" in spec else "max_epochs"
+    else:
+        source = "max_epochs" if spec is None else "epochs"
+    return {"kd_schedule": "kd_schedule", "kd_epochs": "kd_epochs", "max_epochs": source}
 
 
 def _method_entries(cfg: Dict[str, Any], method: str) -> Dict[str, Any]:
@@ -298,7 +325,12 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     # the teacher, student and SFT stages
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
     _check_networks(cfg)
-    _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
+    epochs = _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
+    # the KD schedule, which the distill stages read only after the teacher, student and SFT
+    # stages: the shortest of them (the budget control's are longer) must fine-tune too
+    check_kd_schedule(
+        cfg["kd_schedule"], cfg["kd_epochs"], epochs["kd"], names=_kd_schedule_names(cfg)
+    )
     parse_controls(cfg["controls"])
     _check_profile_device(cfg["profile_device"])  # used only after every stage has trained
     # ... and the held-out split must have targets to score, and the training splits exist
@@ -318,6 +350,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     out_dir = Path(os.path.expanduser(str(cfg.get("out_dir") or "runs/study")))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")
+    check_out_of_splits(out_dir, data_path, "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
     log: List[str] = []
