@@ -19,6 +19,7 @@ from ..export.deploy import (
     default_export_path,
     export_model,
     load_torchscript_export,
+    recorded_challenge,
 )
 from ..export.loading import check_role_applies
 from .options import ROLE_CHOICES, path_value
@@ -77,7 +78,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"  {meta.get('role')} ({meta.get('preset')}), {how}, "
             f"inputs ({', '.join(meta.get('inputs', []))}), {sizes}"
         )
-        if args.coils is None and "challenge" not in meta:
+    # the warning export_model gives (filtered above), for every format with a signature
+    if args.format != "state_dict" and args.coils is None:
+        if recorded_challenge(args.checkpoint) is None:
             print(
                 "  the checkpoint does not record its data's challenge: single-coil inputs; "
                 "pass --coils N for a multi-coil export"
@@ -92,7 +95,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> argparse.Argume
         "checkpoint",
         metavar="CKPT",
         type=path_value,
-        help="model export or Lightning checkpoint of a training, SFT or distillation run",
+        help="model export or Lightning checkpoint of a training, SFT or distillation run "
+        "(or of fastMRI's VarNetModule / VarNetModule2)",
     )
     p.add_argument(
         "--format",

@@ -84,6 +84,7 @@ __all__ = [
     "export_model",
     "load_pt2_export",
     "load_torchscript_export",
+    "recorded_challenge",
     "resolve_role",
 ]
 
@@ -155,8 +156,9 @@ def export_model(
 
     Args:
         checkpoint: any checkpoint of this package (model export; Lightning checkpoint of a
-            training, distillation or SFT run; see
-            :func:`~sftkd_fastmri.export.load_reconstruction_model`), or a DC-CNN.
+            training, distillation or SFT run, or of fastMRI's ``VarNetModule`` /
+            ``VarNetModule2``; see :func:`~sftkd_fastmri.export.load_reconstruction_model`),
+            or a network.
         out_path: output file (its folder is created; an existing file is replaced only
             once the new one has been written and checked).
         format: ``"state_dict"``, ``"torchscript"``, ``"pt2"`` (``torch.export``) or
@@ -254,28 +256,67 @@ def load_pt2_export(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
 
     The module is the program's ``module()`` behind the readable input checks of the
     TorchScript exports (coil count, mask width, ``sens_maps`` shape); the program alone
-    refuses such inputs too, with ``torch.export``'s guard messages."""
+    refuses such inputs too, with ``torch.export``'s guard messages. Like a TorchScript
+    export, it takes its inputs by position or by the names in ``meta["inputs"]``
+    (``masked_kspace``, ``mask``, and ``sens_maps`` for a multi-coil export)."""
     extra = {METADATA_NAME: ""}
     with warnings.catch_warnings(), open(path, "rb") as f:  # a file object: any file name
         warnings.simplefilter("ignore")
         program = torch.export.load(f, extra_files=extra)
     meta = json.loads(extra[METADATA_NAME] or "{}")
     inner = program.module()
-    guard = _SingleCoilGuard(inner) if int(meta.get("coils", 1)) == 1 else _MultiCoilGuard(inner)
-    return _Program(guard), meta
+    coils = int(meta.get("coils", 1))
+    guard = _SingleCoilGuard(inner) if coils == 1 else _MultiCoilGuard(inner)
+    names = meta.get("inputs") or _input_names(coils)  # recorded by every pt2 export
+    return _Program(guard, names), meta
 
 
 class _Program(nn.Module):
-    """A loaded pt2 export behind its input checks. ``eval()``/``train()`` only set the flag:
-    an exported program is fixed in the mode it was exported in (eval), and refuses the call."""
+    """A loaded pt2 export behind its input checks, called with its inputs by position or by
+    name (``input_names``). ``eval()``/``train()`` only set the flag: an exported program is
+    fixed in the mode it was exported in (eval), and refuses the call."""
 
-    def __init__(self, guard: nn.Module):
+    def __init__(self, guard: nn.Module, input_names: Sequence[str]):
         super().__init__()
         self.guard = guard
+        self.input_names = [str(name) for name in input_names]
         self.training = False
 
-    def forward(self, *inputs: Optional[Tensor]) -> Tensor:
+    def forward(self, *inputs: Optional[Tensor], **named: Optional[Tensor]) -> Tensor:
+        if named:
+            inputs = self._arrange(inputs, named)
         return self.guard(*inputs)
+
+    def _arrange(
+        self, inputs: Tuple[Optional[Tensor], ...], named: Dict[str, Optional[Tensor]]
+    ) -> Tuple[Optional[Tensor], ...]:
+        """``inputs`` and ``named`` as one tuple in the order of :attr:`input_names`."""
+        names = self.input_names
+        signature = f"({', '.join(names)})"
+        unknown = sorted(set(named) - set(names))
+        if unknown:
+            raise TypeError(
+                f"this pt2 export takes the inputs {signature}; unknown input name(s): "
+                f"{', '.join(unknown)}"
+            )
+        if len(inputs) > len(names):
+            raise TypeError(
+                f"this pt2 export takes {len(names)} inputs {signature}, got {len(inputs)} "
+                "by position"
+            )
+        twice = [name for name in names[: len(inputs)] if name in named]
+        if twice:
+            raise TypeError(
+                f"this pt2 export got {', '.join(twice)} both by position and by name "
+                f"(inputs {signature})"
+            )
+        given = dict(zip(names, inputs), **named)
+        missing = [name for name in names if name not in given]
+        if missing:
+            raise TypeError(
+                f"this pt2 export takes the inputs {signature}; missing: {', '.join(missing)}"
+            )
+        return tuple(given[name] for name in names)
 
     def train(self, mode: bool = True) -> _Program:
         self.training = bool(mode)
@@ -310,6 +351,13 @@ def _load(
     if challenge is not None:
         meta["challenge"] = challenge
     return model, meta, recorded
+
+
+def recorded_challenge(checkpoint: PathLike) -> Optional[str]:
+    """``"singlecoil"`` / ``"multicoil"`` as ``checkpoint`` records the data it was trained
+    on (``None`` when it does not: :func:`export_model` then assumes single-coil inputs unless
+    given ``coils``)."""
+    return _recorded_challenge(read_checkpoint(checkpoint))
 
 
 def _recorded_challenge(ckpt: Dict[str, Any]) -> Optional[str]:

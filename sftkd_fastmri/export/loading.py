@@ -1,8 +1,8 @@
 """Load the reconstruction network out of any checkpoint this package writes.
 
 :func:`load_reconstruction_model` is :func:`sftkd_fastmri.models.load_model` (model exports,
-Lightning checkpoints of training, distillation and SFT runs), re-exported here beside the
-deployment export.
+Lightning checkpoints of training, distillation and SFT runs, and of fastMRI's
+``VarNetModule``), re-exported here beside the deployment export.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["ROLES", "check_role_applies", "checkpoint_kind", "load_reconstructio
 def load_reconstruction_model(
     path: os.PathLike, role: str = "auto", map_location: Any = "cpu"
 ) -> nn.Module:
-    """Rebuild the DC-CNN stored in ``path`` (see :func:`sftkd_fastmri.models.load_model`)."""
+    """Rebuild the network stored in ``path`` (see :func:`sftkd_fastmri.models.load_model`)."""
     return load_model(path, role=role, map_location=map_location)
 
 
@@ -53,8 +53,9 @@ def check_role_applies(path: os.PathLike, role: str) -> None:
             "nothing in it; leave the role at 'auto'"
         )
     what = f"the {held} network" if held else "one network"
+    name = {"varnet_module": "VarNetModule Lightning"}.get(kind, kind)
     raise ValueError(
         f"{path}: role {role!r} picks one network of an SFT checkpoint (a Lightning "
         f"checkpoint of the sft command, holding the teacher and the student); this "
-        f"{kind} checkpoint holds {what}: leave the role at 'auto'"
+        f"{name} checkpoint holds {what}: leave the role at 'auto'"
     )

@@ -4,15 +4,18 @@ Every user-supplied checkpoint is read with ``torch.load(..., weights_only=True)
 code runs) and matched to a module by parameter name, strictly: missing keys, unexpected keys
 and shape mismatches are all reported together, with the file they came from.
 
-Three checkpoint kinds are understood by :func:`load_model`:
+Four checkpoint kinds are understood by :func:`load_model`:
 
 * model checkpoints written by :func:`save_model_checkpoint` (``{"sftkd_fastmri": meta,
   "state_dict": ...}``; the meta names the preset and its constructor config);
 * Lightning checkpoints of :class:`~sftkd_fastmri.pl_modules.DCCNNModule` (``state_dict``
-  keys prefixed ``model.``; ``hyper_parameters`` record the preset and its config; the
-  fastMRI adapters ``VarNetModule2`` / ``UnetModule2`` record no preset: load those with
-  their class's ``load_from_checkpoint``);
-* Lightning checkpoints of the SFT module (``sft.teacher.`` / ``sft.student.``).
+  keys prefixed ``model.``; ``hyper_parameters`` record the preset and its config);
+* Lightning checkpoints of the SFT module (``sft.teacher.`` / ``sft.student.``);
+* Lightning checkpoints of fastMRI's ``VarNetModule`` (this package's ``VarNetModule2``):
+  weights under ``varnet.``, rebuilt as a
+  :class:`~sftkd_fastmri.models.CascadedVarNet` (no preset) from the VarNet sizes in their
+  ``hyper_parameters``. Other fastMRI modules (``UnetModule2``) record no network this
+  package rebuilds: load those with their class's ``load_from_checkpoint``.
 
 Plain state dicts carry no architecture: load them with :func:`load_state_dict_strict` into a
 model built with :func:`~sftkd_fastmri.models.create_model`.
@@ -45,6 +48,9 @@ PathLike = Union[str, os.PathLike]
 FORMAT_KEY = "sftkd_fastmri"
 # Settings that do not change what the weights mean (soft-DC lambda is itself a weight).
 CONFIG_KEYS_IGNORED_ON_INIT = ("init_lambda",)
+#: ``hyper_parameters`` of fastMRI's ``VarNetModule`` that size its ``VarNet`` (it builds
+#: ``VarNet(num_cascades, sens_chans, sens_pools, chans, pools)``, ``mask_center`` default).
+VARNET_MODULE_KEYS = ("num_cascades", "sens_chans", "sens_pools", "chans", "pools")
 
 
 class CheckpointError(ValueError):
@@ -69,12 +75,13 @@ def read_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     if _is_torchscript(path):
         raise CheckpointError(
             f"{path} is a TorchScript export (a deployment file, not a checkpoint): load it "
-            "with torch.jit.load or sftkd_fastmri.export.load_torchscript_export"
+            "with torch.jit.load or sftkd_fastmri.export.load_torchscript_export (which "
+            "returns its metadata too)"
         )
     if _is_program(path):
         raise CheckpointError(
             f"{path} is a torch.export (pt2) export (a deployment file, not a checkpoint): "
-            "load it with torch.export.load or sftkd_fastmri.export.deploy.load_pt2_export"
+            "load it with torch.export.load or sftkd_fastmri.export.load_pt2_export"
         )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -281,8 +288,9 @@ ROLES = ("auto", "model", "teacher", "student")
 
 def checkpoint_kind(ckpt: Union[Mapping[str, Any], PathLike]) -> str:
     """``"model"`` (model export), ``"lightning"`` (one network under ``model.``), ``"sft"``
-    (teacher and student under ``sft.teacher.`` / ``sft.student.``) or ``"unknown"``, of a
-    checkpoint dict or file."""
+    (teacher and student under ``sft.teacher.`` / ``sft.student.``), ``"varnet_module"``
+    (fastMRI's ``VarNetModule`` or ``VarNetModule2``: a VarNet under ``varnet.``) or
+    ``"unknown"``, of a checkpoint dict or file."""
     if not isinstance(ckpt, Mapping):
         ckpt = read_checkpoint(ckpt)
     if FORMAT_KEY in ckpt:
@@ -293,6 +301,8 @@ def checkpoint_kind(ckpt: Union[Mapping[str, Any], PathLike]) -> str:
             return "sft"
         if "model_preset" in hp or "preset" in hp:
             return "lightning"
+        if all(k in hp for k in VARNET_MODULE_KEYS):
+            return "varnet_module"
     return "unknown"
 
 
@@ -332,7 +342,9 @@ def load_model(
         path: a model export (:func:`save_model_checkpoint`, SFT exports included), or a
             Lightning checkpoint of ``DCCNNModule`` (training and distillation runs; weights
             under ``model.``, distillation's own parameters under ``distillation.`` are
-            ignored) or of ``SFTModule`` (weights under ``sft.teacher.`` / ``sft.student.``).
+            ignored), of ``SFTModule`` (weights under ``sft.teacher.`` / ``sft.student.``) or
+            of fastMRI's ``VarNetModule`` / ``VarNetModule2`` (weights under ``varnet.``,
+            rebuilt as a ``CascadedVarNet`` without a preset).
         role: for SFT checkpoints, ``"teacher"`` (also the choice of ``"auto"``) or
             ``"student"`` (the student initialisation); ignored for single-network files,
             except that an SFT export of the other network is refused (the student
@@ -348,6 +360,18 @@ def load_model(
         CheckpointError: unreadable file, unknown layout, another preset, missing config, or
             mismatching keys.
     """
+    return _load_model(path, role, expected_preset, map_location, preset_required=True)
+
+
+def _load_model(
+    path: PathLike,
+    role: str,
+    expected_preset: Optional[str],
+    map_location: Any,
+    preset_required: bool,
+) -> nn.Module:
+    """:func:`load_model`; with ``preset_required=False`` a checkpoint that records no preset
+    passes the ``expected_preset`` check (:func:`init_from_checkpoint` compares the configs)."""
     from .registry import build_model  # local: registry imports this module's siblings
 
     if role not in ROLES:
@@ -363,23 +387,24 @@ def load_model(
                 f"{path}: a model export (its '{FORMAT_KEY}' entry) without the 'state_dict' "
                 "entry that holds its weights"
             )
-        preset, config, state = meta.get("preset"), meta.get("config"), ckpt["state_dict"]
+        preset, config, state = meta.get("preset"), meta.get("config"), _weights(path, ckpt)
         _check_sft_export_role(path, meta, role)
-    elif kind in ("lightning", "sft") and not isinstance(ckpt["state_dict"], Mapping):
-        raise CheckpointError(
-            f"{path}: its 'state_dict' entry is a {type(ckpt['state_dict']).__name__}; "
-            "expected a mapping of parameter names to tensors (a damaged checkpoint?)"
-        )
     elif kind == "lightning":
         hp = ckpt["hyper_parameters"]
         preset = hp.get("model_preset", hp.get("preset"))
         config = hp.get("model_config")
-        state = strip_prefix(uncompiled_names(ckpt["state_dict"]), "model.")
+        state = strip_prefix(uncompiled_names(_weights(path, ckpt)), "model.")
     elif kind == "sft":
         which = "student" if role == "student" else "teacher"
         hp = ckpt["hyper_parameters"]
         preset, config = hp.get(f"{which}_preset"), hp.get(f"{which}_config")
-        state = strip_prefix(uncompiled_names(ckpt["state_dict"]), f"sft.{which}.")
+        state = strip_prefix(uncompiled_names(_weights(path, ckpt)), f"sft.{which}.")
+    elif kind == "varnet_module":
+        preset, config = None, _varnet_module_config(ckpt["hyper_parameters"])
+        # CascadedVarNet holds the VarNet as ``varnet`` too: the names stay (``loss.w``,
+        # the SSIM loss's window, and a distillation's ``distillation.*`` are left out)
+        weights = uncompiled_names(_weights(path, ckpt))
+        state = {k: v for k, v in weights.items() if k.startswith("varnet.")}
     else:
         hint = ""
         if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
@@ -388,12 +413,18 @@ def load_model(
                 "create_model(preset, ...), load it with load_state_dict_strict, and write it "
                 "with save_model_checkpoint"
             )
+        elif "state_dict" in ckpt and isinstance(ckpt.get("hyper_parameters"), Mapping):
+            hint = (
+                "; it is a Lightning checkpoint of another module (e.g. fastMRI's UnetModule, "
+                "UnetModule2): load it with that class's load_from_checkpoint"
+            )
         raise CheckpointError(
             f"{path}: not a sftkd_fastmri checkpoint (expected a model export with a "
-            f"'{FORMAT_KEY}' entry, or a Lightning checkpoint of DCCNNModule or SFTModule)"
-            f"{hint}"
+            f"'{FORMAT_KEY}' entry, or a Lightning checkpoint of DCCNNModule, SFTModule or "
+            f"fastMRI's VarNetModule / VarNetModule2){hint}"
         )
-    if expected_preset is not None and preset != expected_preset:
+    mismatch = expected_preset is not None and preset != expected_preset
+    if mismatch and (preset is not None or preset_required):
         hint = ""
         if kind == "sft" and role != "student":
             hint = (
@@ -423,6 +454,36 @@ def load_model(
     return model
 
 
+def _weights(path: PathLike, ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``state_dict`` entry of ``ckpt``, refused unless a mapping keyed by names (what
+    the prefixes are stripped from and the strict loading compares)."""
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"{path}: its 'state_dict' entry is a {type(state).__name__}; expected a mapping "
+            "of parameter names to tensors (a damaged checkpoint?)"
+        )
+    not_names = sorted(repr(k) for k in state if not isinstance(k, str))
+    if not_names:
+        raise CheckpointError(
+            f"{path}: its 'state_dict' keys must be parameter names (str); not names: "
+            f"{_short(not_names)}"
+        )
+    return state
+
+
+def _varnet_module_config(hp: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :class:`~sftkd_fastmri.models.CascadedVarNet` config of the ``VarNet`` that
+    fastMRI's ``VarNetModule`` builds from its ``hyper_parameters`` (``mask_center`` is
+    VarNet's default there; ``num_low_frequencies`` comes with each batch)."""
+    from .varnet import VARNET_ARCHITECTURE  # local: varnet imports fastMRI
+
+    config = {"architecture": VARNET_ARCHITECTURE}
+    config.update({k: hp[k] for k in VARNET_MODULE_KEYS})
+    config["mask_center"] = True
+    return config
+
+
 def keep_float64(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
     """Turn ``model`` to float64 when every floating tensor of ``state`` is float64, so a
     network trained with ``Trainer(precision="64-true")`` reloads (and exports) as one instead
@@ -441,7 +502,9 @@ def init_from_checkpoint(
     overrides_option: str = "--model-overrides",
 ) -> nn.Module:
     """Copy the weights of the network stored in ``path`` into ``model`` (in place), strictly:
-    same preset (where ``model`` has one), same configuration, same parameter names and shapes.
+    same preset (where both ``model`` and the checkpoint have one: a network written from an
+    instance, e.g. ``CascadedVarNet(VarNet(...))``, records none), same configuration, same
+    parameter names and shapes.
 
     This is how a training run starts from earlier weights (``train --init-checkpoint``,
     ``distill --init-student``, ``sft --init-teacher/--init-student``).
@@ -464,9 +527,10 @@ def init_from_checkpoint(
             settings listed, with the overrides that match the checkpoint), or weights that do
             not fit (missing and unexpected keys listed).
     """
-    # load_model refuses another preset (naming an SFT checkpoint's student export)
+    # another recorded preset is refused (naming an SFT checkpoint's student export); a
+    # checkpoint without one is judged by its config and its weights' names and shapes
     preset = getattr(model, "preset", None)
-    source = load_model(path, role=role, expected_preset=preset)
+    source = _load_model(path, role, preset, "cpu", preset_required=False)
     ours = getattr(model, "config", None)
     theirs = getattr(source, "config", None)
     if ours is not None and theirs is not None:
@@ -485,7 +549,7 @@ def init_from_checkpoint(
             differing = "; ".join(
                 f"{k}: expected {ours.get(k)!r}, found {theirs.get(k)!r}" for k in keys
             )
-            overrides = ",".join(f"{k}={theirs[k]}" for k in keys if k in theirs)
+            overrides = overrides_text({k: theirs[k] for k in keys if k in theirs})
             what = f"preset {preset!r}" if preset is not None else "the network"
             raise CheckpointError(
                 f"{path}: {what} with another configuration: {differing} (build the network "
@@ -493,3 +557,36 @@ def init_from_checkpoint(
             )
     load_state_dict_strict(compiled_inner(model), source.state_dict(), source=str(path))
     return model
+
+
+def overrides_text(overrides: Mapping[str, Any]) -> str:
+    """``overrides`` as a shell word the command line's ``--model-overrides`` reads back to
+    the same values: ``key=value,...`` with each value written as YAML reads it (``None`` ->
+    ``null``, ``True`` -> ``true``, a string that YAML would read as something else quoted),
+    else (a value with a comma, or one YAML does not write on one line) the JSON form."""
+    import json
+    import shlex
+
+    import yaml
+
+    items = []
+    for key, value in overrides.items():
+        try:
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+        except yaml.YAMLError:
+            text = None
+        if text is not None:
+            text = text.strip()
+            text = text[: -len("...")].strip() if text.endswith("\n...") else text
+        if (
+            text is None
+            or "," in text  # the items' separator
+            or "\n" in text
+            or yaml.safe_load(text) != value
+        ):
+            try:
+                return shlex.quote(json.dumps(dict(overrides)))
+            except (TypeError, ValueError):  # not JSON either: Python's own notation
+                return shlex.quote(",".join(f"{k}={v!r}" for k, v in overrides.items()))
+        items.append(f"{key}={text}")
+    return shlex.quote(",".join(items))

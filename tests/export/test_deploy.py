@@ -536,3 +536,61 @@ def test_a_torchscript_export_bound_to_its_traced_size_refuses_other_sizes(tmp_p
         assert not torch.allclose(net(kspace, mask.float(), sens), module.inner(kspace, mask, sens))
         with pytest.raises(Exception, match=r"only for masked_kspace of .* \[1, 4, 64, 48\]"):
             module(kspace, mask, sens)
+
+
+@pytest.mark.parametrize("fmt, noted", [("pt2", True), ("onnx", True), ("state_dict", False)])
+def test_cli_export_notes_an_unrecorded_challenge_for_every_format_with_inputs(
+    sources, monkeypatch, capsys, tmp_path, fmt, noted
+):
+    """The note (single-coil signature assumed) was printed for TorchScript only; the
+    library's warning is filtered out for every format, so pt2 and ONNX said nothing."""
+    from sftkd_fastmri.cli import export_command
+
+    ckpt, _, _, _ = sources["lightning"]  # records no challenge
+    written = []
+
+    def fake_export(checkpoint, out, **kwargs):  # the note does not depend on the file
+        written.append(kwargs)
+        return out
+
+    monkeypatch.setattr(export_command, "export_model", fake_export)
+    assert main(["export", str(ckpt), "--format", fmt]) == 0
+    assert written and written[0]["format"] == fmt
+    out = capsys.readouterr().out
+    assert ("does not record its data's challenge" in out) is noted, out
+    # given --coils, or for a checkpoint that records its challenge: no note
+    assert main(["export", str(ckpt), "--format", fmt, "--coils", "1"]) == 0
+    assert "does not record" not in capsys.readouterr().out
+    multi = tmp_path / "mc.pt"
+    save_model_checkpoint(sources["model"][2], multi, extra={"challenge": "multicoil"})
+    assert main(["export", str(multi), "--format", fmt]) == 0
+    assert "does not record" not in capsys.readouterr().out
+
+
+def test_a_pt2_export_takes_its_inputs_by_name_like_torchscript(tmp_path):
+    """TorchScript exports took ``masked_kspace=..., mask=..., sens_maps=...``; a loaded pt2
+    export refused every keyword."""
+    torch.manual_seed(0)
+    net = create_model("dccnn_d3c5", chans=4, num_cascades=2)
+    out = export_model(net, tmp_path / "m.pt2", format="pt2", coils=3, example_shape=SHAPE)
+    module, meta = load_pt2_export(out)
+    assert meta["inputs"] == ["masked_kspace", "mask", "sens_maps"]
+    inputs = _inputs(batch=2, coils=3)
+    want = _eager(net, inputs)
+    named = dict(zip(meta["inputs"], inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(module(**named), want, atol=1e-5, rtol=0)
+        reordered = {"sens_maps": inputs[2], "masked_kspace": inputs[0], "mask": inputs[1]}
+        torch.testing.assert_close(module(**reordered), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            module(inputs[0], inputs[1], sens_maps=inputs[2]), want, atol=1e-5, rtol=0
+        )
+    signature = r"\(masked_kspace, mask, sens_maps\)"
+    with pytest.raises(TypeError, match=f"{signature}; unknown input name.*: kspace"):
+        module(kspace=inputs[0], mask=inputs[1], sens_maps=inputs[2])
+    with pytest.raises(TypeError, match=f"{signature}; missing: sens_maps"):
+        module(masked_kspace=inputs[0], mask=inputs[1])
+    with pytest.raises(TypeError, match="got mask both by position and by name"):
+        module(inputs[0], inputs[1], mask=inputs[1], sens_maps=inputs[2])
+    with pytest.raises(TypeError, match="takes 3 inputs .* got 4 by position"):
+        module(*inputs, inputs[2], sens_maps=inputs[2])

@@ -198,3 +198,103 @@ def test_a_float64_network_stays_float64(tmp_path):
     loaded = load_model(save_model_checkpoint(model, tmp_path / "d.pt"))
     assert loaded.cascades[0].cnn.conv0.bias.dtype == torch.float64
     assert loaded.cascades[0].cnn.conv0.bias[0].item() == 1 + 1e-12
+
+
+def test_a_checkpoint_without_a_preset_initialises_a_preset_network_of_its_config(tmp_path):
+    """A network written from an instance (``DCCNN(...)``, the SFT flow's instances) records
+    no preset: init_from_checkpoint refused it whatever its config; the config comparison and
+    the strict key loading decide."""
+    from sftkd_fastmri.models import DCCNN, init_from_checkpoint
+
+    torch.manual_seed(0)
+    preset_net = create_model("dccnn_d3c5", chans=4, num_cascades=2)
+    plain = DCCNN(**preset_net.config)
+    path = save_model_checkpoint(plain, tmp_path / "nopreset.pt")
+    target = create_model("dccnn_d3c5", chans=4, num_cascades=2)
+    assert init_from_checkpoint(target, path) is target
+    for key, value in plain.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value)
+    assert target.preset == "dccnn_d3c5"
+    # another configuration is still refused, with the overrides that build it
+    with pytest.raises(CheckpointError, match="chans: expected 8, found 4.*--model-overrides"):
+        init_from_checkpoint(create_model("dccnn_d3c5", chans=8, num_cascades=2), path)
+    # load_model's own expected_preset stays strict (it compares no config)
+    with pytest.raises(CheckpointError, match="a network without a preset, expected"):
+        load_model(path, expected_preset="dccnn_d3c5")
+    # a recorded preset of another name is still refused
+    other = save_model_checkpoint(create_model("dccnn_d5c5", chans=4), tmp_path / "d5.pt")
+    with pytest.raises(CheckpointError, match="holds preset 'dccnn_d5c5', expected 'dccnn_d3c5'"):
+        init_from_checkpoint(create_model("dccnn_d3c5", chans=4), other)
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [([torch.zeros(2)], "list"), (torch.zeros(3), "Tensor"), ({0: torch.zeros(1)}, None)],
+)
+def test_a_model_export_whose_state_dict_is_not_named_tensors_is_named(tmp_path, value, kind):
+    """A damaged model export crashed with AttributeError / RuntimeError."""
+    config = create_model("dccnn_d3c5", chans=4).config
+    meta = {"kind": "model", "preset": "dccnn_d3c5", "config": config}
+    path = tmp_path / "damaged.pt"
+    torch.save({"sftkd_fastmri": meta, "state_dict": value}, path)
+    if kind is None:
+        match = "damaged.pt: its 'state_dict' keys must be parameter names .* not names: 0"
+    else:
+        match = f"damaged.pt: its 'state_dict' entry is a {kind}; expected a mapping of param"
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+    # the Lightning layouts alike (the prefixes were stripped from non-names before)
+    hp = {"model_preset": "dccnn_d3c5", "model_config": config}
+    torch.save({"state_dict": value, "hyper_parameters": hp}, path)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_the_loaders_named_for_deployment_files_are_importable_as_written(tmp_path):
+    """The TorchScript hint named sftkd_fastmri.export.load_torchscript_export, which that
+    package did not export."""
+    import importlib
+    import re
+
+    from sftkd_fastmri.models import read_checkpoint
+
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(scripted, str(tmp_path / "lin.ts.pt"))
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    torch.export.save(program, str(tmp_path / "lin.pt2"))
+    for name in ("lin.ts.pt", "lin.pt2"):
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(tmp_path / name)
+        named = re.findall(r"sftkd_fastmri\.export\.[\w.]+", str(err.value))
+        assert named, str(err.value)
+        for qualified in named:
+            module, _, function = qualified.rpartition(".")
+            assert callable(getattr(importlib.import_module(module), function)), qualified
+    from sftkd_fastmri.export import __all__ as exported
+
+    assert {"load_torchscript_export", "load_pt2_export"} <= set(exported)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"chans": 8},
+        {"num_low_frequencies": None, "mask_center": True, "residual": False},
+        {"dc_mode": "soft", "init_lambda": 1e-5, "pad": -1},
+        {"name": "null"},  # strings YAML reads as something else stay strings
+        {"name": "None", "other": "true", "float_text": "1.5"},
+        {"name": "a,b"},  # the items' separator: the JSON form
+        {"sizes": [1, 2]},
+        {"quote": "it's", "space": "two words"},
+    ],
+)
+def test_the_overrides_of_a_config_hint_read_back_as_the_values(overrides):
+    """The hint wrote str(value): ``key=None`` came back from --model-overrides as 'None'."""
+    import shlex
+
+    from sftkd_fastmri.cli.options import overrides_option
+    from sftkd_fastmri.models.checkpoint import overrides_text
+
+    words = shlex.split(overrides_text(overrides))  # as the shell hands it to the command
+    assert len(words) == 1
+    assert overrides_option(words[0]) == overrides
