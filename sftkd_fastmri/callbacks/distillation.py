@@ -109,6 +109,7 @@ from .networks import (
     _loader_batch_size,
     check_batch_size,
     find_network,
+    sft_network,
 )
 
 __all__ = ["DistillationCallback", "check_batch_size", "find_network", "load_module_weights"]
@@ -132,7 +133,9 @@ class DistillationCallback(Callback):
             checkpoints of ``DCCNNModule`` and ``SFTModule``, SFT exports; strict,
             name-based; errors propagate). A LightningModule is accepted too (e.g. one
             loaded with ``VarNetModule2.load_from_checkpoint``): its network is taken as for
-            the student.
+            the student. From an :class:`~sftkd_fastmri.pl_modules.SFTModule` (or a
+            :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher`) its teacher network is taken,
+            as from an SFT checkpoint (``teacher_prefix="student"``: its student).
         losses: ``{loss name: weight}`` with names from
             :func:`sftkd_fastmri.kd.available_losses` (``at``, ``cc``, ``fitnet``, ``fsp``,
             ``imitation``, ``sp``) and weights >= 0.
@@ -145,8 +148,9 @@ class DistillationCallback(Callback):
         schedule: ``"joint"`` or ``"two_stage"``.
         kd_epochs: Epochs with distillation: required (>= 1) for ``"two_stage"``; optional for
             ``"joint"`` (default: every epoch).
-        teacher_prefix: For an SFT checkpoint as teacher, the network to take (``"teacher"``
-            default, or ``"student"``), passed to ``load_model`` as ``role``.
+        teacher_prefix: For an SFT checkpoint, ``SFTModule`` or ``StudentFriendlyTeacher``
+            as teacher, the network to take (``"teacher"`` default, or ``"student"``); for a
+            path passed to ``load_model`` as ``role``.
         attr_name: Name under which the KD parameters are attached to the module (and the
             prefix of their checkpoint keys).
         prog_bar: Show ``kd/total`` in the progress bar.
@@ -198,8 +202,11 @@ class DistillationCallback(Callback):
             teacher = load_model(teacher, role=teacher_prefix or "auto")
             teacher.requires_grad_(False).eval()
         elif isinstance(teacher, pl.LightningModule):
-            teacher = find_network(teacher, role="teacher")
-        elif not isinstance(teacher, nn.Module):
+            # an SFTModule's network is its StudentFriendlyTeacher: take the teacher inside
+            teacher = sft_network(find_network(teacher, role="teacher"), teacher_prefix)
+        elif isinstance(teacher, nn.Module):
+            teacher = sft_network(teacher, teacher_prefix)
+        else:
             raise TypeError(
                 f"teacher must be an nn.Module or a checkpoint path, got {type(teacher).__name__}"
             )

@@ -1,6 +1,7 @@
 """What :class:`~sftkd_fastmri.callbacks.DistillationCallback` finds in a LightningModule and
-checks before a fit: which submodule is the network, its dtype and device, and whether the
-training batches are large enough for every KD loss asked for."""
+checks before a fit: which submodule is the network (for an SFT teacher, which of its two
+networks), its dtype and device, and whether the training batches are large enough for every
+KD loss asked for."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..kd.registry import loss_class
+from ..sft import StudentFriendlyTeacher
 
-__all__ = ["check_batch_size", "find_network"]
+__all__ = ["check_batch_size", "find_network", "sft_network"]
+
+#: ``teacher_prefix`` values and the network of a student-friendly teacher each takes.
+_SFT_ROLES = {None: "teacher", "auto": "teacher", "teacher": "teacher", "student": "student"}
 
 _NETWORK_ATTRS = ("model", "varnet", "unet")
 
@@ -54,6 +59,31 @@ def find_network(
         f"cannot tell which submodule of {type(module).__name__} is the {role} network "
         f"(child modules with parameters: {with_params or 'none'}); pass {role}_attr=<name>"
     )
+
+
+def sft_network(network: nn.Module, prefix: Optional[str] = None) -> nn.Module:
+    """One network of a :class:`~sftkd_fastmri.sft.StudentFriendlyTeacher` (the wrapper that
+    :class:`~sftkd_fastmri.pl_modules.SFTModule` trains), ``network`` itself otherwise.
+
+    The wrapper runs the teacher in eval mode and is no network to distil from (its
+    submodules hold the student too): as for an SFT checkpoint, the teacher is taken, or the
+    student with ``prefix="student"``.
+
+    Args:
+        network: a network, or a ``StudentFriendlyTeacher``.
+        prefix: ``"teacher"`` (also ``None`` and ``"auto"``) or ``"student"``.
+
+    Raises:
+        ValueError: ``network`` is a ``StudentFriendlyTeacher`` and ``prefix`` another value.
+    """
+    if not isinstance(network, StudentFriendlyTeacher):
+        return network
+    if prefix not in _SFT_ROLES:
+        raise ValueError(
+            f"teacher_prefix for a student-friendly teacher (SFTModule) must be 'teacher' or "
+            f"'student', got {prefix!r}"
+        )
+    return getattr(network, _SFT_ROLES[prefix])
 
 
 def _floating_dtype(module: nn.Module) -> Optional[torch.dtype]:

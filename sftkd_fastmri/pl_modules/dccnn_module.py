@@ -7,9 +7,9 @@ from typing import Any, Dict, Optional, Union
 
 from torch import Tensor
 
-from ..models import DCCNN, create_model, init_from_checkpoint
+from ..models import build_model, create_model, init_from_checkpoint
 from ..models.varnet import low_frequency_kwargs
-from .recon_module import ReconModule, crop_to_target, model_inputs
+from .recon_module import ReconModule, crop_to_target, kspace_batch, model_inputs
 
 __all__ = ["DCCNNModule"]
 
@@ -22,16 +22,25 @@ class DCCNNModule(ReconModule):
     Defaults follow SFT-KD-Recon (Matcha et al., MIDL 2023): Adam, lr 1e-3, StepLR(40, 0.1),
     no weight decay, L1 loss.
 
-    The hyperparameters record ``model_preset`` and ``model_config`` (the full constructor
-    dict), so :func:`sftkd_fastmri.models.load_model` rebuilds the network from a Lightning
-    checkpoint of this module (weights under ``model.``), and
-    ``DCCNNModule.load_from_checkpoint`` rebuilds the module.
+    The hyperparameters record ``model_preset`` and ``model_config`` (the network's full
+    config: a DC-CNN's constructor dict, or the config of a
+    :class:`~sftkd_fastmri.models.CascadedVarNet` built from the ``varnet`` preset), so
+    :func:`sftkd_fastmri.models.load_model` rebuilds the network from a Lightning checkpoint
+    of this module (weights under ``model.``), and ``DCCNNModule.load_from_checkpoint``
+    rebuilds the module (with :func:`sftkd_fastmri.models.build_model`, as
+    :class:`~sftkd_fastmri.pl_modules.SFTModule` rebuilds its networks).
+
+    Data: the k-space samples of :class:`~sftkd_fastmri.pl_modules.FastMRIDataModule`
+    (:class:`~sftkd_fastmri.data.DCCNNDataTransform`); fastMRI's own samples (e.g.
+    ``VarNetDataTransform``'s) are refused with a ``TypeError`` saying so.
 
     Args:
         model_preset: preset name (see :func:`sftkd_fastmri.models.list_models`).
         model_overrides: constructor arguments replacing the preset's (e.g. ``{"chans": 8}``).
-        model_config: the full constructor dict; when given (as when reloading a checkpoint)
-            it is used as is, and preset and overrides are only recorded.
+        model_config: the network's full config (a DC-CNN's constructor dict, or a config
+            with ``architecture``, e.g. ``"cascaded_varnet"``; see
+            :func:`sftkd_fastmri.models.build_model`); when given (as when reloading a
+            checkpoint) it is used as is, and preset and overrides are only recorded.
         init_checkpoint: start from the weights of a model checkpoint or of a Lightning
             checkpoint of this package; the preset and configuration must match (loaded
             strictly). Not recorded in the hyperparameters: a checkpoint of this module holds
@@ -45,6 +54,8 @@ class DCCNNModule(ReconModule):
     Raises:
         CheckpointError: ``init_checkpoint`` is unreadable, holds another preset or another
             configuration, or its weights do not fit.
+        ValueError: ``model_config`` builds no network (see
+            :func:`~sftkd_fastmri.models.build_model`).
     """
 
     def __init__(
@@ -72,7 +83,8 @@ class DCCNNModule(ReconModule):
             output_dir=output_dir,
         )
         if model_config is not None:
-            self.model = DCCNN(**model_config)
+            # any recorded architecture (a DC-CNN, or the varnet preset's CascadedVarNet)
+            self.model = build_model(model_config)
             self.model.preset = model_preset
         else:
             self.model = create_model(model_preset, **dict(model_overrides or {}))
@@ -110,6 +122,12 @@ class DCCNNModule(ReconModule):
         )
 
     def reconstruct(self, batch: Any) -> Tensor:
-        """``(B, h, w)`` normalised magnitude, cropped to the target size."""
+        """``(B, h, w)`` normalised magnitude, cropped to the target size.
+
+        Raises:
+            TypeError: ``batch`` is not a batch of :class:`~sftkd_fastmri.data.DCCNNSample`
+                (e.g. fastMRI's ``VarNetSample``), see :func:`kspace_batch`.
+        """
+        batch = kspace_batch(batch, self)
         low = getattr(batch, "num_low_frequencies", None)
         return crop_to_target(self(*model_inputs(batch), low), batch)

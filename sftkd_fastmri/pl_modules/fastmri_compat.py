@@ -24,12 +24,17 @@ What breaks on Lightning 2 (fastmri 0.3.0) and what the adapter does about it:
 * fastMRI's modules have no ``predict_step``; the adapter's returns ``test_step``'s output as
   :meth:`~sftkd_fastmri.pl_modules.ReconModule.predict_step` does, so ``trainer.predict``
   works on either kind of module.
+* :class:`VarNetModule2` computes fastMRI's SSIM loss in float32 under ``16-mixed`` /
+  ``bf16-mixed`` autocast (fastMRI's ran its window means in 16 bits, where the variances
+  cancel: a wrong training loss and a wrong ``validation_loss``, the checkpoint monitor), as
+  :class:`~sftkd_fastmri.pl_modules.losses.SSIMLoss` does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Type
 
+import fastmri
 import pytorch_lightning as pl
 import torch
 from fastmri.data.transforms import center_crop_to_smallest
@@ -194,7 +199,20 @@ class VarNetModule2(Lightning2MriMixin, VarNetModule):
     network runs on the normalised k-space, so distillation terms on its output have the
     magnitudes they have for DC-CNNs; in validation and test on k-space in the files' units
     (the VarNet is scale-equivariant: the same result up to float rounding).
+
+    Mixed precision: fastMRI's SSIM loss (``self.loss``, training and ``validation_loss``)
+    runs in float32 outside autocast, whose 16-bit window means made it wrong by several
+    percent (see :class:`~sftkd_fastmri.pl_modules.losses.SSIMLoss`); in 32 bits it is
+    fastMRI's arithmetic unchanged, and its state-dict entries (``loss.w``) are fastMRI's.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # VarNetModule's arguments; its save_hyperparameters records them as without this
+        super().__init__(*args, **kwargs)
+        if type(self.loss) is fastmri.SSIMLoss:
+            loss = _Float32SSIMLoss(self.loss.win_size, self.loss.k1, self.loss.k2)
+            loss.load_state_dict(self.loss.state_dict())
+            self.loss = loss
 
     def forward(self, masked_kspace, mask, num_low_frequencies):
         return self.varnet(masked_kspace, mask, batch_low_frequencies(num_low_frequencies))
@@ -216,6 +234,17 @@ class VarNetModule2(Lightning2MriMixin, VarNetModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> Dict[str, Any]:
         return super().test_step(_one_crop_size(_in_file_units(batch)), batch_idx)
+
+
+class _Float32SSIMLoss(fastmri.SSIMLoss):
+    """fastMRI's ``SSIMLoss`` (same arguments, window buffer and state-dict keys), computed
+    with autocast disabled on images in the window's dtype promoted to at least float32: under
+    autocast its convolutions ran in 16 bits, and ``E[x^2] - E[x]^2`` cancelled."""
+
+    def forward(self, X: Tensor, Y: Tensor, data_range: Tensor, reduced: bool = True) -> Tensor:
+        with torch.autocast(X.device.type, enabled=False):
+            dtype = torch.promote_types(self.w.dtype, torch.float32)
+            return super().forward(X.to(dtype), Y.to(dtype), data_range, reduced)
 
 
 def _one_crop_size(batch: Any) -> Any:

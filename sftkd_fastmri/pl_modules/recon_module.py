@@ -21,7 +21,9 @@ Deviations from ``MriModule`` (all towards exactness):
   ``VolumeSampler``), alone or inside another batch, counts once, and the value, which picks
   the best checkpoint, is the same on any number of devices. Modules that give a batch's
   mean alone (fastMRI's, through :class:`Lightning2MriMixin`) count a repeated whole batch
-  once and a slice repeated inside another batch twice, as in ``MriModule``;
+  once and a slice repeated inside another batch twice, as in ``MriModule``. Other
+  validation values handed over per slice (:meth:`accumulate_slice_values`, e.g.
+  :class:`SFTModule`'s ``val/*`` loss terms) are averaged the same way;
 * images are logged for evenly spaced, fixed validation batches (not random ones) and only
   when a TensorBoard logger is attached.
 """
@@ -59,6 +61,7 @@ __all__ = [
     "VolumeMetricAccumulator",
     "crop_to_target",
     "has_target",
+    "kspace_batch",
     "model_inputs",
     "target_size",
 ]
@@ -85,6 +88,44 @@ def crop_to_target(image: Tensor, batch: Any) -> Tensor:
     return center_crop(image, (min(h, image.shape[-2]), min(w, image.shape[-1])))
 
 
+#: What a batch of :class:`~sftkd_fastmri.data.DCCNNSample` has and fastMRI's samples lack.
+_KSPACE_FIELDS = ("masked_kspace", "mask", "sens_maps", "target", "scale", "max_value")
+
+
+def kspace_batch(batch: Any, module: Any) -> Any:
+    """``batch`` when it is a batch of :class:`~sftkd_fastmri.data.DCCNNSample` (the k-space
+    samples of :class:`~sftkd_fastmri.pl_modules.FastMRIDataModule`), else a clear error.
+
+    fastMRI's own samples have other fields: ``VarNetDataTransform``'s carry k-space in the
+    files' units and neither ``sens_maps`` nor ``scale``, ``UnetDataTransform``'s images.
+
+    Args:
+        batch: a collated batch.
+        module: the module that was given it (named in the error).
+
+    Raises:
+        TypeError: naming the sample type received and the samples expected.
+    """
+    missing = [name for name in _KSPACE_FIELDS if not hasattr(batch, name)]
+    if not missing:
+        return batch
+    if hasattr(batch, "masked_kspace"):
+        hint = (
+            " (fastMRI's VarNetDataTransform samples, with k-space in the files' units: use "
+            "FastMRIDataModule or SliceDataset with DCCNNDataTransform, or train fastMRI's "
+            "VarNet with VarNetModule2)"
+        )
+    elif hasattr(batch, "image"):
+        hint = " (fastMRI's UnetDataTransform samples: train a U-Net with UnetModule2)"
+    else:
+        hint = ""
+    raise TypeError(
+        f"{type(module).__name__} takes the k-space samples of FastMRIDataModule "
+        f"(sftkd_fastmri.data.DCCNNSample from DCCNNDataTransform: {', '.join(_KSPACE_FIELDS)}"
+        f", ...), got a {type(batch).__name__} without {', '.join(missing)}{hint}"
+    )
+
+
 # -- the Lightning side -----------------------------------------------------------------------
 class FastMRIMetricsMixin:
     """Validation/test bookkeeping of the fastMRI metric contract, for any LightningModule.
@@ -95,7 +136,9 @@ class FastMRIMetricsMixin:
     :meth:`add_reconstructions`; its epoch hooks aggregate, log and write.
 
     Metric keys: ``""`` is the main output (``val_metrics/psnr``); any other key ``k`` logs
-    ``val_metrics/k/psnr`` etc. (e.g. the student branches of SFT training).
+    ``val_metrics/k/psnr`` etc. (e.g. the student branches of SFT training). Further
+    per-slice validation values (:meth:`accumulate_slice_values`) are logged under their
+    own names.
 
     After an epoch: :attr:`val_metrics` / :attr:`test_metrics` (``{"psnr": ..., "branch1/psnr":
     ...}``), :attr:`val_volume_metrics` / :attr:`test_volume_metrics` (lists of per-volume rows
@@ -120,7 +163,14 @@ class FastMRIMetricsMixin:
 
     def _reset_stage(self, stage: str) -> None:
         state = self._fm_state()
-        state[stage] = {"metrics": {}, "loss_sum": 0.0, "loss_count": 0, "loss_batches": {}}
+        state[stage] = {
+            "metrics": {},
+            "loss_sum": 0.0,
+            "loss_count": 0,
+            "loss_batches": {},
+            "slice_values": {},  # {name: {(fname, slice_num): value}}
+            "slice_means": {},  # {name: mean over slices}, after the epoch
+        }
         if stage == "test":
             state["recons"] = ReconstructionStore()
 
@@ -178,6 +228,44 @@ class FastMRIMetricsMixin:
                 batches.setdefault((slice_key,), (value, 1))
             return
         batches.setdefault(tuple(slices), (float(loss) * batch_size, batch_size))
+
+    def accumulate_slice_values(
+        self,
+        values: Mapping[str, Tensor],
+        fnames: Sequence[str],
+        slice_nums: Union[Tensor, Sequence[int]],
+    ) -> None:
+        """Add validation values of each slice, logged at the end of the epoch under their
+        names as the mean over slices, each slice counted once as in ``validation_loss``.
+
+        A slice seen again (on this rank or another: DDP samplers pad the ranks with repeated
+        slices) keeps its first value, so the means are those of one process on any number
+        of devices (a value logged with ``self.log(..., sync_dist=True)`` averages the ranks'
+        batch means, duplicates included).
+
+        Args:
+            values: ``{name: (B,) values}``, e.g. ``{"val/teacher_rec": ...}``; each slice's
+                value computed on that slice alone (for a mean-type loss, their mean is the
+                batch's value).
+            fnames: the batch's ``B`` file names.
+            slice_nums: the batch's ``B`` slice indices.
+
+        Raises:
+            ValueError: a value is not one number per slice of the batch.
+        """
+        numbers = slice_nums.tolist() if isinstance(slice_nums, Tensor) else list(slice_nums)
+        slices = list(zip(map(str, fnames), map(int, numbers)))
+        store = self._fm_state()["val"]["slice_values"]
+        for name, value in values.items():
+            value = torch.as_tensor(value).detach()
+            if value.ndim != 1 or value.numel() != len(slices):
+                raise ValueError(
+                    f"{name}: expected one value per slice, shape ({len(slices)},), got "
+                    f"{tuple(value.shape)}"
+                )
+            per_slice = store.setdefault(name, {})
+            for slice_key, number in zip(slices, value.float().tolist()):
+                per_slice.setdefault(slice_key, number)
 
     def per_slice_loss(self, output: Tensor, target: Tensor, data_range: Tensor) -> Tensor:
         """``(B,)`` the reconstruction loss of each slice alone: their mean is the batch's
@@ -257,7 +345,13 @@ class FastMRIMetricsMixin:
         state = self._fm_state()[stage]
         # one collective per epoch: every rank must call it, whatever keys it has seen
         parts = _all_gather_object(
-            (state["metrics"], state["loss_sum"], state["loss_count"], state["loss_batches"])
+            (
+                state["metrics"],
+                state["loss_sum"],
+                state["loss_count"],
+                state["loss_batches"],
+                state["slice_values"],
+            )
         )
         keys = sorted({k for metrics, *_ in parts for k in metrics})
         values: Dict[str, float] = {}
@@ -275,6 +369,17 @@ class FastMRIMetricsMixin:
                 batches.setdefault(key, entry)  # a repeated batch counts once
         state["loss_sum"] = sum(p[1] for p in parts) + sum(v for v, _ in batches.values())
         state["loss_count"] = sum(p[2] for p in parts) + sum(n for _, n in batches.values())
+        per_slice: Dict[str, Dict[Tuple[str, int], float]] = {}
+        for part in parts:
+            for name, entries in part[4].items():
+                merged_values = per_slice.setdefault(name, {})
+                for slice_key, value in entries.items():
+                    merged_values.setdefault(slice_key, value)  # a repeated slice counts once
+        state["slice_means"] = {
+            name: sum(entries.values()) / len(entries)
+            for name, entries in sorted(per_slice.items())
+            if entries
+        }
         return values, table
 
     def on_validation_epoch_start(self) -> None:
@@ -291,6 +396,8 @@ class FastMRIMetricsMixin:
                 sync_dist=True,
             )
         self._log_metric_dict("val_metrics", values)
+        for name, value in state["slice_means"].items():
+            self.log(name, value, sync_dist=True)  # equal on every rank (see above)
         self.val_metrics, self.val_volume_metrics = values, table
 
     def on_test_epoch_start(self) -> None:

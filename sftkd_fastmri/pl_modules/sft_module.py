@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 
 from .._ddp import allow_unused_parameters
@@ -25,7 +26,7 @@ from ..models import build_model, create_model, init_from_checkpoint
 from ..models.varnet import batch_low_frequencies
 from ..sft import SFTLoss, SFTLossTerms, SFTOutput, StudentFriendlyTeacher
 from ..sft.wrapper import low_frequency_kwargs
-from .recon_module import ReconModule, crop_to_target, model_inputs
+from .recon_module import ReconModule, crop_to_target, kspace_batch, model_inputs
 
 __all__ = ["SFTModule", "SFT_LOSSES"]
 
@@ -57,7 +58,10 @@ class SFTModule(ReconModule):
     * validation (per epoch): ``validation_loss`` = ``d(T(x_0), y)`` (the teacher's
       reconstruction loss, the checkpoint monitor), ``val_metrics/{nmse,ssim,psnr}`` of the
       teacher, and unless ``val_branch_metrics=False`` the same terms as in training under
-      ``val/...`` and ``val_metrics/branch{i}/{nmse,ssim,psnr}`` per branch;
+      ``val/...`` and ``val_metrics/branch{i}/{nmse,ssim,psnr}`` per branch. The ``val/...``
+      terms are means over slices, each slice counted once, as ``validation_loss`` (so
+      ``val/teacher_rec`` is ``validation_loss``, on any number of devices: a slice that a
+      DDP sampler repeats to pad a rank counts once);
     * testing: the teacher's reconstructions in ``reconstructions/<fname>.h5`` (and
       ``test_metrics/*`` where the files carry targets), as :class:`ReconModule`.
 
@@ -344,8 +348,13 @@ class SFTModule(ReconModule):
 
     def _inputs(self, batch: Any) -> Tuple[Any, ...]:
         """The wrapper's inputs from a batch: :func:`model_inputs` and, where a network takes
-        it (a VarNet), the batch's ``num_low_frequencies`` as one number."""
-        inputs = model_inputs(batch)
+        it (a VarNet), the batch's ``num_low_frequencies`` as one number.
+
+        Raises:
+            TypeError: ``batch`` is not a batch of :class:`~sftkd_fastmri.data.DCCNNSample`
+                (e.g. fastMRI's ``VarNetSample``), see :func:`kspace_batch`.
+        """
+        inputs = model_inputs(kspace_batch(batch, self))
         takes = any(
             getattr(m, "takes_num_low_frequencies", False)
             for m in (self.sft.teacher, self.sft.student)
@@ -380,6 +389,25 @@ class SFTModule(ReconModule):
         """:class:`~sftkd_fastmri.sft.SFTLossTerms` of cropped outputs against the target."""
         return self.sft_loss(output, batch.target)
 
+    def per_slice_sft_terms(
+        self, output: SFTOutput, batch: Any, prefix: str = "val/"
+    ) -> Dict[str, Tensor]:
+        """``{prefix + term: (B,)}``: the logged SFT terms of each slice alone (detached).
+
+        Their mean is the batch's term (every term is a mean over its elements, a weighted sum
+        or a mean or sum over branches of such means, and a batch's slices share one shape),
+        and :meth:`accumulate_slice_values` counts each slice once.
+        """
+        rows = []
+        for i in range(output.teacher.shape[0]):
+            one = SFTOutput(
+                teacher=output.teacher[i : i + 1],
+                branches=[branch[i : i + 1] for branch in output.branches],
+            )
+            terms = self.sft_loss(one, batch.target[i : i + 1])
+            rows.append(terms.as_dict(prefix, self.branch_ids))
+        return {name: torch.stack([row[name].detach() for row in rows]) for name in rows[0]}
+
     # -- steps ------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         teacher, branches = self(*self._inputs(batch))
@@ -413,13 +441,10 @@ class SFTModule(ReconModule):
         if output is not None:
             for i, branch in zip(self.branch_ids, output.branches):
                 self.update_metrics(f"branch{i}", branch, batch)
-            terms = self.sft_terms(output, batch)
-            self.log_dict(
-                _detached(terms.as_dict("val/", self.branch_ids)),
-                on_step=False,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,
+            # Per slice, as validation_loss: logged at the epoch's end, each slice once (a
+            # log_dict of batch means counted the slices DDP samplers repeat to pad a rank).
+            self.accumulate_slice_values(
+                self.per_slice_sft_terms(output, batch), batch.fname, batch.slice_num
             )
         return loss
 

@@ -863,3 +863,26 @@ def test_ddp_log_advice_filter_lasts_only_for_the_fit(tmp_path):
         kd.teardown(trainer, module, "fit")
         assert len(warnings.filters) == n_filters + 1  # the user's own filter is kept
     assert [str(w.message) for w in seen] == [advice]
+
+
+def test_an_sft_teacher_is_distilled_from_its_teacher_network(tmp_path):
+    """Given an SFTModule, the callback took the network it found in it, the
+    StudentFriendlyTeacher wrapper (which also holds the student): no default layer pairing
+    fitted it. As from an SFT checkpoint, the teacher network is taken (teacher_prefix:
+    the student)."""
+    from sftkd_fastmri.pl_modules import SFTModule
+
+    torch.manual_seed(0)
+    sft = SFTModule(teacher_overrides={"chans": 4}, student_overrides={"chans": 4})
+    assert DistillationCallback(sft, {"at": 1.0}).teacher is sft.teacher
+    assert DistillationCallback(sft.sft, {"at": 1.0}).teacher is sft.teacher
+    taken = DistillationCallback(sft, {"at": 1.0}, teacher_prefix="student").teacher
+    assert taken is sft.student
+    with pytest.raises(ValueError, match="teacher_prefix .*'teacher' or 'student', got 'model'"):
+        DistillationCallback(sft, {"at": 1.0}, teacher_prefix="model")
+    # the default pairings of two DC-CNNs apply, and a step trains with the KD term
+    student = create_model("dccnn_d3c5", chans=4)
+    kd = DistillationCallback(sft, {"at": 1.0})
+    recorder = Recorder(sft.teacher)
+    _trainer(tmp_path, [kd, recorder], limit_train_batches=1).fit(ToyRecon(student), _loader())
+    assert recorder.teacher_calls == [0] and "kd/at_step" in recorder.metrics[-1]

@@ -230,3 +230,26 @@ def test_a_varnet_sees_the_batchs_centre_columns_in_every_stage(demo_root):
         torch.testing.assert_close(reconstruct_batch(net, batch, "cpu"), given, rtol=0, atol=0)
         sft = SFTModule(teacher=net, student=DCCNNModule("varnet", model_overrides=small).model)
         torch.testing.assert_close(sft.eval().reconstruct(batch), given)
+
+
+def test_a_varnet_preset_module_reloads_from_its_checkpoint(demo_root, tmp_path):
+    """The varnet preset's config records architecture="cascaded_varnet"; the module rebuilt
+    a DCCNN(**config) from it, so load_from_checkpoint failed on its own checkpoints."""
+    small = dict(num_cascades=1, chans=4, pools=1, sens_chans=2, sens_pools=1)
+    torch.manual_seed(0)
+    module = DCCNNModule("varnet", model_overrides=small, num_log_images=0)
+    data = FastMRIDataModule(demo_root, "multicoil", batch_size=1)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "varnet.ckpt")
+    reloaded = DCCNNModule.load_from_checkpoint(tmp_path / "varnet.ckpt", weights_only=True)
+    assert type(reloaded.model) is type(module.model)
+    assert reloaded.model.config == module.model.config
+    assert reloaded.hparams["model_config"]["architecture"] == "cascaded_varnet"
+    for name, value in module.model.state_dict().items():
+        torch.testing.assert_close(reloaded.model.state_dict()[name], value)
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.eval().reconstruct(batch), module.eval().reconstruct(batch)
+        )

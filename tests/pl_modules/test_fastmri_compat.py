@@ -282,3 +282,37 @@ def test_varnet_module_tests_batches_of_several_slices(demo_root):
     mixed = batch._replace(crop_size=(torch.tensor([8, 8]), torch.tensor([8, 6])))
     with pytest.raises(ValueError, match=r"different reconstruction sizes \[\(8, 6\), \(8, 8\)\]"):
         _one_crop_size(mixed)
+
+
+def test_varnet_module_ssim_loss_is_float32_under_autocast(demo_root):
+    """fastMRI's SSIMLoss ran its window means in 16 bits under bf16-mixed autocast, where
+    the variances cancel: the training loss and validation_loss (the checkpoint monitor) were
+    off by several percent. They must be fastMRI's SSIM of the same images in float32."""
+    from fastmri.losses import SSIMLoss
+
+    from sftkd_fastmri.pl_modules import FastMRIDataModule
+
+    torch.manual_seed(0)
+    module = VarNetModule2(**TINY_VARNET).eval()
+    # still fastMRI's loss with fastMRI's checkpoint entries
+    assert isinstance(module.loss, SSIMLoss) and "loss.w" in module.state_dict()
+    data = FastMRIDataModule(demo_root, challenge="multicoil", batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    outputs = []
+    module.varnet.register_forward_hook(lambda net, args, out: outputs.append(out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logs = module.validation_step(batch, 0)
+        loss = module.training_step(batch, 0)
+
+    def float32_ssim(output, target):
+        output, target = output.float().unsqueeze(1), target.float().unsqueeze(1)
+        return SSIMLoss()(output, target, data_range=batch.max_value)
+
+    val_loss = logs["val_loss"]
+    want = float32_ssim(logs["output"], logs["target"])
+    assert val_loss.dtype != torch.bfloat16 and float(val_loss) == pytest.approx(float(want))
+    scale = batch.scale.reshape(-1, 1, 1)
+    output = fastmri.data.transforms.center_crop(outputs[-1], batch.target.shape[-2:]) * scale
+    want = float32_ssim(output, batch.target * scale)
+    assert loss.dtype != torch.bfloat16 and float(loss) == pytest.approx(float(want), rel=1e-5)

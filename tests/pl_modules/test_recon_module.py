@@ -411,3 +411,70 @@ def test_16_bit_true_precision_is_refused_with_the_reason(precision):
     module._trainer = SimpleNamespace(precision=precision, datamodule=None)
     with pytest.raises(ValueError, match=f"precision='{precision}'.*FFTs need float32"):
         module.setup("fit")
+
+
+def test_per_slice_values_count_each_slice_once_across_ranks(monkeypatch):
+    """Values handed over per slice (SFTModule's val/* terms) are averaged over slices, a
+    slice repeated on this rank or on another (DDP sampler padding) counted once, as in
+    validation_loss; logged as batch means with sync_dist, they counted the repeats."""
+    from sftkd_fastmri.pl_modules import recon_module
+    from sftkd_fastmri.pl_modules.recon_module import FastMRIMetricsMixin
+
+    ranks = [FastMRIMetricsMixin(), FastMRIMetricsMixin()]
+    for mixin in ranks:
+        mixin._reset_stage("val")
+    ranks[0].accumulate_slice_values({"val/x": torch.tensor([1.0, 3.0])}, ["a", "a"], [0, 1])
+    ranks[0].accumulate_slice_values({"val/x": torch.tensor([3.0])}, ["a"], [1])  # again
+    ranks[1].accumulate_slice_values({"val/x": torch.tensor([8.0, 1.0])}, ["b", "a"], [0, 0])
+    states = [m._fm_state()["val"] for m in ranks]
+    # the gather of two ranks: each receives every rank's state
+    monkeypatch.setattr(
+        recon_module,
+        "_all_gather_object",
+        lambda obj: [
+            (s["metrics"], s["loss_sum"], s["loss_count"], s["loss_batches"], s["slice_values"])
+            for s in states
+        ],
+    )
+    for mixin in ranks:
+        mixin._finish_stage("val")
+    assert [s["slice_means"] for s in states] == [{"val/x": 4.0}] * 2  # (1 + 3 + 8) / 3
+    with pytest.raises(ValueError, match=r"val/x: expected one value per slice, shape \(2,\)"):
+        ranks[0].accumulate_slice_values({"val/x": torch.tensor(1.0)}, ["a", "a"], [0, 1])
+
+
+def test_modules_refuse_fastmri_samples_clearly(demo_root):
+    """fastMRI's own samples (SliceDataset + VarNetDataTransform) carry no sens_maps and no
+    scale: an AttributeError from inside the step, now a TypeError naming what was given and
+    what is expected (the opposite of UnetModule2's refusal of k-space samples)."""
+    from fastmri.data import SliceDataset
+    from fastmri.data.subsample import RandomMaskFunc
+    from fastmri.data.transforms import UnetDataTransform, VarNetDataTransform
+
+    from sftkd_fastmri.pl_modules import DCCNNModule, SFTModule
+
+    def batch(challenge, transform):
+        folder = demo_root / f"{challenge}_train"
+        dataset = SliceDataset(folder, challenge, transform=transform, use_dataset_cache=False)
+        return next(iter(DataLoader(dataset, batch_size=1)))
+
+    mask = RandomMaskFunc([0.08], [4])
+    varnet = batch("multicoil", VarNetDataTransform(mask_func=mask, use_seed=True))
+    small = {"chans": 2}
+    for module in (
+        DCCNNModule("dccnn_d3c5", model_overrides=small),
+        SFTModule(teacher_overrides=small, student_overrides=small),
+    ):
+        name = type(module).__name__
+        steps = (module.training_step, module.validation_step, module.test_step)
+        for step in (*steps, module.predict_step):
+            with pytest.raises(
+                TypeError,
+                match=rf"{name} takes the k-space samples of FastMRIDataModule \(.*"
+                r"DCCNNDataTransform.*\), got a VarNetSample without sens_maps, scale "
+                r"\(fastMRI's VarNetDataTransform samples",
+            ):
+                step(varnet, 0)
+    unet = batch("singlecoil", UnetDataTransform("singlecoil", mask_func=mask, use_seed=True))
+    with pytest.raises(TypeError, match=r"got a UnetSample .*UnetModule2"):
+        DCCNNModule("dccnn_d3c5", model_overrides=small).reconstruct(unet)

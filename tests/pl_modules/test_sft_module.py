@@ -153,8 +153,42 @@ def test_validation_reports_the_teacher(sft_run):
     logged = sft_run["trainer"].logged_metrics
     # the run ended with the last epoch's validation, so the module's weights are those it saw
     assert float(logged["validation_loss"]) == pytest.approx(loss_sum / count, rel=1e-5)
+    # the teacher term of the logged SFT terms is the same per-slice mean
+    assert float(logged["val/teacher_rec"]) == pytest.approx(loss_sum / count, rel=1e-5)
     assert module.val_metrics["psnr"] == pytest.approx(metrics.compute()["psnr"], rel=1e-6)
     assert module.val_metrics["branch1/psnr"] != module.val_metrics["psnr"]
+
+
+def test_val_terms_count_each_slice_once_as_validation_loss(demo_root):
+    """DDP samplers pad a rank with repeated slices. The val/* terms were logged as batch
+    means (log_dict with sync_dist), which counted a repeated slice again: val/teacher_rec
+    differed from validation_loss and changed with the number of devices. Per slice, each
+    slice counts once, on one rank as across ranks (see test_recon_module)."""
+    from torch.utils.data import default_collate
+
+    dataset = FastMRIDataModule(demo_root, "singlecoil", batch_size=2).dataset("val")
+    samples = [dataset[i] for i in range(3)]
+    # the second batch repeats slice 1, as a rank padded by a DDP sampler sees it
+    batches = [default_collate(samples[:2]), default_collate([samples[2], samples[1]])]
+    torch.manual_seed(0)
+    small = {"chans": 4}
+    module = SFTModule(**{**TINY, "teacher_overrides": small, "student_overrides": small})
+    module.eval().on_validation_epoch_start()
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            module.validation_step(batch, i)
+        module._finish_stage("val")
+        unique = default_collate(samples)
+        alone = module.per_slice_sft_terms(module.sft_output(unique), unique)
+    state = module._fm_state()["val"]
+    means = state["slice_means"]
+    expected = {f"val/{t}" for t in TERMS}
+    expected |= {f"val/branch{i}_{t}" for i in BRANCHES for t in ("rec", "imitation")}
+    assert set(means) == set(alone) == expected
+    for name, values in alone.items():  # the mean over the three slices, each once
+        assert means[name] == pytest.approx(float(values.mean()), rel=1e-5), name
+    validation_loss = state["loss_sum"] / state["loss_count"]
+    assert means["val/teacher_rec"] == pytest.approx(validation_loss, rel=1e-6)
 
 
 def test_checkpoint_contract_export_and_reload(sft_run, tmp_path):
