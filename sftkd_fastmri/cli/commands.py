@@ -218,7 +218,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--eval-out-dir {out_dir} is a file; expected a folder")
-        _check_out_of_split(out_dir, cfg, split)
+        _check_out_of_splits(out_dir, cfg)
         earlier = sorted((out_dir / "reconstructions").glob("*.h5"))
         if (out_dir / "metrics.json").is_file():
             earlier.append(out_dir / "metrics.json")
@@ -291,22 +291,19 @@ def _evaluate_keys_from(config: Dict, args: argparse.Namespace, source: str) -> 
         args.role = "auto"
 
 
-def _check_out_of_split(out_dir: Path, cfg: Dict, split: str) -> None:
-    """``--eval-out-dir`` must not be the split folder being scored or inside it: fastMRI's
-    reader takes every entry of a split folder as a volume."""
-    from ..data.datasets import split_dir
-    from ..experiment import resolve_data_path
+def _check_out_of_splits(out_dir: Path, cfg: Dict) -> None:
+    """``--eval-out-dir`` must not be a split folder of the data folder nor lie inside one,
+    the split being scored or any other (``multicoil_val`` while scoring ``test_full``):
+    fastMRI's reader takes every entry of a split folder as a volume, so the
+    ``reconstructions/`` and ``metrics.json`` written there would break every later command
+    that reads that split. Checked before anything is written."""
+    from ..experiment import check_out_of_splits, resolve_data_path
 
     try:
-        folder = split_dir(resolve_data_path(cfg), cfg["challenge"], split).resolve()
-    except (ValueError, OSError, KeyError):
+        data_path = resolve_data_path(cfg)
+    except (ValueError, OSError):
         return  # no data folder: reported where the data are read
-    target = out_dir.resolve()
-    if target == folder or folder in target.parents:
-        raise ValueError(
-            f"--eval-out-dir {out_dir} is inside the split folder {folder} being evaluated, "
-            "where every entry is read as a volume: choose a folder outside it"
-        )
+    check_out_of_splits(out_dir, data_path, "--eval-out-dir")
 
 
 def _evaluate_into(
@@ -338,8 +335,11 @@ def _evaluate_into(
         result = run_evaluate(cfg, args.checkpoint, split=split, role=args.role, out_dir=staging)
         filled = [(staging / "reconstructions", folder)]
         if scored:
-            rows = [m.as_dict() for m in result.metrics]
-            atomic_write_text(staging / "metrics.json", json.dumps(rows, indent=2))
+            # strict JSON: a PSNR of inf (a reconstruction equal to its target) as null, as
+            # report.json writes it, not Python's non-standard Infinity
+            rows = [m.as_json_dict() for m in result.metrics]
+            text = json.dumps(rows, indent=2, allow_nan=False)
+            atomic_write_text(staging / "metrics.json", text)
             filled.append((staging / "metrics.json", out_dir / "metrics.json"))
         swap_in(filled, "evaluate", "results")
         if not scored:  # an earlier evaluation's scores do not describe these volumes

@@ -81,7 +81,7 @@ STUDY_KEY_HELP = {
     "max_epochs; a --max-epochs flag replaces it)",
     "controls": "controls of a fair comparison: true (= [a]), false, or [a, b]: (a) the SFT "
     "student initialisation without KD, (b) Std-KD for the SFT and KD epochs together",
-    "seeds": "a list of seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
+    "seeds": "a list of distinct seeds, one full study each, e.g. [0, 1, 2] (default: [seed])",
     "train_first_student_cascade": "SFT branch 0 trains the student's first cascade",
     "teacher_weight": "SFT loss weight of the teacher term",
     "branch_weight": "SFT loss weight of the student-branch term",
@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="out_dir",
         type=path_value,
         help="write reconstructions/ (and metrics.json for a split with targets); a folder "
-        "holding an earlier evaluation needs --overwrite",
+        "outside the data folder's split folders; one holding an earlier evaluation needs "
+        "--overwrite",
     )
     p.add_argument(
         "--overwrite",

@@ -41,20 +41,23 @@ def reconstruct_batch(model: nn.Module, batch, device: Union[str, torch.device])
 
 def _precision_mode(
     precision: Optional[str], device: Union[str, torch.device]
-) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
-    """``(autocast dtype, network dtype)`` of a Lightning precision name (None: neither).
+) -> Tuple[Optional[torch.dtype], torch.dtype]:
+    """``(autocast dtype, network dtype)`` of a Lightning precision name (autocast None: none).
     ``32-true`` runs a float32 network (a float64 one, of a 64-true run, as a float32 copy of
-    its weights for the evaluation)."""
+    its weights for the evaluation); the mixed precisions run float32 weights under autocast,
+    as Lightning's do (autocast leaves a float64 network's layers in float64, where they meet
+    its bfloat16 activations and fail)."""
     name = check_precision(precision or "32-true", "evaluation precision {!r}")
     if name in ("32", "32-true"):
         return None, torch.float32
     if name in ("64", "64-true"):
         return None, torch.float64
     if name in ("bf16-mixed", "bf16"):
-        return torch.bfloat16, None
+        return torch.bfloat16, torch.float32
     if name in ("16-mixed", "16"):
         # Lightning's 16-mixed is bfloat16 on the CPU (no float16 autocast kernels there)
-        return (torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16), None
+        autocast = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        return autocast, torch.float32
     raise ValueError(
         f"evaluation precision {name!r}: expected 32-true, 64-true, 16-mixed or bf16-mixed"
     )
@@ -63,7 +66,8 @@ def _precision_mode(
 def _at_precision(
     reconstruct: Callable, autocast: Optional[torch.dtype], dtype: Optional[torch.dtype]
 ) -> Callable:
-    """``reconstruct`` under autocast, or with its inputs cast to the network's ``dtype``."""
+    """``reconstruct`` with its inputs cast to the network's ``dtype``, under autocast when
+    ``autocast`` is given."""
 
     def run(model: nn.Module, batch, device: Union[str, torch.device]) -> Tensor:
         if dtype is not None:
@@ -150,9 +154,11 @@ def evaluate_model(
         progress: show a progress bar.
         reconstruct: custom ``(model, batch, device) -> (B, h, w)`` function.
         precision: Lightning's names: ``32-true`` (default), ``bf16-mixed`` / ``16-mixed``
-            (autocast; 16-mixed is bfloat16 on a CPU, as in Lightning), ``64-true`` (the
-            network and its inputs in float64). A network of another dtype than the
-            precision's runs as a copy in that dtype; ``model`` itself is left as it is.
+            (a float32 network under autocast; 16-mixed is bfloat16 on a CPU, as in
+            Lightning), ``64-true`` (the network and its inputs in float64). A network of
+            another dtype than the precision's (float32, or float64 for 64-true; e.g. a
+            64-true run's network evaluated at bf16-mixed) runs as a copy in that dtype;
+            ``model`` itself is left as it is.
 
     Returns:
         :class:`EvaluationResult` with metrics for every volume that has a target.
@@ -162,9 +168,8 @@ def evaluate_model(
     if model is not None:
         was_training = model.training
         model.eval().to(device)
-        if dtype is not None and any(
-            p.is_floating_point() and p.dtype != dtype for p in model.parameters()
-        ):
+        tensors = [*model.parameters(), *model.buffers()]
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
             # a copy: casting the caller's network there and back would round its weights
             network = copy.deepcopy(model).to(dtype)
         reconstruct = _at_precision(reconstruct or reconstruct_batch, autocast, dtype)

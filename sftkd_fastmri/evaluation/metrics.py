@@ -60,32 +60,80 @@ class VolumeMetrics:
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
 
+    def as_json_dict(self) -> Dict[str, Optional[float]]:
+        """:meth:`as_dict` for strict JSON: a number that is not finite becomes ``None``
+        (``null``), as in the study's ``report.json``. The one that occurs is the PSNR of a
+        reconstruction equal to its target (no error: ``inf``); JSON has no infinity, and
+        Python's ``json`` would write ``Infinity``, which strict readers refuse."""
+        return {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in asdict(self).items()
+        }
+
 
 def volume_metrics(
     fname: str, gt: np.ndarray, pred: np.ndarray, max_value: Optional[float] = None
 ) -> VolumeMetrics:
-    """fastMRI metrics of a volume ``(slices, H, W)``; ``max_value`` defaults to ``gt.max()``."""
+    """fastMRI metrics of a volume ``(slices, H, W)``; ``max_value`` (the data range of PSNR
+    and SSIM, the file's ``max`` attribute) defaults to ``gt.max()``.
+
+    Raises:
+        ValueError: naming ``fname``, for volumes of other shapes, an all-zero target, a
+            target or reconstruction holding NaN or Inf (their metrics would be NaN), or a
+            ``max_value`` that is not a finite number > 0.
+    """
     gt = np.asarray(gt, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     if gt.shape != pred.shape:
         raise ValueError(f"{fname}: target {gt.shape} and reconstruction {pred.shape} differ")
+    if not np.isfinite(gt).all():
+        raise ValueError(
+            f"{fname}: the target holds NaN or Inf ({_slices(gt)}); its metrics would be NaN"
+        )
     if not np.any(gt):
         raise ValueError(f"{fname}: the target volume is all zero; there is nothing to score")
     if not np.isfinite(pred).all():
-        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(pred))[0]})
         raise ValueError(
-            f"{fname}: the reconstruction holds NaN or Inf (slices {bad[:8]}"
-            f"{' ...' if len(bad) > 8 else ''}); a diverged model? Its metrics would be NaN"
+            f"{fname}: the reconstruction holds NaN or Inf ({_slices(pred)}); a diverged "
+            "model? Its metrics would be NaN"
         )
-    maxval = float(gt.max() if max_value is None or max_value <= 0 else max_value)
+    maxval = _data_range(fname, gt, max_value)
+    with np.errstate(divide="ignore"):  # a reconstruction equal to its target: PSNR inf
+        psnr = _scalar(fm_eval.psnr(gt, pred, maxval))
     return VolumeMetrics(
         fname=fname,
         num_slices=int(gt.shape[0]),
         nmse=_scalar(fm_eval.nmse(gt, pred)),
-        psnr=_scalar(fm_eval.psnr(gt, pred, maxval)),
+        psnr=psnr,
         ssim=_scalar(fm_eval.ssim(gt, pred, maxval)),  # fastMRI returns a (1,) array
         hfen=hfen(gt, pred),
     )
+
+
+def _slices(volume: np.ndarray) -> str:
+    """The slices of ``volume`` that hold NaN or Inf, for an error: ``slices [0, 3]``."""
+    bad = sorted({int(i) for i in np.nonzero(~np.isfinite(volume))[0]})
+    return f"slices {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+
+
+def _data_range(fname: str, gt: np.ndarray, max_value: Optional[float]) -> float:
+    """The data range of PSNR and SSIM: ``max_value``, else the target's maximum; either
+    must be a finite number > 0 (NaN gave NaN metrics; 0 or less was quietly replaced by
+    the target's maximum, scoring the volume with another range than asked)."""
+    if max_value is None:
+        value, what = float(gt.max()), "the target's maximum"
+    else:
+        try:
+            value = float(max_value)
+        except (TypeError, ValueError):
+            value = math.nan
+        what = "max_value (the volume's 'max' attribute)"
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{fname}: {what} is {max_value if max_value is not None else value!r}; expected "
+            "a finite number > 0, the data range of PSNR and SSIM"
+        )
+    return value
 
 
 def _scalar(value) -> float:

@@ -365,8 +365,9 @@ def build_report(
             ``key`` are seeds of one model: their volumes are pooled for mean and std, and the
             std of the per-seed means is reported as ``*_seed_std``.
         meta: free-form facts about the study, rendered at the top of the Markdown. Keys the
-            report itself reads: ``title``; ``seeds`` (a list or a count; by default the fewest
-            seeds of any learned model); ``split`` (the split the metrics come from);
+            report itself reads: ``title``; ``seeds`` (a list or a count, read only where the
+            entries carry no seeds: the number of seeds is the fewest that any learned model
+            was scored with); ``split`` (the split the metrics come from);
             ``epochs`` (mapping stage -> epochs, for control (b), equal epoch budgets).
         min_gap_db: Smallest teacher-student PSNR gap for which "gap closed" is reported; below
             it (or with a student better than its teacher) the fraction is ``None``: divided by
@@ -391,6 +392,12 @@ def build_report(
                 raise ValueError(
                     f"entries with key {entry.key!r} disagree on kind/method/variant: "
                     f"{role} vs {other}"
+                )
+            if entry.seed is not None and entry.seed in [r.seed for r in groups[entry.key]]:
+                raise ValueError(
+                    f"entries with key {entry.key!r} repeat seed {entry.seed}: one entry per "
+                    "seed of a model (a repeat would pool its volumes twice and count as "
+                    "another seed)"
                 )
             groups[entry.key].append(entry)
     if not groups:
@@ -473,16 +480,24 @@ def _apply_profile(summary: ModelSummary, profile: Mapping[str, Any]) -> None:
 
 
 def _num_seeds(declared: Any, models: Sequence[ModelSummary]) -> int:
-    """Seeds declared in ``meta`` (a count or a list), else the fewest any learned model has.
+    """The seeds scored: the fewest runs any learned model has, where the entries carry
+    their seeds (each at most once per model: :func:`build_report` refuses a repeat); else
+    the seeds declared in ``meta`` (a count, or a list of distinct seeds) for entries that
+    pool their seeds themselves, else the fewest runs.
 
-    The fewest, because a comparison is only as repeated as its least repeated side.
+    The fewest, because a comparison is only as repeated as its least repeated side; the
+    seeds scored rather than those declared, so that a report never states more seeds
+    than ran (``seeds: [1, 1, 1]`` scored each model once).
     """
+    learned = [m for m in models if m.kind != "baseline"] or list(models)
+    fewest = min(len(m.seeds) for m in learned)
+    if any(s is not None for m in learned for s in m.seeds):
+        return fewest
     if isinstance(declared, int) and not isinstance(declared, bool):
         return declared
     if isinstance(declared, (list, tuple)) and declared:
-        return len(declared)
-    learned = [m for m in models if m.kind != "baseline"] or list(models)
-    return min(len(m.seeds) for m in learned)
+        return len(set(declared))
+    return fewest
 
 
 def _find(models: Sequence[ModelSummary], kind: str, variants: Sequence) -> Optional[ModelSummary]:

@@ -158,29 +158,40 @@ def _methods(cfg: Mapping[str, Any]) -> Dict[str, float]:
     return {str(k): float(v) for k, v in methods.items()}
 
 
-def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tuple[str, Any]]:
-    """Run (or skip) every training stage of one seed; returns key -> (model file, entry info)."""
+def _train_seed(
+    cfg: Dict[str, Any], root: Path, log: List[str]
+) -> Dict[str, Tuple[str, Dict[str, Any], str]]:
+    """Run (or skip) every training stage of one seed; returns key -> (model file, entry
+    info, stage folder)."""
     ep = _epochs(cfg)
     teacher_net = dict(model=cfg["teacher"], model_overrides=cfg["teacher_overrides"])
     student_net = dict(model=cfg["student"], model_overrides=cfg["student_overrides"])
-    models: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+    models: Dict[str, Tuple[str, Dict[str, Any], str]] = {}
 
     def stage(name: str, runner, **overrides: Any) -> StageResult:
         return _stage(name, cfg, root, runner, log, **overrides)
 
-    def add(key: str, result: StageResult, export: str, **info: Any) -> None:
-        models[key] = (result.exports[export], info)
+    def add(key: str, folder: str, result: StageResult, export: str, **info: Any) -> None:
+        models[key] = (result.exports[export], info, folder)
 
     teacher = stage(
         "teacher", run_train, **teacher_net, max_epochs=ep["teacher"], init_checkpoint=None
     )
-    add("teacher", teacher, "model", name="Teacher", kind="teacher", variant="std")
+    add("teacher", "teacher", teacher, "model", name="Teacher", kind="teacher", variant="std")
     student = stage(
         "student", run_train, **student_net, max_epochs=ep["student"], init_checkpoint=None
     )
-    add("student", student, "model", name="Student (no KD)", kind="student", variant="std")
+    add(
+        "student",
+        "student",
+        student,
+        "model",
+        name="Student (no KD)",
+        kind="student",
+        variant="std",
+    )
     sft = stage("sft", run_sft, max_epochs=ep["sft"])
-    add("sft_teacher", sft, "teacher", name="SFT teacher", kind="teacher", variant="sft")
+    add("sft_teacher", "sft", sft, "teacher", name="SFT teacher", kind="teacher", variant="sft")
     controls = parse_controls(cfg["controls"])
     if "a" in controls:
         ctrl = stage(
@@ -191,6 +202,7 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
             init_checkpoint=sft.exports["student_init"],
         )
         add(
+            "control_sft_init",
             "control_sft_init",
             ctrl,
             "model",
@@ -234,6 +246,7 @@ def _train_seed(cfg: Dict[str, Any], root: Path, log: List[str]) -> Dict[str, Tu
             )
             add(
                 f"kd_{variant}/{method}",
+                folder,
                 result,
                 "model",
                 name=name,
@@ -324,6 +337,7 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     # before any stage trains: a KD method that no batch can compute would fail only after
     # the teacher, student and SFT stages
     check_batch_size(_methods(cfg), int(cfg["batch_size"]), "batch_size")
+    seeds = _seeds(cfg)  # a repeated seed, before anything trains or is written
     _check_networks(cfg)
     epochs = _epochs(cfg)  # a bad epochs entry, before the first stage rather than inside it
     # the KD schedule, which the distill stages read only after the teacher, student and SFT
@@ -352,7 +366,6 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
         raise ValueError(f"out_dir {out_dir} is a file; expected a folder for the study")
     check_out_of_splits(out_dir, data_path, "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
     log: List[str] = []
 
     per_seed = {}
@@ -388,9 +401,15 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     device = "cuda" if torch.cuda.is_available() and cfg.get("accelerator") != "cpu" else "cpu"
     show = bool(cfg.get("progress", True))
     for seed, models in per_seed.items():
-        for key, (path, info) in models.items():
-            model = load_reconstruction_model(path).float()  # a 64-true run's too
-            result = evaluate_model(model, loaders[seed], device=device, progress=show)
+        for key, (path, info, folder) in models.items():
+            try:
+                model = load_reconstruction_model(path).float()  # a 64-true run's too
+                result = evaluate_model(model, loaders[seed], device=device, progress=show)
+            except ValueError as err:  # e.g. a diverged model's NaN reconstruction
+                raise ValueError(
+                    f"scoring the model of stage {folder} (seed {seed}, checkpoint {path}) on "
+                    f"{cfg['challenge']}_{cfg['test_split']}: {err}"
+                ) from err
             psnr = float(np.mean([v.psnr for v in result.metrics]))
             print(f"[eval] {key} (seed {seed}): PSNR {psnr:.2f} dB", flush=True)
             # architecture-level numbers, once per architecture: networks of the same
@@ -430,6 +449,23 @@ def run_study(cfg: Dict[str, Any]) -> Optional[StudyResult]:
     files.update(_figures(report, entries, recons, loader, out_dir, figure_volume))
     atomic_write_text(out_dir / "stages.log", "\n".join(log) + "\n")
     return StudyResult(report, out_dir, files)
+
+
+def _seeds(cfg: Mapping[str, Any]) -> List[int]:
+    """The study's seeds (``seeds``, else ``[seed]``), each at most once: a repeated seed
+    would train and score every model once (both repeats share the folder ``seed_<s>``)
+    yet count as another seed in the report, which would state more seeds than ran and
+    drop the few-seeds caveat."""
+    seeds = [int(s) for s in (cfg.get("seeds") or [cfg["seed"]])]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        once = list(dict.fromkeys(seeds))
+        raise ValueError(
+            f"seeds {seeds} repeat seed(s) {repeated}: a seed trains and scores every model "
+            f"once (in seed_<s>/), so a repeat adds no run but would be counted as one; list "
+            f"each seed once, e.g. seeds: {once}"
+        )
+    return seeds
 
 
 def _mask_per_seed(cfg: Mapping[str, Any]) -> bool:

@@ -988,3 +988,42 @@ def test_16_mixed_on_a_cpu_is_run_and_recorded_as_bf16_mixed(tiny_demo, tmp_path
 
     gpu = {"precision": "16-mixed", "accelerator": "gpu"}
     assert _precision_that_runs(gpu) is gpu
+
+
+def test_a_64_true_network_evaluates_at_mixed_precision(tiny_demo, tmp_path, capsys):
+    """A float64 checkpoint (of a 64-true run) at --precision bf16-mixed or 16-mixed failed
+    with a raw dtype error inside its first convolution."""
+    model = create_model("dccnn_d3c5", chans=4).double()
+    checkpoint = save_model_checkpoint(model, tmp_path / "model.pt")
+    argv = ["evaluate", "--data-path", str(tiny_demo), "--challenge", "multicoil"]
+    argv += ["--split", "test_full", "--progress", "false", "--checkpoint", str(checkpoint)]
+    for precision in ("bf16-mixed", "16-mixed"):
+        assert main([*argv, "--precision", precision]) == 0
+        assert "mean" in capsys.readouterr().out
+
+
+def test_evaluate_writes_metrics_json_as_strict_json(tiny_demo, tmp_path, monkeypatch):
+    """The PSNR of a reconstruction equal to its target (inf) was written as Infinity, which
+    strict JSON readers refuse; it is null, as in a study's report.json."""
+    import math
+
+    import sftkd_fastmri.experiment as experiment
+
+    evaluate = experiment.run_evaluate
+
+    def exact_first_volume(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        result.metrics[0].psnr = math.inf
+        return result
+
+    monkeypatch.setattr(experiment, "run_evaluate", exact_first_volume)
+    out = tmp_path / "scores"
+    argv = ["evaluate", "--data-path", str(tiny_demo), "--challenge", "multicoil"]
+    argv += ["--split", "test_full", "--progress", "false", "--eval-out-dir", str(out)]
+    assert main(argv) == 0
+
+    def refuse(constant):
+        raise ValueError(f"metrics.json holds {constant}, which is not JSON")
+
+    rows = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert rows[0]["psnr"] is None and rows[0]["ssim"] > 0

@@ -212,3 +212,30 @@ def test_evaluation_device_reads_the_runtime_options_as_training_does(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert evaluation_device({"accelerator": "auto", "devices": 1}) == "cpu"
     assert evaluation_device({}) == "cpu"
+
+
+def test_an_evaluation_folder_inside_another_split_folder_is_refused_before_it_is_made(
+    own_demo, capsys
+):
+    """Only the split being scored was guarded: scoring test_full into multicoil_val wrote
+    metrics.json and reconstructions/ there, which broke every later command reading val."""
+    args = ["evaluate", "--data-path", str(own_demo), "--challenge", "multicoil"]
+    args += ["--split", "test_full", "--progress", "false"]
+    before = sorted(p.name for p in (own_demo / "multicoil_val").iterdir())
+    for out_dir in (own_demo / "multicoil_val", own_demo / "singlecoil_train" / "scores"):
+        assert main([*args, "--eval-out-dir", str(out_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"--eval-out-dir {out_dir} is inside the split folder" in err
+    assert sorted(p.name for p in (own_demo / "multicoil_val").iterdir()) == before
+    assert not (own_demo / "singlecoil_train" / "scores").exists()
+
+
+def test_a_study_of_repeated_seeds_is_refused_before_training(
+    tiny_demo, tmp_path, capsys, no_stage
+):
+    """seeds: [1, 1, 1] trained and scored each model once, and the report said 3 seeds."""
+    out_dir = tmp_path / "study"
+    assert _pipeline(tmp_path, _study(tiny_demo, out_dir, seeds=[1, 0, 1, 1])) == 2
+    err = capsys.readouterr().err
+    assert "seeds [1, 0, 1, 1] repeat seed(s) [1]" in err and "seeds: [1, 0]" in err
+    assert not out_dir.exists()

@@ -326,3 +326,50 @@ def test_an_unfinished_stage_is_not_resumed_at_other_batches_per_epoch(tmp_path)
     (stage / RUN_CONFIG_FILE).write_text(json.dumps(run_record({**cfg, "stage": "train"})))
     with pytest.raises(ValueError, match="limit_train_batches=2; this study asks for 1.0"):
         _unfinished_epochs(stage, {**cfg, "limit_train_batches": 1.0}, "train")
+
+
+def test_a_model_that_scores_nan_is_named_by_its_stage_seed_and_checkpoint(
+    tiny_demo, tmp_path, monkeypatch
+):
+    """One diverged model (a NaN reconstruction) stopped the study's scoring with an error
+    naming only a test volume, not which of its models it was."""
+    import torch
+
+    from sftkd_fastmri.cli.options import resolve
+    from sftkd_fastmri.models import create_model, save_model_checkpoint
+    from sftkd_fastmri.pipeline import STUDY_DEFAULTS, study
+
+    torch.manual_seed(0)
+    teacher = save_model_checkpoint(create_model("dccnn_d3c5", chans=4), tmp_path / "t.pt")
+    student = save_model_checkpoint(create_model("dccnn_d3c5", chans=2), tmp_path / "s.pt")
+    diverged = save_model_checkpoint(create_model("dccnn_d3c5", chans=2), tmp_path / "d.pt")
+    load = study.load_reconstruction_model
+
+    def load_diverged(path, *args, **kwargs):  # finite weights whose output is not
+        model = load(path, *args, **kwargs)
+        if str(path) == str(diverged):
+            model.cascades[-1].register_forward_hook(lambda m, args, out: out * float("nan"))
+        return model
+
+    class Finished:  # a stage that trained earlier: no training in this test
+        def __init__(self, model):
+            self.exports = {"model": str(model), "teacher": str(teacher), "student_init": ""}
+
+    def stage(name, cfg, root, runner, log, **overrides):
+        model = {"teacher": teacher, "kd_sft_imitation": diverged}.get(name, student)
+        return Finished(model)
+
+    monkeypatch.setattr(study, "_stage", stage)
+    monkeypatch.setattr(study, "load_reconstruction_model", load_diverged)
+    cfg = {**STUDY_DEFAULTS, **resolve(("data", "optim", "trainer", "runtime"), {}, {})}
+    cfg.update(_tiny_study(tiny_demo, tmp_path / "study", methods={"imitation": 1.0}))
+    cfg.update(student_overrides={"chans": 2}, controls=False, seeds=[3])
+    with pytest.raises(ValueError) as caught:
+        study.run_study(cfg)
+    message = str(caught.value)
+    assert message.startswith(
+        f"scoring the model of stage kd_sft_imitation (seed 3, checkpoint {diverged}) on "
+        "multicoil_test_full: "
+    )
+    assert "the reconstruction holds NaN or Inf" in message
+    assert "the reconstruction holds NaN" in str(caught.value.__cause__)  # chained

@@ -101,7 +101,24 @@ def test_seeds_are_pooled_and_their_spread_reported():
     assert "PSNR seed std" in report.to_markdown()
     # A comparison is only as repeated as its least repeated model.
     assert build_report(entries[:-1]).num_seeds == 2
-    assert build_report(entries[:-1], {"seeds": [0, 1, 2, 3]}).num_seeds == 4
+    # the seeds scored, not those declared (a study of seeds [1, 1, 1] scored one)
+    assert build_report(entries[:-1], {"seeds": [0, 1, 2, 3]}).num_seeds == 2
+    # entries that pool their seeds themselves (no seed each): the seeds declared
+    pooled = [{**e, "seed": None} for e in study()]
+    assert build_report(pooled, {"seeds": [0, 1, 2]}).num_seeds == 3
+    assert build_report(pooled, {"seeds": [1, 1, 1]}).num_seeds == 1
+
+
+def test_a_model_scored_once_is_one_seed_whatever_the_seeds_declared():
+    """seeds: [1, 1, 1] trained and scored each model once; the report said 3 seeds and
+    dropped the few-seeds caveat. A model given the same seed twice is refused."""
+    report = build_report(study(seed=1), {"seeds": [1, 1, 1]})
+    assert report.num_seeds == 1
+    assert json.loads(report.to_json())["num_seeds"] == 1
+    assert any(c.startswith("Only 1 seed(s)") for c in report.caveats)
+    twice = study(seed=1) + [entry("teacher", "teacher", (40.0, 40.2), variant="std", seed=1)]
+    with pytest.raises(ValueError, match="entries with key 'teacher' repeat seed 1"):
+        build_report(twice)
 
 
 def test_paired_seed_differences_of_sft_and_std_kd():

@@ -51,3 +51,28 @@ def test_evaluation_honours_the_precision_and_gives_the_network_back_as_it_was(d
     assert again.metrics[0].psnr == pytest.approx(ref.metrics[0].psnr, abs=1e-3)
     with pytest.raises(ValueError, match="evaluation precision 'bf16-true'"):
         evaluate_model(model, loader, progress=False, precision="bf16-true")
+
+
+def test_a_float64_network_evaluates_at_mixed_precision_as_a_float32_copy(demo_root):
+    """A 64-true run's network at bf16-mixed or 16-mixed failed inside its first convolution
+    (bfloat16 activations, float64 weights): it runs as a float32 copy under autocast, as
+    Lightning's mixed precision runs float32 weights, and is given back as it was."""
+    import pytest
+    import torch
+
+    from sftkd_fastmri.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("dccnn_d3c5", chans=4)
+    loader = FastMRIDataModule(demo_root, "singlecoil", test_split="val").test_dataloader()
+    ref = evaluate_model(model, loader, progress=False, precision="bf16-mixed")  # float32
+    weights = []
+    hook = lambda m, args, out: weights.append(m.weight.dtype)  # noqa: E731
+    model.double()
+    model.cascades[0].cnn.conv0.register_forward_hook(hook)
+    for precision in ("bf16-mixed", "16-mixed"):  # 16-mixed is bfloat16 on a CPU
+        result = evaluate_model(model, loader, progress=False, precision=precision)
+        assert set(weights) == {torch.float32}
+        for a, b in zip(ref.metrics, result.metrics):
+            assert b.psnr == pytest.approx(a.psnr, abs=1e-3)
+    assert model.cascades[0].cnn.conv0.weight.dtype == torch.float64
