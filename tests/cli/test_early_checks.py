@@ -11,27 +11,20 @@ import yaml
 from sftkd_fastmri.cli.main import main
 from sftkd_fastmri.models import create_model, save_model_checkpoint
 
+from .test_pipeline import _tiny_study
+
 TINY = ["--max-epochs", "1", "--batch-size", "2", "--progress", "false", "--accelerator", "cpu"]
 
 
 def _study(data, out_dir, **changes):
     """A study config on the tiny demo data (4- and 2-channel DC-CNNs of 5 cascades)."""
-    return {
-        "data_path": str(data),
-        "challenge": "multicoil",
-        "test_split": "test_full",
-        "batch_size": 2,
-        "accelerator": "cpu",
-        "progress": False,
-        "max_epochs": 1,
-        "teacher": "dccnn_d3c5",
-        "student": "dccnn_d3c5",
-        "teacher_overrides": {"chans": 4},
-        "student_overrides": {"chans": 2},
-        "methods": {"imitation": 1.0},
-        "out_dir": str(out_dir),
-        **changes,
-    }
+    config = dict(
+        teacher="dccnn_d3c5",
+        student="dccnn_d3c5",
+        student_overrides={"chans": 2},
+        methods={"imitation": 1.0},
+    )
+    return _tiny_study(data, out_dir, **{**config, **changes})
 
 
 @pytest.fixture
