@@ -171,27 +171,22 @@ def _train_seed(
     def stage(name: str, runner, **overrides: Any) -> StageResult:
         return _stage(name, cfg, root, runner, log, **overrides)
 
-    def add(key: str, folder: str, result: StageResult, export: str, **info: Any) -> None:
-        models[key] = (result.exports[export], info, folder)
+    def add(
+        key: str, result: StageResult, export: str, folder: Optional[str] = None, **info: Any
+    ) -> None:
+        """``folder``: the stage's folder, where it is not named ``key``."""
+        models[key] = (result.exports[export], info, folder or key)
 
     teacher = stage(
         "teacher", run_train, **teacher_net, max_epochs=ep["teacher"], init_checkpoint=None
     )
-    add("teacher", "teacher", teacher, "model", name="Teacher", kind="teacher", variant="std")
+    add("teacher", teacher, "model", name="Teacher", kind="teacher", variant="std")
     student = stage(
         "student", run_train, **student_net, max_epochs=ep["student"], init_checkpoint=None
     )
-    add(
-        "student",
-        "student",
-        student,
-        "model",
-        name="Student (no KD)",
-        kind="student",
-        variant="std",
-    )
+    add("student", student, "model", name="Student (no KD)", kind="student", variant="std")
     sft = stage("sft", run_sft, max_epochs=ep["sft"])
-    add("sft_teacher", "sft", sft, "teacher", name="SFT teacher", kind="teacher", variant="sft")
+    add("sft_teacher", sft, "teacher", "sft", name="SFT teacher", kind="teacher", variant="sft")
     controls = parse_controls(cfg["controls"])
     if "a" in controls:
         ctrl = stage(
@@ -202,7 +197,6 @@ def _train_seed(
             init_checkpoint=sft.exports["student_init"],
         )
         add(
-            "control_sft_init",
             "control_sft_init",
             ctrl,
             "model",
@@ -246,9 +240,9 @@ def _train_seed(
             )
             add(
                 f"kd_{variant}/{method}",
-                folder,
                 result,
                 "model",
+                folder,
                 name=name,
                 kind="kd",
                 method=method,
