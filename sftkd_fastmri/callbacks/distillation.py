@@ -112,10 +112,58 @@ from .networks import (
     sft_network,
 )
 
-__all__ = ["DistillationCallback", "check_batch_size", "find_network", "load_module_weights"]
+__all__ = [
+    "DistillationCallback",
+    "check_batch_size",
+    "check_schedule",
+    "find_network",
+    "load_module_weights",
+]
 
 PathLike = Union[str, os.PathLike]
 SCHEDULES = ("joint", "two_stage")
+
+
+def check_schedule(
+    schedule: Any,
+    kd_epochs: Any,
+    max_epochs: Optional[int] = None,
+    names: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Refuse a KD schedule that cannot run as asked: an unknown schedule, ``kd_epochs``
+    other than a whole number >= 1, ``two_stage`` without ``kd_epochs`` and, where
+    ``max_epochs`` is given, ``two_stage`` whose ``kd_epochs`` are not fewer than it (its
+    reconstruction fine-tuning starts after ``kd_epochs`` epochs, so the run would end with
+    a student that was never fine-tuned). ``names``: how the errors name ``kd_schedule``,
+    ``kd_epochs`` and ``max_epochs`` (default: this callback's arguments; the commands pass
+    their flags)."""
+    name = {"kd_schedule": "schedule", "kd_epochs": "kd_epochs", "max_epochs": "max_epochs"}
+    name.update(names or {})
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"{name['kd_schedule']}: expected one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
+    if kd_epochs is not None and (
+        isinstance(kd_epochs, bool) or not isinstance(kd_epochs, int) or kd_epochs < 1
+    ):
+        raise ValueError(
+            f"{name['kd_epochs']}: expected a whole number of epochs >= 1, got {kd_epochs!r}"
+        )
+    if schedule != "two_stage":
+        return
+    if kd_epochs is None:
+        bound = "" if max_epochs is None else f" smaller than {name['max_epochs']} ({max_epochs})"
+        raise ValueError(
+            f"{name['kd_schedule']} two_stage needs {name['kd_epochs']}, the epochs of KD "
+            f"alone before the reconstruction fine-tuning: a whole number{bound}"
+        )
+    if max_epochs is not None and kd_epochs >= max_epochs:
+        raise ValueError(
+            f"{name['kd_schedule']} two_stage: {name['kd_epochs']} ({kd_epochs}) must be "
+            f"smaller than {name['max_epochs']} ({max_epochs}): the reconstruction fine-tuning "
+            f"starts after the {kd_epochs} epochs of KD alone, so the run would end without "
+            f"it. Lower {name['kd_epochs']} or raise {name['max_epochs']}"
+        )
 
 
 class DistillationCallback(Callback):
@@ -184,17 +232,7 @@ class DistillationCallback(Callback):
                     f"{what} given for {stray}, which are not among the losses "
                     f"{sorted(self.losses)}"
                 )
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if kd_epochs is not None and (
-            isinstance(kd_epochs, bool) or not isinstance(kd_epochs, int) or kd_epochs < 1
-        ):
-            raise ValueError(f"kd_epochs must be an integer >= 1 or None, got {kd_epochs!r}")
-        if schedule == "two_stage" and kd_epochs is None:
-            raise ValueError(
-                "schedule='two_stage' needs kd_epochs >= 1 (epochs of distillation before "
-                "reconstruction fine-tuning)"
-            )
+        check_schedule(schedule, kd_epochs)
         if not attr_name.isidentifier():
             raise ValueError(f"attr_name must be a Python identifier, got {attr_name!r}")
         if isinstance(teacher, (str, os.PathLike)):

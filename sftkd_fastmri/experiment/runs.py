@@ -186,40 +186,12 @@ KD_SCHEDULE_FLAGS = {
 def check_kd_schedule(
     schedule: Any, kd_epochs: Any, max_epochs: int, names: Optional[Mapping[str, str]] = None
 ) -> None:
-    """Refuse a KD schedule that cannot run as asked, before anything loads or is written:
-    an unknown schedule, ``kd_epochs`` other than a whole number >= 1, ``two_stage`` without
-    ``kd_epochs``, and ``two_stage`` whose ``kd_epochs`` are not fewer than the stage's
-    ``max_epochs`` (its reconstruction fine-tuning starts after ``kd_epochs`` epochs, so the
-    stage would end with a student that was never fine-tuned). ``names``: how the errors name
+    """:func:`~sftkd_fastmri.callbacks.distillation.check_schedule` with the stage's
+    ``max_epochs``, before anything loads or is written; ``names``: how the errors name
     ``kd_schedule``, ``kd_epochs`` and ``max_epochs`` (default: :data:`KD_SCHEDULE_FLAGS`)."""
-    from ..callbacks.distillation import SCHEDULES
+    from ..callbacks.distillation import check_schedule
 
-    name = {**KD_SCHEDULE_FLAGS, **dict(names or {})}
-    if schedule not in SCHEDULES:
-        raise ValueError(
-            f"{name['kd_schedule']}: expected one of {', '.join(SCHEDULES)}, got {schedule!r}"
-        )
-    if kd_epochs is not None and (
-        isinstance(kd_epochs, bool) or not isinstance(kd_epochs, int) or kd_epochs < 1
-    ):
-        raise ValueError(
-            f"{name['kd_epochs']}: expected a whole number of epochs >= 1, got {kd_epochs!r}"
-        )
-    if schedule != "two_stage":
-        return
-    if kd_epochs is None:
-        raise ValueError(
-            f"{name['kd_schedule']} two_stage needs {name['kd_epochs']}, the epochs of KD "
-            "alone before the reconstruction fine-tuning: a whole number smaller than "
-            f"{name['max_epochs']} ({max_epochs})"
-        )
-    if kd_epochs >= max_epochs:
-        raise ValueError(
-            f"{name['kd_schedule']} two_stage: {name['kd_epochs']} ({kd_epochs}) must be "
-            f"smaller than {name['max_epochs']} ({max_epochs}): the reconstruction fine-tuning "
-            f"starts after the {kd_epochs} epochs of KD alone, so the run would end without "
-            f"it. Lower {name['kd_epochs']} or raise {name['max_epochs']}"
-        )
+    check_schedule(schedule, kd_epochs, max_epochs, {**KD_SCHEDULE_FLAGS, **dict(names or {})})
 
 
 def evaluation_device(cfg: Mapping[str, Any]) -> str:
